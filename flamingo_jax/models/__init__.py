@@ -1,0 +1,1 @@
+"""Haiku modules: vision encoders, Perceiver Resampler, LM, GATED XATTN-DENSE."""

@@ -1,0 +1,292 @@
+"""Flamingo (Alayrac et al., 2022): a frozen LM conditioned on visual tokens.
+
+  media ─vision encoder (frozen)─▶ features ─Perceiver Resampler─▶ visual
+  tokens [B, N, R, D]; tokens ─LM blocks (frozen), with GATED XATTN-DENSE
+  blocks inserted before some of them─▶ logits [B, L, V].
+
+Every medium is encoded once per forward pass, whatever number of text tokens
+attend to it. A GATED XATTN-DENSE block is inserted before LM block i for each
+i with i % xattn_every == 0 (3B: every layer, 9B: every 4th, 80B: every 7th,
+starting at the first); `placement='single_in_middle'` inserts one block
+before layer num_layers // 2 (Table 3 v); `xattn_type='grafting'` stacks the
+new layers on top of the LM instead (Table 3 iv).
+
+Top-level parameter paths (the API for freezing, sharding and importers):
+  vision_encoder/...        frozen NFNet (or ViT)
+  perceiver_resampler/...   trained
+  lm/...                    frozen, except lm/eoc_embedding, lm/eoc_unembedding
+  gated_xattn/block/...     trained, stacked [num_xattn_layers, ...]
+
+Parameter counts per component (`python -m flamingo_jax.summarize`), next to
+the paper's Table 5 (LM / vision / xattn / resampler / total):
+
+  | size | this implementation                      | Table 5                  |
+  |------|------------------------------------------|--------------------------|
+  | 3B   | see tests/models/test_flamingo.py        | 1.4B/435M/1.2B/194M/3.2B |
+
+The xattn widths of 9B and 80B are not stated in the paper. Key size 128
+throughout; we use 16 cross-attention heads for 3B and 9B (9B then comes to
+Table 5's 1.6B) and the LM's 64 heads for 80B.
+
+Glossary of shapes:
+  B: batch size.
+  L: number of text tokens.
+  N: number of media slots per sequence; T: frames per medium (1 for images).
+  H, W: image height and width; C: vision feature width; S: feature tokens.
+  R: visual tokens per medium; D: visual token width (resampler width).
+  V: vocabulary size including <EOC>.
+"""
+
+from collections.abc import Mapping
+from typing import Any
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flamingo_jax.models import layers
+from flamingo_jax.models import lm as lm_lib
+from flamingo_jax.models import nfnet
+from flamingo_jax.models import resampler as resampler_lib
+from flamingo_jax.models import stacking
+from flamingo_jax.models import vit
+from flamingo_jax.models import xattn as xattn_lib
+
+PLACEMENTS = ('interleaved', 'single_in_middle')
+
+# Per-channel statistics the vision encoders were pretrained with.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def xattn_positions(num_layers: int, every: int, placement: str,
+                    xattn_type: str) -> tuple[int, ...]:
+  """LM block indices before which a cross-attention block is inserted.
+
+  For grafting, the number of grafted layers the same `every` gives.
+  """
+  if placement not in PLACEMENTS:
+    raise ValueError(f'Unknown xattn placement {placement!r}; expected one of '
+                     f'{PLACEMENTS}.')
+  if every < 1:
+    raise ValueError(f'xattn every must be >= 1; got {every}.')
+  if placement == 'single_in_middle':
+    positions = (num_layers // 2,)
+  else:
+    positions = tuple(range(0, num_layers, every))
+  if xattn_type == 'grafting':
+    return tuple(range(len(positions)))
+  return positions
+
+
+def _vision_encoder(config: Mapping[str, Any]) -> hk.Module:
+  kwargs = dict(config)
+  encoder = kwargs.pop('encoder')
+  if encoder == 'nfnet':
+    return nfnet.NFNet(**kwargs, name='vision_encoder')
+  if encoder == 'vit':
+    return vit.VisionTransformer(**kwargs, name='vision_encoder')
+  raise ValueError(f"Unknown vision encoder {encoder!r}; expected 'nfnet' or "
+                   "'vit'.")
+
+
+def _as_dict(config: Mapping[str, Any]) -> dict[str, Any]:
+  """A plain nested dict from a dict or an ml_collections.ConfigDict."""
+  return config.to_dict() if hasattr(config, 'to_dict') else dict(config)
+
+
+def _check_inputs(tokens, media, media_mask, media_index) -> None:
+  layers.check_rank(tokens, 2, 'tokens', '[B, L]')
+  layers.check_rank(media, 6, 'media', '[B, N, T, H, W, 3]')
+  layers.check_rank(media_mask, 2, 'media_mask', '[B, N]')
+  if media.shape[-1] != 3 or media.shape[2] < 1 or media.shape[1] < 1:
+    raise ValueError('media must have shape [B, N>=1, T>=1, H, W, 3]; got '
+                     f'shape {tuple(media.shape)}.')
+  if media_mask.shape != media.shape[:2]:
+    raise ValueError(f'media_mask must have shape [B, N] = {media.shape[:2]} '
+                     f'to match media; got shape {tuple(media_mask.shape)}.')
+  if media_index.shape != tokens.shape:
+    raise ValueError(f'media_index must have the shape of tokens [B, L] = '
+                     f'{tuple(tokens.shape)}; got shape '
+                     f'{tuple(media_index.shape)}.')
+  if media.shape[0] != tokens.shape[0]:
+    raise ValueError(f'tokens and media must have the same batch size; got '
+                     f'tokens {tuple(tokens.shape)} and media '
+                     f'{tuple(media.shape)}.')
+  if not isinstance(media_index, jax.core.Tracer):
+    most = int(np.max(np.asarray(media_index), initial=0))
+    if most > media.shape[1]:
+      raise ValueError(
+          f'media_index refers to slot {most} but media has shape '
+          f'{tuple(media.shape)}, i.e. N={media.shape[1]} slots: more '
+          '<image> markers than media.')
+
+
+class Flamingo:
+  """The Flamingo model. Build it inside a Haiku transform.
+
+  Not an `hk.Module` itself, so that its components keep top-level parameter
+  paths; the components are built once, in the constructor, so every method
+  shares their parameters.
+  """
+
+  def __init__(self, config: Mapping[str, Any]):
+    config = _as_dict(config)
+    self.config = config
+    self.vision_encoder = _vision_encoder(config['vision'])
+    self.resampler = resampler_lib.PerceiverResampler(
+        **config['resampler'], name='perceiver_resampler')
+    self.lm = lm_lib.DecoderLM(**config['lm'], name='lm')
+    xattn = dict(config['xattn'])
+    self.attend = xattn.pop('attend')
+    every, placement = xattn.pop('every'), xattn.pop('placement')
+    self.xattn_kwargs = xattn
+    self.positions = xattn_positions(self.lm.num_layers, every, placement,
+                                     xattn['xattn_type'])
+    self.stop_vision_gradient = config['stop_vision_gradient']
+    encoder = config['vision']['encoder']
+    self._mean, self._std = ((IMAGENET_MEAN, IMAGENET_STD)
+                             if encoder == 'nfnet' else (CLIP_MEAN, CLIP_STD))
+
+  def _normalise(self, media: jax.Array) -> jax.Array:
+    x = media.astype(jnp.float32) / 255.0  # [..., H, W, 3]
+    return (x - jnp.asarray(self._mean)) / jnp.asarray(self._std)  # [..., H, W, 3]
+
+  def encode_media(
+      self,
+      media: jax.Array,  # [B, N, T, H, W, 3] uint8
+      media_mask: jax.Array,  # [B, N] bool
+      *,
+      is_training: bool = False,
+  ) -> jax.Array:  # [B, N, R, D]
+    """Vision encoder then resampler, once per medium."""
+    del media_mask  # Empty slots are encoded too (fixed shapes), never read.
+    batch, num_media, frames = media.shape[:3]
+    frames_flat = media.reshape(-1, *media.shape[3:])  # [B*N*T, H, W, 3]
+    vision_training = is_training and not self.stop_vision_gradient
+    features = self.vision_encoder(
+        self._normalise(frames_flat), is_training=vision_training)['tokens']  # [B*N*T, S, C]
+    if self.stop_vision_gradient:
+      features = jax.lax.stop_gradient(features)  # [B*N*T, S, C]
+    features = features.reshape(batch * num_media, frames,
+                                *features.shape[1:])  # [B*N, T, S, C]
+    visual = self.resampler(features)  # [B*N, R, D]
+    return visual.reshape(batch, num_media, *visual.shape[1:])  # [B, N, R, D]
+
+  def __call__(
+      self,
+      tokens: jax.Array,  # [B, L] int
+      media: jax.Array,  # [B, N, T, H, W, 3] uint8
+      media_mask: jax.Array,  # [B, N] bool
+      media_index: jax.Array,  # [B, L] int, phi (1-based slot, 0 = none)
+      *,
+      is_training: bool = False,
+  ) -> jax.Array:  # [B, L, V]
+    _check_inputs(tokens, media, media_mask, media_index)
+    visual = self.encode_media(media, media_mask,
+                               is_training=is_training)  # [B, N, R, D]
+    return self.decode(tokens, visual, media_mask, media_index)  # [B, L, V]
+
+  def decode(
+      self,
+      tokens: jax.Array,  # [B, L] int
+      visual: jax.Array,  # [B, N, R, D]
+      media_mask: jax.Array,  # [B, N] bool
+      media_index: jax.Array,  # [B, L] int
+  ) -> jax.Array:  # [B, L, V]
+    """The LM with cross-attention to already encoded media."""
+    batch, num_media, num_tokens, width = visual.shape
+    mask = xattn_lib.cross_attention_mask(
+        media_index, media_mask, num_tokens, self.attend)  # [B, L, N*R]
+    visual = visual.reshape(batch, num_media * num_tokens, width)  # [B, N*R, D]
+    positions = lm_lib.default_positions(tokens)  # [B, L]
+    xattn_stack = stacking.Stack(
+        lambda: xattn_lib.GatedXAttnDense(**self.xattn_kwargs, name='block'),
+        len(self.positions), name='gated_xattn',
+        remat_policy=lm_lib.REMAT_POLICIES[self.lm.remat_policy])
+    xattn_args = (visual, mask, positions)
+    # Created here, outside the LM's name scope; init only needs the shape.
+    stream = jnp.zeros(tokens.shape + (self.lm.width,), visual.dtype)  # [B, L, D]
+    xattn_params = xattn_stack.params(stream, *xattn_args)
+
+    def trunk(x, lm_blocks, lm_params, positions):
+      if self.xattn_kwargs['xattn_type'] == 'grafting':
+        x = lm_blocks.scan(lm_params, x, positions)  # [B, L, D]
+        return xattn_stack.scan(xattn_params, x, *xattn_args)  # [B, L, D]
+      return stacking.interleave(
+          x, main=lm_blocks, main_params=lm_params, main_args=(positions,),
+          inserted=xattn_stack, inserted_params=xattn_params,
+          inserted_args=xattn_args, positions=self.positions)  # [B, L, D]
+
+    return self.lm(tokens, trunk=trunk)  # [B, L, V]
+
+
+# The paper's sizes (Table 4). Components are named by their own tables.
+FLAMINGO_SIZES = {
+    '3B': dict(lm='3B', xattn_every=1, xattn_heads=16),
+    '9B': dict(lm='9B', xattn_every=4, xattn_heads=16),
+    '80B': dict(lm='80B', xattn_every=7, xattn_heads=64),
+    'tiny': dict(lm='tiny', xattn_every=1, xattn_heads=4, xattn_head_size=16,
+                 vision='tiny', image_size=64, resampler='tiny'),
+}
+
+
+def model_config(size: str = '3B') -> dict[str, Any]:
+  """The model section of a config (plain dict) for one of FLAMINGO_SIZES."""
+  if size not in FLAMINGO_SIZES:
+    raise ValueError(f'Unknown Flamingo size {size!r}; expected one of '
+                     f'{sorted(FLAMINGO_SIZES)}.')
+  spec = FLAMINGO_SIZES[size]
+  resampler = dict(resampler_lib.RESAMPLER_PARAMS[spec.get('resampler',
+                                                           'large')])
+  resampler.setdefault('num_latents', 64)
+  resampler.update(max_frames=8, resampler_type='perceiver')
+  return dict(
+      vision=dict(encoder='nfnet', variant=spec.get('vision', 'F6')),
+      image_size=spec.get('image_size', 320),
+      resampler=resampler,
+      lm=dict(lm_lib.LM_PARAMS[spec['lm']]),
+      xattn=dict(
+          every=spec['xattn_every'],
+          placement='interleaved',
+          xattn_type='gated_xattn_dense',
+          gating='tanh',
+          attend='last_image',
+          num_heads=spec['xattn_heads'],
+          head_size=spec.get('xattn_head_size', 128),
+          ffw_multiplier=4,
+      ),
+      stop_vision_gradient=True,
+  )
+
+
+def transform(config: Mapping[str, Any]) -> hk.Transformed:
+  """`init(rng, tokens, media, media_mask, media_index, is_training=...)`."""
+
+  def forward(tokens, media, media_mask, media_index, is_training=False):
+    return Flamingo(config)(tokens, media, media_mask, media_index,
+                            is_training=is_training)
+
+  return hk.transform(forward)
+
+
+def example_inputs(config: Mapping[str, Any], batch: int = 1,
+                   seq_len: int = 8, num_media: int = 1,
+                   frames: int = 1) -> tuple[jax.Array, ...]:
+  """Zero inputs of the right shapes (for init and `jax.eval_shape`)."""
+  size = config['image_size']
+  tokens = jnp.zeros([batch, seq_len], jnp.int32)
+  media = jnp.zeros([batch, num_media, frames, size, size, 3], jnp.uint8)
+  media_mask = jnp.ones([batch, num_media], bool)
+  media_index = jnp.ones([batch, seq_len], jnp.int32)
+  return tokens, media, media_mask, media_index
+
+
+def abstract_params(config: Mapping[str, Any]) -> hk.Params:
+  """Parameter shapes and dtypes without allocating them (`jax.eval_shape`)."""
+  model = transform(config)
+  return jax.eval_shape(model.init, jax.random.PRNGKey(0),
+                        *example_inputs(config))

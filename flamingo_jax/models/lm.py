@@ -1,0 +1,240 @@
+"""The frozen decoder-only language model (Chinchilla-shaped).
+
+Flamingo conditions a pretrained, frozen Chinchilla LM (Hoffmann et al.,
+2022), which is a Gopher-style (Rae et al., 2021) pre-norm Transformer:
+RMSNorm, Transformer-XL relative position encodings (Dai et al., 2019) --
+which carry their own parameters -- GELU feed-forward layers of 4x width,
+untied input and output embeddings, and a 32k SentencePiece vocabulary.
+Flamingo adds one token, `<EOC>` (end of chunk), whose input and output
+embeddings are separate, trainable parameters (`lm/eoc_*`) while the rest of the
+LM stays frozen; its id is `vocab_size`, so logits have `vocab_size + 1`
+entries.
+
+Sizes (paper Table 4; key size 128 throughout, which makes H*K = D):
+
+  | size | layers | width | heads | parameters (this layout) | Table 5 |
+  |------|--------|-------|-------|--------------------------|---------|
+  | 3B   | 24     | 2048  | 16    | 1.44B                    | 1.4B    |
+  | 9B   | 40     | 4096  | 32    | 8.99B                    | 7.1B    |
+  | 80B  | 80     | 8192  | 64    | 70.3B                    | 70B     |
+
+Each block has 13 D^2 weights: 4 D^2 for attention, 8 D^2 for the
+feed-forward layer and D^2 for the relative-position key projection; the
+embeddings add 2 x 32k x D. This reproduces the 3B and 80B LMs; the paper's
+9B LM (7.1B) cannot come out of Table 4's 40 layers of width 4096 with a 4x
+feed-forward layer (that alone is ~8B), so we keep Table 4's shape and report
+the count that results. Numbers from `python -m flamingo_jax.summarize`.
+
+Glossary of shapes:
+  B: batch size.
+  L: number of query tokens; S: number of key tokens (S = L without a cache).
+  D: model width.
+  H: number of heads; K: key size.
+  O: number of relative offsets (max key position + 1).
+  V: vocabulary size including `<EOC>` (vocab_size + 1).
+  N: number of layers.
+"""
+
+from collections.abc import Callable
+import dataclasses
+from typing import Optional
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flamingo_jax.models import layers
+from flamingo_jax.models import stacking
+
+# (x [B, L, D], blocks, block params [N, ...], positions [B, L]) -> x [B, L, D]
+TrunkFn = Callable[[jax.Array, stacking.Stack, stacking.Params, jax.Array],
+                   jax.Array]
+
+# Table 4 of the paper, with the key size of 128 that Chinchilla uses.
+LM_PARAMS = {
+    '3B': dict(num_layers=24, width=2048, num_heads=16),
+    '9B': dict(num_layers=40, width=4096, num_heads=32),
+    '80B': dict(num_layers=80, width=8192, num_heads=64),
+    'tiny': dict(num_layers=4, width=64, num_heads=4, head_size=16,
+                 vocab_size=512),
+}
+
+
+def sinusoid_encoding(offsets: jax.Array, width: int) -> jax.Array:
+  """Transformer sinusoids of integer offsets: [O] -> [O, width]."""
+  inv_freq = 1.0 / (10000 ** (np.arange(0, width, 2) / width))  # [width/2]
+  angles = offsets.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [O, width/2]
+  return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)  # [O, width]
+
+
+@dataclasses.dataclass
+class RelativeSelfAttention(hk.Module):
+  """Causal multi-head self-attention with Transformer-XL relative positions.
+
+  logits[t, s] = (q_t + u) . k_s + (q_t + v) . W_r sinusoid(pos_t - pos_s),
+  with learned biases u (`content_bias`) and v (`position_bias`), [H, K].
+  """
+
+  num_heads: int
+  head_size: int
+  name: Optional[str] = None
+
+  @hk.transparent
+  def _project(self, x: jax.Array, name: str) -> jax.Array:
+    y = hk.Linear(self.num_heads * self.head_size, with_bias=False,
+                  name=name)(x)  # [..., H*K]
+    return y.reshape(*x.shape[:-1], self.num_heads, self.head_size)  # [..., H, K]
+
+  def __call__(
+      self,
+      x: jax.Array,  # [B, L, D]
+      positions: jax.Array,  # [B, L] int
+  ) -> jax.Array:  # [B, L, D]
+    width = x.shape[-1]
+    q = self._project(x, 'query')  # [B, L, H, K]
+    k = self._project(x, 'key')  # [B, L, H, K]
+    v = self._project(x, 'value')  # [B, L, H, K]
+    bias_shape = (self.num_heads, self.head_size)
+    content_bias = hk.get_parameter('content_bias', bias_shape, init=jnp.zeros)
+    position_bias = hk.get_parameter('position_bias', bias_shape,
+                                     init=jnp.zeros)
+
+    # Relative offsets pos_t - pos_s; the causal mask keeps offsets >= 0.
+    offsets = positions[:, :, None] - positions[:, None, :]  # [B, L, S]
+    mask = (offsets >= 0)[:, None]  # [B, 1, L, S]
+    num_offsets = x.shape[1]
+    rel = sinusoid_encoding(jnp.arange(num_offsets), width).astype(x.dtype)  # [O, D]
+    rel_k = self._project(rel, 'relative_key')  # [O, H, K]
+    pos_logits = jnp.einsum('blhk,ohk->bhlo', q + position_bias, rel_k)  # [B, H, L, O]
+    index = jnp.clip(offsets, 0, num_offsets - 1)[:, None]  # [B, 1, L, S]
+    index = jnp.broadcast_to(index, pos_logits.shape[:2] + index.shape[2:])  # [B, H, L, S]
+    pos_logits = jnp.take_along_axis(pos_logits, index, axis=-1)  # [B, H, L, S]
+
+    attended = layers.dot_product_attention(
+        q + content_bias, k, v, mask,
+        logit_bias=pos_logits * self.head_size**-0.5)  # [B, L, H, K]
+    attended = attended.reshape(*attended.shape[:-2], -1)  # [B, L, H*K]
+    return hk.Linear(width, with_bias=False, name='output')(attended)  # [B, L, D]
+
+
+@dataclasses.dataclass
+class DecoderBlock(hk.Module):
+  """Pre-norm Transformer block: x += attn(norm(x)); x += ffw(norm(x))."""
+
+  num_heads: int
+  head_size: int
+  ffw_multiplier: int = 4
+  activation: str = 'gelu'
+  name: Optional[str] = None
+
+  def __call__(
+      self,
+      x: jax.Array,  # [B, L, D]
+      positions: jax.Array,  # [B, L]
+  ) -> jax.Array:  # [B, L, D]
+    h = hk.RMSNorm(axis=-1, name='attention_norm')(x)  # [B, L, D]
+    x = x + RelativeSelfAttention(self.num_heads, self.head_size,
+                                  name='self_attention')(h, positions)  # [B, L, D]
+    h = hk.RMSNorm(axis=-1, name='ffw_norm')(x)  # [B, L, D]
+    ffw = layers.FeedForward(self.ffw_multiplier, self.activation, name='ffw')
+    return x + ffw(h)  # [B, L, D]
+
+
+@dataclasses.dataclass
+class DecoderLM(hk.Module):
+  """The decoder LM. Parameters (the API for freezing and sharding rules):
+
+    lm/embed/embeddings                 [vocab_size, D]   frozen
+    lm/eoc_embedding, lm/eoc_unembedding  [D]            trainable <EOC>
+    lm/blocks/block/...                 [N, ...]          frozen, stacked
+    lm/final_norm/scale                 [D]               frozen
+    lm/unembed/w                        [D, vocab_size]   frozen
+  """
+
+  num_layers: int
+  width: int
+  num_heads: int
+  head_size: int = 128
+  vocab_size: int = 32000
+  ffw_multiplier: int = 4
+  activation: str = 'gelu'
+  remat_policy: Optional[str] = None
+  name: Optional[str] = 'lm'
+
+  @property
+  def eoc_id(self) -> int:
+    return self.vocab_size
+
+  def _validate_tokens(self, tokens: jax.Array) -> None:
+    layers.check_rank(tokens, 2, 'tokens', '[B, L]')
+
+  @hk.transparent
+  def embed(self, tokens: jax.Array) -> jax.Array:  # [B, L] -> [B, L, D]
+    self._validate_tokens(tokens)
+    table = hk.Embed(self.vocab_size, self.width, name='embed')
+    eoc_row = hk.get_parameter('eoc_embedding', [self.width],
+                               init=hk.initializers.TruncatedNormal(1.0))  # [D]
+    x = table(jnp.clip(tokens, 0, self.vocab_size - 1))  # [B, L, D]
+    is_eoc = (tokens == self.eoc_id)[..., None]  # [B, L, 1]
+    return jnp.where(is_eoc, eoc_row.astype(x.dtype), x)  # [B, L, D]
+
+  @hk.transparent
+  def unembed(self, x: jax.Array) -> jax.Array:  # [B, L, D] -> [B, L, V]
+    x = hk.RMSNorm(axis=-1, name='final_norm')(x)  # [B, L, D]
+    logits = hk.Linear(self.vocab_size, with_bias=False, name='unembed')(x)  # [B, L, V-1]
+    eoc_out = hk.get_parameter(
+        'eoc_unembedding', [self.width],
+        init=hk.initializers.TruncatedNormal(self.width**-0.5))  # [D]
+    eoc_logit = jnp.einsum('bld,d->bl', x, eoc_out.astype(x.dtype))  # [B, L]
+    return jnp.concatenate([logits, eoc_logit[..., None]], axis=-1)  # [B, L, V]
+
+  def blocks(self) -> stacking.Stack:
+    """The stack of decoder blocks; parameters under `lm/blocks/block`."""
+    policy = REMAT_POLICIES[self.remat_policy]
+    return stacking.Stack(
+        lambda: DecoderBlock(self.num_heads, self.head_size,
+                             self.ffw_multiplier, self.activation,
+                             name='block'),
+        self.num_layers, name='blocks', remat_policy=policy)
+
+  @hk.transparent
+  def block_params(self, x: jax.Array, positions: jax.Array) -> stacking.Params:
+    """The blocks' parameters, [N, ...] (created at init)."""
+    return self.blocks().params(x, positions)
+
+  def __call__(
+      self,
+      tokens: jax.Array,  # [B, L]
+      trunk: Optional[TrunkFn] = None,
+  ) -> jax.Array:  # [B, L, V]
+    """Embeds, runs the blocks, unembeds.
+
+    Alone, this is the frozen LM (what Flamingo reduces to with closed gates).
+    `trunk(x, blocks, block_params, positions) -> x` replaces the plain scan
+    over the blocks; Flamingo passes one that interleaves its cross-attention.
+    It runs inside this module's name scope: create other parameters outside.
+    """
+    x = self.embed(tokens)  # [B, L, D]
+    positions = default_positions(tokens)  # [B, L]
+    params = self.block_params(x, positions)
+    blocks = self.blocks()
+    if trunk is None:
+      x = blocks.scan(params, x, positions)  # [B, L, D]
+    else:
+      x = trunk(x, blocks, params, positions)  # [B, L, D]
+    return self.unembed(x)  # [B, L, V]
+
+
+def default_positions(tokens: jax.Array) -> jax.Array:
+  """0..L-1 for every row: [B, L] -> [B, L]."""
+  return jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+
+
+# Rematerialisation (activation checkpointing) of each scanned layer.
+REMAT_POLICIES = {
+    None: None,
+    'none': None,
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}

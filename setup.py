@@ -1,0 +1,29 @@
+"""flamingo_jax: Flamingo (Alayrac et al., 2022) in JAX and Haiku."""
+
+import setuptools
+
+INSTALL_REQUIRES = [
+    'absl-py',
+    'chex',
+    'dm-haiku==0.0.17',  # Without the [jax] extra: jax is pinned below.
+    'einops',
+    'jax>=0.10.2',
+    'ml_collections',
+    'numpy',
+    'optax==0.2.8',
+]
+
+EXTRAS_REQUIRE = {
+    'test': ['pytest', 'pytest-xdist'],
+}
+
+setuptools.setup(
+    name='flamingo_jax',
+    version='0.1.0',
+    description='Flamingo visual language model in JAX/Haiku.',
+    license='Apache-2.0',
+    python_requires='>=3.11',
+    packages=setuptools.find_packages(include=['flamingo_jax*', 'experiments*']),
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+)
