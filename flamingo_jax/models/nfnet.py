@@ -66,7 +66,7 @@ NFNET_PARAMS: dict[str, dict] = {
 }
 
 # Architecture constants shared by all variants.
-ALPHA = 0.2  # Variance added by each residual block (per unit input variance).
+ALPHA = 0.2  # Residual branch scale: each block adds alpha^2 to the variance.
 EXPANSION = 0.5  # Bottleneck width relative to the block's output width.
 SE_RATIO = 0.5  # Squeeze-excite hidden width relative to its input width.
 STAGE_STRIDES = (1, 2, 2, 2)  # Stride of each stage's first block.
@@ -219,7 +219,7 @@ class NFBlock(hk.Module):
       normed = hk.avg_pool(normed, (1, s, s, 1), (1, s, s, 1),
                            padding='SAME')  # [B, Hs/s, Ws/s, Cin]
     return WSConv2D(self.output_channels, 1,
-                    name='conv_shortcut')(x if self.stride == 1 else normed)  # [B, Hs/s, Ws/s, C']
+                    name='conv_shortcut')(normed)  # [B, Hs/s, Ws/s, C']
 
   @hk.transparent
   def residual(self, normed: jax.Array) -> jax.Array:  # [B, Hs, Ws, Cin]
