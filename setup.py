@@ -5,12 +5,20 @@ import setuptools
 INSTALL_REQUIRES = [
     'absl-py',
     'chex',
+    'clu',
     'dm-haiku==0.0.17',  # Without the [jax] extra: jax is pinned below.
     'einops',
     'jax>=0.10.2',
+    'matplotlib',
     'ml_collections',
     'numpy',
     'optax==0.2.8',
+    'orbax-checkpoint>=0.12,<0.13',
+    'pillow',
+    'sentencepiece',
+    'tensorboard',  # clu's metric writers import it.
+    'tensorflow-cpu',
+    'tensorflow-datasets',
 ]
 
 EXTRAS_REQUIRE = {

@@ -1,0 +1,1 @@
+"""Data: tokenizer, text formatting and input pipelines."""
