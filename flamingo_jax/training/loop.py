@@ -1,0 +1,196 @@
+"""The training loop: sharded state, one jitted step, checkpoints, metrics.
+
+  state = jit(init, out_shardings=rules(eval_shape(init)))(rng)   # sharded
+  resume from <workdir>/checkpoints if there is one (state + data position)
+  for step: batches -> global arrays -> train_step -> metrics / checkpoint
+
+A run killed at any point resumes from its last checkpoint and continues
+bit-exactly: the step rng is fold_in(rng, step) and the data position is
+saved with the state. SIGTERM (preemption) saves a checkpoint and exits.
+"""
+
+from collections.abc import Callable, Iterator, Mapping
+import json
+import os
+from typing import Any, Optional
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from flamingo_jax import checkpoint as checkpoint_lib
+from flamingo_jax.models import flamingo
+from flamingo_jax.training import metrics as metrics_lib
+from flamingo_jax.training import optim
+from flamingo_jax.training import precision
+from flamingo_jax.training import sharding
+from flamingo_jax.training import train_step as train_step_lib
+
+TrainState = train_step_lib.TrainState
+# make_data(config, start_step) -> iterator of {dataset: {key: np.ndarray}}
+# (this process's share of each global batch) with a `state()` method.
+DataFactory = Callable[[ml_collections.ConfigDict, int], Iterator[Any]]
+
+
+class NonFiniteLossError(FloatingPointError):
+  pass
+
+
+def create_train_state(config: ml_collections.ConfigDict, mesh, model,
+                       optimizer):
+  """The train state, created already sharded, and its shardings."""
+  inputs = flamingo.example_inputs(config.model)
+
+  def init(rng):
+    init_rng, state_rng = jax.random.split(rng)
+    params = model.init(init_rng, *inputs)
+    trainable, frozen = optim.partition(params, config.freeze)
+    return TrainState(
+        step=jnp.zeros([], jnp.int32),
+        trainable=trainable,
+        frozen=precision.cast_frozen(frozen),
+        opt_state=optimizer.init(trainable),
+        rng=state_rng)
+
+  rng = jax.random.PRNGKey(config.seed)
+  abstract = jax.eval_shape(init, rng)
+  shardings = state_shardings(abstract, config, mesh)
+  state = jax.jit(init, out_shardings=shardings)(rng)
+  return state, shardings
+
+
+def state_shardings(abstract: TrainState, config, mesh) -> TrainState:
+  rules = config.param_rules
+  trainable = sharding.param_shardings(abstract.trainable, rules, mesh)
+  frozen = sharding.param_shardings(abstract.frozen, rules, mesh)
+  replicated = sharding.replicated(mesh)
+  return TrainState(
+      step=replicated,
+      trainable=trainable,
+      frozen=frozen,
+      opt_state=sharding.optimizer_state_shardings(abstract.opt_state,
+                                                   trainable),
+      rng=replicated)
+
+
+def _global_batches(local: Mapping[str, Mapping[str, np.ndarray]],
+                    batch_sharding) -> dict[str, dict[str, jax.Array]]:
+  """This process's rows -> global arrays sharded over the batch axes."""
+  return {
+      name: {key: jax.make_array_from_process_local_data(batch_sharding, value)
+             for key, value in batch.items()}
+      for name, batch in local.items()}
+
+
+def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def _tokens_per_step(batches) -> tuple[int, int]:
+  tokens = sum(int(np.prod(b['tokens'].shape)) for b in batches.values())
+  examples = sum(int(b['tokens'].shape[0]) for b in batches.values())
+  return tokens, examples
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       make_data: Optional[DataFactory] = None) -> TrainState:
+  """Trains `config` in `workdir`, resuming from its last checkpoint."""
+  if make_data is None:
+    from flamingo_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+    make_data = pipeline.make_train_data
+  os.makedirs(workdir, exist_ok=True)
+  _write_config(config, workdir)
+  mesh = sharding.make_mesh(config.mesh)
+  with jax.set_mesh(mesh):
+    return _train(config, workdir, mesh, make_data)
+
+
+def _train(config, workdir, mesh, make_data) -> TrainState:
+  """The body of train_and_evaluate, under the mesh."""
+  model = flamingo.transform(config.model)
+  optimizer = optim.make_optimizer(config.optim)
+  state, shardings = create_train_state(config, mesh, model, optimizer)
+
+  checkpointer = checkpoint_lib.Checkpointer(
+      os.path.join(workdir, 'checkpoints'),
+      save_every=config.checkpoint.every, keep=config.checkpoint.keep)
+  data_position: dict[str, Any] = {}
+  if checkpointer.latest_step() is not None:
+    resumed = checkpointer.latest_step()
+    state, data_position = checkpointer.restore(
+        checkpoint_lib.abstract_like(state))
+    logging.info('Resuming from step %d (checkpoint in %s).', resumed,
+                 checkpointer.directory)
+  first_step = int(jax.device_get(state.step))
+  data = make_data(config, first_step)
+  if data_position.get('next_step', first_step) != first_step:
+    raise RuntimeError(f'Checkpoint data position {data_position} does not '
+                       f'match its state step {first_step}.')
+
+  weights = {name: ds.weight for name, ds in config.data.datasets.items()}
+  compute_dtype = jnp.dtype(config.compute_dtype)
+  apply_fn = precision.with_compute_dtype(model, compute_dtype).apply
+  step_fn = train_step_lib.make_train_step(
+      apply_fn, optimizer, weights, compute_dtype,
+      optim.learning_rate_fn(config.optim))
+  batch_sharding = sharding.batch_sharding(mesh)
+  jitted = jax.jit(step_fn, in_shardings=(shardings, batch_sharding),
+                   out_shardings=(shardings, None), donate_argnums=0)
+
+  logger = metrics_lib.MetricLogger(workdir, config.total_steps, first_step)
+  preempted = checkpoint_lib.PreemptionFlag().install()
+  compiled, flops = None, None
+  peak = metrics_lib.peak_flops_per_device()
+  try:
+    for step in range(first_step, config.total_steps):
+      batches = _global_batches(next(data), batch_sharding)
+      if compiled is None:
+        compiled = jitted.lower(state, batches).compile()
+        flops = metrics_lib.compiled_flops(compiled)
+        tokens, examples = _tokens_per_step(batches)
+        logger.timing(step)  # Do not count compilation in steps/s.
+      with jax.profiler.StepTraceAnnotation('train', step_num=step):
+        state, step_metrics = compiled(state, batches)
+      done = step + 1
+      if done % config.log_every == 0 or done == config.total_steps:
+        scalars = jax.device_get(step_metrics)
+        if not np.isfinite(scalars['loss']):
+          raise NonFiniteLossError(
+              f'Loss is {scalars["loss"]} at step {done}; stopping. The last '
+              f'good checkpoint is step {checkpointer.latest_step()} in '
+              f'{checkpointer.directory}.')
+        timing = logger.timing(done)
+        rate = timing['steps_per_sec']
+        timing.update(tokens_per_sec=rate * tokens,
+                      examples_per_sec=rate * examples)
+        if flops and peak:
+          timing['mfu'] = rate * flops / (peak * jax.device_count())
+        if hasattr(data, 'stats'):
+          timing.update(data.stats())
+        logger.write(done, {**scalars, **timing})
+      saved = checkpointer.save(done, state, {'next_step': done},
+                                force=done == config.total_steps)
+      if preempted.is_set() or checkpointer.reached_preemption(done):
+        if not saved:
+          checkpointer.save(done, state, {'next_step': done}, force=True)
+        checkpointer.wait_until_finished()
+        logging.warning('Preempted: saved step %d; exiting.', done)
+        break
+  finally:
+    preempted.uninstall()
+    checkpointer.close()
+    logger.close()
+    if hasattr(data, 'close'):
+      data.close()
+  return state
+
+
+def read_metrics(workdir: str) -> list[dict[str, float]]:
+  """The rows of `<workdir>/metrics.jsonl`, in order."""
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f if line.strip()]
+

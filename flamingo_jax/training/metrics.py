@@ -1,0 +1,108 @@
+"""Training metrics: TensorBoard, a JSONL mirror, and a console line with ETA.
+
+Only process 0 writes (clu's writer logs elsewhere); scalars come in at log
+steps only, after one `jax.device_get`, so the step loop never waits on them.
+"""
+
+from collections.abc import Mapping
+import json
+import os
+import time
+from typing import Any, Optional
+
+from absl import logging
+from clu import metric_writers
+import jax
+import numpy as np
+
+# Dense bf16 peak FLOP/s per chip, for MFU. CPUs have no meaningful peak.
+PEAK_FLOPS = {
+    'TPU v4': 275e12,
+    'TPU v5 lite': 197e12,
+    'TPU v5e': 197e12,
+    'TPU v5': 459e12,
+    'TPU v5p': 459e12,
+    'TPU v6 lite': 918e12,
+    'TPU v6e': 918e12,
+    'NVIDIA H100': 989e12,
+    'NVIDIA H200': 989e12,
+    'NVIDIA A100': 312e12,
+}
+
+
+def peak_flops_per_device(device: Optional[jax.Device] = None) -> Optional[float]:
+  kind = (device or jax.devices()[0]).device_kind
+  # Longest matching prefix: 'TPU v5 lite' before 'TPU v5'.
+  for name in sorted(PEAK_FLOPS, key=len, reverse=True):
+    if kind.startswith(name):
+      return PEAK_FLOPS[name]
+  return None
+
+
+def compiled_flops(compiled) -> Optional[float]:
+  """FLOPs of one call of a compiled function, from XLA's cost analysis."""
+  try:
+    analysis = compiled.cost_analysis()
+  except Exception:  # pylint: disable=broad-except  # Not all backends have it.
+    return None
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0] if analysis else None
+  flops = (analysis or {}).get('flops')
+  return float(flops) if flops else None
+
+
+def format_duration(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  hours, rest = divmod(seconds, 3600)
+  minutes, seconds = divmod(rest, 60)
+  return f'{hours}h{minutes:02d}m' if hours else f'{minutes}m{seconds:02d}s'
+
+
+class MetricLogger:
+  """Writes scalars to TensorBoard and `metrics.jsonl`, prints progress."""
+
+  def __init__(self, workdir: str, total_steps: int, first_step: int = 0):
+    self.is_main = jax.process_index() == 0
+    self.total_steps = total_steps
+    self._writer = metric_writers.create_default_writer(
+        os.path.join(workdir, 'tensorboard'), just_logging=not self.is_main)
+    self._jsonl = (open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+                   if self.is_main else None)
+    self._last_step, self._last_time = first_step, time.time()
+
+  def timing(self, step: int) -> dict[str, float]:
+    """steps/s since the last call (excluding compilation of the first)."""
+    now = time.time()
+    elapsed = max(now - self._last_time, 1e-9)
+    rate = (step - self._last_step) / elapsed
+    self._last_step, self._last_time = step, now
+    return {'steps_per_sec': rate}
+
+  def write(self, step: int, scalars: Mapping[str, Any]) -> None:
+    scalars = {k: float(np.asarray(v)) for k, v in scalars.items()}
+    self._writer.write_scalars(step, scalars)
+    if self._jsonl is not None:
+      self._jsonl.write(json.dumps({'step': step, **scalars}) + '\n')
+      self._jsonl.flush()
+    self._print(step, scalars)
+
+  def _print(self, step: int, scalars: Mapping[str, float]) -> None:
+    rate = scalars.get('steps_per_sec', 0.0)
+    eta = (self.total_steps - step) / rate if rate > 0 else float('nan')
+    fraction = 100.0 * step / max(self.total_steps, 1)
+    eta_text = format_duration(eta) if np.isfinite(eta) else '?'
+    logging.info('step %d/%d (%.0f%%) loss %.4f | %.2f steps/s | ETA %s',
+                 step, self.total_steps, fraction, scalars.get('loss', np.nan),
+                 rate, eta_text)
+
+  def write_text(self, step: int, texts: Mapping[str, str]) -> None:
+    self._writer.write_texts(step, dict(texts))
+
+  def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+    self._writer.write_hparams(dict(hparams))
+
+  def close(self) -> None:
+    self._writer.flush()
+    self._writer.close()
+    if self._jsonl is not None:
+      self._jsonl.close()

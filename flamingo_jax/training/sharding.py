@@ -1,0 +1,288 @@
+"""Sharding as data: a device mesh and regex rules from the config.
+
+  config.mesh = [('data', -1), ('fsdp', 1), ('model', k)]   # -1: the rest
+  config.param_rules = [(regex, spec), ...]                 # first match wins
+
+A spec is a PartitionSpec written as a tuple, one entry per array dimension:
+None, a mesh axis name, or a tuple of axis names. Patterns match whole
+parameter paths (`re.fullmatch`, see `flamingo_jax.training`). Resolution is
+forgiving so that one rule set serves every mesh and model size:
+
+  * a parameter no rule matches is replicated (one warning lists them all);
+  * axes the mesh does not have are dropped;
+  * a dimension not divisible by the product of its axes' sizes is
+    replicated instead (one log line lists them), so the tiny model runs on
+    any mesh.
+
+FLAMINGO_PARAM_RULES is Megatron-style tensor parallelism over 'model' for
+the LM, the cross-attention layers and the resampler -- query/key/value and
+feed-forward `hidden` kernels split by output columns, attention `output` and
+feed-forward `output` kernels by input rows, the embedding and unembedding by
+vocabulary -- with the other dimension of each big matrix sharded over
+'fsdp' (FSDP/ZeRO-3: XLA all-gathers them where used). Stacked layers have a
+leading layer axis, so their specs start with None. The frozen vision
+encoder (0.9 GB in bf16 for NFNet-F6) is replicated, as are the small norms,
+gates, biases, `<EOC>` rows, latents and time embeddings. Batches are split
+over ('data', 'fsdp').
+
+Optimizer state follows the parameters (`optimizer_state_shardings`): each
+Adam moment gets its parameter's sharding; with `zero_axis='data'` moments
+are additionally split over the data axis (ZeRO-1); XLA inserts the
+collectives between the moments' and the parameters' layouts.
+"""
+
+from collections.abc import Mapping, Sequence
+import math
+from typing import Any, Optional
+
+from absl import logging
+import jax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from flamingo_jax import training
+
+AxisEntry = Optional[str | tuple[str, ...]]  # One dimension of a spec.
+Spec = Sequence[AxisEntry]
+MeshConfig = Sequence[tuple[str, int]]
+
+DEFAULT_MESH = (('data', -1), ('fsdp', 1), ('model', 1))
+BATCH_AXES = ('data', 'fsdp')  # Mesh axes the batch dimension is split over.
+
+_STACKED = r'(lm/blocks|gated_xattn)/block'  # Leading [num_layers] axis.
+_QKV = r'(query|key|value|relative_key)'
+FLAMINGO_PARAM_RULES = (
+    # LM and cross-attention layers (stacked): [N, D_in, D_out].
+    (rf'{_STACKED}/(self|cross)_attention/{_QKV}/w', (None, 'fsdp', 'model')),
+    (rf'{_STACKED}/(self|cross)_attention/output/w', (None, 'model', 'fsdp')),
+    (rf'{_STACKED}/self_attention/(content|position)_bias',
+     (None, 'model', None)),  # [N, H, K]: heads, as the query columns.
+    (rf'{_STACKED}/ffw/hidden/w', (None, 'fsdp', 'model')),
+    (rf'{_STACKED}/ffw/output/w', (None, 'model', 'fsdp')),
+    # Embeddings split over the vocabulary.
+    (r'lm/embed/embeddings', ('model', 'fsdp')),  # [V, D]
+    (r'lm/unembed/w', ('fsdp', 'model')),  # [D, V]
+    # Perceiver Resampler (unstacked layers): [D_in, D_out].
+    (rf'perceiver_resampler/.*/{_QKV}/w', ('fsdp', 'model')),
+    (r'perceiver_resampler/.*/attention/output/w', ('model', 'fsdp')),
+    (r'perceiver_resampler/.*/ffw/hidden/w', ('fsdp', 'model')),
+    (r'perceiver_resampler/.*/ffw/output/w', ('model', 'fsdp')),
+    (r'perceiver_resampler/input_projection/w', ('fsdp', 'model')),
+    # Small or frozen-and-cheap: replicated.
+    (r'vision_encoder/.*', ()),
+    (r'.*_norm/(scale|offset)', ()),
+    (r'.*_gate', ()),
+    (r'.*/(b|bias)', ()),
+    (r'lm/eoc_(un)?embedding', ()),
+    (r'perceiver_resampler/(latents|time_embeddings)', ()),
+)
+
+
+def mesh_shape(mesh_config: MeshConfig,
+               num_devices: int) -> tuple[tuple[str, ...], tuple[int, ...]]:
+  """(axis names, sizes) with the one -1 size resolved to the rest.
+
+  Raises:
+    ValueError: if the sizes cannot multiply to `num_devices`.
+  """
+  names = tuple(name for name, _ in mesh_config)
+  sizes = [int(size) for _, size in mesh_config]
+  if len(set(names)) != len(names):
+    raise ValueError(f'Mesh axis names must be unique; got {names}.')
+  rest = [i for i, size in enumerate(sizes) if size == -1]
+  if len(rest) > 1 or any(size == 0 or size < -1 for size in sizes):
+    raise ValueError('Mesh sizes must be positive, with at most one -1 (the '
+                     f'remaining devices); got {list(mesh_config)}.')
+  fixed = math.prod(size for size in sizes if size != -1)
+  if rest:
+    if num_devices % fixed:
+      raise ValueError(
+          f'Mesh {list(mesh_config)}: {num_devices} devices are not '
+          f'divisible by the fixed axes\' product {fixed}.')
+    sizes[rest[0]] = num_devices // fixed
+  if math.prod(sizes) != num_devices:
+    raise ValueError(
+        f'Mesh {list(mesh_config)} has {math.prod(sizes)} devices but '
+        f'jax.device_count() is {num_devices}.')
+  return names, tuple(sizes)
+
+
+def make_mesh(mesh_config: MeshConfig = DEFAULT_MESH,
+              devices: Optional[Sequence[jax.Device]] = None
+              ) -> jax.sharding.Mesh:
+  """A mesh over all devices (or `devices`) with Auto axis types.
+
+  Auto, not the default Explicit: Haiku layers contract over sharded
+  dimensions, which Explicit axes reject; under Auto, XLA propagates the
+  parameter and batch shardings through the model.
+  """
+  num_devices = len(devices) if devices is not None else jax.device_count()
+  names, sizes = mesh_shape(mesh_config, num_devices)
+  return jax.make_mesh(sizes, names,
+                       axis_types=(jax.sharding.AxisType.Auto,) * len(names),
+                       devices=devices)
+
+
+def _axes(entry: AxisEntry) -> tuple[str, ...]:
+  if entry is None:
+    return ()
+  return (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def fit_spec(spec: Spec, shape: Sequence[int],
+             axis_sizes: Mapping[str, int]) -> tuple[P, list[str]]:
+  """`spec` made valid for an array of `shape` on a mesh of `axis_sizes`.
+
+  Drops axes the mesh lacks and replicates dimensions that their axes do not
+  divide.
+
+  Returns:
+    The PartitionSpec and a note per replicated dimension.
+
+  Raises:
+    ValueError: if `spec` has more entries than `shape` has dimensions.
+  """
+  if len(spec) > len(shape):
+    raise ValueError(f'Spec {tuple(spec)} has {len(spec)} entries for an '
+                     f'array of shape {tuple(shape)}.')
+  entries, notes = [], []
+  for dim, entry in enumerate(spec):
+    axes = tuple(a for a in _axes(entry) if a in axis_sizes)
+    size = math.prod(axis_sizes[a] for a in axes)
+    if shape[dim] % size:
+      notes.append(f'dim {dim} ({shape[dim]}) over {axes} ({size})')
+      axes = ()
+    entries.append(_entry(axes))
+  return P(*entries), notes
+
+
+def _entry(axes: tuple[str, ...]) -> AxisEntry:
+  """The PartitionSpec entry for a dimension split over `axes`."""
+  if not axes:
+    return None
+  return axes[0] if len(axes) == 1 else axes
+
+
+def param_specs(abstract_params: Any, rules: training.Rules,
+                mesh: jax.sharding.Mesh) -> Any:
+  """A tree of PartitionSpecs for `abstract_params` (anything with .shape)."""
+  rules = [(pattern, tuple(spec)) for pattern, spec in rules]
+  unmatched, replicated_dims = [], []
+
+  def spec_of(path, leaf):
+    name = training.path_str(path)
+    index = training.match_rule(name, rules)
+    if index is None:
+      unmatched.append(name)
+      return P()
+    try:
+      spec, notes = fit_spec(rules[index][1], leaf.shape, mesh.shape)
+    except ValueError as e:
+      raise ValueError(f'Sharding rule {rules[index]} does not fit parameter '
+                       f'{name!r}: {e}') from e
+    replicated_dims.extend(f'{name} {note}' for note in notes)
+    return spec
+
+  specs = jax.tree_util.tree_map_with_path(spec_of, abstract_params)
+  if unmatched:
+    logging.warning('No sharding rule for %d parameter(s), replicated: %s',
+                    len(unmatched), sorted(unmatched))
+  if replicated_dims:
+    logging.info('Mesh %s does not divide, replicated instead: %s',
+                 dict(mesh.shape), '; '.join(replicated_dims))
+  return specs
+
+
+def param_shardings(abstract_params: Any, rules: training.Rules,
+                    mesh: jax.sharding.Mesh) -> Any:
+  """A tree of NamedShardings for `abstract_params`, by `rules`.
+
+  E.g. `jax.jit(init, out_shardings=param_shardings(jax.eval_shape(init,
+  ...), config.param_rules, mesh))` creates the parameters already sharded.
+  """
+  specs = param_specs(abstract_params, rules, mesh)
+  return jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs,
+                      is_leaf=lambda x: isinstance(x, P))
+
+
+def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
+  """Every device holds the whole array."""
+  return NamedSharding(mesh, P())
+
+
+def _add_axis(spec: P, shape: Sequence[int], axis: str,
+              mesh: jax.sharding.Mesh) -> P:
+  """`spec` also split over `axis` on its largest free, divisible dim."""
+  entries = list(spec) + [None] * (len(shape) - len(spec))
+  if axis not in mesh.shape or any(axis in _axes(e) for e in entries):
+    return spec
+  free = [d for d, e in enumerate(entries)
+          if e is None and shape[d] % mesh.shape[axis] == 0]
+  if not free:
+    return spec
+  dim = max(free, key=lambda d: shape[d])
+  entries[dim] = axis
+  return P(*entries)
+
+
+def optimizer_state_shardings(opt_state_abstract: Any,
+                              shardings: Any,
+                              zero_axis: Optional[str] = None) -> Any:
+  """Shardings for an optimizer state whose moments follow their params.
+
+  Every subtree of the state shaped like the parameter tree (Adam's mu, nu)
+  takes `shardings`; everything else (step counts) is replicated.
+
+  Args:
+    opt_state_abstract: `jax.eval_shape(optimizer.init, trainable)`.
+    shardings: NamedShardings of the same (trainable) parameters,
+      e.g. the trainable part of `optim.partition(param_shardings(...))`.
+    zero_axis: if set (e.g. 'data'), moments are also split over this axis
+      (ZeRO-1) on their largest dimension that is free and divisible.
+
+  Returns:
+    A tree of NamedShardings like `opt_state_abstract`.
+  """
+  leaves = jax.tree.leaves(shardings)
+  if not leaves:
+    raise ValueError('optimizer_state_shardings needs at least one parameter '
+                     'sharding.')
+  mesh = leaves[0].mesh
+  params_def = jax.tree.structure(shardings)
+
+  def is_params(node):
+    return jax.tree.structure(node) == params_def
+
+  def moment_sharding(sharding, leaf):
+    spec = sharding.spec
+    if len(spec) > leaf.ndim:  # Not a copy of its parameter after all.
+      return replicated(mesh)
+    if zero_axis is not None:
+      spec = _add_axis(spec, leaf.shape, zero_axis, mesh)
+    return NamedSharding(mesh, spec)
+
+  def shard(node):
+    if is_params(node):
+      return jax.tree.map(moment_sharding, shardings, node)
+    return replicated(mesh)
+
+  return jax.tree.map(shard, opt_state_abstract, is_leaf=is_params)
+
+
+def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
+  """Leading (batch) dimension over ('data', 'fsdp'), the rest replicated."""
+  axes = tuple(a for a in BATCH_AXES if a in mesh.shape)
+  return NamedSharding(mesh, P(axes))
+
+
+def constrain(x: jax.Array, spec: Spec) -> jax.Array:
+  """`with_sharding_constraint(x, spec)` under the current mesh, if any.
+
+  A no-op when no mesh is set (`jax.set_mesh`), so models call it freely;
+  the spec is fitted to `x` as the parameter rules are (see `fit_spec`).
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  spec, _ = fit_spec(tuple(spec), x.shape, dict(mesh.shape))
+  return jax.lax.with_sharding_constraint(x, spec)
