@@ -14,7 +14,8 @@ INSTALL_REQUIRES = [
     'numpy',
     'optax==0.2.8',
     'orbax-checkpoint>=0.12,<0.13',
-    'pillow',
+    'importlib_resources',  # tensorflow-datasets needs it on Python 3.11.
+    'pillow==13.0.0',  # The world's fingerprint pins rendered pixels.
     'sentencepiece',
     'tensorboard',  # clu's metric writers import it.
     'tensorflow-cpu',

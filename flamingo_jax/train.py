@@ -26,9 +26,24 @@ _WORKDIR = flags.DEFINE_string(
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
+def _quiet_library_logs() -> None:
+  """Keeps orbax's and tfds's INFO chatter out of the console."""
+  import logging as std_logging  # pylint: disable=g-import-not-at-top
+
+  class Filter(std_logging.Filter):
+
+    def filter(self, record):
+      noisy = any(part in record.pathname
+                  for part in ('/orbax/', '/tensorflow_datasets/'))
+      return record.levelno >= std_logging.WARNING or not noisy
+
+  logging.get_absl_handler().addFilter(Filter())
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  _quiet_library_logs()
   if os.environ.get('FLAMINGO_JAX_DISTRIBUTED'):
     jax.distributed.initialize()
   logging.info('JAX processes: %d, devices: %s', jax.process_count(),

@@ -100,7 +100,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        make_data: Optional[DataFactory] = None) -> TrainState:
   """Trains `config` in `workdir`, resuming from its last checkpoint."""
   if make_data is None:
-    from flamingo_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+    # pylint: disable=g-import-not-at-top
+    from flamingo_jax.data import pipeline
+    from flamingo_jax.data import prepare
+    # pylint: enable=g-import-not-at-top
+    prepare.ensure_data(config)
     make_data = pipeline.make_train_data
   os.makedirs(workdir, exist_ok=True)
   _write_config(config, workdir)

@@ -1,0 +1,313 @@
+"""Input pipeline: datasets -> fixed-shape batches, deterministic and resumable.
+
+Every dataset of the mixture is read by random access (a tensorflow-datasets
+ArrayRecord data source), so that the example in row r of step s is a pure
+function of (seed, dataset, s, r):
+
+  global position g = s * B + r                     (B: global batch size)
+  example index      = permutation_e(g mod n)       (e = g // n: the epoch)
+  randomness         = default_rng([seed, dataset, g])  (p_next, space, crop)
+
+Resuming at step s therefore only needs s (saved with the checkpoint), and
+each process reads just its own rows [p * B/P, (p+1) * B/P) of every step.
+Per process, tf.data runs the per-example work in parallel, in order:
+
+  range(positions) -> map(load + preprocess, parallel, deterministic)
+                   -> batch(B / P, drop_remainder) -> prefetch
+
+Examples that cannot be used (an empty caption, a corrupt image, ...) become
+all-padding rows with a zero loss mask and are counted per reason in
+`TrainData.stats()`, which the training loop logs: never silently dropped,
+never half-written.
+
+Batch (per dataset, numpy, this process's rows):
+  tokens, targets int32 [B, L]; loss_mask float32 [B, L];
+  media uint8 [B, N, T, H, W, 3]; media_mask bool [B, N];
+  media_index int32 [B, L].
+"""
+
+from collections.abc import Callable, Mapping, Sequence
+import collections
+import io
+import threading
+from typing import Any, Optional
+
+from absl import logging
+import jax
+import ml_collections
+import numpy as np
+from PIL import Image
+
+from flamingo_jax.data import formatting
+from flamingo_jax.data import tokenizer as tokenizer_lib
+
+BATCH_KEYS = ('tokens', 'targets', 'loss_mask', 'media', 'media_mask',
+              'media_index')
+CORRUPT_MEDIA = 'corrupt_media'
+
+
+class MediaError(ValueError):
+  """A medium that cannot be decoded or has the wrong shape."""
+
+
+def decode_image(image: Any) -> np.ndarray:  # -> [h, w, 3] uint8
+  """Encoded bytes (PNG/JPEG) or an array -> RGB uint8."""
+  if isinstance(image, (bytes, np.bytes_)):
+    try:
+      with Image.open(io.BytesIO(bytes(image))) as pil:
+        array = np.asarray(pil.convert('RGB'))
+    except Exception as e:  # pylint: disable=broad-except  # PIL raises many.
+      raise MediaError(f'Cannot decode image ({len(image)} bytes): {e}') from e
+  else:
+    array = np.asarray(image)
+  if array.ndim != 3 or array.shape[-1] != 3 or array.dtype != np.uint8:
+    raise MediaError(f'Images must be uint8 [h, w, 3]; got {array.dtype} '
+                     f'{array.shape}.')
+  return array
+
+
+def fit_image(image: np.ndarray, size: int) -> np.ndarray:  # -> [size, size, 3]
+  """Resizes keeping the aspect ratio (longer side = size), zero-pads."""
+  height, width = image.shape[:2]
+  scale = size / max(height, width)
+  new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
+  if (new_h, new_w) != (height, width):
+    pil = Image.fromarray(image).resize((new_w, new_h), Image.BILINEAR)
+    image = np.asarray(pil)
+  out = np.zeros([size, size, 3], np.uint8)
+  out[:new_h, :new_w] = image
+  return out
+
+
+def media_array(medium: Any, frames: int, size: int) -> np.ndarray:
+  """An image or a video (sequence of frames) -> [frames, size, size, 3].
+
+  An image fills frame 0 (T=1 is the image case); a video must have at least
+  `frames` frames, of which evenly spaced ones are taken.
+  """
+  if isinstance(medium, (bytes, np.bytes_)) or np.ndim(medium) == 3:
+    out = np.zeros([frames, size, size, 3], np.uint8)
+    out[0] = fit_image(decode_image(medium), size)
+    return out
+  video = list(medium)
+  if len(video) < frames:
+    raise MediaError(f'A video needs at least {frames} frames; got '
+                     f'{len(video)}.')
+  picks = np.linspace(0, len(video) - 1, frames).round().astype(int)
+  return np.stack([fit_image(decode_image(video[i]), size) for i in picks])
+
+
+# Readers: raw example (a dict of numpy values from the data source) ->
+# (chunks, media) with chunks as in formatting.format_document.
+def _text(value: Any) -> str:
+  return value.decode('utf-8') if isinstance(value, (bytes, np.bytes_)) else str(value)
+
+
+def read_pair(raw: Mapping[str, Any]):
+  medium = raw['image'] if 'image' in raw else raw['video']
+  return [{'image': 0}, {'text': _text(raw['caption'])}], [medium]
+
+
+def read_document(raw: Mapping[str, Any]):
+  chunks = []
+  for text, image in zip(raw['chunks']['text'], raw['chunks']['image']):
+    image = int(image)
+    chunks.append({'image': image} if image >= 0 else {'text': _text(text)})
+  return chunks, list(raw['images'])
+
+
+READERS: dict[str, Callable[[Mapping[str, Any]], tuple[list, list]]] = {
+    'pairs': read_pair,
+    'video_pairs': read_pair,
+    'documents': read_document,
+}
+
+
+class ExampleLoader:
+  """Loads and formats the example at a global position of one dataset."""
+
+  def __init__(self, source: Sequence[Mapping[str, Any]],
+               spec: ml_collections.ConfigDict,
+               tokenizer: tokenizer_lib.Tokenizer, seed: int,
+               dataset_index: int):
+    if spec.kind not in READERS:
+      raise ValueError(f'Unknown dataset kind {spec.kind!r}; expected one of '
+                       f'{sorted(READERS)}.')
+    if len(source) == 0:  # pylint: disable=g-explicit-length-test
+      raise ValueError(f'Dataset {spec.name!r} split {spec.split!r} is empty.')
+    self._source, self._spec = source, spec
+    self._tokenizer, self._seed, self._index = tokenizer, seed, dataset_index
+    self._skips = collections.Counter()
+    self._lock = threading.Lock()
+
+  def _example_index(self, position: int) -> int:
+    size = len(self._source)
+    epoch, offset = divmod(position, size)
+    order = np.random.default_rng([self._seed, self._index, epoch]).permutation(
+        size)
+    return int(order[offset])
+
+  def __call__(self, position: int) -> dict[str, np.ndarray]:
+    spec = self._spec
+    rng = np.random.default_rng([self._seed, self._index, position, 1])
+    raw = self._source[self._example_index(position)]
+    chunks, media = READERS[spec.kind](raw)
+    try:
+      example = self._format(chunks, rng)
+      if isinstance(example, formatting.Skip):
+        return self._skip(example.reason)
+      media_out = np.zeros([spec.max_media, spec.frames, spec.image_size,
+                            spec.image_size, 3], np.uint8)
+      for slot, source_index in enumerate(example['kept_media']):
+        if source_index >= 0:
+          media_out[slot] = media_array(media[source_index], spec.frames,
+                                        spec.image_size)
+    except MediaError as e:
+      logging.log_every_n(logging.WARNING, 'Skipping an example of %s: %s',
+                          100, spec.name, e)
+      return self._skip(CORRUPT_MEDIA)
+    return self._batch_row(example, media_out)
+
+  def _format(self, chunks, rng):
+    spec = self._spec
+    if spec.kind == 'documents':
+      return formatting.format_document(
+          chunks, self._tokenizer, seq_len=spec.seq_len,
+          max_media=spec.max_media, p_next=spec.p_next, rng=rng)
+    return formatting.format_pair(
+        _text(chunks[1]['text']), self._tokenizer, seq_len=spec.seq_len,
+        rng=rng)
+
+  def _batch_row(self, example, media) -> dict[str, np.ndarray]:
+    spec = self._spec
+    media_mask = np.zeros([spec.max_media], bool)
+    media_mask[:len(example['media_mask'])] = example['media_mask']
+    return dict(tokens=example['tokens'], targets=example['targets'],
+                loss_mask=example['loss_mask'], media=media,
+                media_mask=media_mask, media_index=example['media_index'])
+
+  def _skip(self, reason: str) -> dict[str, np.ndarray]:
+    with self._lock:
+      self._skips[reason] += 1
+    spec = self._spec
+    empty = formatting.empty_example(spec.seq_len, spec.max_media)
+    media = np.zeros([spec.max_media, spec.frames, spec.image_size,
+                      spec.image_size, 3], np.uint8)
+    return self._batch_row(empty, media)
+
+  def skips(self) -> dict[str, int]:
+    with self._lock:
+      return dict(self._skips)
+
+
+def _tf():
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf.config.set_visible_devices([], 'GPU')  # tf.data only; leave GPUs to JAX.
+  return tf
+
+
+def _local_batch_size(spec: ml_collections.ConfigDict) -> int:
+  processes = jax.process_count()
+  if spec.batch_size % processes:
+    raise ValueError(f'Dataset {spec.name!r}: batch_size {spec.batch_size} is '
+                     f'not divisible by the {processes} processes.')
+  return spec.batch_size // processes
+
+
+def row_dataset(loader: ExampleLoader, spec: ml_collections.ConfigDict,
+                start_step: int):
+  """tf.data of this process's batches, from `start_step` on, in order."""
+  tf = _tf()
+  local = _local_batch_size(spec)
+  offset = jax.process_index() * local
+  dtypes = dict(tokens=tf.int32, targets=tf.int32, loss_mask=tf.float32,
+                media=tf.uint8, media_mask=tf.bool, media_index=tf.int32)
+  shapes = dict(
+      tokens=[spec.seq_len], targets=[spec.seq_len], loss_mask=[spec.seq_len],
+      media=[spec.max_media, spec.frames, spec.image_size, spec.image_size, 3],
+      media_mask=[spec.max_media], media_index=[spec.seq_len])
+
+  def load(k):
+    step, row = divmod(int(k), local)
+    example = loader(step * spec.batch_size + offset + row)
+    return tuple(example[key] for key in BATCH_KEYS)
+
+  def load_tf(k):
+    values = tf.numpy_function(load, [k], [dtypes[key] for key in BATCH_KEYS],
+                               stateful=False)
+    return {key: tf.ensure_shape(value, shapes[key])
+            for key, value in zip(BATCH_KEYS, values)}
+
+  dataset = tf.data.Dataset.range(start_step * local, 2**62)
+  dataset = dataset.map(load_tf, num_parallel_calls=tf.data.AUTOTUNE,
+                        deterministic=True)
+  dataset = dataset.batch(local, drop_remainder=True)
+  return dataset.prefetch(2)
+
+
+class TrainData:
+  """{dataset name: batch} per step, for this process; resumable by step."""
+
+  def __init__(self, loaders: Mapping[str, ExampleLoader],
+               specs: Mapping[str, ml_collections.ConfigDict],
+               start_step: int):
+    self._loaders = dict(loaders)
+    self._iterators = {
+        name: row_dataset(loader, specs[name], start_step).as_numpy_iterator()
+        for name, loader in self._loaders.items()}
+    self.next_step = start_step
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, dict[str, np.ndarray]]:
+    batches = {name: next(it) for name, it in self._iterators.items()}
+    self.next_step += 1
+    return batches
+
+  def state(self) -> dict[str, int]:
+    return {'next_step': self.next_step}
+
+  def stats(self) -> dict[str, int]:
+    """Skipped examples so far, as {'data/skipped/<dataset>/<reason>': n}."""
+    return {f'data/skipped/{name}/{reason}': count
+            for name, loader in self._loaders.items()
+            for reason, count in loader.skips().items()}
+
+
+def dataset_specs(config: ml_collections.ConfigDict
+                  ) -> dict[str, ml_collections.ConfigDict]:
+  """config.data.datasets with each spec's `name` filled in."""
+  specs = {}
+  for name in sorted(config.data.datasets):
+    spec = ml_collections.ConfigDict(config.data.datasets[name].to_dict())
+    spec.name = name
+    specs[name] = spec
+  return specs
+
+
+def open_source(spec: ml_collections.ConfigDict, data_dir: str,
+                sizes: str = 'default'):
+  """A random-access data source for `spec.builder`/`spec.split`."""
+  from flamingo_jax.data import world  # pylint: disable=g-import-not-at-top
+  builder = world.make_builder(spec.builder, data_dir, sizes, spec.image_size)
+  if not builder.is_prepared():
+    raise FileNotFoundError(
+        f'Dataset {spec.builder!r} ({sizes}) is not built in {data_dir!r}: '
+        f'run `python -m flamingo_jax.data.world --data_dir {data_dir} '
+        f'--sizes {sizes}` (the training recipe does it for you).')
+  return builder.as_data_source(split=spec.split)
+
+
+def make_train_data(config: ml_collections.ConfigDict, start_step: int,
+                    tokenizer: Optional[tokenizer_lib.Tokenizer] = None
+                    ) -> TrainData:
+  """The training mixture of `config.data`, starting at `start_step`."""
+  tokenizer = tokenizer or tokenizer_lib.Tokenizer.load(config.data.tokenizer)
+  specs = dataset_specs(config)
+  loaders = {
+      name: ExampleLoader(
+          open_source(spec, config.data.data_dir, config.data.sizes), spec,
+          tokenizer, config.seed, index)
+      for index, (name, spec) in enumerate(specs.items())}
+  return TrainData(loaders, specs, start_step)

@@ -1,0 +1,178 @@
+"""Interleaved "web pages" of the embedded world, in the style of M3W.
+
+A document is a list of chunks, `{'text': str}` or `{'image': i}` (i indexes
+the document's own list of scenes), as `flamingo_jax.data.formatting` reads
+them. A page has a theme (all its pictures share a colour or a shape), a
+title and an introduction, then 1-5 images (6-8 in 5% of pages, to exercise
+the max-media limit); each image is described by the text right after it
+("The picture above shows ...") or, in a quarter of the cases, right before
+it ("The next picture shows ..."), so that both the previous-image and the
+next-image attention of Flamingo's phi have something to learn. Unrelated
+filler sentences, comparisons with the previous picture ("It has more
+objects than the previous picture.") and a sign-off are mixed in. One page in
+ten opens with an image.
+
+Chunk texts follow the formatting module's rules: they are concatenated
+verbatim, so they carry their own separators; text after an image starts
+with a space half of the time (web pages do both).
+"""
+
+from collections.abc import Sequence
+import dataclasses
+
+import numpy as np
+
+from flamingo_jax.data.world import language
+from flamingo_jax.data.world import scenes
+
+MAX_IMAGES = 5  # Usual maximum of images per page.
+MAX_IMAGES_RARE = 8  # Maximum of the rare, longer pages.
+P_RARE = 0.05  # Probability of a longer page.
+P_IMAGE_FIRST = 0.1  # Probability that a page opens with an image.
+P_DESCRIBED_BEFORE = 0.25  # An image's description precedes it.
+
+_TITLES = ('my {theme} collection', 'art class: {theme} week',
+           'a gallery of {theme} pictures', 'notes from the {theme} workshop',
+           'drawing {theme} things', 'pictures for the {theme} club')
+_INTROS = ('Welcome to my page.', 'Here are some pictures I made.',
+           'These are my favourite drawings this month.',
+           'I spent the weekend making pictures.',
+           'Our class made these pictures today.',
+           'A few new pictures for the gallery.')
+_THEME_SENTENCES = {
+    'colour': ('Every picture here has something {value} in it.',
+               'The theme this week is {value}.',
+               'I only used {value} paint for the main shapes.'),
+    'shape': ('Each picture has at least one {value}.',
+              'This page is all about the {value}.',
+              'I love drawing {plural}.'),
+}
+_AFTER = ('The picture above shows {d}.', 'Above: {d}.',
+          'Here you can see {d}.', 'This one has {d}.', '{D}.',
+          'In this picture there {be} {d}.')
+_BEFORE = ('The next picture shows {d}:', 'Below you can see {d}.',
+           'Here {be} {d}:', 'The following image has {d}.')
+_FILLER = ('The weather was lovely today.', 'Thanks for visiting!',
+           'I used a new set of brushes.', 'My cat watched me the whole time.',
+           'It took about an hour.', 'More pictures are coming soon.',
+           'Posted on a sunny afternoon.', 'The paper was a bit too thin.',
+           'Tea helps with the drawing.', 'Comments are welcome.',
+           'I think this is my best work so far.',
+           'The museum visit gave me ideas.')
+_OUTROS = ('Thanks for reading!', 'See you next week.',
+           'Leave a comment if you liked them.', 'That is all for today.')
+
+
+@dataclasses.dataclass(frozen=True)
+class Document:
+  """A page: chunks over its scenes, and where each scene is described."""
+  chunks: tuple[dict, ...]  # {'text': str} or {'image': int}
+  scenes: tuple[scenes.Scene, ...]
+  # For each image: (index of the chunk that describes it, 'above' or
+  # 'below' (the side of the text the image is on), the describing sentence).
+  references: tuple[tuple[int, str, str], ...]
+
+
+def _sample_num_images(rng: np.random.Generator) -> int:
+  if rng.random() < P_RARE:
+    return int(rng.integers(MAX_IMAGES + 1, MAX_IMAGES_RARE + 1))
+  return int(rng.integers(1, MAX_IMAGES + 1))
+
+
+def _comparison(previous: scenes.Scene, current: scenes.Scene,
+                rng: np.random.Generator) -> str:
+  a, b = len(current.objects), len(previous.objects)
+  noun = language.pick(rng, ('objects', 'shapes'))
+  if a == b:
+    return f'It has as many {noun} as the previous picture.'
+  more = 'more' if a > b else 'fewer'
+  return f'It has {more} {noun} than the previous picture.'
+
+
+def _description_sentence(scene: scenes.Scene, rng: np.random.Generator,
+                          before: bool) -> str:
+  text = language.describe(scene, rng)
+  templates = _BEFORE if before else _AFTER
+  template = language.pick(rng, templates)
+  first = language.lex(text)[0]
+  be = 'is' if first[0] == 'count' and first[1] == 1 else 'are'
+  return template.format(d=text, D=text[0].upper() + text[1:], be=be)
+
+
+def _fillers(rng: np.random.Generator, p: float) -> list[str]:
+  out = []
+  while rng.random() < p and len(out) < 3:
+    out.append(language.pick(rng, _FILLER))
+  return out
+
+
+def sample_document(rng: np.random.Generator,
+                    num_images: int | None = None) -> Document:
+  """A random page.
+
+  Args:
+    rng: the example's generator.
+    num_images: how many images (>= 1); None draws 1-5, or 6-8 rarely.
+
+  Returns:
+    The document.
+  """
+  if num_images is None:
+    num_images = _sample_num_images(rng)
+  if num_images < 1:
+    raise ValueError(f'num_images must be >= 1; got {num_images}.')
+  theme = language.pick(rng, ('colour', 'shape'))
+  value = language.pick(rng, scenes.VALUES[theme])
+  page_scenes = tuple(scenes.sample_scene(rng, require={theme: value})
+                      for _ in range(num_images))
+  # Text pieces between images: texts[i] precedes image i; texts[-1] ends.
+  texts: list[list[str]] = [[] for _ in range(num_images + 1)]
+  image_first = rng.random() < P_IMAGE_FIRST
+  if not image_first:
+    title = language.pick(rng, _TITLES).format(theme=value)
+    texts[0].append(language.sentence(title))
+    texts[0].append(language.pick(rng, _INTROS))
+    texts[0].append(language.pick(rng, _THEME_SENTENCES[theme]).format(
+        value=value, plural=language.plural(value)))
+    texts[0].extend(_fillers(rng, 0.3))
+  sides, sentences = [], []
+  for i, scene in enumerate(page_scenes):
+    # The first image of an image-first page has no text before it.
+    before = (rng.random() < P_DESCRIBED_BEFORE and
+              not (image_first and i == 0))
+    sides.append('below' if before else 'above')
+    description = _description_sentence(scene, rng, before)
+    sentences.append(description)
+    if before:
+      texts[i].extend(_fillers(rng, 0.2))
+      texts[i].append(description)
+    else:
+      texts[i + 1].append(description)
+      if i > 0 and rng.random() < 0.3:
+        texts[i + 1].append(_comparison(page_scenes[i - 1], scene, rng))
+      texts[i + 1].extend(_fillers(rng, 0.25))
+  if rng.random() < 0.6:
+    texts[-1].append(language.pick(rng, _OUTROS))
+  return _assemble(texts, page_scenes, sides, sentences, rng)
+
+
+def _assemble(texts: Sequence[list[str]],
+              page_scenes: tuple[scenes.Scene, ...], sides: Sequence[str],
+              sentences: Sequence[str], rng: np.random.Generator
+              ) -> Document:
+  """Chunks from the text pieces and images, and the reference map."""
+  chunks: list[dict] = []
+  text_chunk_of: dict[int, int] = {}  # Text piece -> its chunk index.
+  for i, piece in enumerate(texts):
+    if piece:
+      text = ' '.join(piece)
+      if i > 0 and rng.random() < 0.5:
+        text = ' ' + text  # Web pages may or may not space after an image.
+      text_chunk_of[i] = len(chunks)
+      chunks.append({'text': text})
+    if i < len(page_scenes):
+      chunks.append({'image': i})
+  references = tuple(
+      (text_chunk_of[i + (side == 'above')], side, sentence)
+      for i, (side, sentence) in enumerate(zip(sides, sentences)))
+  return Document(tuple(chunks), page_scenes, references)

@@ -1,0 +1,220 @@
+"""One example of every dataset of the embedded world, from its generator.
+
+Training data (image/video-text pairs, documents) and the evaluation tasks in
+the paper's formats: captioning with several references (COCO-like), VQA with
+ten annotator answers (VQAv2-like), video QA (MSRVTT-QA-like, one answer),
+video captioning (VATEX-like), multiple-choice classification over a fixed
+class list (ImageNet-like) and a nonce-word task solvable only in context.
+
+Every function takes the example's generator (`scenes.example_rng`) and
+returns plain Python/numpy values; images are uint8 [H, W, 3] arrays, videos
+[T, H, W, 3]. `builders.py` turns them into TFDS features.
+
+The nonce-word task: each episode binds `ways` freshly made-up words
+("blicket", "zorpee": drawn from syllables, never a word of the grammar)
+to as many values of one attribute (shapes, or colours), through `shots`
+support images per word ("This is a blicket."); its queries show new objects
+with one of those values, and the answer is the word. Bindings are drawn per
+episode, so they cannot be memorised across episodes: the support has to be
+read. The episode carries its own support (no separate support split).
+
+Glossary of shapes:
+  T: frames of a video.
+  H, W: image height and width.
+"""
+
+from typing import Any
+
+import numpy as np
+
+from flamingo_jax.data.world import documents
+from flamingo_jax.data.world import language
+from flamingo_jax.data.world import scenes
+from flamingo_jax.data.world import video as video_lib
+
+NUM_CAPTIONS = 5  # Reference captions per image or video (for CIDEr).
+NUM_ANSWERS = 10  # Annotator answers per VQA question (as VQAv2).
+# Classification: the colour and shape of the single large object.
+CLASS_NAMES = tuple(f'{c} {s}' for s in scenes.SHAPES
+                    for c in scenes.COLOUR_NAMES)
+MAX_DISTRACTORS = 3  # Small distractors around the classified object.
+NONCE_WAYS = 3  # Words bound per episode.
+NONCE_SHOTS = 2  # Support images per word.
+NONCE_QUERIES = 4  # Query images per episode.
+NONCE_ATTRIBUTES = ('shape', 'colour')
+NONCE_TEMPLATES = {
+    'shape': ('This is a {}.', 'Look, a {}!', 'Here is a {}.'),
+    'colour': ('This one is {}.', 'The colour is {}.', 'It is {}.'),
+}
+_ONSETS = ('b', 'bl', 'd', 'f', 'fl', 'g', 'gl', 'k', 'l', 'm', 'n', 'p',
+           'pl', 'r', 's', 'st', 't', 'tr', 'v', 'w', 'z')
+_NUCLEI = ('a', 'e', 'i', 'o', 'u', 'oo', 'ee', 'ai')
+_CODAS = ('', '', '', 'x', 'k', 'p', 'n', 'm', 'sh', 't', 'ck')
+Example = dict[str, Any]
+
+
+def _render(scene: scenes.Scene, image_size: int) -> np.ndarray:
+  return scenes.render_scene(scene, image_size)
+
+
+# ---------------------------------------------------------------- training --
+
+
+def pair_example(rng: np.random.Generator, image_size: int) -> Example:
+  """An image and one caption (ALIGN/LTIP-like)."""
+  scene = scenes.sample_scene(rng)
+  return {'image': _render(scene, image_size),
+          'caption': language.caption(scene, rng)}
+
+
+def video_pair_example(rng: np.random.Generator, image_size: int,
+                       num_frames: int) -> Example:
+  """A video and one caption (VTP-like)."""
+  video = video_lib.sample_video(rng, num_frames=num_frames)
+  return {'video': video_lib.render_video(video, image_size),
+          'caption': video_lib.caption(video, rng)}
+
+
+def document_example(rng: np.random.Generator, image_size: int) -> Example:
+  """An interleaved page (M3W-like): its images [N, H, W, 3] and chunks."""
+  doc = documents.sample_document(rng)
+  images = np.stack([_render(s, image_size) for s in doc.scenes])
+  return {'images': images, 'chunks': [dict(c) for c in doc.chunks]}
+
+
+# -------------------------------------------------------------- evaluation --
+
+
+def caption_example(rng: np.random.Generator, image_size: int,
+                    num_captions: int = NUM_CAPTIONS) -> Example:
+  """An image and `num_captions` reference captions (COCO-like)."""
+  scene = scenes.sample_scene(rng)
+  return {'image': _render(scene, image_size),
+          'captions': language.captions(scene, rng, num_captions)}
+
+
+def vqa_example(rng: np.random.Generator, image_size: int,
+                num_answers: int = NUM_ANSWERS) -> Example:
+  """An image, a question, its answer and annotator answers (VQAv2-like)."""
+  scene = scenes.sample_scene(rng)
+  qa = language.question(scene, rng)
+  return {'image': _render(scene, image_size), 'question': qa.question,
+          'answer': qa.answer, 'question_type': qa.qtype,
+          'answers': language.human_answers(qa.answer, qa.qtype, rng,
+                                            num_answers)}
+
+
+def video_qa_example(rng: np.random.Generator, image_size: int,
+                     num_frames: int) -> Example:
+  """A video, a question that needs several frames, and its answer."""
+  video = video_lib.sample_video(rng, num_frames=num_frames)
+  qa = video_lib.question(video, rng)
+  return {'video': video_lib.render_video(video, image_size),
+          'question': qa.question, 'answer': qa.answer,
+          'question_type': qa.qtype}
+
+
+def video_caption_example(rng: np.random.Generator, image_size: int,
+                          num_frames: int,
+                          num_captions: int = NUM_CAPTIONS) -> Example:
+  """A video and `num_captions` reference captions (VATEX-like)."""
+  video = video_lib.sample_video(rng, num_frames=num_frames)
+  return {'video': video_lib.render_video(video, image_size),
+          'captions': video_lib.captions(video, rng, num_captions)}
+
+
+def classification_example(rng: np.random.Generator,
+                           image_size: int) -> Example:
+  """A large object to classify among CLASS_NAMES, with small distractors."""
+  shape, colour, _, texture = scenes.sample_kind(rng)
+  cells = [divmod(int(c), scenes.GRID)
+           for c in rng.permutation(scenes.GRID**2)]
+  objects = [scenes.place_object(rng, (shape, colour, 'large', texture),
+                                 cells.pop())]
+  for _ in range(int(rng.integers(0, MAX_DISTRACTORS + 1))):
+    kind = scenes.sample_kind(rng, {'size': 'small'})
+    while kind[:2] == (shape, colour):
+      kind = scenes.sample_kind(rng, {'size': 'small'})
+    objects.append(scenes.place_object(rng, kind, cells.pop()))
+  scene = scenes.Scene(tuple(objects), scenes.sample_background(rng))
+  label_name = f'{colour} {shape}'
+  return {'image': _render(scene, image_size),
+          'label': CLASS_NAMES.index(label_name), 'label_name': label_name}
+
+
+def _vocabulary() -> frozenset[str]:
+  words = set()
+  for phrase in language._LEXICON:  # pylint: disable=protected-access
+    words.update(phrase)
+  return frozenset(words)
+
+
+_VOCABULARY = _vocabulary()
+
+
+def nonce_word(rng: np.random.Generator) -> str:
+  """A pronounceable made-up word of 2-3 syllables, not in the grammar.
+
+  One syllable would too often make an English word ('lot', 'flash').
+  """
+  while True:
+    num = int(rng.choice([2, 3], p=[0.8, 0.2]))
+    word = ''.join(language.pick(rng, _ONSETS) + language.pick(rng, _NUCLEI) +
+                   language.pick(rng, _CODAS) for _ in range(num))
+    if len(word) >= 3 and word not in _VOCABULARY:
+      return word
+
+
+def _nonce_scene(rng: np.random.Generator, attribute: str,
+                 value: str) -> scenes.Scene:
+  """One object with `attribute` = `value`; everything else random."""
+  kind = scenes.sample_kind(rng, {attribute: value})
+  cell = divmod(int(rng.integers(scenes.GRID**2)), scenes.GRID)
+  return scenes.Scene((scenes.place_object(rng, kind, cell),),
+                      scenes.sample_background(rng))
+
+
+def nonce_episode(rng: np.random.Generator, image_size: int, *,
+                  ways: int = NONCE_WAYS, shots: int = NONCE_SHOTS,
+                  queries: int = NONCE_QUERIES) -> Example:
+  """An episode of the nonce-word task.
+
+  Args:
+    rng: the episode's generator.
+    image_size: image side in pixels.
+    ways: words bound in the episode (<= 8).
+    shots: support images per word.
+    queries: query images.
+
+  Returns:
+    {'attribute': 'shape'|'colour', 'template': e.g. 'This is a {}.',
+     'words': the episode's words, 'support' and 'query': lists of
+     {'image', 'word', 'text', 'value'} (value: the bound shape or colour).}
+  """
+  if not 1 <= ways <= len(scenes.COLOUR_NAMES):
+    raise ValueError(f'ways must be in [1, 8]; got {ways}.')
+  if shots < 1 or queries < 1:
+    raise ValueError(f'shots and queries must be >= 1; got {shots}, '
+                     f'{queries}.')
+  attribute = language.pick(rng, NONCE_ATTRIBUTES)
+  values = [str(v) for v in rng.choice(scenes.VALUES[attribute], size=ways,
+                                       replace=False)]
+  words: list[str] = []
+  while len(words) < ways:
+    word = nonce_word(rng)
+    if word not in words:
+      words.append(word)
+  template = language.pick(rng, NONCE_TEMPLATES[attribute])
+
+  def item(way: int) -> dict[str, Any]:
+    scene = _nonce_scene(rng, attribute, values[way])
+    return {'image': _render(scene, image_size), 'word': words[way],
+            'text': template.format(words[way]), 'value': values[way]}
+
+  support_ways = rng.permutation(np.repeat(np.arange(ways), shots))
+  # Queries cycle through the ways, in random order, so each is asked.
+  query_ways = np.concatenate([rng.permutation(ways)
+                               for _ in range(-(-queries // ways))])[:queries]
+  return {'attribute': attribute, 'template': template, 'words': words,
+          'support': [item(int(w)) for w in support_ways],
+          'query': [item(int(w)) for w in query_ways]}

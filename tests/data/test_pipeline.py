@@ -1,0 +1,104 @@
+"""Input pipeline on the tiny embedded world: shapes, determinism, resume."""
+
+import io
+
+import ml_collections
+import numpy as np
+from PIL import Image
+import pytest
+
+from experiments import tiny
+from flamingo_jax.data import pipeline
+from flamingo_jax.data import prepare
+from flamingo_jax.data import tokenizer as tokenizer_lib
+
+
+@pytest.fixture(scope='module')
+def config(tmp_path_factory):
+  data_dir = tmp_path_factory.mktemp('world')
+  config = tiny.get_config('smoke')
+  config.data.data_dir = str(data_dir)
+  config.data.tokenizer = str(data_dir / 'tok.model')
+  prepare.ensure_data(config)
+  return config
+
+
+def _batches(config, start, count):
+  data = pipeline.make_train_data(config, start)
+  return [next(data) for _ in range(count)], data
+
+
+def test_batches_have_the_designed_shapes(config):
+  (batches,), data = _batches(config, 0, 1)
+  assert sorted(batches) == sorted(config.data.datasets)
+  for name, batch in batches.items():
+    spec = config.data.datasets[name]
+    b, l, n = spec.batch_size, spec.seq_len, spec.max_media
+    size = spec.image_size
+    assert batch['tokens'].shape == (b, l) and batch['tokens'].dtype == np.int32
+    assert batch['targets'].shape == (b, l)
+    assert batch['loss_mask'].dtype == np.float32
+    assert batch['media'].shape == (b, n, spec.frames, size, size, 3)
+    assert batch['media'].dtype == np.uint8
+    assert batch['media_mask'].shape == (b, n)
+    assert batch['media_index'].max() <= n
+    # Every referenced slot holds a real, non-blank medium.
+    for row in range(b):
+      for slot in np.unique(batch['media_index'][row]):
+        if slot:
+          assert batch['media_mask'][row, slot - 1]
+          assert batch['media'][row, slot - 1].any()
+  assert batches['video_pairs']['media'][:, 0, -1].any()  # Real last frames.
+  assert data.stats() == {}
+
+
+def test_resumed_iterator_gives_the_same_batches(config):
+  straight, _ = _batches(config, 0, 3)
+  resumed, data = _batches(config, 2, 1)
+  for name in straight[2]:
+    for key in pipeline.BATCH_KEYS:
+      np.testing.assert_array_equal(straight[2][name][key],
+                                    resumed[0][name][key])
+  assert data.state() == {'next_step': 3}
+  # Different steps really are different batches.
+  assert not np.array_equal(straight[0]['pairs']['tokens'],
+                            straight[1]['pairs']['tokens'])
+
+
+def _png(array):
+  out = io.BytesIO()
+  Image.fromarray(array).save(out, format='PNG')
+  return out.getvalue()
+
+
+def test_corrupt_image_is_skipped_and_counted(config):
+  tokenizer = tokenizer_lib.Tokenizer.load(config.data.tokenizer)
+  spec = ml_collections.ConfigDict(dict(config.data.datasets.pairs.to_dict(),
+                                        name='pairs'))
+  good = {'image': _png(np.full([40, 64, 3], 200, np.uint8)),
+          'caption': b'a red circle'}
+  source = [good, {'image': b'not a png', 'caption': b'a blue square'},
+            {'image': good['image'], 'caption': b'   '}]
+  loader = pipeline.ExampleLoader(source, spec, tokenizer, seed=0,
+                                  dataset_index=0)
+  rows = [loader(i) for i in range(3 * 4)]
+  skips = loader.skips()
+  assert skips == {pipeline.CORRUPT_MEDIA: 4, 'empty_caption': 4}, skips
+  kept = [r for r in rows if r['loss_mask'].any()]
+  assert len(kept) == 4
+  # Aspect kept: a 40x64 image fills 40 of 64 rows, the rest is padding.
+  media = kept[0]['media'][0, 0]
+  assert media[:40].min() == 200 and media[40:].max() == 0
+
+
+def test_short_video_is_an_error():
+  with pytest.raises(pipeline.MediaError, match='at least 4 frames; got 2'):
+    pipeline.media_array(np.zeros([2, 8, 8, 3], np.uint8), 4, 8)
+
+
+def test_missing_dataset_names_the_command(tmp_path):
+  config = tiny.get_config('smoke')
+  spec = ml_collections.ConfigDict(dict(config.data.datasets.pairs.to_dict(),
+                                        name='pairs'))
+  with pytest.raises(FileNotFoundError, match='python -m flamingo_jax.data.world'):
+    pipeline.open_source(spec, str(tmp_path), 'tiny')
