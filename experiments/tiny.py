@@ -60,7 +60,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.param_rules = list(sharding.FLAMINGO_PARAM_RULES)
   config.compute_dtype = 'float32'  # bf16 buys nothing on a CPU.
 
-  config.total_steps = 600
+  config.total_steps = 1500
   config.log_every = 10
   config.checkpoint = dict(every=100, keep=3)
 

@@ -17,6 +17,8 @@ from absl import flags
 import numpy as np
 from ml_collections import config_flags
 
+from flamingo_jax import cli
+
 from flamingo_jax.models import flamingo
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -90,4 +92,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

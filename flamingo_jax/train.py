@@ -17,6 +17,8 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from flamingo_jax import cli
+
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Training config file, e.g. experiments/tiny.py.',
     lock_config=True)
@@ -54,4 +56,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -10,10 +10,10 @@ function of (seed, dataset, s, r):
 
 Resuming at step s therefore only needs s (saved with the checkpoint), and
 each process reads just its own rows [p * B/P, (p+1) * B/P) of every step.
-Per process, tf.data runs the per-example work in parallel, in order:
-
-  range(positions) -> map(load + preprocess, parallel, deterministic)
-                   -> batch(B / P, drop_remainder) -> prefetch
+Per process, a thread pool loads and preprocesses the rows of the next
+steps ahead of time (decoding and resizing release the GIL) and assembles
+them in order. (No tf.data here: its py-function threads deadlock against
+the main thread at interpreter exit.)
 
 Examples that cannot be used (an empty caption, a corrupt image, ...) become
 all-padding rows with a zero loss mask and are counted per reason in
@@ -28,6 +28,7 @@ Batch (per dataset, numpy, this process's rows):
 
 from collections.abc import Callable, Mapping, Sequence
 import collections
+import concurrent.futures
 import io
 import threading
 from typing import Any, Optional
@@ -200,12 +201,6 @@ class ExampleLoader:
       return dict(self._skips)
 
 
-def _tf():
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  tf.config.set_visible_devices([], 'GPU')  # tf.data only; leave GPUs to JAX.
-  return tf
-
-
 def _local_batch_size(spec: ml_collections.ConfigDict) -> int:
   processes = jax.process_count()
   if spec.batch_size % processes:
@@ -214,35 +209,40 @@ def _local_batch_size(spec: ml_collections.ConfigDict) -> int:
   return spec.batch_size // processes
 
 
-def row_dataset(loader: ExampleLoader, spec: ml_collections.ConfigDict,
-                start_step: int):
-  """tf.data of this process's batches, from `start_step` on, in order."""
-  tf = _tf()
-  local = _local_batch_size(spec)
-  offset = jax.process_index() * local
-  dtypes = dict(tokens=tf.int32, targets=tf.int32, loss_mask=tf.float32,
-                media=tf.uint8, media_mask=tf.bool, media_index=tf.int32)
-  shapes = dict(
-      tokens=[spec.seq_len], targets=[spec.seq_len], loss_mask=[spec.seq_len],
-      media=[spec.max_media, spec.frames, spec.image_size, spec.image_size, 3],
-      media_mask=[spec.max_media], media_index=[spec.seq_len])
+class _Prefetcher:
+  """Batches of one dataset from `start_step` on, made ahead on threads.
 
-  def load(k):
-    step, row = divmod(int(k), local)
-    example = loader(step * spec.batch_size + offset + row)
-    return tuple(example[key] for key in BATCH_KEYS)
+  Rows are loaded in parallel (decoding and resizing release the GIL) and
+  assembled in order, so the output does not depend on thread timing.
+  """
 
-  def load_tf(k):
-    values = tf.numpy_function(load, [k], [dtypes[key] for key in BATCH_KEYS],
-                               stateful=False)
-    return {key: tf.ensure_shape(value, shapes[key])
-            for key, value in zip(BATCH_KEYS, values)}
+  def __init__(self, loader: ExampleLoader, spec: ml_collections.ConfigDict,
+               start_step: int, *, workers: int = 4, prefetch: int = 2):
+    self._loader, self._spec = loader, spec
+    self._local = _local_batch_size(spec)
+    self._offset = jax.process_index() * self._local
+    self._pool = concurrent.futures.ThreadPoolExecutor(workers)
+    self._queue = collections.deque()
+    self._next_step, self._prefetch = start_step, prefetch
 
-  dataset = tf.data.Dataset.range(start_step * local, 2**62)
-  dataset = dataset.map(load_tf, num_parallel_calls=tf.data.AUTOTUNE,
-                        deterministic=True)
-  dataset = dataset.batch(local, drop_remainder=True)
-  return dataset.prefetch(2)
+  def _submit(self) -> None:
+    step = self._next_step
+    first = step * self._spec.batch_size + self._offset
+    self._queue.append([self._pool.submit(self._loader, first + row)
+                        for row in range(self._local)])
+    self._next_step += 1
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    while len(self._queue) <= self._prefetch:
+      self._submit()
+    rows = [future.result() for future in self._queue.popleft()]
+    return {key: np.stack([row[key] for row in rows]) for key in BATCH_KEYS}
+
+  def close(self) -> None:
+    for futures in self._queue:
+      for future in futures:
+        future.cancel()
+    self._pool.shutdown(wait=True)
 
 
 class TrainData:
@@ -252,9 +252,8 @@ class TrainData:
                specs: Mapping[str, ml_collections.ConfigDict],
                start_step: int):
     self._loaders = dict(loaders)
-    self._iterators = {
-        name: row_dataset(loader, specs[name], start_step).as_numpy_iterator()
-        for name, loader in self._loaders.items()}
+    self._iterators = {name: _Prefetcher(loader, specs[name], start_step)
+                       for name, loader in self._loaders.items()}
     self.next_step = start_step
 
   def __iter__(self):
@@ -273,6 +272,10 @@ class TrainData:
     return {f'data/skipped/{name}/{reason}': count
             for name, loader in self._loaders.items()
             for reason, count in loader.skips().items()}
+
+  def close(self) -> None:
+    for iterator in self._iterators.values():
+      iterator.close()
 
 
 def dataset_specs(config: ml_collections.ConfigDict

@@ -10,7 +10,6 @@ saved with the state. SIGTERM (preemption) saves a checkpoint and exits.
 """
 
 from collections.abc import Callable, Iterator, Mapping
-import json
 import os
 from typing import Any, Optional
 
@@ -21,6 +20,7 @@ import ml_collections
 import numpy as np
 
 from flamingo_jax import checkpoint as checkpoint_lib
+from flamingo_jax import plot
 from flamingo_jax.models import flamingo
 from flamingo_jax.training import metrics as metrics_lib
 from flamingo_jax.training import optim
@@ -190,11 +190,12 @@ def _train(config, workdir, mesh, make_data) -> TrainState:
     logger.close()
     if hasattr(data, 'close'):
       data.close()
+  if jax.process_index() == 0:
+    for path in plot.write_plots(workdir):
+      logging.info('Wrote %s', path)
   return state
 
 
 def read_metrics(workdir: str) -> list[dict[str, float]]:
   """The rows of `<workdir>/metrics.jsonl`, in order."""
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    return [json.loads(line) for line in f if line.strip()]
-
+  return plot.read_metrics(workdir)

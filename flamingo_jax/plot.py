@@ -1,0 +1,91 @@
+r"""Plots a run's metrics: python -m flamingo_jax.plot --workdir W.
+
+Writes, from `W/metrics.jsonl`:
+  W/plots/loss.png    the weighted total loss and each dataset's loss;
+  W/plots/gates.png   |tanh(alpha)| of every cross-attention gate per layer
+                      over training (the paper's Fig. 6).
+The training loop writes them at the end of every run too.
+"""
+
+import json
+import os
+
+from absl import app
+from absl import flags
+import matplotlib
+
+matplotlib.use('Agg')  # No display needed.
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def read_metrics(workdir: str) -> list[dict[str, float]]:
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'No metrics in {workdir!r}: {path} is missing.')
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def _series(rows, key):
+  points = [(r['step'], r[key]) for r in rows if key in r]
+  return [p[0] for p in points], [p[1] for p in points]
+
+
+def plot_losses(rows, path: str) -> None:
+  fig, ax = plt.subplots(figsize=(7, 4))
+  keys = ['loss'] + sorted({k for r in rows for k in r
+                            if k.startswith('loss/')})
+  for key in keys:
+    ax.plot(*_series(rows, key), label=key, lw=2 if key == 'loss' else 1)
+  ax.set_xlabel('step')
+  ax.set_ylabel('loss')
+  ax.set_title('Training loss (total: lambda-weighted sum)')
+  ax.legend()
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def plot_gates(rows, path: str) -> None:
+  keys = sorted({k for r in rows for k in r if k.startswith('gates/')},
+                key=lambda k: (k.rsplit('_', 1)[0], int(k.rsplit('_', 1)[1])))
+  fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+  for ax, kind in zip(axes, ('attn_gate', 'ffw_gate')):
+    for key in keys:
+      if key.startswith(f'gates/{kind}_'):
+        ax.plot(*_series(rows, key), label=f'layer {key.rsplit("_", 1)[1]}')
+    ax.set_title(f'|tanh({kind})|')
+    ax.set_xlabel('step')
+    ax.grid(alpha=0.3)
+  axes[0].legend(fontsize='small')
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def write_plots(workdir: str) -> list[str]:
+  """Writes the plots of `workdir`; returns their paths."""
+  rows = read_metrics(workdir)
+  out = os.path.join(workdir, 'plots')
+  os.makedirs(out, exist_ok=True)
+  paths = [os.path.join(out, 'loss.png')]
+  plot_losses(rows, paths[0])
+  if any(k.startswith('gates/') for r in rows for k in r):
+    paths.append(os.path.join(out, 'gates.png'))
+    plot_gates(rows, paths[1])
+  return paths
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  for path in write_plots(flags.FLAGS.workdir):
+    print(path)
+
+
+if __name__ == '__main__':
+  # Defined here, not at import: the training loop imports this module.
+  flags.DEFINE_string('workdir', None, 'A training workdir.')
+  flags.mark_flag_as_required('workdir')
+  app.run(main)
