@@ -46,6 +46,10 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   _quiet_library_logs()
+  if not jax.config.jax_compilation_cache_dir:
+    # Resumed runs and reruns skip recompiling (minutes on a small CPU).
+    jax.config.update('jax_compilation_cache_dir', os.path.join(
+        os.path.expanduser('~'), '.cache', 'flamingo_jax', 'jax_cache'))
   if os.environ.get('FLAMINGO_JAX_DISTRIBUTED'):
     jax.distributed.initialize()
   logging.info('JAX processes: %d, devices: %s', jax.process_count(),

@@ -113,8 +113,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     return _train(config, workdir, mesh, make_data)
 
 
+def _check_batch_sizes(config, mesh) -> None:
+  parallel = int(np.prod([mesh.shape[a] for a in sharding.BATCH_AXES
+                          if a in mesh.shape]))
+  for name, spec in config.data.datasets.items():
+    if spec.batch_size % parallel:
+      raise ValueError(
+          f'config.data.datasets.{name}.batch_size={spec.batch_size} is not '
+          f'divisible by the {parallel} data-parallel devices of mesh '
+          f'{dict(mesh.shape)}.')
+
+
 def _train(config, workdir, mesh, make_data) -> TrainState:
   """The body of train_and_evaluate, under the mesh."""
+  _check_batch_sizes(config, mesh)
   model = flamingo.transform(config.model)
   optimizer = optim.make_optimizer(config.optim)
   state, shardings = create_train_state(config, mesh, model, optimizer)
