@@ -75,3 +75,18 @@ def test_plot_without_metrics_names_the_file(tmp_path):
   result = _run('flamingo_jax.plot', '--workdir', str(tmp_path))
   assert result.returncode != 0
   assert 'metrics.jsonl' in result.stderr
+
+
+def test_data_show_writes_a_grid(tmp_path):
+  out = tmp_path / 'documents.png'
+  result = _run('flamingo_jax.data.show', '--config',
+                'experiments/tiny.py:smoke', '--dataset', 'documents',
+                '--out', str(out), '--rows', '2',
+                f'--config.data.data_dir={tmp_path}/data',
+                f'--config.data.tokenizer={tmp_path}/data/tok.model')
+  assert result.returncode == 0, result.stderr[-2000:]
+  data = out.read_bytes()
+  assert data[:4] == b'\x89PNG' and len(data) > 20000
+  bad = _run('flamingo_jax.data.show', '--dataset', 'nope', '--out',
+             str(out))
+  assert bad.returncode != 0 and "--dataset must be one of" in bad.stderr
