@@ -20,6 +20,7 @@ from typing import Any, Optional
 
 from absl import logging
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 PyTree = Any
@@ -127,3 +128,32 @@ def abstract_like(tree: PyTree) -> PyTree:
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
                                      sharding=getattr(x, 'sharding', None)),
       tree)
+
+
+def load_params(directory: str, step: Optional[int] = None
+                ) -> dict[str, dict[str, Any]]:
+  """All model parameters (trainable and frozen) of a training checkpoint.
+
+  `directory` is a workdir or its `checkpoints/` folder; the arrays come back
+  on the host, in their stored dtypes, as a Haiku parameter dict.
+  """
+  if os.path.isdir(os.path.join(directory, 'checkpoints')):
+    directory = os.path.join(directory, 'checkpoints')
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f'No checkpoint directory at {directory!r}.')
+  manager = ocp.CheckpointManager(
+      os.path.abspath(directory), item_names=('state', 'data'),
+      options=ocp.CheckpointManagerOptions(read_only=True))
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f'No checkpoint in {directory!r}.')
+  restored = manager.restore(
+      step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  manager.close()
+  state = restored['state']
+  params = {}
+  for part in ('trainable', 'frozen'):
+    for module, leaves in state[part].items():
+      params.setdefault(module, {}).update(
+          {name: np.asarray(value) for name, value in leaves.items()})
+  return params

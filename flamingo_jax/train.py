@@ -55,8 +55,8 @@ def main(argv: list[str]) -> None:
   logging.info('JAX processes: %d, devices: %s', jax.process_count(),
                jax.devices())
   # Imported after jax.distributed.initialize, which must come first.
-  from flamingo_jax.training import loop  # pylint: disable=g-import-not-at-top
-  loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  from flamingo_jax.training import recipe  # pylint: disable=g-import-not-at-top
+  recipe.run(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == '__main__':

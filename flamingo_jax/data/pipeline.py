@@ -117,10 +117,17 @@ def read_document(raw: Mapping[str, Any]):
   return chunks, list(raw['images'])
 
 
+def read_document_text(raw: Mapping[str, Any]):
+  """A document's text alone: language-model pretraining data."""
+  chunks, _ = read_document(raw)
+  return [c for c in chunks if 'text' in c], []
+
+
 READERS: dict[str, Callable[[Mapping[str, Any]], tuple[list, list]]] = {
     'pairs': read_pair,
     'video_pairs': read_pair,
     'documents': read_document,
+    'text': read_document_text,
 }
 
 
@@ -171,7 +178,7 @@ class ExampleLoader:
 
   def _format(self, chunks, rng):
     spec = self._spec
-    if spec.kind == 'documents':
+    if spec.kind in ('documents', 'text'):
       return formatting.format_document(
           chunks, self._tokenizer, seq_len=spec.seq_len,
           max_media=spec.max_media, p_next=spec.p_next, rng=rng)

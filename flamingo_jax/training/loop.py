@@ -11,6 +11,7 @@ saved with the state. SIGTERM (preemption) saves a checkpoint and exits.
 
 from collections.abc import Callable, Iterator, Mapping
 import os
+import re
 from typing import Any, Optional
 
 from absl import logging
@@ -75,6 +76,52 @@ def state_shardings(abstract: TrainState, config, mesh) -> TrainState:
       rng=replicated)
 
 
+def _init_from(state: TrainState, config, workdir: str) -> TrainState:
+  """Overwrites parameters with those of other runs (`config.init_from`).
+
+  Each source is {'workdir': path (relative to this run's workdir or
+  absolute), 'include': [regex], 'exclude': [regex]} over 'module/param'
+  paths; e.g. a pretrained LM: include ['lm/.*'], exclude ['lm/eoc_.*'].
+  """
+  trainable, frozen = state.trainable, state.frozen
+  for source in config.get('init_from', None) or []:
+    path = os.path.join(workdir, source['workdir'])
+    loaded = checkpoint_lib.load_params(path)
+    include = [re.compile(r) for r in source.get('include', ['.*'])]
+    exclude = [re.compile(r) for r in source.get('exclude', [])]
+
+    def replace(params):
+      count = 0
+      out = {}
+      for module, leaves in params.items():
+        out[module] = dict(leaves)
+        for name, old in leaves.items():
+          key = f'{module}/{name}'
+          if (not any(r.fullmatch(key) for r in include)
+              or any(r.fullmatch(key) for r in exclude)):
+            continue
+          if name not in loaded.get(module, {}):
+            raise ValueError(f'init_from {path}: it has no parameter {key}.')
+          new = loaded[module][name]
+          if new.shape != old.shape:
+            raise ValueError(f'init_from {path}: {key} has shape {new.shape}, '
+                             f'this model needs {old.shape}.')
+          new = new.astype(old.dtype)
+          out[module][name] = jax.make_array_from_callback(
+              old.shape, old.sharding, lambda index, new=new: new[index])
+          count += 1
+      return out, count
+
+    trainable, count_t = replace(trainable)
+    frozen, count_f = replace(frozen)
+    count = count_t + count_f
+    if not count:
+      raise ValueError(f'init_from {path}: include {source.get("include")} '
+                       'matched no parameter of this model.')
+    logging.info('Initialised %d parameters from %s.', count, path)
+  return state._replace(trainable=trainable, frozen=frozen)
+
+
 def _global_batches(local: Mapping[str, Mapping[str, np.ndarray]],
                     batch_sharding) -> dict[str, dict[str, jax.Array]]:
   """This process's rows -> global arrays sharded over the batch axes."""
@@ -135,7 +182,9 @@ def _train(config, workdir, mesh, make_data) -> TrainState:
       os.path.join(workdir, 'checkpoints'),
       save_every=config.checkpoint.every, keep=config.checkpoint.keep)
   data_position: dict[str, Any] = {}
-  if checkpointer.latest_step() is not None:
+  if checkpointer.latest_step() is None:
+    state = _init_from(state, config, workdir)
+  else:
     resumed = checkpointer.latest_step()
     state, data_position = checkpointer.restore(
         checkpoint_lib.abstract_like(state))

@@ -43,6 +43,7 @@ class _Data:
 
 def _config(total_steps, every=2):
   config = tiny.get_config('smoke')
+  config.stages, config.init_from = {}, []  # The loop alone, no LM stage.
   config.total_steps = total_steps
   config.log_every = 1
   config.checkpoint.every = every

@@ -8,9 +8,11 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from experiments import tiny
+from flamingo_jax import checkpoint
 from flamingo_jax.data import prepare
 
 STEPS = 20
@@ -92,6 +94,15 @@ def test_kill_and_preemption_resume_bit_exactly(tmp_path):
   text = log.read_text()
   assert 'Resuming from step' in text
   assert uninterrupted.wait(timeout=300) == 0
+
+  # Stage 2 read its frozen LM from stage 1 (the recipe's W/lm).
+  assert 'Initialised 16 parameters from' in text
+  pretrained = checkpoint.load_params(interrupted / 'lm')
+  flamingo = checkpoint.load_params(interrupted)
+  for module in ('lm/embed', 'lm/blocks/block/ffw/hidden'):
+    for name, value in pretrained[module].items():
+      np.testing.assert_array_equal(
+          value.astype(flamingo[module][name].dtype), flamingo[module][name])
 
   final = {r['step']: r for r in _rows(reference)}[STEPS]
   resumed = [r for r in _rows(interrupted) if r['step'] == STEPS][-1]
