@@ -61,7 +61,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.param_rules = list(sharding.FLAMINGO_PARAM_RULES)
   config.compute_dtype = 'float32'  # bf16 buys nothing on a CPU.
 
-  config.total_steps = 1000
+  config.total_steps = 800
   config.log_every = 10
   config.checkpoint = dict(every=100, keep=3)
 
@@ -80,7 +80,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   lm_stage.data.datasets = dict(text=_dataset(
       'world_documents', 'text', 1.0, 16, 128, 1, 1))
   lm_stage.freeze = [('lm/.*', optim.TRAIN), ('.*', optim.FROZEN)]
-  lm_stage.total_steps = 6 if variant == 'smoke' else 800
+  lm_stage.total_steps = 6 if variant == 'smoke' else 300
   config.stages = dict(lm=lm_stage)
   config.init_from = [dict(workdir='lm', include=['lm/.*'], exclude=[])]
   return config
