@@ -142,13 +142,20 @@ def load_params(directory: str, step: Optional[int] = None
   if not os.path.isdir(directory):
     raise FileNotFoundError(f'No checkpoint directory at {directory!r}.')
   manager = ocp.CheckpointManager(
-      os.path.abspath(directory), item_names=('state', 'data'),
+      os.path.abspath(directory),
+      item_handlers={'state': ocp.StandardCheckpointHandler(),
+                     'data': ocp.JsonCheckpointHandler()},
       options=ocp.CheckpointManagerOptions(read_only=True))
   step = manager.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f'No checkpoint in {directory!r}.')
+  # Restore onto this host's first device, whatever topology saved it.
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+      manager.item_metadata(step)['state'].tree)
   restored = manager.restore(
-      step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+      step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
   manager.close()
   state = restored['state']
   params = {}
