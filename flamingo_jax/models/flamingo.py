@@ -22,7 +22,9 @@ the paper's Table 5 (LM / vision / xattn / resampler / total):
 
   | size | this implementation                      | Table 5                  |
   |------|------------------------------------------|--------------------------|
-  | 3B   | see tests/models/test_flamingo.py        | 1.4B/435M/1.2B/194M/3.2B |
+  | 3B   | 1.44B / 435M / 1.16B / 194M / 3.23B      | 1.4B/435M/1.2B/194M/3.2B |
+  | 9B   | 8.99B / 435M / 1.57B / 194M / 11.19B     | 7.1B/435M/1.6B/194M/9.3B |
+  | 80B  | 70.3B / 435M / 8.36B / 194M / 79.3B      | 70B/435M/10B/194M/80B    |
 
 The xattn widths of 9B and 80B are not stated in the paper. Key size 128
 throughout; we use 16 cross-attention heads for 3B and 9B (9B then comes to
