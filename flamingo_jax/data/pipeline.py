@@ -164,8 +164,7 @@ class ExampleLoader:
       example = self._format(chunks, rng)
       if isinstance(example, formatting.Skip):
         return self._skip(example.reason)
-      media_out = np.zeros([spec.max_media, spec.frames, spec.image_size,
-                            spec.image_size, 3], np.uint8)
+      media_out = self._empty_media()  # [N, T, H, W, 3]
       for slot, source_index in enumerate(example['kept_media']):
         if source_index >= 0:
           media_out[slot] = media_array(media[source_index], spec.frames,
@@ -197,11 +196,13 @@ class ExampleLoader:
   def _skip(self, reason: str) -> dict[str, np.ndarray]:
     with self._lock:
       self._skips[reason] += 1
+    empty = formatting.empty_example(self._spec.seq_len, self._spec.max_media)
+    return self._batch_row(empty, self._empty_media())
+
+  def _empty_media(self) -> np.ndarray:  # [N, T, H, W, 3] uint8 zeros
     spec = self._spec
-    empty = formatting.empty_example(spec.seq_len, spec.max_media)
-    media = np.zeros([spec.max_media, spec.frames, spec.image_size,
-                      spec.image_size, 3], np.uint8)
-    return self._batch_row(empty, media)
+    return np.zeros([spec.max_media, spec.frames, spec.image_size,
+                     spec.image_size, 3], np.uint8)
 
   def skips(self) -> dict[str, int]:
     with self._lock:
