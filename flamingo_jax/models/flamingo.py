@@ -47,6 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flamingo_jax.models import decoding
 from flamingo_jax.models import layers
 from flamingo_jax.models import lm as lm_lib
 from flamingo_jax.models import nfnet
@@ -149,6 +150,7 @@ class Flamingo:
     self.positions = xattn_positions(self.lm.num_layers, every, placement,
                                      xattn['xattn_type'])
     self.stop_vision_gradient = config['stop_vision_gradient']
+    self._xattn_memo = None
     encoder = config['vision']['encoder']
     self._mean, self._std = ((IMAGENET_MEAN, IMAGENET_STD)
                              if encoder == 'nfnet' else (CLIP_MEAN, CLIP_STD))
@@ -205,14 +207,10 @@ class Flamingo:
         media_index, media_mask, num_tokens, self.attend)  # [B, L, N*R]
     visual = visual.reshape(batch, num_media * num_tokens, width)  # [B, N*R, D]
     positions = lm_lib.default_positions(tokens)  # [B, L]
-    xattn_stack = stacking.Stack(
-        lambda: xattn_lib.GatedXAttnDense(**self.xattn_kwargs, name='block'),
-        len(self.positions), name='gated_xattn',
-        remat_policy=lm_lib.REMAT_POLICIES[self.lm.remat_policy])
     xattn_args = (visual, mask, positions)
     # Created here, outside the LM's name scope; init only needs the shape.
     stream = jnp.zeros(tokens.shape + (self.lm.width,), visual.dtype)  # [B, L, D]
-    xattn_params = xattn_stack.params(stream, *xattn_args)
+    xattn_stack, xattn_params = self._xattn(stream, *xattn_args)
 
     def trunk(x, lm_blocks, lm_params, positions):
       if self.xattn_kwargs['xattn_type'] == 'grafting':
@@ -224,6 +222,132 @@ class Flamingo:
           inserted_args=xattn_args, positions=self.positions)  # [B, L, D]
 
     return self.lm(tokens, trunk=trunk)  # [B, L, V]
+
+  def _xattn(self, *example_args) -> tuple[stacking.Stack, stacking.Params]:
+    """The xattn stack and its parameters, fetched once per instance.
+
+    `example_args` (a block's inputs) are only read at init.
+    """
+    if self._xattn_memo is None:
+      stack = stacking.Stack(
+          lambda: xattn_lib.GatedXAttnDense(**self.xattn_kwargs, name='block'),
+          len(self.positions), name='gated_xattn',
+          remat_policy=lm_lib.REMAT_POLICIES[self.lm.remat_policy])
+      self._xattn_memo = stack, stack.params(*example_args)
+    return self._xattn_memo
+
+  @property
+  def _grafting(self) -> bool:
+    return self.xattn_kwargs['xattn_type'] == 'grafting'
+
+  def prefill(
+      self,
+      tokens: jax.Array,  # [B, P] int: the prompts, left-padded
+      valid: jax.Array,  # [B, P] bool: False on padding
+      media_index: jax.Array,  # [B, P] int: phi
+      visual: jax.Array,  # [B, N, R, D] from `encode_media`
+      media_mask: jax.Array,  # [B, N] bool
+      capacity: int,  # S >= P: the prompt plus every token to come
+  ) -> tuple[jax.Array, decoding.DecodeState]:  # [B, P, V], state
+    """Runs the prompts and returns their caches (see `models/decoding.py`).
+
+    Each xattn layer computes its keys/values of the visual tokens here,
+    once; `decode_step` reuses them. Apply only: parameters come from
+    `transform(config).init`.
+    """
+    if hk.running_init():
+      raise ValueError('Initialise Flamingo with transform(config).init; '
+                       'generation reuses those parameters.')
+    layers.check_rank(visual, 4, 'visual tokens', '[B, N, R, D]')
+    if tokens.shape[1] > capacity:
+      raise ValueError(f'The prompt ({tokens.shape[1]} tokens) is longer '
+                       f'than the cache capacity ({capacity}).')
+    batch, num_media, num_tokens, width = visual.shape
+    lm = self.lm
+    grafted = None
+    if self._grafting:
+      grafted = decoding.empty_kv(
+          len(self.positions), batch, capacity, self.xattn_kwargs['num_heads'],
+          self.xattn_kwargs['head_size'], visual.dtype)
+    state = decoding.DecodeState(
+        lm=decoding.empty_kv(lm.num_layers, batch, capacity, lm.num_heads,
+                             lm.head_size, visual.dtype),
+        grafted=grafted,
+        cross_kv=None,  # Computed by the prompt's chunk.
+        media_mask=media_mask.astype(bool),
+        key_positions=jnp.zeros([batch, capacity], jnp.int32),
+        key_mask=jnp.zeros([batch, capacity], bool),
+        next_position=jnp.zeros([batch], jnp.int32),
+        index=jnp.zeros([], jnp.int32))
+    flat = visual.reshape(batch, num_media * num_tokens, width)  # [B, M, D]
+    return self._run_chunk(tokens, valid, media_index, state, num_tokens,
+                           visual=flat)
+
+  def decode_step(
+      self,
+      tokens: jax.Array,  # [B, L] int: the next chunk (often one token)
+      valid: jax.Array,  # [B, L] bool: False on padding
+      media_index: jax.Array,  # [B, L] int: phi of each token
+      state: decoding.DecodeState,
+  ) -> tuple[jax.Array, decoding.DecodeState]:  # [B, L, V], next state
+    """The model on the next chunk, reading and extending the caches.
+
+    The logits of every valid token equal those `__call__` gives it in the
+    whole unpadded sequence (tests check this).
+    """
+    if state.cross_kv is None:
+      raise ValueError('decode_step needs the state returned by prefill.')
+    num_media = state.media_mask.shape[1]
+    tokens_per_medium = state.cross_kv.key.shape[2] // num_media
+    return self._run_chunk(tokens, valid, media_index, state,
+                           tokens_per_medium)
+
+  def _run_chunk(self, tokens, valid, media_index, state, tokens_per_medium,
+                 visual=None):
+    layers.check_rank(tokens, 2, 'tokens', '[B, L]')
+    if valid.shape != tokens.shape or media_index.shape != tokens.shape:
+      raise ValueError(
+          f'valid and media_index must have the shape of tokens '
+          f'{tuple(tokens.shape)}; got {tuple(valid.shape)} and '
+          f'{tuple(media_index.shape)}.')
+    if state.capacity < tokens.shape[1]:
+      raise ValueError(f'A chunk of {tokens.shape[1]} tokens does not fit '
+                       f'a cache of capacity {state.capacity}.')
+    valid = valid.astype(bool)
+    positions, view = decoding.begin_chunk(state, valid)  # [B, L]
+    mask = xattn_lib.cross_attention_mask(
+        media_index, state.media_mask, tokens_per_medium, self.attend)  # [B, L, M]
+    xattn_stack, xattn_params = self._xattn()  # Apply only: fetched.
+    xattn_args = (visual, mask, positions, view)
+    xattn_per_layer = {}
+    if visual is None:
+      xattn_per_layer['cross_kv'] = state.cross_kv
+    if self._grafting:
+      xattn_per_layer['cache'] = state.grafted
+
+    def trunk(x, lm_blocks, lm_params, positions):
+      main_per_layer = {'cache': state.lm}
+      if self._grafting:
+        x, lm_chunk = lm_blocks.scan(lm_params, x, positions, view,
+                                     per_layer=main_per_layer)  # [B, L, D]
+        x, updates = xattn_stack.scan(xattn_params, x, *xattn_args,
+                                      per_layer=xattn_per_layer)  # [B, L, D]
+        return x, (lm_chunk, updates)
+      x, lm_chunk, updates = stacking.interleave(
+          x, main=lm_blocks, main_params=lm_params,
+          main_args=(positions, view), main_per_layer=main_per_layer,
+          inserted=xattn_stack, inserted_params=xattn_params,
+          inserted_args=xattn_args, inserted_per_layer=xattn_per_layer,
+          positions=self.positions)  # [B, L, D]
+      return x, (lm_chunk, updates)
+
+    logits, (lm_chunk, updates) = self.lm(tokens, trunk=trunk,
+                                          positions=positions)  # [B, L, V]
+    state = decoding.end_chunk(state, view, valid, lm_chunk,
+                               updates.get('cache'))
+    if 'cross_kv' in updates:
+      state = state._replace(cross_kv=updates['cross_kv'])
+    return logits, state
 
 
 # The paper's sizes (Table 4). Components are named by their own tables.

@@ -94,19 +94,26 @@ class MultiHeadAttention(hk.Module):
   def __call__(
       self,
       inputs_q: jax.Array,  # [B, T, D]
-      inputs_kv: jax.Array,  # [B, S, Dkv]
+      inputs_kv: Optional[jax.Array],  # [B, S, Dkv]
       mask: Optional[jax.Array] = None,  # bool, broadcastable to [B, H, T, S]
-  ) -> jax.Array:  # [B, T, output_size or D]
+      *,
+      key_value: Optional[tuple[jax.Array, jax.Array]] = None,
+      return_key_value: bool = False,
+  ):  # -> [B, T, output_size or D], and the keys/values if asked
+    """Attends from `inputs_q` to `inputs_kv`, or to given `key_value`
+    ([B, S, H, K] each, as returned with `return_key_value`: for caching)."""
     check_rank(inputs_q, 3, 'attention queries', '[B, T, D]')
-    check_rank(inputs_kv, 3, 'attention keys/values', '[B, S, Dkv]')
     q = self._project(inputs_q, 'query')  # [B, T, H, K]
-    k = self._project(inputs_kv, 'key')  # [B, S, H, K]
-    v = self._project(inputs_kv, 'value')  # [B, S, H, K]
-    attended = dot_product_attention(q, k, v, mask)  # [B, T, H, K]
+    if key_value is None:
+      check_rank(inputs_kv, 3, 'attention keys/values', '[B, S, Dkv]')
+      key_value = (self._project(inputs_kv, 'key'),
+                   self._project(inputs_kv, 'value'))  # [B, S, H, K]
+    attended = dot_product_attention(q, *key_value, mask)  # [B, T, H, K]
     attended = attended.reshape(*attended.shape[:-2], -1)  # [B, T, H*K]
     output_size = self.output_size or inputs_q.shape[-1]
-    return hk.Linear(output_size, with_bias=self.with_bias,
-                     name='output')(attended)  # [B, T, D]
+    out = hk.Linear(output_size, with_bias=self.with_bias,
+                    name='output')(attended)  # [B, T, D]
+    return (out, key_value) if return_key_value else out
 
 
 class FeedForward(hk.Module):

@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flamingo_jax.models import decoding
 from flamingo_jax.models import layers
 from flamingo_jax.models import stacking
 
@@ -90,7 +91,16 @@ class RelativeSelfAttention(hk.Module):
       self,
       x: jax.Array,  # [B, L, D]
       positions: jax.Array,  # [B, L] int
-  ) -> jax.Array:  # [B, L, D]
+      view: Optional[decoding.CacheView] = None,
+      *,
+      cache: Optional[decoding.KVCache] = None,  # [B, S, H, K] each
+  ):  # -> [B, L, D], or ([B, L, D], this chunk's KVCache) with a cache
+    """Without a cache, the keys are the queries' own tokens (S = L).
+
+    With one (generation), the keys are the cache's slots with this chunk
+    written in at `view.index`; the chunk's own keys/values are returned for
+    the caller to store.
+    """
     width = x.shape[-1]
     q = self._project(x, 'query')  # [B, L, H, K]
     k = self._project(x, 'key')  # [B, L, H, K]
@@ -99,11 +109,19 @@ class RelativeSelfAttention(hk.Module):
     content_bias = hk.get_parameter('content_bias', bias_shape, init=jnp.zeros)
     position_bias = hk.get_parameter('position_bias', bias_shape,
                                      init=jnp.zeros)
+    key_positions, key_mask, chunk = positions, None, None
+    if cache is not None:
+      chunk = decoding.KVCache(k, v)
+      k = decoding.write(cache.key, k, view.index, axis=1)  # [B, S, H, K]
+      v = decoding.write(cache.value, v, view.index, axis=1)  # [B, S, H, K]
+      key_positions, key_mask = view.key_positions, view.key_mask
 
     # Relative offsets pos_t - pos_s; the causal mask keeps offsets >= 0.
-    offsets = positions[:, :, None] - positions[:, None, :]  # [B, L, S]
-    mask = (offsets >= 0)[:, None]  # [B, 1, L, S]
-    num_offsets = x.shape[1]
+    offsets = positions[:, :, None] - key_positions[:, None, :]  # [B, L, S]
+    mask = offsets >= 0  # [B, L, S]
+    if key_mask is not None:
+      mask = mask & key_mask[:, None, :]  # [B, L, S]
+    num_offsets = k.shape[1]
     rel = sinusoid_encoding(jnp.arange(num_offsets), width).astype(x.dtype)  # [O, D]
     rel_k = self._project(rel, 'relative_key')  # [O, H, K]
     pos_logits = jnp.einsum('blhk,ohk->bhlo', q + position_bias, rel_k)  # [B, H, L, O]
@@ -112,10 +130,11 @@ class RelativeSelfAttention(hk.Module):
     pos_logits = jnp.take_along_axis(pos_logits, index, axis=-1)  # [B, H, L, S]
 
     attended = layers.dot_product_attention(
-        q + content_bias, k, v, mask,
+        q + content_bias, k, v, mask[:, None],
         logit_bias=pos_logits * self.head_size**-0.5)  # [B, L, H, K]
     attended = attended.reshape(*attended.shape[:-2], -1)  # [B, L, H*K]
-    return hk.Linear(width, with_bias=False, name='output')(attended)  # [B, L, D]
+    out = hk.Linear(width, with_bias=False, name='output')(attended)  # [B, L, D]
+    return out if cache is None else (out, chunk)
 
 
 @dataclasses.dataclass
@@ -132,13 +151,22 @@ class DecoderBlock(hk.Module):
       self,
       x: jax.Array,  # [B, L, D]
       positions: jax.Array,  # [B, L]
-  ) -> jax.Array:  # [B, L, D]
+      view: Optional[decoding.CacheView] = None,
+      *,
+      cache: Optional[decoding.KVCache] = None,
+  ):  # -> [B, L, D], or ([B, L, D], KVCache of the chunk) with a cache
     h = hk.RMSNorm(axis=-1, name='attention_norm')(x)  # [B, L, D]
-    x = x + RelativeSelfAttention(self.num_heads, self.head_size,
-                                  name='self_attention')(h, positions)  # [B, L, D]
+    attention = RelativeSelfAttention(self.num_heads, self.head_size,
+                                      name='self_attention')
+    if cache is None:
+      attended, chunk = attention(h, positions), None  # [B, L, D]
+    else:
+      attended, chunk = attention(h, positions, view, cache=cache)  # [B, L, D]
+    x = x + attended  # [B, L, D]
     h = hk.RMSNorm(axis=-1, name='ffw_norm')(x)  # [B, L, D]
     ffw = layers.FeedForward(self.ffw_multiplier, self.activation, name='ffw')
-    return x + ffw(h)  # [B, L, D]
+    x = x + ffw(h)  # [B, L, D]
+    return x if cache is None else (x, chunk)
 
 
 @dataclasses.dataclass
@@ -200,30 +228,45 @@ class DecoderLM(hk.Module):
 
   @hk.transparent
   def block_params(self, x: jax.Array, positions: jax.Array) -> stacking.Params:
-    """The blocks' parameters, [N, ...] (created at init)."""
-    return self.blocks().params(x, positions)
+    """The blocks' parameters, [N, ...] (created at init).
+
+    Fetched once per module instance, so that calling the LM twice in one
+    transform (a prompt, then the next token) reuses the same parameters.
+    """
+    if getattr(self, '_block_params', None) is None:
+      self._block_params = self.blocks().params(x, positions)
+    return self._block_params
 
   def __call__(
       self,
       tokens: jax.Array,  # [B, L]
       trunk: Optional[TrunkFn] = None,
-  ) -> jax.Array:  # [B, L, V]
+      *,
+      positions: Optional[jax.Array] = None,  # [B, L]; default 0..L-1
+  ):  # -> [B, L, V], or ([B, L, V], aux) if the trunk returns (x, aux)
     """Embeds, runs the blocks, unembeds.
 
     Alone, this is the frozen LM (what Flamingo reduces to with closed gates).
     `trunk(x, blocks, block_params, positions) -> x` replaces the plain scan
     over the blocks; Flamingo passes one that interleaves its cross-attention.
     It runs inside this module's name scope: create other parameters outside.
+    A trunk may return `(x, aux)` (caches, in generation); `aux` is then
+    returned with the logits.
     """
     x = self.embed(tokens)  # [B, L, D]
-    positions = default_positions(tokens)  # [B, L]
+    if positions is None:
+      positions = default_positions(tokens)  # [B, L]
     params = self.block_params(x, positions)
     blocks = self.blocks()
+    aux = None
     if trunk is None:
       x = blocks.scan(params, x, positions)  # [B, L, D]
     else:
       x = trunk(x, blocks, params, positions)  # [B, L, D]
-    return self.unembed(x)  # [B, L, V]
+      if isinstance(x, tuple):
+        x, aux = x
+    logits = self.unembed(x)  # [B, L, V]
+    return logits if aux is None else (logits, aux)
 
 
 def default_positions(tokens: jax.Array) -> jax.Array:

@@ -43,38 +43,60 @@ class Stack:
   `(h, *args) -> h`; its parameter paths are prefixed with `name`. Call
   `params(...)` inside a Haiku transform: at init it creates the stacked
   parameters, at apply it fetches them.
+
+  For generation, a layer also takes per-layer keyword inputs (its cache) and
+  then returns `(h, per-layer output)`; see `scan(..., per_layer=...)`.
   """
 
   def __init__(self, make_layer: Callable[[], Callable[..., jax.Array]],
                num_layers: int, name: str,
                remat_policy: Optional[Callable[..., bool]] = None):
-    self._layer = hk.transform(lambda *args: make_layer()(*args))
+    self._layer = hk.transform(
+        lambda *args, **kwargs: make_layer()(*args, **kwargs))
     self.num_layers = num_layers
     self.name = name
     self._remat_policy = remat_policy
 
-  def params(self, h: jax.Array, *args: Any) -> Params:
-    init = jax.vmap(self._layer.init,
-                    in_axes=(0, None) + (None,) * len(args))
-    keys = hk.next_rng_keys(self.num_layers) if hk.running_init() else None
-    return hk.lift(init, name=self.name)(keys, h, *args)
+  def params(self, *example_inputs: Any) -> Params:
+    """The stacked parameters: created at init from example inputs
+    `(h, *args)` of one layer; fetched at apply (inputs not needed)."""
+    keys = None
+    if hk.running_init():
+      if not example_inputs:
+        raise ValueError(f'Creating the parameters of {self.name!r} needs '
+                         'example inputs of one layer.')
+      keys = hk.next_rng_keys(self.num_layers)
+    num_args = max(len(example_inputs) - 1, 0)
+    init = jax.vmap(self._layer.init, in_axes=(0, None) + (None,) * num_args)
+    return hk.lift(init, name=self.name)(keys, *example_inputs)
 
-  def apply_one(self, params: Params, h: jax.Array, *args: Any) -> jax.Array:
+  def apply_one(self, params: Params, h: jax.Array, *args: Any,
+                **kwargs: Any) -> Any:
     """Applies one copy (parameters without the stack axis)."""
-    return self._layer.apply(params, None, h, *args)
+    return self._layer.apply(params, None, h, *args, **kwargs)
 
-  def scan(self, params: Params, h: jax.Array, *args: Any) -> jax.Array:
-    """Applies the copies in `params` ([n, ...], any n >= 0) in order."""
-    num = jax.tree.leaves(params)[0].shape[0]
-    if num == 0:
+  def scan(self, params: Params, h: jax.Array, *args: Any,
+           per_layer: Optional[dict[str, Any]] = None) -> Any:
+    """Applies the copies in `params` ([n, ...], any n >= 0) in order.
+
+    `args` go to every copy. With `per_layer` (keyword inputs with a leading
+    [n] axis, e.g. caches), copy i gets slice i of each and returns
+    `(h, out_i)`; this returns `(h, outs)`, the outs stacked [n, ...].
+    """
+    if per_layer is None:
+      if jax.tree.leaves(params)[0].shape[0] == 0:
+        return h
+      h, _ = jax.lax.scan(self._scan_body(args), h, params)  # [B, L, D]
       return h
-    body = self._scan_body(args)
-    h, _ = jax.lax.scan(body, h, params)  # [B, L, D]
-    return h
+    body = self._scan_body(args, with_outputs=True)
+    return jax.lax.scan(body, h, (params, per_layer))  # [B, L, D], [n, ...]
 
-  def _scan_body(self, args):
-    def body(h, layer_params):
-      return self.apply_one(layer_params, h, *args), None
+  def _scan_body(self, args, with_outputs=False):
+    def body(h, xs):
+      if with_outputs:
+        layer_params, kwargs = xs
+        return self.apply_one(layer_params, h, *args, **kwargs)
+      return self.apply_one(xs, h, *args), None
     if self._remat_policy is not None:
       body = jax.checkpoint(body, policy=self._remat_policy)
     return body
@@ -96,13 +118,19 @@ def interleave(
     inserted_params: Params,  # [len(positions), ...]
     inserted_args: Sequence[Any],
     positions: Sequence[int],
-) -> jax.Array:  # [B, L, D]
+    main_per_layer: Optional[dict[str, Any]] = None,  # [num_main, ...]
+    inserted_per_layer: Optional[dict[str, Any]] = None,  # [len(positions), ...]
+) -> Any:  # [B, L, D], or (h, main outs, inserted outs)
   """Runs `main`, with inserted layer j placed before main layer positions[j].
 
   Consecutive groups (one inserted layer, then the main layers up to the next
   insertion) of equal length are scanned together; a regular placement such as
   every 7th of 80 layers therefore compiles as one scan of 11 groups of 7 and
   one group of 3.
+
+  With `main_per_layer` / `inserted_per_layer` (generation: per-layer caches,
+  see `Stack.scan`), every layer returns `(h, out)` and this returns
+  `(h, main_outs, inserted_outs)`, each stacked in layer order.
   """
   if list(positions) != sorted(set(positions)) or not positions:
     raise ValueError(f'Insertion positions must be sorted, unique and '
@@ -111,14 +139,28 @@ def interleave(
   if positions[-1] >= num_main or positions[0] < 0:
     raise ValueError(f'Insertion positions {positions} out of range for '
                      f'{num_main} layers.')
+  stateful = main_per_layer is not None or inserted_per_layer is not None
+  main_xs = (main_params, main_per_layer or {})
+  inserted_xs = (inserted_params, inserted_per_layer or {})
   first, lengths = _segments(num_main, positions)
-  h = main.scan(tree_slice(main_params, 0, first), h, *main_args)  # [B, L, D]
 
-  def group(h, group_params):
-    ins_params, layer_params = group_params
-    h = inserted.apply_one(ins_params, h, *inserted_args)  # [B, L, D]
-    return main.scan(layer_params, h, *main_args), None
+  def run_main(h, xs):
+    if stateful:
+      return main.scan(xs[0], h, *main_args, per_layer=xs[1])
+    return main.scan(xs[0], h, *main_args), None
 
+  def group(h, xs):
+    (ins_params, ins_kwargs), layer_xs = xs
+    if stateful:
+      h, ins_out = inserted.apply_one(ins_params, h, *inserted_args,
+                                      **ins_kwargs)  # [B, L, D]
+    else:
+      h, ins_out = inserted.apply_one(ins_params, h, *inserted_args), None
+    h, main_out = run_main(h, layer_xs)  # [B, L, D]
+    return h, (ins_out, main_out)
+
+  h, out = run_main(h, tree_slice(main_xs, 0, first))  # [B, L, D]
+  main_outs, inserted_outs = [out], []
   group_index, layer_index = 0, first
   while group_index < len(lengths):
     length = lengths[group_index]
@@ -126,10 +168,24 @@ def interleave(
     while (group_index + run < len(lengths)
            and lengths[group_index + run] == length):
       run += 1
-    ins = tree_slice(inserted_params, group_index, group_index + run)
+    ins = tree_slice(inserted_xs, group_index, group_index + run)
     layers = _tree_group(
-        tree_slice(main_params, layer_index, layer_index + run * length), run)
-    h, _ = jax.lax.scan(group, h, (ins, layers))  # [B, L, D]
+        tree_slice(main_xs, layer_index, layer_index + run * length), run)
+    h, (ins_out, main_out) = jax.lax.scan(group, h, (ins, layers))  # [B, L, D]
+    inserted_outs.append(ins_out)
+    main_outs.append(_tree_ungroup(main_out))
     group_index += run
     layer_index += run * length
-  return h
+  if not stateful:
+    return h
+  return h, _tree_concat(main_outs), _tree_concat(inserted_outs)
+
+
+def _tree_ungroup(tree: Any) -> Any:
+  """[G, n, ...] -> [G*n, ...] on every leaf."""
+  return jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), tree)
+
+
+def _tree_concat(trees: Sequence[Any]) -> Any:
+  """Leaf-wise concatenation along the layer axis."""
+  return jax.tree.map(lambda *xs: jax.numpy.concatenate(xs), *trees)

@@ -42,6 +42,7 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 
+from flamingo_jax.models import decoding
 from flamingo_jax.models import layers
 from flamingo_jax.models import lm as lm_lib
 
@@ -100,23 +101,46 @@ class GatedXAttnDense(hk.Module):
   def __call__(
       self,
       y: jax.Array,  # [B, L, D]
-      visual: jax.Array,  # [B, M, Dv]
+      visual: Optional[jax.Array],  # [B, M, Dv]; None with `cross_kv`
       mask: jax.Array,  # [B, L, M] bool
       positions: jax.Array,  # [B, L] (used by the grafting self-attention)
-  ) -> jax.Array:  # [B, L, D]
+      view: Optional[decoding.CacheView] = None,
+      *,
+      cross_kv: Optional[decoding.KVCache] = None,  # [B, M, H, K] each
+      cache: Optional[decoding.KVCache] = None,  # [B, S, H, K] (grafting)
+  ):  # -> [B, L, D]; with a view: ([B, L, D], dict of cache updates)
+    """One block.
+
+    With a `view` (generation) it also returns what to cache: the visual
+    tokens' keys/values as 'cross_kv' when it computed them (the prompt's
+    chunk), and the grafting self-attention's chunk as 'cache'. Later chunks
+    pass `cross_kv` instead of `visual`.
+    """
     self._check_options()
+    updates = {}
     if self.xattn_type == 'grafting':
       h = hk.RMSNorm(axis=-1, name='self_attention_norm')(y)  # [B, L, D]
-      y = y + lm_lib.RelativeSelfAttention(
-          self.num_heads, self.head_size, name='self_attention')(h, positions)  # [B, L, D]
+      attention = lm_lib.RelativeSelfAttention(
+          self.num_heads, self.head_size, name='self_attention')
+      if view is None:
+        attended = attention(h, positions)  # [B, L, D]
+      else:
+        attended, updates['cache'] = attention(h, positions, view, cache=cache)  # [B, L, D]
+      y = y + attended  # [B, L, D]
     queries = layers.layer_norm('query_norm')(y)  # [B, L, D]
-    keys = layers.layer_norm('visual_norm')(visual)  # [B, M, Dv]
-    attention = layers.MultiHeadAttention(
-        self.num_heads, self.head_size, name='cross_attention')
-    attended = attention(queries, keys, mask[:, None])  # [B, L, D]
+    keys = None
+    if cross_kv is None:
+      keys = layers.layer_norm('visual_norm')(visual)  # [B, M, Dv]
+    attention = layers.MultiHeadAttention(self.num_heads, self.head_size,
+                                          name='cross_attention')
+    attended, key_value = attention(
+        queries, keys, mask[:, None], key_value=cross_kv,
+        return_key_value=True)  # [B, L, D]
+    if cross_kv is None:
+      updates['cross_kv'] = decoding.KVCache(*key_value)  # [B, M, H, K]
     y = y + self._gate('attn_gate').astype(y.dtype) * attended  # [B, L, D]
-    if self.xattn_type == 'vanilla_xattn':
-      return y
-    ffw = layers.FeedForward(self.ffw_multiplier, 'squared_relu', name='ffw')
-    dense = ffw(layers.layer_norm('ffw_norm')(y))  # [B, L, D]
-    return y + self._gate('ffw_gate').astype(y.dtype) * dense  # [B, L, D]
+    if self.xattn_type != 'vanilla_xattn':
+      ffw = layers.FeedForward(self.ffw_multiplier, 'squared_relu', name='ffw')
+      dense = ffw(layers.layer_norm('ffw_norm')(y))  # [B, L, D]
+      y = y + self._gate('ffw_gate').astype(y.dtype) * dense  # [B, L, D]
+    return y if view is None else (y, updates)

@@ -1,0 +1,1 @@
+"""Generation, scoring and prompts for trained Flamingo models."""
