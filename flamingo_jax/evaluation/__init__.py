@@ -1,0 +1,1 @@
+"""Evaluation: metrics of the few-shot benchmarks and their runners."""
