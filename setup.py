@@ -4,6 +4,7 @@ import setuptools
 
 INSTALL_REQUIRES = [
     'absl-py',
+    'av',  # PyAV (FFmpeg): decodes videos in flamingo_jax.data.formats.
     'chex',
     'clu',
     'dm-haiku==0.0.17',  # Without the [jax] extra: jax is pinned below.
@@ -23,7 +24,9 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS_REQUIRE = {
-    'test': ['pytest', 'pytest-xdist'],
+    # pycocoevalcap: the reference CIDEr implementation the metric tests
+    # compare against (pure Python; its tokenizer test also needs Java).
+    'test': ['pytest', 'pytest-xdist', 'pycocoevalcap'],
 }
 
 setuptools.setup(

@@ -299,8 +299,19 @@ def dataset_specs(config: ml_collections.ConfigDict
 
 def open_source(spec: ml_collections.ConfigDict, data_dir: str,
                 sizes: str = 'default'):
-  """A random-access data source for `spec.builder`/`spec.split`."""
-  from flamingo_jax.data import world  # pylint: disable=g-import-not-at-top
+  """A random-access data source for `spec.builder`/`spec.split`.
+
+  A builder that is not the embedded world's ('world_...') is a dataset
+  prepared by `flamingo_jax.data.formats` ('<format>/<name>'), read from
+  `spec.data_dir` when the spec has one, else from `data_dir`.
+  """
+  # pylint: disable=g-import-not-at-top
+  if not spec.builder.startswith('world_'):
+    from flamingo_jax.data import formats
+    return formats.open_source(spec.builder, spec.get('data_dir') or data_dir,
+                               spec.split)
+  from flamingo_jax.data import world
+  # pylint: enable=g-import-not-at-top
   builder = world.make_builder(spec.builder, data_dir, sizes, spec.image_size)
   if not builder.is_prepared():
     raise FileNotFoundError(

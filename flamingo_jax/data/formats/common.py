@@ -1,0 +1,268 @@
+"""What every format builder shares: images, statistics, the base class.
+
+A builder turns its source into *records* (one per would-be example, cheap:
+paths and text) and each record into an example with `make_example`, which
+raises `BadInput(reason, message)` for data that cannot be used. The base
+class runs `make_example` on a thread pool (reading files and decoding
+images and videos release the GIL), keeps the source order, and either
+raises (`on_error='raise'`) or skips the record and counts it under
+`reason` (`on_error='skip'`). The counts of every split are logged, stored
+in the prepared dataset's metadata (`builder.info.metadata['statistics']`,
+i.e. `metadata.json` next to the records) and returned by `formats.build`.
+"""
+
+from collections.abc import Callable, Iterable, Iterator, Mapping
+import collections
+import concurrent.futures
+import dataclasses
+import io
+import os
+import time
+from typing import Any, ClassVar
+
+from absl import logging
+from etils import epath
+from PIL import Image
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from flamingo_jax.data.formats import files
+
+VERSION = tfds.core.Version('1.0.0')
+RELEASE_NOTES = {'1.0.0': 'First release of the local-format builders.'}
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.webp', '.bmp', '.gif', '.tif',
+                    '.tiff')
+ON_ERROR = ('skip', 'raise')
+MAX_WORKERS = 16
+PROGRESS_SECONDS = 10.0
+# Formats stored as they are; other images are re-encoded (see load_image).
+_KEPT_FORMATS = {'JPEG': 'jpeg', 'PNG': 'png'}
+
+
+class BadInput(Exception):
+  """A record that cannot become an example; `reason` is its counter name."""
+
+  def __init__(self, reason: str, message: str):
+    super().__init__(message)
+    self.reason = reason
+
+
+# --------------------------------------------------------------- images --
+
+
+def encode_image(image: Image.Image, image_format: str) -> bytes:
+  buffer = io.BytesIO()
+  if image_format == 'jpeg':
+    image.save(buffer, format='JPEG', quality=95)
+  else:
+    image.save(buffer, format='PNG')
+  return buffer.getvalue()
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+  if image.mode in ('RGBA', 'LA', 'PA') or (
+      image.mode == 'P' and 'transparency' in image.info):
+    image = image.convert('RGBA')
+    background = Image.new('RGBA', image.size, (255, 255, 255, 255))
+    return Image.alpha_composite(background, image).convert('RGB')
+  return image.convert('RGB')
+
+
+def load_image(data: bytes, where: str, max_size: int | None = None) -> bytes:
+  """Checks that `data` is a decodable image; returns what to store.
+
+  JPEG and PNG images in RGB are stored as they are. Others (grey, CMYK,
+  transparent, WebP, GIF, ...) are converted to RGB (transparency over white)
+  and stored as PNG; with `max_size`, an image whose longer side exceeds it
+  is shrunk to it (aspect kept) and stored as JPEG (quality 95) or PNG, as
+  its source was.
+
+  Raises:
+    BadInput: 'corrupt_image' when Pillow cannot decode all of it.
+  """
+  try:
+    with Image.open(io.BytesIO(data)) as image:
+      image.load()  # Decodes everything: truncated files fail here.
+      kept = _KEPT_FORMATS.get(image.format)
+      too_big = max_size is not None and max(image.size) > max_size
+      if kept and image.mode == 'RGB' and not too_big:
+        return data
+      rgb = _to_rgb(image)
+  except Exception as e:  # pylint: disable=broad-except  # PIL raises many.
+    raise BadInput('corrupt_image', f'{where}: cannot decode the image '
+                   f'({len(data)} bytes): {e}') from e
+  if too_big:
+    scale = max_size / max(rgb.size)
+    size = tuple(max(1, round(side * scale)) for side in rgb.size)
+    rgb = rgb.resize(size, Image.BICUBIC)
+  return encode_image(rgb, 'jpeg' if too_big and kept == 'jpeg' else 'png')
+
+
+def load_image_file(path: str, max_size: int | None = None) -> bytes:
+  """load_image of a file; BadInput('missing_image') when it is absent."""
+  try:
+    data = files.read_bytes(path)
+  except (tf.errors.NotFoundError, FileNotFoundError) as e:
+    raise BadInput('missing_image', f'Image file {path} does not exist.') from e
+  return load_image(data, path, max_size)
+
+
+def caption_text(value: Any, where: str) -> str:
+  """A stripped caption; BadInput('empty_caption') when there is none."""
+  text = '' if value is None else str(value).strip()
+  if not text:
+    raise BadInput('empty_caption', f'{where}: empty caption.')
+  return text
+
+
+# ---------------------------------------------------------- the builder --
+
+
+@dataclasses.dataclass(eq=False)
+class FormatConfig(tfds.core.BuilderConfig):
+  """Where the data is and how to read it: one prepared dataset per config.
+
+  Attributes:
+    source: the input: a path (a file, a directory or a glob; local or
+      gs://) or, for the training formats, {split: path}.
+    on_error: 'skip' (count unusable records, log and store the counts) or
+      'raise' (stop at the first, naming its file).
+    max_image_size: shrink stored images (and frames) whose longer side is
+      larger; None keeps their size.
+  """
+  source: Any = None
+  on_error: str = 'skip'
+  max_image_size: int | None = None
+
+  def __post_init__(self):
+    if not self.source:
+      raise ValueError('A source path is required.')
+    if self.on_error not in ON_ERROR:
+      raise ValueError(f'on_error must be one of {ON_ERROR}; got '
+                       f'{self.on_error!r}.')
+
+  def options(self) -> dict[str, Any]:
+    """The fields that determine the data (stored in the metadata)."""
+    base = {f.name for f in dataclasses.fields(tfds.core.BuilderConfig)}
+    return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+            if f.name not in base}
+
+
+class FormatBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """Records -> examples, in parallel and in order, with statistics."""
+
+  VERSION = VERSION
+  RELEASE_NOTES = RELEASE_NOTES
+  CONFIG_CLASS: ClassVar[type[FormatConfig]] = FormatConfig
+  DESCRIPTION: ClassVar[str] = ''
+
+  num_workers: int | None = None  # Threads; None: the CPUs, up to 16.
+  log: Callable[[str], None] = staticmethod(logging.info)
+
+  @tfds.core.utils.classproperty
+  @classmethod
+  def code_path(cls) -> epath.Path:  # TFDS' own needs importlib_resources.
+    return epath.Path(__file__)
+
+  def features(self) -> dict[str, Any]:
+    """The feature specs besides 'id' (int64) and 'source' (text)."""
+    raise NotImplementedError
+
+  def split_records(self) -> Mapping[str, Iterable[Any]]:
+    """{split: records}; records are cheap (paths, text), made lazily."""
+    raise NotImplementedError
+
+  def make_example(self, record: Any) -> tuple[str, dict[str, Any]]:
+    """(unique source key, example) or raises BadInput.
+
+    The example may set 'id' (default: the record's position) and
+    '_counts' ({counter: n} added to the split's statistics).
+    """
+    raise NotImplementedError
+
+  def metadata(self) -> dict[str, Any]:
+    """Further metadata to store with the dataset."""
+    return {}
+
+  def split_sources(self) -> dict[str, str]:
+    """{split: path} of a training format: a plain source is 'train'."""
+    source = self.builder_config.source
+    if isinstance(source, Mapping):
+      return {str(split): str(path) for split, path in source.items()}
+    return {'train': str(source)}
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    config = self.builder_config
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description=f'{self.DESCRIPTION} Read from {config.source} by '
+                    'flamingo_jax.data.formats.',
+        features=tfds.features.FeaturesDict(
+            {**self.features(), 'id': tf.int64,
+             'source': tfds.features.Text()}),
+        metadata=tfds.core.MetadataDict(
+            format=self.name, options=jsonable(config.options()),
+            statistics={}, **self.metadata()),
+    )
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # Everything is local (or on gs://).
+    return {split: self._generate_examples(split, records)
+            for split, records in self.split_records().items()}
+
+  def _generate_examples(self, split: str, records: Iterable[Any]):
+    counts = collections.Counter()
+    start = last_log = time.perf_counter()
+    workers = self.num_workers or min(MAX_WORKERS, os.cpu_count() or 1)
+    for index, (_, result) in enumerate(
+        ordered_map(self.make_example, records, workers)):
+      try:
+        key, example = result.result()
+      except BadInput as e:
+        if self.builder_config.on_error == 'raise':
+          raise ValueError(f'{e} (on_error="raise"; pass on_error="skip" '
+                           'to skip and count such records).') from e
+        counts[f'skipped/{e.reason}'] += 1
+        logging.log_every_n_seconds(logging.WARNING, 'Skipping (%s): %s', 5,
+                                    e.reason, e)
+        continue
+      counts['examples'] += 1
+      counts.update(example.pop('_counts', None) or {})
+      yield key, {**example, 'id': example.get('id', index), 'source': key}
+      if time.perf_counter() - last_log > PROGRESS_SECONDS:
+        last_log = time.perf_counter()
+        self._log_progress(split, counts, last_log - start)
+    self._log_progress(split, counts, time.perf_counter() - start)
+    if not counts['examples']:
+      raise ValueError(f'Split {split!r} of {self.name} from '
+                       f'{self.builder_config.source} has no usable example '
+                       f'(statistics: {dict(counts)}).')
+    self.info.metadata['statistics'][split] = dict(counts)
+
+  def _log_progress(self, split, counts, seconds):
+    others = ''.join(f', {k} {v}' for k, v in sorted(counts.items())
+                     if k != 'examples')
+    self.log(f'{self.name}/{self.builder_config.name} {split}: '
+             f'{counts["examples"]} examples{others} ({seconds:.0f} s)')
+
+
+def ordered_map(fn: Callable[[Any], Any], items: Iterable[Any], workers: int
+                ) -> Iterator[tuple[Any, concurrent.futures.Future]]:
+  """(item, future of fn(item)) in the order of `items`, `workers` at a time."""
+  with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
+    pending = collections.deque()
+    for item in items:
+      pending.append((item, pool.submit(fn, item)))
+      if len(pending) >= 4 * workers:
+        yield pending.popleft()
+    while pending:
+      yield pending.popleft()
+
+
+def jsonable(value: Any) -> Any:
+  """Options as JSON values (tuples -> lists, mappings -> dicts)."""
+  if isinstance(value, Mapping):
+    return {str(k): jsonable(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [jsonable(v) for v in value]
+  return value

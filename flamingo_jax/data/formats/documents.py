@@ -1,0 +1,257 @@
+"""Interleaved image-text documents (M3W-like) from JSONL: `interleaved_jsonl`.
+
+One document per line, in either of two shapes:
+
+  OBELICS-like (the documented one): aligned lists, each position holding
+  exactly one of a text and an image reference:
+    {"texts": ["Pets!", null, "My dog."], "images": [null, "dog.jpg", null]}
+  MMC4: sentences, and images placed before the sentence they match:
+    {"text_list": ["Pets!", "My dog."],
+     "image_info": [{"image_name": "dog.jpg", "matched_text_index": 1}]}
+
+Other fields (url, metadata, similarity scores, ...) are ignored. Image
+references are looked up, in order, (1) as member names (full, then the
+base name) of the tar shards given by `image_shards` (a glob), or else of
+the uncompressed tar next to the JSONL with its stem (`docs-0001.jsonl` ->
+`docs-0001.tar`) if there is one; (2) as files, relative to `image_dir`
+(default: the JSONL's directory) unless absolute or gs://.
+
+The example has the embedded world's document features: `images` (encoded
+as they were, see `common.load_image`) and `chunks` [{'text', 'image'}]
+with image = -1 for text, text = '' for an image. Consecutive texts are
+joined with `text_separator`, stripped, and a text after an image starts
+with one space (as the world's documents do).
+
+Bad input (counted under 'skipped/<reason>' with on_error='skip', the
+default; an error naming file:line with 'raise'):
+  too_many_images  more than `max_images` images: the document is skipped,
+                   never truncated (its text would refer to lost images);
+  too_few_images   fewer than `min_images` (default 1) usable images;
+  no_text          no non-blank text;
+  missing_image, corrupt_image  an image that is absent or cannot be
+                   decoded: the document is skipped (on_bad_image=
+                   'skip_document', the default) or the image alone is
+                   dropped and counted as 'dropped_image/<reason>'
+                   (on_bad_image='drop_image').
+A line that is not JSON or fits neither shape is always an error naming
+file:line: it means a wrong file or schema, not a dirty record.
+"""
+
+import collections
+import dataclasses
+import functools
+import os
+import posixpath
+import re
+import tarfile
+import threading
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from flamingo_jax.data.formats import common
+from flamingo_jax.data.formats import files
+
+ON_BAD_IMAGE = ('skip_document', 'drop_image')
+JSONL_EXTENSIONS = ('.jsonl', '.jsonl.gz')
+
+
+@dataclasses.dataclass(eq=False)
+class DocumentsConfig(common.FormatConfig):
+  """Interleaved JSONL options (see the module docstring).
+
+  Attributes:
+    image_dir: base of relative image paths; None: each JSONL's directory.
+    image_shards: glob of uncompressed tar shards holding the images.
+    max_images: documents with more images are skipped.
+    min_images: documents with fewer usable images are skipped.
+    on_bad_image: 'skip_document' or 'drop_image'.
+    text_separator: joins consecutive texts.
+  """
+  image_dir: str | None = None
+  image_shards: str | None = None
+  max_images: int = 32
+  min_images: int = 1
+  on_bad_image: str = 'skip_document'
+  text_separator: str = ' '
+
+  def __post_init__(self):
+    super().__post_init__()
+    if self.on_bad_image not in ON_BAD_IMAGE:
+      raise ValueError(f'on_bad_image must be one of {ON_BAD_IMAGE}; got '
+                       f'{self.on_bad_image!r}.')
+    if not 0 <= self.min_images <= self.max_images:
+      raise ValueError(f'Need 0 <= min_images <= max_images; got '
+                       f'{self.min_images} and {self.max_images}.')
+
+
+def parse_document(row: dict[str, Any], where: str) -> list[tuple[str, str]]:
+  """A JSONL record -> [('text', str) | ('image', reference)] in order."""
+  if 'texts' in row or 'images' in row:
+    texts = files.field(row, 'texts', where)
+    images = files.field(row, 'images', where)
+    if (not isinstance(texts, list) or not isinstance(images, list)
+        or len(texts) != len(images)):
+      raise ValueError(f'{where}: "texts" and "images" must be lists of the '
+                       f'same length; got {_length(texts)} and '
+                       f'{_length(images)}.')
+    items = []
+    for position, (text, image) in enumerate(zip(texts, images)):
+      if (text is None) == (image is None):
+        raise ValueError(f'{where}: position {position} must hold exactly '
+                         f'one of a text and an image; got text={text!r}, '
+                         f'image={image!r}.')
+      items.append(('text', str(text)) if image is None
+                   else ('image', str(image)))
+    return items
+  if 'text_list' in row:
+    texts = files.field(row, 'text_list', where)
+    before = collections.defaultdict(list)
+    for info in row.get('image_info') or []:
+      name = files.field(info, 'image_name', where)
+      index = files.field(info, 'matched_text_index', where)
+      if not isinstance(index, int) or not 0 <= index < len(texts):
+        raise ValueError(f'{where}: matched_text_index {index!r} of '
+                         f'{name!r} is not an index of the {len(texts)} '
+                         'texts.')
+      before[index].append(str(name))
+    items = []
+    for index, text in enumerate(texts):
+      items.extend(('image', name) for name in before[index])
+      items.append(('text', str(text)))
+    return items
+  raise ValueError(f'{where}: expected "texts" and "images" (OBELICS-like) '
+                   f'or "text_list" and "image_info" (MMC4); the record has '
+                   f'{sorted(row)}.')
+
+
+def _length(value: Any) -> Any:
+  return len(value) if isinstance(value, list) else type(value).__name__
+
+
+class TarIndex:
+  """Member name (and base name) -> where its bytes are, in tar shards."""
+
+  def __init__(self, paths: list[str]):
+    self._members = {}
+    for path in paths:
+      with tf.io.gfile.GFile(path, 'rb') as f:
+        try:
+          with tarfile.open(fileobj=f, mode='r:') as tar:
+            for member in tar:
+              if member.isfile():
+                entry = (path, member.offset_data, member.size)
+                self._members[member.name] = entry
+                self._members.setdefault(posixpath.basename(member.name),
+                                         entry)
+        except tarfile.ReadError as e:
+          raise ValueError(f'{path}: not an uncompressed tar file ({e}); '
+                           'image shards must be plain .tar.') from e
+
+  def read(self, reference: str) -> tuple[str, bytes] | None:
+    """(tar:member, bytes), or None when no shard has the reference."""
+    entry = (self._members.get(reference)
+             or self._members.get(posixpath.basename(reference)))
+    if entry is None:
+      return None
+    path, offset, size = entry
+    with tf.io.gfile.GFile(path, 'rb') as f:
+      f.seek(offset)
+      return f'{path}:{reference}', f.read(size)
+
+
+class InterleavedJsonl(common.FormatBuilder):
+  """Interleaved documents from OBELICS-like or MMC4 JSONL."""
+
+  name = 'interleaved_jsonl'
+  CONFIG_CLASS = DocumentsConfig
+  DESCRIPTION = 'Interleaved image-text documents (M3W-like).'
+
+  def __init__(self, **kwargs):
+    super().__init__(**kwargs)
+    self._lock = threading.Lock()
+    self._shards = None
+
+  def features(self):
+    return {
+        'images': tfds.features.Sequence(
+            tfds.features.Image(shape=(None, None, 3))),
+        'chunks': tfds.features.Sequence({'text': tfds.features.Text(),
+                                          'image': np.int32}),
+    }
+
+  def split_records(self):
+    return {split: self._records(source)
+            for split, source in self.split_sources().items()}
+
+  def _records(self, source):
+    for path in files.list_files(source, JSONL_EXTENSIONS):
+      for line, row in files.read_table(path):
+        yield path, line, parse_document(row, f'{path}:{line}')
+
+  def _index(self, jsonl_path: str) -> TarIndex | None:
+    shards = self.builder_config.image_shards
+    if shards:
+      with self._lock:
+        if self._shards is None:
+          self._shards = TarIndex(files.list_files(shards, ('.tar',)))
+      return self._shards
+    tar = re.sub(r'\.jsonl(\.gz)?$', '.tar', jsonl_path)
+    return _stem_index(tar) if files.exists(tar) else None
+
+  def _image(self, reference: str, jsonl_path: str) -> bytes:
+    config = self.builder_config
+    index = self._index(jsonl_path)
+    found = index.read(reference) if index else None
+    if found is not None:
+      return common.load_image(found[1], found[0], config.max_image_size)
+    base = config.image_dir or os.path.dirname(jsonl_path)
+    return common.load_image_file(files.resolve(reference, base),
+                                  config.max_image_size)
+
+  def make_example(self, record):
+    path, line, items = record
+    config, where = self.builder_config, f'{path}:{line}'
+    num_images = sum(kind == 'image' for kind, _ in items)
+    if num_images > config.max_images:
+      raise common.BadInput(
+          'too_many_images', f'{where}: {num_images} images, more than '
+          f'max_images={config.max_images}.')
+    images, chunks, pending, counts = [], [], [], collections.Counter()
+
+    def flush():
+      if pending:
+        text = config.text_separator.join(pending)
+        chunks.append({'text': ' ' + text if chunks else text, 'image': -1})
+        pending.clear()
+
+    for kind, value in items:
+      if kind == 'text':
+        if value.strip():
+          pending.append(value.strip())
+        continue
+      try:
+        image = self._image(value, path)
+      except common.BadInput as e:
+        if config.on_bad_image == 'skip_document':
+          raise common.BadInput(e.reason, f'{where}: {e}') from e
+        counts[f'dropped_image/{e.reason}'] += 1
+        continue
+      flush()
+      chunks.append({'text': '', 'image': len(images)})
+      images.append(image)
+    flush()
+    if len(images) < config.min_images:
+      raise common.BadInput(
+          'too_few_images', f'{where}: {len(images)} usable images, fewer '
+          f'than min_images={config.min_images}.')
+    if not any(c['image'] < 0 for c in chunks):
+      raise common.BadInput('no_text', f'{where}: no text.')
+    return where, {'images': images, 'chunks': chunks, '_counts': counts}
+
+
+@functools.lru_cache(maxsize=4)
+def _stem_index(tar_path: str) -> TarIndex:
+  return TarIndex([tar_path])

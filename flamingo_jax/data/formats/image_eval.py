@@ -1,0 +1,211 @@
+"""Image evaluation sets in their published formats: `coco_karpathy`, `vqa`.
+
+`coco_karpathy` (COCO and Flickr30k captions, Karpathy splits): `source`
+is dataset_coco.json (or the directory holding one dataset_*.json):
+  {"images": [{"filepath": "val2014", "filename": "COCO_val2014_...jpg",
+               "split": "test", "cocoid": 391895,
+               "sentences": [{"raw": "A man with a red helmet ..."}, ...]}]}
+Images are read from `image_dir` (default: the JSON's directory) /
+filepath / filename. `splits` maps our splits to Karpathy's (default:
+support = train + restval, query = test, validation = val). Features as the
+world's captions: image, captions (every non-empty reference, usually 5;
+so their number may vary); 'id' is the cocoid (or imgid).
+
+`vqa` (VQAv2, OK-VQA): `source` is the directory of the question and
+annotation files of each COCO subset, found by their published names
+(`*<subset>_questions.json`, `*<subset>_annotations.json`: e.g.
+v2_OpenEnded_mscoco_val2014_questions.json and v2_mscoco_val2014_
+annotations.json, or OK-VQA's OpenEnded_mscoco_val2014_questions.json and
+mscoco_val2014_annotations.json). `subsets` maps our splits to them
+(default: support = train2014, query = val2014). Images are COCO's, in
+`image_dir` (default: source) as <subset>/COCO_<subset>_%012d.jpg,
+COCO_<subset>_%012d.jpg, <subset>/%012d.jpg or %012d.jpg (the first that
+exists). Features as the world's vqa: image, question, answer (the
+annotation's multiple_choice_answer, else the most frequent of its
+answers), answers (all annotator answers: 10 for both), question_type (the
+annotation's, e.g. 'what color is the'); 'id' is the question_id.
+
+Bad input: with on_error='raise' (the default: an evaluation set's score is
+only comparable when it is complete) a missing or corrupt image, or a
+record without any caption, stops the build with an error naming the file
+and record; with 'skip' they are counted. Blank references among others are
+dropped and counted ('dropped_caption/empty'). A missing annotation file,
+or a question without its annotation, is always an error.
+"""
+
+import collections
+import dataclasses
+import os
+
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from flamingo_jax.data.formats import common
+from flamingo_jax.data.formats import files
+
+
+def _image_feature():
+  return tfds.features.Image(shape=(None, None, 3))
+
+
+def _load(path: str, where: str, config: common.FormatConfig) -> bytes:
+  try:
+    return common.load_image_file(path, config.max_image_size)
+  except common.BadInput as e:
+    raise common.BadInput(e.reason, f'{where}: {e}') from e
+
+
+# ------------------------------------------------------ COCO Karpathy --
+
+
+@dataclasses.dataclass(eq=False)
+class KarpathyConfig(common.FormatConfig):
+  """Karpathy-split captions options.
+
+  Attributes:
+    image_dir: the image root; None: the JSON's directory.
+    splits: {our split: [Karpathy splits]}.
+  """
+  on_error: str = 'raise'
+  image_dir: str | None = None
+  splits: dict[str, list[str]] = dataclasses.field(default_factory=lambda: {
+      'support': ['train', 'restval'], 'query': ['test'],
+      'validation': ['val']})
+
+
+def _karpathy_json(source: str) -> str:
+  if not files.isdir(source):
+    return source
+  found = tf.io.gfile.glob(os.path.join(source, 'dataset_*.json'))
+  if len(found) != 1:
+    raise FileNotFoundError(f'Expected one dataset_*.json in {source}; found '
+                            f'{found or "none"}.')
+  return found[0]
+
+
+class CocoKarpathy(common.FormatBuilder):
+  """Image captioning with reference captions (COCO, Flickr30k)."""
+
+  name = 'coco_karpathy'
+  CONFIG_CLASS = KarpathyConfig
+  DESCRIPTION = 'Image captioning, Karpathy splits (COCO-like).'
+
+  def features(self):
+    return {'image': _image_feature(),
+            'captions': tfds.features.Sequence(tfds.features.Text())}
+
+  def split_records(self):
+    config = self.builder_config
+    path = _karpathy_json(str(config.source))
+    images = files.field(files.read_json(path), 'images', path)
+    base = config.image_dir or os.path.dirname(path)
+    out = {}
+    for split, names in config.splits.items():
+      names = [names] if isinstance(names, str) else list(names)
+      out[split] = [(f'{path}[{i}]', i, image, base)
+                    for i, image in enumerate(images)
+                    if image.get('split') in names]
+    return out
+
+  def make_example(self, record):
+    where, index, image, base = record
+    where = f'{where} ({image.get("filename")})'
+    sentences = files.field(image, 'sentences', where)
+    captions = [str(s.get('raw', '')).strip() for s in sentences]
+    captions = [c for c in captions if c]
+    if not captions:
+      raise common.BadInput('empty_caption', f'{where}: no non-empty caption.')
+    path = os.path.join(base, image.get('filepath', ''),
+                        files.field(image, 'filename', where))
+    own_id = image.get('cocoid', image.get('imgid'))
+    dropped = len(sentences) - len(captions)
+    return where, {
+        'image': _load(path, where, self.builder_config), 'captions': captions,
+        'id': own_id if isinstance(own_id, int) else index,
+        '_counts': {'dropped_caption/empty': dropped} if dropped else {}}
+
+
+# ---------------------------------------------------------------- VQA --
+
+
+@dataclasses.dataclass(eq=False)
+class VqaConfig(common.FormatConfig):
+  """VQAv2 / OK-VQA options.
+
+  Attributes:
+    image_dir: the COCO image root; None: source.
+    subsets: {our split: COCO subset of the question/annotation files}.
+  """
+  on_error: str = 'raise'
+  image_dir: str | None = None
+  subsets: dict[str, str] = dataclasses.field(default_factory=lambda: {
+      'support': 'train2014', 'query': 'val2014'})
+
+
+def _one_file(directory: str, suffix: str) -> str:
+  found = tf.io.gfile.glob(os.path.join(directory, f'*{suffix}'))
+  if len(found) != 1:
+    raise FileNotFoundError(f'Expected one *{suffix} file in {directory}; '
+                            f'found {found or "none"}.')
+  return found[0]
+
+
+def majority_answer(answers: list[str]) -> str:
+  """The most frequent answer; the first given among equally frequent."""
+  counts = collections.Counter(answers)
+  return max(answers, key=lambda a: counts[a]) if answers else ''
+
+
+class Vqa(common.FormatBuilder):
+  """Open-ended VQA with annotator answers (VQAv2, OK-VQA)."""
+
+  name = 'vqa'
+  CONFIG_CLASS = VqaConfig
+  DESCRIPTION = 'Open-ended visual question answering (VQAv2-like).'
+
+  def features(self):
+    return {'image': _image_feature(), 'question': tfds.features.Text(),
+            'answer': tfds.features.Text(),
+            'answers': tfds.features.Sequence(tfds.features.Text()),
+            'question_type': tfds.features.Text()}
+
+  def split_records(self):
+    config = self.builder_config
+    source = str(config.source)
+    return {split: self._records(source, subset, config.image_dir or source)
+            for split, subset in config.subsets.items()}
+
+  def _records(self, source, subset, image_dir):
+    q_path = _one_file(source, f'{subset}_questions.json')
+    a_path = _one_file(source, f'{subset}_annotations.json')
+    questions = files.field(files.read_json(q_path), 'questions', q_path)
+    annotations = {
+        a['question_id']: a for a in
+        files.field(files.read_json(a_path), 'annotations', a_path)}
+    for i, question in enumerate(questions):
+      where = f'{q_path}[{i}]'
+      question_id = files.field(question, 'question_id', where)
+      if question_id not in annotations:
+        raise ValueError(f'{where}: question_id {question_id} has no '
+                         f'annotation in {a_path}.')
+      yield (f'{where} (question_id {question_id})', question,
+             annotations[question_id], subset, image_dir)
+
+  def make_example(self, record):
+    where, question, annotation, subset, image_dir = record
+    image_id = int(files.field(question, 'image_id', where))
+    names = [f'{subset}/COCO_{subset}_{image_id:012d}.jpg',
+             f'COCO_{subset}_{image_id:012d}.jpg',
+             f'{subset}/{image_id:012d}.jpg', f'{image_id:012d}.jpg']
+    paths = [os.path.join(image_dir, name) for name in names]
+    path = next((p for p in paths if files.exists(p)), paths[0])
+    answers = [str(a['answer']) for a in
+               files.field(annotation, 'answers', where)]
+    answer = annotation.get('multiple_choice_answer') or majority_answer(
+        answers)
+    return where, {
+        'image': _load(path, where, self.builder_config),
+        'question': str(files.field(question, 'question', where)),
+        'answer': str(answer), 'answers': answers,
+        'question_type': str(annotation.get('question_type', '')),
+        'id': int(question['question_id'])}
