@@ -1,51 +1,303 @@
-r"""Flamingo models: the paper's sizes and its architectural ablations.
+r"""Flamingo training configs: the paper's sizes, hyperparameters and ablations.
 
 `arg` is a comma-separated list: a size first (3B, 9B, 80B or tiny), then any
 ablations from ABLATIONS below, e.g.
 
   python -m flamingo_jax.summarize --config experiments/flamingo.py:3B
-  python -m flamingo_jax.summarize --config \
-      experiments/flamingo.py:3B,vanilla_xattn --json
+  python -m flamingo_jax.train --config experiments/flamingo.py:3B \
+      --workdir gs://BUCKET/runs/3b \
+      --config.data.data_dir=gs://BUCKET/tfds \
+      --config.data.tokenizer=gs://BUCKET/lm/tokenizer.model \
+      '--config.init_from[0].workdir=/ckpt/lm_1.4b' \
+      '--config.init_from[1].workdir=/ckpt/nfnet_f6'
+  python -m flamingo_jax.train --config \
+      experiments/flamingo.py:3B,round_robin,no_video_pairs --workdir ...
 
 Expected (`summarize --config experiments/flamingo.py:3B`): LM 1.44B, vision
 435M, xattn 1.16B, resampler 194M, total 3.22B (paper Table 5: 1.4B / 435M /
-1.2B / 194M / 3.2B). `tiny` builds and runs in seconds on a CPU.
+1.2B / 194M / 3.2B). `tiny` builds in seconds (shapes only: to train on a
+CPU use experiments/tiny.py, which takes the same ablation names).
 
-Each ablation changes only what its name says, on top of the chosen size; the
-paper ran them on Flamingo-3B.
+The data are the user's. Prepare each dataset once with
+`python -m flamingo_jax.data.formats` (e.g. `--format interleaved_jsonl
+--source 'gs://B/m3w/*.jsonl' --data_dir gs://B/tfds --name m3w`; video with
+`--option num_frames=8 --option fps=1`) and point `builder` at it
+('<format>/<name>'; the names below are placeholders) and `data_dir` (per
+dataset, or `config.data.data_dir` for all) at the TFDS directory. Likewise
+`init_from` names placeholder checkpoints of the pretrained LM and vision
+encoder, and `data.tokenizer` the LM's SentencePiece model.
+
+The paper's values (App. B.1.2 unless noted), each a config field:
+  data.datasets: M3W, ALIGN, LTIP, VTP with lambda 1.0 / 0.2 / 0.2 / 0.03;
+    batch sizes 256 / 512 / 512 / 64 (the small-scale setting of the
+    ablations); M3W: 256 tokens, up to 5 images, p_next = 0.5 (§2.4, A.3);
+    pairs: 32 tokens; VTP: 8 frames at 1 FPS; images 320 x 320.
+  optim: AdamW (b1 0.9, b2 0.999), lr warmed up linearly 0 -> 1e-4 over
+    5,000 steps then constant, global-norm clipping 1.0, weight decay 0.1
+    except on the Perceiver Resampler; gradients of all datasets accumulated
+    into one update (`optim.dataset_updates`).
+  total_steps 500k; trainable params and optimizer state fp32, compute
+    bf16, frozen params bf16; ZeRO-1 optimizer-state sharding
+    (`zero_axis`); 80B: 16-way Megatron model parallelism (`mesh`).
+Not from the paper (our choices, say so if you report them): the 3B and 9B
+model-parallel degrees, rematerialisation (`model.lm.remat_policy`),
+checkpoint interval, and what the ablation table marks as ours.
+
+Each ablation changes only what its name says, on top of the chosen size;
+the paper ran them on Flamingo-3B.
 """
+
+from collections.abc import Callable, Mapping, Sequence
+import os
+from typing import Any, NamedTuple, Optional
 
 import ml_collections
 
 from flamingo_jax.models import flamingo
+from flamingo_jax.models import lm
+from flamingo_jax.training import optim
+from flamingo_jax.training import sharding
 
-# name -> (paper row, overrides of config.model as {'section.key': value}).
+# Placeholders: point these at your own data and checkpoints.
+DATA_DIR = 'gs://YOUR_BUCKET/tfds'
+TOKENIZER = 'gs://YOUR_BUCKET/lm/tokenizer.model'
+PRETRAINED_LM = '/path/to/pretrained/lm'
+PRETRAINED_VISION = '/path/to/pretrained/{encoder}_{variant}'
+
+TOTAL_STEPS = 500_000
+# Model-parallel degree per size: 16 for 80B is the paper's; 3B and 9B ours.
+MODEL_PARALLEL = {'3B': 1, '9B': 4, '80B': 16, 'tiny': 1}
+
+
+class Ablation(NamedTuple):
+  """One row of the paper's ablation tables.
+
+  Attributes:
+    row: the paper's table and row.
+    what: what changes (the README's table says the same).
+    model: overrides of config.model as {'section.key': value}.
+    train: changes the rest of the config: `train(config, substitutes)`,
+      where `substitutes` holds the datasets the config file offers in place
+      of the mixture's (see `apply_training_ablations`).
+  """
+  row: str
+  what: str
+  model: Mapping[str, Any] = {}
+  train: Optional[Callable[[ml_collections.ConfigDict,
+                            Mapping[str, Any]], None]] = None
+
+
+# ------------------------------------------------- training-side changes --
+
+
+def _datasets_of_kind(config, kind: str) -> list[str]:
+  return [name for name, spec in config.data.datasets.items()
+          if spec.kind == kind]
+
+
+def _remove_datasets(config, names: Sequence[str], why: str) -> None:
+  if not names:
+    raise ValueError(f'{why}: the config has no such dataset (datasets: '
+                     f'{sorted(config.data.datasets)}).')
+  for name in names:
+    del config.data.datasets[name]
+  if not config.data.datasets:
+    raise ValueError(f'{why} leaves no dataset to train on.')
+
+
+def _without(kind: str):
+  def train(config, substitutes):
+    del substitutes  # Unused.
+    _remove_datasets(config, _datasets_of_kind(config, kind),
+                     f'Removing the {kind!r} datasets')
+  return train
+
+
+def _substitute_pairs(config, substitutes):
+  """The image-text pair datasets replaced by one other source."""
+  _remove_datasets(config, _datasets_of_kind(config, 'pairs'),
+                   'Replacing the image-text pairs')
+  name, spec = substitutes['image_text']
+  config.data.datasets[name] = spec
+
+
+def _round_robin(config, substitutes):
+  del substitutes  # Unused.
+  config.optim.dataset_updates = 'round_robin'
+
+
+def _p_next(value: float):
+  def train(config, substitutes):
+    del substitutes  # Unused.
+    names = _datasets_of_kind(config, 'documents')
+    if not names:
+      raise ValueError('p_next applies to interleaved documents; the config '
+                       'has none.')
+    for name in names:
+      config.data.datasets[name].p_next = value
+  return train
+
+
+def _referenced_stages(config) -> set[str]:
+  """Stages some init_from (of the main config or a kept stage) reads."""
+  stages = config.get('stages', None) or {}
+  referenced, todo = set(), [('', config)]
+  while todo:
+    base, cfg = todo.pop()
+    for source in cfg.get('init_from', None) or []:
+      name = os.path.normpath(os.path.join(base, source['workdir']))
+      if name in stages and name not in referenced:
+        referenced.add(name)
+        todo.append((name, stages[name]))
+  return referenced
+
+
+def _drop_init_from(config, top: str) -> None:
+  """Leaves `top/...` at its random initialisation (trained from scratch).
+
+  Sources reading only `top/...` are removed, others exclude it; a stage of
+  the recipe (`config.stages`) that only fed a removed source is dropped.
+  """
+  stages_before = _referenced_stages(config)
+  kept = []
+  for source in config.get('init_from', None) or []:
+    source = dict(source)
+    if all(p.startswith(f'{top}/') for p in source.get('include', ['.*'])):
+      continue
+    source['exclude'] = list(source.get('exclude', [])) + [f'{top}/.*']
+    kept.append(source)
+  config.init_from = kept
+  for name in stages_before - _referenced_stages(config):
+    del config.stages[name]
+
+
+def _unfreeze(top: str, pretrained: bool):
+  """Trains `top/...` (the LM or the vision encoder) instead of freezing it."""
+  def train(config, substitutes):
+    del substitutes  # Unused.
+    config.freeze = [(f'{top}/.*', optim.TRAIN)] + [
+        tuple(rule) for rule in config.freeze]
+    if top == 'vision_encoder':
+      config.model.stop_vision_gradient = False
+    if not pretrained:
+      _drop_init_from(config, top)
+  return train
+
+
+def _cotrain_text(config, substitutes):
+  """The LM unfrozen (from pretrained) and also trained on text alone."""
+  _unfreeze('lm', pretrained=True)(config, substitutes)
+  name, spec = substitutes['text']
+  config.data.datasets[name] = spec
+
+
+# name -> Ablation. One table for the architecture and the training rows.
 ABLATIONS = {
+    # Table 3 (i): training data.
+    'no_video_pairs': Ablation(
+        'Table 3 (i) w/o Video-Text pairs',
+        'drops the video-text pair datasets (VTP)',
+        train=_without('video_pairs')),
+    'no_image_pairs': Ablation(
+        'Table 3 (i) w/o Image-Text pairs',
+        'drops the image-text pair datasets (ALIGN, LTIP)',
+        train=_without('pairs')),
+    'laion_pairs': Ablation(
+        'Table 3 (i) Image-Text pairs -> LAION',
+        'ALIGN and LTIP replaced by one LAION-400M dataset (lambda 0.4, '
+        'batch 1024: their sum; the paper gives neither)',
+        train=_substitute_pairs),
+    'no_m3w': Ablation(
+        'Table 3 (i) w/o M3W',
+        'drops the interleaved documents (M3W)',
+        train=_without('documents')),
+    # Table 3 (ii): optimisation.
+    'round_robin': Ablation(
+        'Table 3 (ii) Round Robin',
+        'one update per dataset in turn instead of one accumulated update',
+        train=_round_robin),
     # Table 3 (iii): no 0-initialised tanh gating.
-    'no_tanh_gating': ('Table 3 (iii)', {'xattn.gating': 'none'}),
+    'no_tanh_gating': Ablation(
+        'Table 3 (iii)',
+        'residuals added without the 0-initialised tanh gates',
+        {'xattn.gating': 'none'}),
     # Table 3 (iv): cross-attention architecture.
-    'vanilla_xattn': ('Table 3 (iv)', {'xattn.xattn_type': 'vanilla_xattn'}),
-    'grafting': ('Table 3 (iv)', {'xattn.xattn_type': 'grafting'}),
+    'vanilla_xattn': Ablation(
+        'Table 3 (iv)',
+        'plain residual cross-attention, no dense layer, no gates',
+        {'xattn.xattn_type': 'vanilla_xattn'}),
+    'grafting': Ablation(
+        'Table 3 (iv)',
+        'frozen LM unchanged; new self+cross-attention layers on top',
+        {'xattn.xattn_type': 'grafting'}),
     # Table 3 (v): cross-attention frequency.
-    'xattn_single_in_middle': ('Table 3 (v)',
-                               {'xattn.placement': 'single_in_middle'}),
-    'xattn_every_4': ('Table 3 (v)', {'xattn.every': 4}),
-    'xattn_every_2': ('Table 3 (v)', {'xattn.every': 2}),
+    'xattn_single_in_middle': Ablation(
+        'Table 3 (v)', 'one cross-attention block, in the middle of the LM',
+        {'xattn.placement': 'single_in_middle'}),
+    'xattn_every_4': Ablation(
+        'Table 3 (v)', 'a cross-attention block before every 4th LM block',
+        {'xattn.every': 4}),
+    'xattn_every_2': Ablation(
+        'Table 3 (v)', 'a cross-attention block before every 2nd LM block',
+        {'xattn.every': 2}),
     # Table 3 (vi): resampler.
-    'resampler_mlp': ('Table 3 (vi)', {'resampler.resampler_type': 'mlp'}),
-    'resampler_transformer': ('Table 3 (vi)',
-                              {'resampler.resampler_type': 'transformer'}),
+    'resampler_mlp': Ablation(
+        'Table 3 (vi)', 'an MLP instead of the Perceiver Resampler',
+        {'resampler.resampler_type': 'mlp'}),
+    'resampler_transformer': Ablation(
+        'Table 3 (vi)', 'a Transformer instead of the Perceiver Resampler',
+        {'resampler.resampler_type': 'transformer'}),
     # Table 3 (vii): vision encoder.
-    'vision_clip_vit_l14': ('Table 3 (vii)', {
-        'vision': {'encoder': 'vit', 'variant': 'L/14', 'image_size': 224},
-        'image_size': 224}),
-    'vision_nfnet_f0': ('Table 3 (vii)', {'vision.variant': 'F0'}),
+    'vision_clip_vit_l14': Ablation(
+        'Table 3 (vii)', 'CLIP ViT-L/14 (224 px) vision encoder', {
+            'vision': {'encoder': 'vit', 'variant': 'L/14',
+                       'image_size': 224},
+            'image_size': 224}),
+    'vision_nfnet_f0': Ablation(
+        'Table 3 (vii)', 'NFNet-F0 vision encoder', {'vision.variant': 'F0'}),
+    # Table 3 (viii): freezing the LM.
+    'lm_unfrozen': Ablation(
+        'Table 3 (viii) LM not frozen, pretrained',
+        'the LM is trained too, from its pretrained weights',
+        train=_unfreeze('lm', pretrained=True)),
+    'lm_from_scratch': Ablation(
+        'Table 3 (viii) LM not frozen, random init',
+        'the LM is trained too, from a random initialisation',
+        train=_unfreeze('lm', pretrained=False)),
+    # Table 3 (ix): freezing the vision encoder.
+    'vision_unfrozen': Ablation(
+        'Table 3 (ix) vision not frozen, pretrained',
+        'the vision encoder is trained too (gradient through its features), '
+        'from its pretrained weights',
+        train=_unfreeze('vision_encoder', pretrained=True)),
+    'vision_from_scratch': Ablation(
+        'Table 3 (ix) vision not frozen, random init',
+        'the vision encoder is trained too, from a random initialisation',
+        train=_unfreeze('vision_encoder', pretrained=False)),
+    # Table 10 (i): co-training the LM on text.
+    'lm_cotrain_text': Ablation(
+        'Table 10 (i) unfrozen LM co-trained on MassiveText',
+        'lm_unfrozen plus a text-only dataset (kind text; lambda 1.0, '
+        'batch 256, 256 tokens: ours, not the paper\'s)',
+        train=_cotrain_text),
     # Table 10 (ii): attend to all previous images, not only the last one.
-    'all_previous_images': ('Table 10 (ii)',
-                            {'xattn.attend': 'all_previous_images'}),
+    'all_previous_images': Ablation(
+        'Table 10 (ii)',
+        'text attends to all previous images, not only the last',
+        {'xattn.attend': 'all_previous_images'}),
+    # Table 10 (iii): p_next.
+    'p_next_0': Ablation(
+        'Table 10 (iii) p_next = 0',
+        'text always attends to the previous image (by default, per '
+        'document, to the next one with p_next 0.5)',
+        train=_p_next(0.0)),
     # Resampler size (small / medium; large is the default).
-    'resampler_small': ('Resampler size', {'resampler': 'small'}),
-    'resampler_medium': ('Resampler size', {'resampler': 'medium'}),
+    'resampler_small': Ablation(
+        'Resampler size', 'a smaller Perceiver Resampler',
+        {'resampler': 'small'}),
+    'resampler_medium': Ablation(
+        'Resampler size', 'a medium Perceiver Resampler',
+        {'resampler': 'medium'}),
 }
 
 
@@ -63,30 +315,139 @@ def _apply_override(model: dict, key: str, value) -> None:
   target[leaf] = value
 
 
+def check_ablations(names: Sequence[str], what: str) -> None:
+  unknown = [name for name in names if name not in ABLATIONS]
+  if unknown:
+    raise ValueError(f'Unknown config arg(s) {unknown}: expected {what} then '
+                     f'ablations from {sorted(ABLATIONS)}.')
+
+
+def apply_model_ablations(model: dict, names: Sequence[str],
+                          overrides: Optional[Mapping[str, Mapping]] = None
+                          ) -> dict:
+  """`model` (a plain dict) with the architecture changes of `names`.
+
+  Args:
+    model: a model config, e.g. `flamingo.model_config(size)`.
+    names: ablation names.
+    overrides: per ablation name, overrides to use instead of the table's
+      (e.g. tiny-scale stand-ins).
+
+  Returns:
+    `model`, changed in place.
+  """
+  for name in names:
+    changes = (overrides or {}).get(name, ABLATIONS[name].model)
+    for key, value in changes.items():
+      _apply_override(model, key, value)
+  return model
+
+
+def apply_training_ablations(config: ml_collections.ConfigDict,
+                             names: Sequence[str],
+                             substitutes: Mapping[str, Any]
+                             ) -> ml_collections.ConfigDict:
+  """`config` with the data, optimisation and freezing changes of `names`.
+
+  Args:
+    config: a full training config (its model already ablated).
+    names: ablation names, applied in order.
+    substitutes: datasets the config offers, as (name, spec): 'image_text'
+      (for laion_pairs) and 'text' (for lm_cotrain_text).
+
+  Returns:
+    `config`, changed in place.
+  """
+  for name in names:
+    if ABLATIONS[name].train is not None:
+      ABLATIONS[name].train(config, substitutes)
+  return config
+
+
 def parse_arg(arg: str | None, default_size: str = '3B'):
   """'3B,vanilla_xattn' -> ('3B', ['vanilla_xattn'])."""
   parts = [p.strip() for p in (arg or '').split(',') if p.strip()]
   size = default_size
   if parts and parts[0] in flamingo.FLAMINGO_SIZES:
     size, parts = parts[0], parts[1:]
-  unknown = [p for p in parts if p not in ABLATIONS]
-  if unknown:
-    raise ValueError(
-        f'Unknown config arg(s) {unknown}: expected a size from '
-        f'{sorted(flamingo.FLAMINGO_SIZES)} then ablations from '
-        f'{sorted(ABLATIONS)}.')
+  check_ablations(parts, f'a size from {sorted(flamingo.FLAMINGO_SIZES)}')
   return size, parts
 
 
+def _dataset(builder: str, kind: str, weight: float, batch_size: int,
+             seq_len: int, max_media: int, frames: int, image_size: int,
+             p_next: float = 0.0, **extra) -> dict[str, Any]:
+  return dict(
+      builder=builder,  # '<format>/<name>' (flamingo_jax.data.formats).
+      data_dir='',  # Its TFDS directory; '' = config.data.data_dir.
+      split='train',
+      kind=kind,  # documents | pairs | video_pairs | text
+      weight=weight,  # lambda_m of the objective.
+      batch_size=batch_size,  # Global.
+      seq_len=seq_len,  # Text tokens per example.
+      max_media=max_media,  # Media slots per example.
+      frames=frames,  # Frames per medium (1 for images).
+      image_size=image_size,  # Pixels (square).
+      p_next=p_next,  # P(text before an image attends to it), documents.
+      **extra)
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """The training config of `arg` = 'SIZE[,ABLATION...]'."""
   size, ablations = parse_arg(arg)
-  model = flamingo.model_config(size)
-  for name in ablations:
-    for key, value in ABLATIONS[name][1].items():
-      _apply_override(model, key, value)
+  model = apply_model_ablations(flamingo.model_config(size), ablations)
+  # Not the paper's: recompute each layer's activations in the backward pass.
+  model['lm']['remat_policy'] = 'none' if size == 'tiny' else 'full'
+  model['lm'].setdefault('vocab_size', lm.DecoderLM.vocab_size)  # 32k.
+  image = model['image_size']
+
   config = ml_collections.ConfigDict()
   config.size = size
   config.ablations = ','.join(ablations)
+  config.task = 'flamingo'
   config.model = model
   config.seed = 0
-  return config
+
+  config.data = dict(
+      data_dir=DATA_DIR,
+      sizes='default',  # Only for the embedded world's builders.
+      tokenizer=TOKENIZER,
+      vocab_size=model['lm']['vocab_size'],
+      datasets=dict(
+          m3w=_dataset('interleaved_jsonl/m3w', 'documents', 1.0, 256, 256,
+                       5, 1, image, p_next=0.5),
+          align=_dataset('webdataset_pairs/align', 'pairs', 0.2, 512, 32, 1,
+                         1, image),
+          ltip=_dataset('webdataset_pairs/ltip', 'pairs', 0.2, 512, 32, 1, 1,
+                        image),
+          # fps: the rate the frames were sampled at when the dataset was
+          # prepared (`--option fps=1`); training reads the frames as stored.
+          vtp=_dataset('video_pairs/vtp', 'video_pairs', 0.03, 64, 32, 1, 8,
+                       image, fps=1.0),
+      ))
+  substitutes = dict(
+      image_text=('laion', _dataset('webdataset_pairs/laion400m', 'pairs',
+                                    0.4, 1024, 32, 1, 1, image)),
+      text=('massivetext', _dataset('interleaved_jsonl/massivetext', 'text',
+                                    1.0, 256, 256, 1, 1, image)),
+  )
+
+  config.optim = optim.default_optim_config()  # The paper's values.
+  config.freeze = list(optim.FLAMINGO_FREEZE_RULES)
+  config.init_from = [
+      dict(workdir=PRETRAINED_LM, include=['lm/.*'], exclude=['lm/eoc_.*']),
+      dict(workdir=PRETRAINED_VISION.format(
+          encoder=model['vision']['encoder'],
+          variant=model['vision']['variant'].lower().replace('/', '')),
+           include=['vision_encoder/.*'], exclude=[]),
+  ]
+  config.mesh = [(axis, MODEL_PARALLEL[size] if axis == 'model' else n)
+                 for axis, n in sharding.DEFAULT_MESH]
+  config.param_rules = list(sharding.FLAMINGO_PARAM_RULES)
+  config.zero_axis = 'data'  # ZeRO-1: Adam moments also split over 'data'.
+  config.compute_dtype = 'bfloat16'
+
+  config.total_steps = TOTAL_STEPS
+  config.log_every = 100
+  config.checkpoint = dict(every=2000, keep=3)
+  return apply_training_ablations(config, ablations, substitutes)

@@ -3,21 +3,35 @@ r"""The tiny CPU recipe: Flamingo end to end on the embedded world, in minutes.
   python -m flamingo_jax.train --config experiments/tiny.py --workdir /tmp/w
 
 Builds the embedded world datasets and trains their tokenizer the first time
-(in `config.data.data_dir`). Stage 1 (`config.stages.lm`, in W/lm) trains the
-LM alone on the world's text; stage 2 (in W) loads it (`config.init_from`),
-freezes it with the (random, for now) vision encoder and trains Flamingo on
+(in `config.data.data_dir`). Stage 1 (`config.stages.vision`, in W/vision)
+pretrains the vision encoder contrastively with a small text tower on the
+world's image-text pairs (`config.task = 'contrastive'`); stage 2
+(`config.stages.lm`, in W/lm) trains the LM alone on the world's text; stage
+3 (in W) loads both (`config.init_from`), freezes them and trains Flamingo on
 the paper's mixture (interleaved documents, image-text pairs, video-text
 pairs, weighted 1.0 / 0.2 / 0.03). Each stage leaves checkpoints,
 `metrics.jsonl`, TensorBoard events and plots in its workdir.
 
-`get_config('smoke')` is a seconds-long variant for tests.
+`get_config('smoke')` is a seconds-long variant for tests. Any ablation of
+experiments/flamingo.py (its ABLATIONS table; the README lists them) follows
+the variant, comma-separated, and runs at this scale, e.g.
+
+  python -m flamingo_jax.train --config experiments/tiny.py:default,no_m3w \
+      --workdir /tmp/w_no_m3w
+
+The world stands in for what it lacks: TINY_STANDINS below, and
+`_substitutes` for the datasets some ablations add.
 """
 
 import os
 
 import ml_collections
 
+from experiments import flamingo as flamingo_config
+from flamingo_jax.evaluation import tasks as eval_tasks
+from flamingo_jax.models import contrastive as contrastive_model
 from flamingo_jax.models import flamingo
+from flamingo_jax.training import contrastive
 from flamingo_jax.training import optim
 from flamingo_jax.training import sharding
 
@@ -29,14 +43,56 @@ def _dataset(builder, kind, weight, batch_size, seq_len, max_media, frames,
               frames=frames, image_size=64, p_next=p_next)
 
 
+VARIANTS = ('default', 'smoke')
+
+# Ablations whose full-size change would not fit this scale, with the tiny
+# change that stands in for them (the README's ablation table says so too).
+TINY_STANDINS = {
+    # CLIP ViT-L/14 at 224 px -> the tiny ViT at the world's 64 px.
+    'vision_clip_vit_l14': {
+        'vision': {'encoder': 'vit', 'variant': 'tiny', 'image_size': 64}},
+}
+
+
+def parse_arg(arg: str | None) -> tuple[str, list[str]]:
+  """'smoke,no_m3w' -> ('smoke', ['no_m3w']); the variant defaults."""
+  parts = [p.strip() for p in (arg or '').split(',') if p.strip()]
+  variant = 'default'
+  if parts and parts[0] in VARIANTS:
+    variant, parts = parts[0], parts[1:]
+  flamingo_config.check_ablations(
+      parts, f'a tiny variant from {VARIANTS}')
+  return variant, parts
+
+
+def _substitutes(variant: str) -> dict[str, tuple[str, dict]]:
+  """Datasets the ablations add, from what the world has.
+
+  'image_text' (laion_pairs' LAION-400M): the world has one image-text
+  source, so its validation split stands in: 1,000 pairs (8 in 'tiny'
+  sizes) disjoint from the 50,000 training pairs, same distribution -- a
+  different, smaller collection, not a noisier one. 'text'
+  (lm_cotrain_text's MassiveText): the documents' text alone, the text the
+  LM stage pretrains on.
+  """
+  batch = 8 if variant == 'smoke' else 16
+  return dict(
+      image_text=('laion_standin', _dataset(
+          'world_pairs', 'pairs', 0.2, batch, 32, 1, 1, split='validation')),
+      text=('text', _dataset('world_documents', 'text', 1.0, batch, 128, 1,
+                             1)))
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  variant = arg or 'default'
-  if variant not in ('default', 'smoke'):
-    raise ValueError(f"Unknown tiny variant {variant!r}: 'default' or "
-                     "'smoke'.")
+  """The tiny recipe for `arg` = '[default|smoke][,ABLATION...]'."""
+  variant, ablations = parse_arg(arg)
   config = ml_collections.ConfigDict()
   config.seed = 0
-  config.model = flamingo.model_config('tiny')
+  config.task = 'flamingo'  # Stage 'vision' is 'contrastive'.
+  model = flamingo_config.apply_model_ablations(
+      flamingo.model_config('tiny'), ablations, TINY_STANDINS)
+  model['lm']['remat_policy'] = 'none'  # 'full' | 'dots' trade time for memory.
+  config.model = model
 
   data_dir = os.path.join(os.path.expanduser('~'), '.cache', 'flamingo_jax',
                           'world')
@@ -73,14 +129,62 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     for spec in config.data.datasets.values():
       spec.batch_size = min(spec.batch_size, 8)
 
-  # Stage 1 (in W/lm): the LM alone, on the world's text. Its weights then
-  # initialise Flamingo's frozen LM (stage 2, in W). The vision encoder stays
-  # at its random initialisation until contrastive pretraining lands.
-  lm_stage = ml_collections.ConfigDict(config.to_dict())
-  lm_stage.data.datasets = dict(text=_dataset(
+  # Stage 1 (in W/vision): the vision encoder, contrastively (CLIP-style) with
+  # a small text tower on the world's image-text pairs (paper App. B.1.3).
+  # Stage 2 (in W/lm): the LM alone, on the world's text. Both then
+  # initialise Flamingo's frozen vision encoder and LM (stage 3, in W).
+  config.stages = dict(vision=_vision_stage(config, variant),
+                       lm=_lm_stage(config, variant))
+  config.init_from = [
+      dict(workdir='vision', include=['vision_encoder/.*'], exclude=[]),
+      dict(workdir='lm', include=['lm/.*'], exclude=[]),
+  ]
+  # Few-shot evaluation (python -m flamingo_jax.evaluate --workdir W): every
+  # world task at 0/4/8 shots; `reference` (the overall score's divisors) is
+  # empty until the default recipe's own scores are filled in.
+  config.eval = eval_tasks.default_eval_config(
+      data_dir, sizes=config.data.sizes, image_size=config.model.image_size,
+      frames=4, num_queries=4 if variant == 'smoke' else 32,
+      shots=(0, 2) if variant == 'smoke' else (0, 4, 8))
+  # The recipe evaluates its last checkpoint and writes W/report.md; the
+  # smoke run (tests) leaves the evaluation to `flamingo_jax.evaluate`.
+  config.evaluate_at_end = variant != 'smoke'
+  # The training ablations change the main (Flamingo) stage only; one that
+  # trains a component from scratch also drops the stage that pretrained it.
+  config.ablations = ','.join(ablations)
+  return flamingo_config.apply_training_ablations(config, ablations,
+                                                  _substitutes(variant))
+
+
+def _vision_stage(config: ml_collections.ConfigDict,
+                  variant: str) -> ml_collections.ConfigDict:
+  """Contrastive pretraining of `config.model.vision` (same parameters)."""
+  stage = ml_collections.ConfigDict(config.to_dict())
+  stage.task = 'contrastive'
+  stage.model = contrastive_model.model_config(
+      'tiny', vision=config.model.vision.to_dict(),
+      vocab_size=config.model.lm.vocab_size)
+  stage.data.datasets = dict(pairs=_dataset(
+      'world_pairs', 'pairs', 1.0, 32, 48, 1, 1))
+  stage.freeze = list(contrastive.FREEZE_RULES)
+  stage.param_rules = list(contrastive.PARAM_RULES)
+  stage.optim.learning_rate = 2e-3
+  stage.optim.warmup_steps = 20
+  stage.total_steps = 200  # About a minute and a half on 2 cores.
+  stage.log_every = 10
+  if variant == 'smoke':
+    stage.data.datasets.pairs.batch_size = 8
+    stage.total_steps = 4
+    stage.log_every = 2
+  return stage
+
+
+def _lm_stage(config: ml_collections.ConfigDict,
+              variant: str) -> ml_collections.ConfigDict:
+  """The LM alone on the world's text; its weights initialise Flamingo's."""
+  stage = ml_collections.ConfigDict(config.to_dict())
+  stage.data.datasets = dict(text=_dataset(
       'world_documents', 'text', 1.0, 16, 128, 1, 1))
-  lm_stage.freeze = [('lm/.*', optim.TRAIN), ('.*', optim.FROZEN)]
-  lm_stage.total_steps = 6 if variant == 'smoke' else 300
-  config.stages = dict(lm=lm_stage)
-  config.init_from = [dict(workdir='lm', include=['lm/.*'], exclude=[])]
-  return config
+  stage.freeze = [('lm/.*', optim.TRAIN), ('.*', optim.FROZEN)]
+  stage.total_steps = 6 if variant == 'smoke' else 300
+  return stage

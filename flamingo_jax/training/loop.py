@@ -12,7 +12,7 @@ saved with the state. SIGTERM (preemption) saves a checkpoint and exits.
 from collections.abc import Callable, Iterator, Mapping
 import os
 import re
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 from absl import logging
 import jax
@@ -22,7 +22,9 @@ import numpy as np
 
 from flamingo_jax import checkpoint as checkpoint_lib
 from flamingo_jax import plot
+from flamingo_jax.models import contrastive as contrastive_model
 from flamingo_jax.models import flamingo
+from flamingo_jax.training import contrastive
 from flamingo_jax.training import metrics as metrics_lib
 from flamingo_jax.training import optim
 from flamingo_jax.training import precision
@@ -39,10 +41,35 @@ class NonFiniteLossError(FloatingPointError):
   pass
 
 
-def create_train_state(config: ml_collections.ConfigDict, mesh, model,
-                       optimizer):
-  """The train state, created already sharded, and its shardings."""
-  inputs = flamingo.example_inputs(config.model)
+class Task(NamedTuple):
+  """What `config.task` selects: the model and its train step."""
+  transform: Callable[[Any], Any]  # config.model -> hk.Transformed
+  example_inputs: Callable[[Any], tuple[jax.Array, ...]]  # For init.
+  make_train_step: Callable[..., Any]  # (apply, optimizer, weights, ...)
+
+
+# config.task (default 'flamingo'); 'contrastive' pretrains the vision
+# encoder (flamingo_jax/training/contrastive.py).
+TASKS = {
+    'flamingo': Task(flamingo.transform, flamingo.example_inputs,
+                     train_step_lib.make_train_step),
+    'contrastive': Task(contrastive_model.transform,
+                        contrastive_model.example_inputs,
+                        contrastive.make_train_step),
+}
+
+
+def task_of(config: ml_collections.ConfigDict) -> Task:
+  name = config.get('task', 'flamingo')
+  if name not in TASKS:
+    raise ValueError(f'Unknown config.task {name!r}; expected one of '
+                     f'{sorted(TASKS)}.')
+  return TASKS[name]
+
+
+def _state_init(config: ml_collections.ConfigDict, model, optimizer):
+  """rng -> the initial train state (pure; for eval_shape and jit)."""
+  inputs = task_of(config).example_inputs(config.model)
 
   def init(rng):
     init_rng, state_rng = jax.random.split(rng)
@@ -55,11 +82,48 @@ def create_train_state(config: ml_collections.ConfigDict, mesh, model,
         opt_state=optimizer.init(trainable),
         rng=state_rng)
 
+  return init
+
+
+def abstract_train_state(config: ml_collections.ConfigDict, model,
+                         optimizer) -> TrainState:
+  """The train state's shapes and dtypes (`jax.eval_shape`, no memory)."""
+  return jax.eval_shape(_state_init(config, model, optimizer),
+                        jax.random.PRNGKey(config.seed))
+
+
+def create_train_state(config: ml_collections.ConfigDict, mesh, model,
+                       optimizer):
+  """The train state, created already sharded, and its shardings."""
+  init = _state_init(config, model, optimizer)
   rng = jax.random.PRNGKey(config.seed)
   abstract = jax.eval_shape(init, rng)
   shardings = state_shardings(abstract, config, mesh)
   state = jax.jit(init, out_shardings=shardings)(rng)
   return state, shardings
+
+
+def make_optimizer(config: ml_collections.ConfigDict):
+  """`config.optim`'s optimizer; round-robin makes M updates per step."""
+  return optim.make_optimizer(
+      config.optim,
+      optim.updates_per_step(config.optim, len(config.data.datasets)))
+
+
+def make_step_fn(config: ml_collections.ConfigDict, model, optimizer):
+  """The (unjitted) train step of `config`: its task, lambdas, precision,
+  and `config.optim.dataset_updates` / `microbatches` where not default."""
+  weights = {name: ds.weight for name, ds in config.data.datasets.items()}
+  compute_dtype = jnp.dtype(config.compute_dtype)
+  apply_fn = precision.with_compute_dtype(model, compute_dtype).apply
+  options = {}  # Only what departs from the default (any task takes those).
+  if config.optim.get('dataset_updates', 'accumulate') != 'accumulate':
+    options['dataset_updates'] = config.optim.dataset_updates
+  if config.optim.get('microbatches', 1) != 1:
+    options['microbatches'] = config.optim.microbatches
+  return task_of(config).make_train_step(
+      apply_fn, optimizer, weights, compute_dtype,
+      optim.learning_rate_fn(config.optim), **options)
 
 
 def state_shardings(abstract: TrainState, config, mesh) -> TrainState:
@@ -71,21 +135,26 @@ def state_shardings(abstract: TrainState, config, mesh) -> TrainState:
       step=replicated,
       trainable=trainable,
       frozen=frozen,
-      opt_state=sharding.optimizer_state_shardings(abstract.opt_state,
-                                                   trainable),
+      # config.zero_axis (e.g. 'data'): ZeRO-1, moments split over it too.
+      opt_state=sharding.optimizer_state_shardings(
+          abstract.opt_state, trainable,
+          zero_axis=config.get('zero_axis', None)),
       rng=replicated)
 
 
 def _init_from(state: TrainState, config, workdir: str) -> TrainState:
   """Overwrites parameters with those of other runs (`config.init_from`).
 
-  Each source is {'workdir': path (relative to this run's workdir or
-  absolute), 'include': [regex], 'exclude': [regex]} over 'module/param'
-  paths; e.g. a pretrained LM: include ['lm/.*'], exclude ['lm/eoc_.*'].
+  Each source is {'workdir': path (relative to this run's workdir, absolute,
+  or a URL such as gs://...), 'include': [regex], 'exclude': [regex]} over
+  'module/param' paths; e.g. a pretrained LM: include ['lm/.*'], exclude
+  ['lm/eoc_.*'].
   """
   trainable, frozen = state.trainable, state.frozen
   for source in config.get('init_from', None) or []:
-    path = os.path.join(workdir, source['workdir'])
+    path = source['workdir']
+    if '://' not in path:  # gs://... is absolute too.
+      path = os.path.join(workdir, path)
     loaded = checkpoint_lib.load_params(path)
     include = [re.compile(r) for r in source.get('include', ['.*'])]
     exclude = [re.compile(r) for r in source.get('exclude', [])]
@@ -169,13 +238,19 @@ def _check_batch_sizes(config, mesh) -> None:
           f'config.data.datasets.{name}.batch_size={spec.batch_size} is not '
           f'divisible by the {parallel} data-parallel devices of mesh '
           f'{dict(mesh.shape)}.')
+    microbatches = config.optim.get('microbatches', 1)
+    if spec.batch_size % (parallel * microbatches):
+      raise ValueError(
+          f'config.data.datasets.{name}.batch_size={spec.batch_size} is not '
+          f'divisible by optim.microbatches={microbatches} times the '
+          f'{parallel} data-parallel devices of mesh {dict(mesh.shape)}.')
 
 
 def _train(config, workdir, mesh, make_data) -> TrainState:
   """The body of train_and_evaluate, under the mesh."""
   _check_batch_sizes(config, mesh)
-  model = flamingo.transform(config.model)
-  optimizer = optim.make_optimizer(config.optim)
+  model = task_of(config).transform(config.model)
+  optimizer = make_optimizer(config)
   state, shardings = create_train_state(config, mesh, model, optimizer)
 
   checkpointer = checkpoint_lib.Checkpointer(
@@ -196,12 +271,7 @@ def _train(config, workdir, mesh, make_data) -> TrainState:
     raise RuntimeError(f'Checkpoint data position {data_position} does not '
                        f'match its state step {first_step}.')
 
-  weights = {name: ds.weight for name, ds in config.data.datasets.items()}
-  compute_dtype = jnp.dtype(config.compute_dtype)
-  apply_fn = precision.with_compute_dtype(model, compute_dtype).apply
-  step_fn = train_step_lib.make_train_step(
-      apply_fn, optimizer, weights, compute_dtype,
-      optim.learning_rate_fn(config.optim))
+  step_fn = make_step_fn(config, model, optimizer)
   batch_sharding = sharding.batch_sharding(mesh)
   jitted = jax.jit(step_fn, in_shardings=(shardings, batch_sharding),
                    out_shardings=(shardings, None), donate_argnums=0)

@@ -27,6 +27,13 @@ options). Weight decay 0.1 is decoupled as in optax (the update is
     biases, or the `<EOC>` embedding rows (embeddings, as in GPT-style
     recipes). The paper says only "0.1 for the other trainable parameters";
     this is the conventional reading for 1-d and embedding parameters.
+
+`config.optim` also says how the train step turns the datasets' gradients
+into updates (`dataset_updates`: 'accumulate', the paper's, or
+'round_robin', Table 3 (ii)) and into how many micro-batches it splits each
+batch (`microbatches`); see train_step.py. Round-robin makes one update per
+dataset per step: `make_optimizer(config, updates_per_step=M)` keeps the
+learning-rate schedule a function of the train step.
 """
 
 from collections.abc import Sequence
@@ -138,6 +145,12 @@ def default_optim_config() -> ml_collections.ConfigDict:
   config.weight_decay = 0.1
   config.weight_decay_rules = list(WEIGHT_DECAY_RULES)
   config.clip_norm = 1.0  # Global gradient norm; 0 or None = no clipping.
+  # How the datasets' gradients become updates (paper Table 3 (ii)):
+  # 'accumulate' (the paper) or 'round_robin'; see train_step.py.
+  config.dataset_updates = 'accumulate'
+  # Split each dataset's batch into this many micro-batches whose gradients
+  # are summed (memory, not maths: the step equals the full-batch one).
+  config.microbatches = 1
   return config
 
 
@@ -175,8 +188,25 @@ def learning_rate_fn(config: ml_collections.ConfigDict) -> optax.Schedule:
   return optax.join_schedules([warmup, after], [config.warmup_steps])
 
 
-def make_optimizer(
-    config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+def updates_per_step(config: ml_collections.ConfigDict,
+                     num_datasets: int) -> int:
+  """Optimizer updates in one train step: M for round-robin, else 1.
+
+  Raises:
+    ValueError: for an unknown `config.dataset_updates`.
+  """
+  mode = config.get('dataset_updates', 'accumulate')
+  if mode == 'accumulate':
+    return 1
+  if mode == 'round_robin':
+    return num_datasets
+  raise ValueError(f"Unknown optim.dataset_updates {mode!r}; expected "
+                   "'accumulate' or 'round_robin'.")
+
+
+def make_optimizer(config: ml_collections.ConfigDict,
+                   updates_per_step: int = 1
+                   ) -> optax.GradientTransformation:
   """AdamW with clipping and masked weight decay, for `config.optim`.
 
   Apply it to the TRAINABLE partition only (see `partition`): its state then
@@ -184,12 +214,21 @@ def make_optimizer(
 
   Args:
     config: the `config.optim` section (see `default_optim_config`).
+    updates_per_step: optimizer updates per train step (`updates_per_step`
+      above); the learning rate of update u is that of step u // this, so
+      the schedule (warm-up steps, ...) counts train steps in every mode.
 
   Returns:
     The optax transformation.
   """
+  if updates_per_step < 1:
+    raise ValueError(f'updates_per_step must be >= 1; got {updates_per_step}.')
+  schedule = learning_rate_fn(config)
+  if updates_per_step > 1:
+    by_step = schedule
+    schedule = lambda count: by_step(count // updates_per_step)
   adamw = optax.adamw(
-      learning_rate_fn(config), b1=config.b1, b2=config.b2, eps=config.eps,
+      schedule, b1=config.b1, b2=config.b2, eps=config.eps,
       weight_decay=config.weight_decay,
       mask=functools.partial(weight_decay_mask,
                              rules=tuple(config.weight_decay_rules)))

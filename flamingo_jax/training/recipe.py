@@ -1,10 +1,14 @@
 """Multi-stage recipes: each stage of `config.stages` trains in W/<stage>.
 
-  W/lm/        stage 'lm' (e.g. the LM on text)
+  W/vision/    e.g. stage 'vision': the vision encoder, contrastively
+  W/lm/        e.g. stage 'lm': the LM on text
   W/           the main stage, which may `init_from` the stages' checkpoints
 
-A stage that already reached its total_steps is skipped (its checkpoint is
-reused), so rerunning the recipe resumes wherever it stopped.
+Stages run before the main stage, each after the stages whose checkpoints it
+reads (its own `init_from`), in the order the main stage's `init_from` names
+them; stages nothing reads run last, by name. A stage that already reached
+its total_steps is skipped (its checkpoint is reused), so rerunning the
+recipe resumes wherever it stopped.
 """
 
 import os
@@ -13,6 +17,7 @@ from absl import logging
 import ml_collections
 
 from flamingo_jax import checkpoint
+from flamingo_jax import report
 from flamingo_jax.training import loop
 
 
@@ -24,9 +29,50 @@ def _finished(stage: ml_collections.ConfigDict, workdir: str) -> bool:
   return bool(steps) and max(steps) >= stage.total_steps
 
 
+def stage_order(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
+  """The names of `config.stages` in the order they must run.
+
+  Raises:
+    ValueError: if stages read each other's checkpoints in a cycle.
+  """
+  stages = config.get('stages', None) or {}
+  stage_dirs = {os.path.normpath(os.path.join(workdir, name)): name
+                for name in stages}
+
+  def reads(cfg, cfg_dir):
+    """The stages whose workdirs `cfg`'s init_from sources name, in order."""
+    for source in cfg.get('init_from', None) or []:
+      path = source['workdir']
+      if '://' not in path:  # gs://... is never a stage of this recipe.
+        name = stage_dirs.get(os.path.normpath(os.path.join(cfg_dir, path)))
+        if name is not None:
+          yield name
+
+  order, visiting = [], []
+
+  def visit(name):
+    if name in order:
+      return
+    if name in visiting:
+      raise ValueError(f'Stages read each other\'s checkpoints in a cycle: '
+                       f'{" -> ".join(visiting + [name])}.')
+    visiting.append(name)
+    for dependency in reads(stages[name], os.path.join(workdir, name)):
+      visit(dependency)
+    visiting.pop()
+    order.append(name)
+
+  for name in reads(config, workdir):
+    visit(name)
+  for name in sorted(stages):
+    visit(name)
+  return order
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   stages = config.get('stages', None) or {}
-  for name, stage in stages.items():
+  for name in stage_order(config, workdir):
+    stage = stages[name]
     stage_dir = os.path.join(workdir, name)
     if _finished(stage, stage_dir):
       logging.info('Stage %r already done in %s.', name, stage_dir)
@@ -36,3 +82,34 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     loop.train_and_evaluate(stage, stage_dir)
   logging.info('Main stage (%d steps) in %s.', config.total_steps, workdir)
   loop.train_and_evaluate(config, workdir)
+  if config.get('eval') is not None and config.get('evaluate_at_end', True):
+    evaluate_final(config, workdir)
+  logging.info('Wrote %s', report.write_report(workdir))
+
+
+def evaluate_final(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Few-shot evaluation of the main stage's last checkpoint into W/eval,
+  unless W/eval/results.json already holds that step's results."""
+  # pylint: disable=g-import-not-at-top
+  import json
+  import jax.numpy as jnp
+  from flamingo_jax.data import tokenizer as tokenizer_lib
+  from flamingo_jax.evaluation import runner
+  # pylint: enable=g-import-not-at-top
+  step = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'),
+                                 save_every=1).latest_step()
+  out_dir = os.path.join(workdir, 'eval')
+  results_path = os.path.join(out_dir, 'results.json')
+  if os.path.exists(results_path):
+    with open(results_path) as f:
+      if json.load(f).get('metadata', {}).get('step') == step:
+        logging.info('Few-shot results of step %d already in %s.', step,
+                     results_path)
+        return
+  logging.info('Few-shot evaluation of step %d into %s.', step, out_dir)
+  results = runner.evaluate(
+      config.eval, checkpoint.load_params(workdir, step), config.model.to_dict(),
+      tokenizer_lib.Tokenizer.load(config.data.tokenizer), out_dir=out_dir,
+      step=step, compute_dtype=jnp.dtype(config.get('compute_dtype',
+                                                    'float32')))
+  logging.info('Few-shot scores:\n%s', runner.format_table(results))

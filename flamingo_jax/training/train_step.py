@@ -1,14 +1,44 @@
 """The train state and the one jitted train step.
 
-One step takes a dict of batches, one per dataset of the mixture, computes
-each dataset's loss with the same parameters, weights it by lambda
-(`config.data.<name>.weight`), and differentiates the weighted sum with
-respect to the trainable parameters only: the gradients of all datasets are
-accumulated in one step and one update is applied (paper App. B.1.2).
+One step takes a dict of batches, one per dataset of the mixture, and
+computes each dataset's loss with lambda (`config.data.datasets.<name>.weight`)
+as its weight, differentiated with respect to the trainable parameters only.
+How the datasets' gradients become updates is `dataset_updates`
+(`config.optim.dataset_updates`, paper §2.4 and Table 3 (ii)):
+
+  'accumulate' (the paper's choice): the gradients of every dataset's
+      weighted loss are accumulated, all at the same parameters, and ONE
+      update is applied:  theta <- theta - opt(sum_m lambda_m grad L_m).
+  'round_robin' (the ablation): the datasets take turns, one update each,
+      in a fixed order (sorted names) within the step, each gradient taken
+      at the parameters the previous update left:
+        for m in datasets:  theta <- theta - opt(lambda_m grad L_m(theta)).
+      A step is still one pass over every dataset's batch (the paper's step
+      time for both rows covers "gradient updates on all training
+      datasets"), so the optimizer takes M updates per step; build it with
+      `optim.make_optimizer(config, updates_per_step=M)` so that the
+      learning rate schedule stays a function of the step. With one dataset
+      both modes are the same computation.
+
+Metrics: `loss` is sum_m lambda_m L_m (in round-robin each L_m at the
+parameters its update started from), `loss/<dataset>`,
+`supervised_tokens/<dataset>`, `grad_norm` (of the summed gradients;
+round-robin adds `grad_norm/<dataset>`), `param_norm`, `learning_rate` and
+the gates' |tanh(alpha)|.
+
+Micro-batches (`microbatches`, `config.optim.microbatches`) trade time for
+memory: each dataset's batch is split into k strided parts (rows i, i+k,
+...: with the batch split over devices in contiguous blocks, every part
+stays spread over all of them), their gradients are summed in a `lax.scan`,
+and the result equals the full-batch step: the loss is the sum of the parts'
+token losses divided by the WHOLE batch's supervised-token count (computed
+first), so parts with more supervised tokens weigh more, exactly as in the
+full batch. Only randomness differs (part i uses fold_in(rng, i)); the model
+draws none while the vision encoder is frozen.
 
 Glossary of shapes:
   B: batch size of a dataset; L: its sequence length; V: vocabulary + <EOC>.
-  N: media slots; T: frames; H, W: image size.
+  N: media slots; T: frames; H, W: image size; K: micro-batches.
 """
 
 from collections.abc import Callable, Mapping
@@ -22,6 +52,7 @@ import optax
 from flamingo_jax.training import precision
 
 Batch = Mapping[str, jax.Array]
+DATASET_UPDATES = ('accumulate', 'round_robin')
 
 
 class TrainState(NamedTuple):
@@ -33,6 +64,18 @@ class TrainState(NamedTuple):
   rng: jax.Array  # Base key; step keys are fold_in(rng, step).
 
 
+def token_nll(
+    logits: jax.Array,  # [B, L, V]
+    targets: jax.Array,  # [B, L] int
+    loss_mask: jax.Array,  # [B, L] float
+) -> tuple[jax.Array, jax.Array]:  # ([], [])
+  """Sum of next-token cross-entropy over supervised tokens, and their count."""
+  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))  # [B, L, V]
+  nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]  # [B, L]
+  mask = loss_mask.astype(jnp.float32)  # [B, L]
+  return (nll * mask).sum(), mask.sum()
+
+
 def sequence_loss(
     logits: jax.Array,  # [B, L, V]
     targets: jax.Array,  # [B, L] int
@@ -42,11 +85,8 @@ def sequence_loss(
 
   A batch with no supervised token has loss 0, not NaN.
   """
-  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))  # [B, L, V]
-  nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]  # [B, L]
-  mask = loss_mask.astype(jnp.float32)  # [B, L]
-  count = mask.sum()
-  return (nll * mask).sum() / jnp.maximum(count, 1.0), count
+  total, count = token_nll(logits, targets, loss_mask)
+  return total / jnp.maximum(count, 1.0), count
 
 
 def gate_values(trainable: hk.Params) -> dict[str, jax.Array]:
@@ -60,38 +100,114 @@ def gate_values(trainable: hk.Params) -> dict[str, jax.Array]:
   return values
 
 
+def split_microbatches(batch: Batch, microbatches: int) -> Batch:
+  """[B, ...] -> [K, B/K, ...], part i holding rows i, i + K, i + 2K, ...
+
+  Raises:
+    ValueError: if K does not divide B.
+  """
+
+  def split(x):  # [B, ...] -> [K, B/K, ...]
+    if x.shape[0] % microbatches:
+      raise ValueError(f'{microbatches} micro-batches do not divide the batch '
+                       f'size {x.shape[0]}.')
+    parts = x.reshape(x.shape[0] // microbatches, microbatches,
+                      *x.shape[1:])  # [B/K, K, ...]
+    return jnp.swapaxes(parts, 0, 1)  # [K, B/K, ...]
+
+  return jax.tree.map(split, dict(batch))
+
+
 def make_train_step(
     apply_fn: Callable[..., jax.Array],
     optimizer: optax.GradientTransformation,
     weights: Mapping[str, float],
     compute_dtype: Any,
     learning_rate_fn: Callable[[jax.Array], jax.Array],
+    *,
+    dataset_updates: str = 'accumulate',
+    microbatches: int = 1,
 ) -> Callable[[TrainState, Mapping[str, Batch]],
               tuple[TrainState, dict[str, jax.Array]]]:
-  """Builds `train_step(state, batches) -> (state, metrics)` (pure)."""
+  """Builds `train_step(state, batches) -> (state, metrics)` (pure).
 
-  def loss_fn(trainable, frozen, batches, rng):
-    params = precision.compute_params(trainable, frozen, compute_dtype)
-    total, metrics = 0.0, {}
-    for index, (name, batch) in enumerate(sorted(batches.items())):
-      logits = apply_fn(params, jax.random.fold_in(rng, index),
-                        batch['tokens'], batch['media'], batch['media_mask'],
-                        batch['media_index'], is_training=True)  # [B, L, V]
-      loss, count = sequence_loss(logits, batch['targets'],
-                                  batch['loss_mask'])
-      total = total + weights[name] * loss
-      metrics[f'loss/{name}'] = loss
-      metrics[f'supervised_tokens/{name}'] = count
-    return total, metrics
+  Args:
+    apply_fn: `apply(params, rng, tokens, media, media_mask, media_index,
+      is_training=True) -> logits [B, L, V]`, e.g. the Flamingo transform
+      under `precision.with_compute_dtype`.
+    optimizer: for the trainable partition; for 'round_robin', built with
+      `updates_per_step` = the number of datasets (see the module docstring).
+    weights: lambda per dataset name.
+    compute_dtype: the dtype parameters are cast to for the forward pass.
+    learning_rate_fn: step -> learning rate, for logging.
+    dataset_updates: 'accumulate' (one update from all datasets) or
+      'round_robin' (one update per dataset in turn).
+    microbatches: K >= 1 parts each dataset's batch is split into for memory;
+      the result equals the full-batch step.
+
+  Returns:
+    The pure train step, to be jitted.
+  """
+  if dataset_updates not in DATASET_UPDATES:
+    raise ValueError(f'Unknown dataset_updates {dataset_updates!r}; expected '
+                     f'one of {DATASET_UPDATES}.')
+  if microbatches < 1:
+    raise ValueError(f'microbatches must be >= 1; got {microbatches}.')
+
+  def dataset_grads(trainable, frozen, name, batch, rng):
+    """(loss, supervised tokens, grad of lambda * loss) of one dataset."""
+    count = batch['loss_mask'].astype(jnp.float32).sum()
+    denominator = jax.lax.stop_gradient(jnp.maximum(count, 1.0))
+
+    def part_loss(trainable, part, rng):
+      params = precision.compute_params(trainable, frozen, compute_dtype)
+      logits = apply_fn(params, rng, part['tokens'], part['media'],
+                        part['media_mask'], part['media_index'],
+                        is_training=True)  # [B/K, L, V]
+      total, _ = token_nll(logits, part['targets'], part['loss_mask'])
+      return weights[name] * total / denominator, total
+
+    grad_fn = jax.grad(part_loss, has_aux=True)
+    if microbatches == 1:
+      grads, total = grad_fn(trainable, batch, rng)
+    else:
+      parts = split_microbatches(batch, microbatches)  # [K, B/K, ...]
+
+      def accumulate(carry, part_and_index):
+        grads, total = carry
+        part, index = part_and_index
+        part_grads, part_total = grad_fn(trainable, part,
+                                         jax.random.fold_in(rng, index))
+        return (jax.tree.map(jnp.add, grads, part_grads),
+                total + part_total), None
+
+      zeros = jax.tree.map(jnp.zeros_like, trainable)
+      (grads, total), _ = jax.lax.scan(
+          accumulate, (zeros, jnp.zeros([], jnp.float32)),
+          (parts, jnp.arange(microbatches)))
+    return total / denominator, count, grads
+
+  def update(trainable, opt_state, grads):
+    updates, opt_state = optimizer.update(grads, opt_state, trainable)
+    return optax.apply_updates(trainable, updates), opt_state
 
   def train_step(state: TrainState, batches: Mapping[str, Batch]):
     rng = jax.random.fold_in(state.rng, state.step)
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (loss, metrics), grads = grad_fn(state.trainable, state.frozen, batches,
-                                     rng)
-    updates, opt_state = optimizer.update(grads, state.opt_state,
-                                          state.trainable)
-    trainable = optax.apply_updates(state.trainable, updates)
+    trainable, opt_state = state.trainable, state.opt_state
+    loss, metrics, total_grads = 0.0, {}, None
+    for index, (name, batch) in enumerate(sorted(batches.items())):
+      dataset_loss, count, grads = dataset_grads(
+          trainable, state.frozen, name, batch, jax.random.fold_in(rng, index))
+      loss = loss + weights[name] * dataset_loss
+      metrics[f'loss/{name}'] = dataset_loss
+      metrics[f'supervised_tokens/{name}'] = count
+      if dataset_updates == 'round_robin':
+        metrics[f'grad_norm/{name}'] = optax.tree.norm(grads)
+        trainable, opt_state = update(trainable, opt_state, grads)
+      total_grads = grads if total_grads is None else jax.tree.map(
+          jnp.add, total_grads, grads)
+    if dataset_updates == 'accumulate':
+      trainable, opt_state = update(trainable, opt_state, total_grads)
     # A non-finite loss leaves parameters and optimizer state untouched, so
     # no checkpoint ever holds them; the loop stops at the next log step.
     finite = jnp.isfinite(loss)
@@ -105,7 +221,7 @@ def make_train_step(
         rng=state.rng)
     metrics.update(
         loss=loss,
-        grad_norm=optax.tree.norm(grads),
+        grad_norm=optax.tree.norm(total_grads),
         param_norm=optax.tree.norm(state.trainable),
         learning_rate=learning_rate_fn(state.step),
         **gate_values(new_state.trainable))

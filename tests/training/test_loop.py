@@ -1,14 +1,18 @@
-"""The training loop: runs, logs, checkpoints, resumes bit-exactly."""
+"""The training loop: runs, logs, checkpoints, resumes bit-exactly, stops on
+a non-finite loss."""
 
 import json
 import os
 
+import haiku as hk
 import jax
 import numpy as np
 import pytest
 
 from experiments import tiny
+from flamingo_jax import checkpoint as checkpoint_lib
 from flamingo_jax.training import loop
+from flamingo_jax.training import train_step as train_step_lib
 
 
 class _Data:
@@ -80,3 +84,58 @@ def test_train_resume_is_bit_exact(tmp_path):
     assert key in row, key
   assert any(f.startswith('events') for f in
              os.listdir(tmp_path / 'full' / 'tensorboard'))
+
+
+def _toy_task() -> loop.Task:
+  """A one-matrix 'model' with the Flamingo task's interface: the loop's
+  logic (checkpoints, metrics, errors) at a compile cost of seconds."""
+
+  def forward(tokens, media, media_mask, media_index, is_training=False):
+    del media, media_mask, media_index, is_training
+    return hk.Embed(64, 8, name='embed')(tokens) @ hk.get_parameter(
+        'out', [8, 64], init=hk.initializers.RandomNormal())
+
+  def example_inputs(model_config):
+    del model_config  # Unused.
+    zeros = np.zeros([1, 4], np.int32)
+    return (zeros, np.zeros([1, 1, 1, 2, 2, 3], np.uint8),
+            np.ones([1, 1], bool), zeros)
+
+  return loop.Task(lambda model_config: hk.transform(forward),
+                   example_inputs, train_step_lib.make_train_step)
+
+
+class _PoisonedData(_Data):
+  """_Data whose batch of step `bad_step` (1-based) has a NaN loss mask."""
+
+  bad_step = 3
+
+  def __next__(self):
+    step = self.next_step + 1
+    batches = super().__next__()
+    if step == self.bad_step:
+      batches['pairs']['loss_mask'][0, 0] = np.nan
+    return batches
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
+    tmp_path, monkeypatch):
+  monkeypatch.setitem(loop.TASKS, 'toy', _toy_task())
+  config = _config(total_steps=5)
+  config.task = 'toy'
+  config.freeze = [('.*', 'train')]
+  config.data.datasets = {'pairs': config.data.datasets.pairs}
+  spec = config.data.datasets.pairs
+  spec.seq_len, spec.image_size = 4, 2
+  workdir = tmp_path / 'run'
+  with pytest.raises(loop.NonFiniteLossError,
+                     match=r'Loss is nan at step 3.* last good checkpoint '
+                     r'is step 2'):
+    loop.train_and_evaluate(config, str(workdir), _PoisonedData)
+  assert [r['step'] for r in loop.read_metrics(str(workdir))] == [1, 2]
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['2']
+  params = checkpoint_lib.load_params(str(workdir))
+  assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(params))
+  # A rerun resumes from that checkpoint (and stops at the same batch).
+  with pytest.raises(loop.NonFiniteLossError, match='step 3'):
+    loop.train_and_evaluate(config, str(workdir), _PoisonedData)

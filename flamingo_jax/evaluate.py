@@ -1,0 +1,134 @@
+r"""Few-shot evaluation of a trained workdir: python -m flamingo_jax.evaluate.
+
+  python -m flamingo_jax.evaluate --workdir /tmp/w
+  python -m flamingo_jax.evaluate --workdir /tmp/w --shots 0,4,8 \
+      --tasks captions,nonce --num_queries 64 --rices
+
+Reads the run's config (W/config.json, or --config experiments/tiny.py with
+`--config.eval.x=...` overrides), its latest checkpoint (or --step) and the
+tokenizer of config.data.tokenizer; builds the embedded world's evaluation
+datasets if they are missing; runs every task of config.eval x every shots
+(`evaluation/runner.py` describes the protocol) and writes
+
+  W/eval/results.json   {'scores': {task: {shots: score}}, 'overall': ...,
+                         'overall_score': ..., 'metadata': {step, time, ...}}
+  W/eval/scores.png     score vs shots, one panel per task
+  W/eval/predictions/   per task and shots: prompt, generation, target
+  W/eval/cache/         RICES vision features (re-runs skip the encoding)
+
+and prints a table of the scores. A config without `eval` (an older run)
+gets `tasks.default_eval_config` for its data.
+"""
+
+import json
+import os
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+from ml_collections import config_flags
+
+from flamingo_jax import cli
+
+_WORKDIR = flags.DEFINE_string(
+    'workdir', None, 'The training workdir: W/config.json and '
+    'W/checkpoints/ are read, W/eval/ is written.')
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'A config file to use instead of W/config.json, e.g. '
+    'experiments/tiny.py (overrides: --config.eval.num_queries=8).',
+    lock_config=False)
+_SHOTS = flags.DEFINE_list(
+    'shots', None, 'Numbers of shots, e.g. 0,4,8 (default: config.eval.shots).')
+_TASKS = flags.DEFINE_list(
+    'tasks', None, 'Tasks to run, e.g. captions,vqa (default: all of '
+    'config.eval.tasks).')
+_NUM_QUERIES = flags.DEFINE_integer(
+    'num_queries', None, 'Queries per task (default: config.eval.num_queries).')
+_RICES = flags.DEFINE_boolean(
+    'rices', None, 'Retrieve the shots by vision-feature similarity (RICES) '
+    'instead of at random (default: config.eval.rices).')
+_STEP = flags.DEFINE_integer(
+    'step', None, 'Checkpoint step to evaluate (default: the latest).')
+_OUT = flags.DEFINE_string(
+    'out_dir', None, 'Where to write the results (default: W/eval).')
+flags.mark_flag_as_required('workdir')
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """--config if given, else W/config.json, with an `eval` section."""
+  if _CONFIG.value is not None:
+    config = _CONFIG.value
+  else:
+    path = os.path.join(workdir, 'config.json')
+    if not os.path.exists(path):
+      raise FileNotFoundError(f'No {path}: pass --config, or a workdir made '
+                              'by flamingo_jax.train.')
+    with open(path) as f:
+      config = ml_collections.ConfigDict(json.load(f))
+  if config.get('task', 'flamingo') != 'flamingo':
+    raise ValueError(f'{workdir} trained a {config.task!r} model; evaluate a '
+                     'Flamingo workdir (the recipe\'s top-level W).')
+  if config.get('eval') is None:
+    # pylint: disable-next=g-import-not-at-top
+    from flamingo_jax.evaluation import tasks
+    logging.info('The config has no eval section; using '
+                 'tasks.default_eval_config for its data.')
+    frames = [spec.frames for spec in config.data.datasets.values()
+              if spec.frames > 1]
+    config.eval = tasks.default_eval_config(
+        config.data.data_dir, sizes=config.data.sizes,
+        image_size=config.model.image_size, frames=max(frames or [4]))
+  return config
+
+
+def latest_step(workdir: str) -> int:
+  directory = os.path.join(workdir, 'checkpoints')
+  steps = [int(n) for n in os.listdir(directory) if n.isdigit()] if (
+      os.path.isdir(directory)) else []
+  if not steps:
+    raise FileNotFoundError(f'No checkpoint in {directory!r}.')
+  return max(steps)
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if not jax.config.jax_compilation_cache_dir:
+    # Re-runs skip recompiling the decoders (tens of seconds on a CPU).
+    jax.config.update('jax_compilation_cache_dir', os.path.join(
+        os.path.expanduser('~'), '.cache', 'flamingo_jax', 'jax_cache'))
+  # pylint: disable=g-import-not-at-top
+  from flamingo_jax import checkpoint
+  from flamingo_jax.data import tokenizer as tokenizer_lib
+  from flamingo_jax.evaluation import runner
+  # pylint: enable=g-import-not-at-top
+  workdir = _WORKDIR.value
+  config = load_config(workdir)
+  unknown = sorted(set(_TASKS.value or ()) - set(config.eval.tasks))
+  if unknown:  # Before loading anything.
+    raise ValueError(f'Unknown tasks {unknown}; config.eval.tasks has '
+                     f'{sorted(config.eval.tasks)}.')
+  step = _STEP.value if _STEP.value is not None else latest_step(workdir)
+  logging.info('Evaluating %s at step %d.', workdir, step)
+  params = checkpoint.load_params(workdir, step)
+  tokenizer = tokenizer_lib.Tokenizer.load(config.data.tokenizer)
+  out_dir = _OUT.value or os.path.join(workdir, 'eval')
+  shots = [int(s) for s in _SHOTS.value] if _SHOTS.value else None
+  results = runner.evaluate(
+      config.eval, params, config.model, tokenizer, out_dir=out_dir,
+      task_names=_TASKS.value, step=step,
+      compute_dtype=jnp.dtype(config.get('compute_dtype', 'float32')),
+      shots=shots, num_queries=_NUM_QUERIES.value, rices=_RICES.value)
+  table = runner.format_table(results)
+  print(table)
+  if results['overall_score'] is not None:
+    print(f'overall score ({results["metadata"]["overall_shots"]}-shot, '
+          f'vs config.eval.reference): {100 * results["overall_score"]:.1f}%')
+  logging.info('Wrote %s', os.path.join(out_dir, 'results.json'))
+
+
+if __name__ == '__main__':
+  app.run(main, flags_parser=cli.parse_flags)

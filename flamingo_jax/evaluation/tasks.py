@@ -1,0 +1,401 @@
+"""Few-shot evaluation tasks: datasets -> examples with the paper's prompts.
+
+A task of `config.eval.tasks` names a dataset, its kind and its metric:
+
+  kind              media  prompt of a shot (query: up to the colon)   answer
+  captioning        image  <image>Output: {caption}<EOC>               generated
+  vqa               image  <image>Question: {q} Answer: {a}<EOC>       generated
+  video_qa          video  <image>Question: {q} Answer: {a}<EOC>       generated
+  video_captioning  video  <image>Output: {caption}<EOC>               generated
+  classification    image  <image>Output: {class name}<EOC>            scored
+  nonce             image  <image>{support text}<EOC>                  generated
+
+  metric         reproduces                    score (all x 100)
+  cider          CIDEr-D (COCO, VATEX)         metrics.cider_d
+  vqa_accuracy   VQAv2 accuracy                metrics.mean_vqa_accuracy
+  exact_match    MSRVTT-QA accuracy            metrics.mean_exact_match
+  top1           ImageNet top-1                metrics.top1_accuracy
+
+Prompts are those of the paper (§3, App. B.1.5), built with
+`formatting.caption_prompt` / `formatting.vqa_prompt`; a query's prompt ends
+where the model continues ('<image>Output:', '... Answer:'). A captioning
+shot shows the first of the image's reference captions (the dataset's
+order), a VQA shot the question's `answer`. Classification is close-ended:
+the query '<image>Output:' is continued by every ' {class name}<EOC>' and
+the most likely class wins (`runner`); the class names are the world's
+`CLASS_NAMES` or, for an `image_folder` dataset, its stored 'label_names'.
+
+The nonce task (`world_nonce`) is solvable only in context: an episode binds
+made-up words to shapes or colours through its own support images
+('<image>It is leegun.<EOC>'); a query shows a new object and its prompt is
+the episode's template up to the word ('<image>It is'); the answer is the
+word (its first generated word, exact match). Its shots come from the
+episode's support, not from a support split.
+
+Datasets: a world builder name ('world_captions') built in the eval
+`data_dir` at `sizes`, or a `flamingo_jax.data.formats` dataset
+'<format>/<name>' (COCO Karpathy, VQAv2, MSRVTT-QA, VATEX, image folders)
+prepared there; splits 'support' and 'query' either way.
+"""
+
+from collections.abc import Callable, Mapping, Sequence
+import dataclasses
+import json
+import os
+from typing import Any
+
+from absl import logging
+import ml_collections
+import numpy as np
+
+from flamingo_jax.data import formatting
+from flamingo_jax.data import pipeline
+from flamingo_jax.data import tokenizer as tokenizer_lib
+from flamingo_jax.evaluation import metrics
+
+
+@dataclasses.dataclass(frozen=True)
+class Kind:
+  """What a kind of task reads and how it is answered."""
+  media: str  # 'image' or 'video': the dataset feature holding the medium.
+  metric: str  # The default metric.
+  scored: bool = False  # Close-ended (score classes) instead of generated.
+
+
+KINDS = {
+    'captioning': Kind('image', 'cider'),
+    'vqa': Kind('image', 'vqa_accuracy'),
+    'video_qa': Kind('video', 'exact_match'),
+    'video_captioning': Kind('video', 'cider'),
+    'classification': Kind('image', 'top1', scored=True),
+    'nonce': Kind('image', 'exact_match'),
+}
+
+
+def _cider(predictions, targets):
+  return 100.0 * metrics.cider_d(predictions, targets)
+
+
+def _vqa(predictions, targets):
+  return 100.0 * metrics.mean_vqa_accuracy(predictions, targets)
+
+
+def _exact(predictions, targets):
+  return 100.0 * metrics.mean_exact_match(predictions, targets)
+
+
+def _top1(predictions, targets):
+  return 100.0 * metrics.top1_accuracy(predictions, targets)
+
+
+# metric name -> fn(predictions, targets) -> score x 100.
+METRICS: dict[str, Callable[[Sequence[Any], Sequence[Any]], float]] = {
+    'cider': _cider,
+    'vqa_accuracy': _vqa,
+    'exact_match': _exact,
+    'top1': _top1,
+}
+
+
+@dataclasses.dataclass
+class Example:
+  """One support or query example of a task.
+
+  Attributes:
+    medium: the image [H, W, 3] or video (frames) as the dataset gives it.
+    shot: the full prompt of this example as a shot ('<image>...<EOC>').
+    query: its open prompt, ending where the model continues.
+    target: what the metric compares with: reference captions, annotator
+      answers, the answer, or the class name.
+    support: the nonce task's episode support (None elsewhere).
+  """
+  medium: Any
+  shot: str
+  query: str
+  target: Any
+  support: list['Example'] | None = None
+
+
+@dataclasses.dataclass
+class Task:
+  """A loaded task: its examples and how to score them."""
+  name: str
+  dataset: str
+  kind: str
+  metric: str
+  frames: int  # T: frames per medium (1 for images).
+  queries: list[Example]
+  support: list[Example]  # Empty for the nonce task (episodes carry theirs).
+  class_names: tuple[str, ...] = ()  # Classification only.
+  max_new_tokens: int | None = None  # Overrides the eval decoding's.
+
+  @property
+  def scored(self) -> bool:
+    return KINDS[self.kind].scored
+
+  def score(self, predictions: Sequence[Any]) -> float:
+    """The task's metric (x 100) of predictions for its first queries."""
+    targets = [q.target for q in self.queries[:len(predictions)]]
+    return METRICS[self.metric](list(predictions), targets)
+
+
+def check_spec(name: str, spec: Mapping[str, Any]) -> None:
+  """Raises a ValueError naming the task on an unknown kind or metric."""
+  kind = spec.get('kind')
+  if kind not in KINDS:
+    raise ValueError(f'Task {name!r}: unknown kind {kind!r}; expected one of '
+                     f'{sorted(KINDS)}.')
+  metric = spec.get('metric') or KINDS[kind].metric
+  if metric not in METRICS:
+    raise ValueError(f'Task {name!r}: unknown metric {metric!r}; expected one '
+                     f'of {sorted(METRICS)}.')
+  if not spec.get('dataset'):
+    raise ValueError(f'Task {name!r} names no dataset.')
+  if kind == 'nonce' and not spec['dataset'].startswith('world_nonce'):
+    raise ValueError(f'Task {name!r}: kind nonce reads world_nonce episodes; '
+                     f'got dataset {spec["dataset"]!r}.')
+
+
+def _text(value: Any) -> str:
+  return value.decode('utf-8') if isinstance(value, (bytes, np.bytes_)) else (
+      str(value))
+
+
+def _strip_marker(text: str) -> str:
+  return text.replace(tokenizer_lib.IMAGE, '')
+
+
+def text_only(example: Example) -> str:
+  """The example's shot with its image removed (0-shot prompts, App. B.1.5)."""
+  return _strip_marker(example.shot)
+
+
+def make_example(kind: str, raw: Mapping[str, Any]) -> Example:
+  """A dataset example (a dict from the data source) -> Example."""
+  medium = raw[KINDS[kind].media]
+  if kind in ('captioning', 'video_captioning'):
+    captions = [_text(c) for c in raw['captions']]
+    if not captions:
+      raise ValueError('A captioning example has no reference captions.')
+    return Example(medium, formatting.caption_prompt(captions[0]),
+                   formatting.caption_prompt(None), captions)
+  if kind in ('vqa', 'video_qa'):
+    question, answer = _text(raw['question']), _text(raw['answer'])
+    target = ([_text(a) for a in raw['answers']] if kind == 'vqa'
+              else answer)
+    return Example(medium, formatting.vqa_prompt(question, answer),
+                   formatting.vqa_prompt(question), target)
+  if kind == 'classification':
+    name = _text(raw['label_name'])
+    return Example(medium, formatting.caption_prompt(name),
+                   formatting.caption_prompt(None), name)
+  raise ValueError(f'make_example: unknown kind {kind!r}.')
+
+
+def nonce_queries(episode: Mapping[str, Any]) -> list[Example]:
+  """The queries of one nonce episode, each carrying the episode's support."""
+  template = _text(episode['template'])
+  if '{}' not in template:
+    raise ValueError(f'Nonce template {template!r} has no {{}} for the word.')
+  prefix = tokenizer_lib.IMAGE + template.split('{}')[0].rstrip()
+
+  def items(part):
+    columns = episode[part]
+    return [dict(zip(columns, values)) for values in zip(*columns.values())]
+
+  support = [Example(item['image'],
+                     f'{tokenizer_lib.IMAGE}{_text(item["text"])}'
+                     f'{tokenizer_lib.EOC}', prefix, _text(item['word']))
+             for item in items('support')]
+  return [Example(item['image'], '', prefix, _text(item['word']),
+                  support=support) for item in items('query')]
+
+
+def _open_source(dataset: str, split: str, data_dir: str, sizes: str,
+                 image_size: int):
+  spec = ml_collections.ConfigDict(dict(builder=dataset, split=split,
+                                        image_size=image_size))
+  return pipeline.open_source(spec, data_dir, sizes)
+
+
+def _class_names(dataset: str, data_dir: str,
+                 examples: Sequence[Example]) -> tuple[str, ...]:
+  if dataset.startswith('world_'):
+    # pylint: disable-next=g-import-not-at-top
+    from flamingo_jax.data.world import tasks as world_tasks
+    return tuple(world_tasks.CLASS_NAMES)
+  from flamingo_jax.data import formats  # pylint: disable=g-import-not-at-top
+  builder = formats.load_builder(dataset, data_dir)
+  names = (builder.info.metadata or {}).get('label_names')
+  path = os.path.join(builder.data_dir, 'metadata.json')
+  if not names and os.path.exists(path):
+    with open(path) as f:
+      names = json.load(f).get('label_names')
+  if names:
+    return tuple(str(n) for n in names)
+  logging.warning('%s stores no label_names; using the names of the loaded '
+                  'examples.', dataset)
+  return tuple(sorted({e.target for e in examples}))
+
+
+def ensure_world_data(config: Mapping[str, Any]) -> None:
+  """Builds the world evaluation datasets `config` (config.eval) reads."""
+  from flamingo_jax.data import world  # pylint: disable=g-import-not-at-top
+  for name in sorted({spec['dataset'] for spec in config['tasks'].values()}):
+    if not name.startswith('world_'):
+      continue
+    builder = world.make_builder(name, config['data_dir'], config['sizes'],
+                                 config['image_size'])
+    if not builder.is_prepared():
+      logging.info('Building the embedded world dataset %s (%s) in %s.', name,
+                   config['sizes'], config['data_dir'])
+      world.build_all(config['data_dir'], config['sizes'], datasets=[name],
+                      image_size=config['image_size'], log=logging.info)
+
+
+def load_task(name: str, spec: Mapping[str, Any], *, data_dir: str,
+              sizes: str, image_size: int, num_queries: int | None = None,
+              support_size: int | None = None) -> Task:
+  """Reads a task's support and query examples.
+
+  Args:
+    name: the task's name in config.eval.tasks.
+    spec: its config: dataset, kind, optional metric, frames,
+      max_new_tokens, data_dir, support_size, class_names.
+    data_dir: where the datasets are (the spec's data_dir wins).
+    sizes: the world's split table ('default' or 'tiny').
+    image_size: image side of the world builder to read.
+    num_queries: read at most this many queries (the first ones).
+    support_size: read at most this many support examples (the first ones);
+      None or 0: all of them.
+
+  Returns:
+    The Task.
+  """
+  check_spec(name, spec)
+  kind, dataset = spec['kind'], spec['dataset']
+  data_dir = spec.get('data_dir') or data_dir
+  support_size = spec.get('support_size') or support_size
+  query_source = _open_source(dataset, 'query', data_dir, sizes, image_size)
+  count = len(query_source)
+  queries, support = [], []
+  if kind == 'nonce':
+    for index in range(count):
+      if num_queries is not None and len(queries) >= num_queries:
+        break
+      queries.extend(nonce_queries(query_source[index]))
+  else:
+    count = count if num_queries is None else min(count, num_queries)
+    queries = [make_example(kind, query_source[i]) for i in range(count)]
+    support_source = _open_source(dataset, 'support', data_dir, sizes,
+                                  image_size)
+    count = len(support_source)
+    count = min(count, support_size) if support_size else count
+    support = [make_example(kind, support_source[i]) for i in range(count)]
+  if num_queries is not None:
+    queries = queries[:num_queries]
+  if not queries:
+    raise ValueError(f'Task {name!r}: dataset {dataset!r} has no queries.')
+  frames = int(spec.get('frames') or 1) if KINDS[kind].media == 'video' else 1
+  class_names = ()
+  if kind == 'classification':
+    class_names = tuple(spec.get('class_names') or
+                        _class_names(dataset, data_dir, support + queries))
+    unknown = sorted({q.target for q in queries} - set(class_names))
+    if unknown:
+      raise ValueError(f'Task {name!r}: labels {unknown[:5]} are not among '
+                       f'its {len(class_names)} class names.')
+  return Task(name=name, dataset=dataset, kind=kind,
+              metric=spec.get('metric') or KINDS[kind].metric, frames=frames,
+              queries=queries, support=support, class_names=class_names,
+              max_new_tokens=spec.get('max_new_tokens'))
+
+
+def default_tasks(frames: int = 4) -> dict[str, dict[str, Any]]:
+  """One task per embedded-world evaluation dataset (as Table 1's kinds).
+
+  A task may also set `metric`, `max_new_tokens` (a different value costs a
+  compilation of its own), `support_size`, `data_dir` and `class_names`.
+  """
+  return dict(
+      captions=dict(dataset='world_captions', kind='captioning'),
+      vqa=dict(dataset='world_vqa', kind='vqa'),
+      video_qa=dict(dataset='world_video_qa', kind='video_qa', frames=frames),
+      video_captions=dict(dataset='world_video_captions',
+                          kind='video_captioning', frames=frames),
+      classification=dict(dataset='world_classification',
+                          kind='classification'),
+      nonce=dict(dataset='world_nonce', kind='nonce'),
+  )
+
+
+def default_eval_config(
+    data_dir: str,
+    *,
+    sizes: str = 'default',
+    image_size: int = 64,
+    frames: int = 4,
+    shots: Sequence[int] = (0, 4, 8),
+    num_queries: int = 32,
+    support_size: int = 512,
+    batch_size: int = 16,
+    min_prompt_len: int = 0,
+    reference: Mapping[str, Any] | None = None,
+    tasks: Mapping[str, Mapping[str, Any]] | None = None,
+) -> ml_collections.ConfigDict:
+  """`config.eval`: the tasks, shots, decoding and reference scores.
+
+  Args:
+    data_dir: where the evaluation datasets are (built there if they are
+      the world's and missing).
+    sizes: the world's split table, 'default' or 'tiny'.
+    image_size: image side the model reads.
+    frames: frames per video.
+    shots: the few-shot settings to run.
+    num_queries: queries per task (the first ones of the query split).
+    support_size: support examples per task to draw shots from (the first
+      ones); 0: the whole split.
+    batch_size: prompts per generation / scoring call.
+    min_prompt_len: prompts are padded to at least this many tokens (the
+      runner already pads every task with the same media and decoding to
+      their longest prompt, so that they share one compiled decoder).
+    reference: task -> reference score (or {shots: score}) for the overall
+      score; see the returned config's `reference` field.
+    tasks: overrides `default_tasks(frames)`.
+
+  Returns:
+    A ConfigDict whose fields are documented inline.
+  """
+  config = ml_collections.ConfigDict()
+  config.data_dir = data_dir
+  config.sizes = sizes  # The world's split table: 'default' | 'tiny'.
+  config.image_size = image_size
+  config.tasks = dict(tasks or default_tasks(frames))
+  config.shots = list(shots)
+  config.num_queries = num_queries  # Per task, the first of 'query'.
+  config.support_size = support_size  # The first of 'support'; 0: all.
+  config.batch_size = batch_size  # Prompts per call (the last batch padded).
+  config.seed = 0  # Which support examples make the shots of each query.
+  config.zero_shot_examples = 2  # Text-only examples of 0-shot (App. B.1.5).
+  config.rices = False  # Retrieve shots by vision features (else random).
+  config.ensemble = 1  # Close-ended: permutations of the shots averaged.
+  config.decoding = dict(
+      max_new_tokens=20,  # Tasks may set their own (short answers).
+      beam_size=3,  # The paper's; 1 = greedy.
+      length_penalty=0.0)  # GNMT alpha; 0: plain log-probability.
+  # Prompts are padded to a multiple of this many tokens, and to at least
+  # min_prompt_len, so that few shapes (hence compilations) are needed.
+  config.pad_multiple = 64
+  config.min_prompt_len = min_prompt_len
+  # Media slots padded to the most shots of the run + 1 (one shape for all
+  # shots; the empty slots are encoded but never attended to).
+  config.pad_media = True
+  config.log_every_secs = 5.0  # Progress lines.
+  # The overall score (Table 3) is the mean over tasks of score / reference
+  # at `overall_shots`. A reference is a number or {'<shots>': number}; None or
+  # missing tasks are left out of the mean. The paper divides by its
+  # Flamingo-3B scores; for tiny runs, use the tiny default recipe's own
+  # scores, so that an ablation's overall score is its ratio to the recipe.
+  config.overall_shots = 4
+  config.reference = dict(reference or {})
+  return config
