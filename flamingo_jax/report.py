@@ -121,15 +121,15 @@ def write_report(workdir: str) -> str:
   return path
 
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'The run\'s workdir.')
-
-
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  print(f'Wrote {write_report(_WORKDIR.value)}')
+  print(f'Wrote {write_report(flags.FLAGS.workdir)}')
 
 
 if __name__ == '__main__':
+  # Defined here, not at import: the recipe imports this module next to
+  # train.py's own --workdir.
+  flags.DEFINE_string('workdir', None, 'The run\'s workdir.')
   flags.mark_flag_as_required('workdir')
   app.run(main)
