@@ -26,7 +26,9 @@ INSTALL_REQUIRES = [
 EXTRAS_REQUIRE = {
     # pycocoevalcap: the reference CIDEr implementation the metric tests
     # compare against (pure Python; its tokenizer test also needs Java).
-    'test': ['pytest', 'pytest-xdist', 'pycocoevalcap'],
+    # nbclient, nbformat, ipykernel: tests/test_notebook.py runs the notebook.
+    'test': ['pytest', 'pytest-xdist', 'pycocoevalcap', 'nbclient', 'nbformat',
+             'ipykernel'],
 }
 
 setuptools.setup(

@@ -1,0 +1,681 @@
+"""The notebook surface: `flamingo_jax.load(workdir)` -> a `Model`.
+
+  import flamingo_jax
+  model = flamingo_jax.load('workdir/tiny')        # or W/checkpoints[/<step>]
+  model.generate(image, '<image>Output:')           # -> ' two red circles.'
+  model.generate([img1, img2], '<image>Output: a cat.<EOC><image>Output:')
+  model.generate(video, '<image>Question: What moves? Answer:')
+  model.score(image, '<image>Output:', [' a cat.', ' a dog.'])  # -> [2] logp
+  model.few_shot([(img1, 'a cat.'), (img2, 'a dog.')], img3)    # captioning
+  model.few_shot([(img1, 'What is it?', 'a cat')], (img2, 'What is it?'),
+                 task='vqa')
+
+Media. A medium is an image -- a PIL image (any mode PIL converts to RGB:
+L, LA, P, RGBA, CMYK, ...), a uint8 numpy array [h, w, 3], a file path (str
+or pathlib.Path, decoded with PIL) or encoded bytes -- or a video: a uint8
+array [t, h, w, 3] or a list/tuple of frames (each frame any of the image
+forms). Media are resized to the model's image size keeping their aspect
+ratio (`data.pipeline.fit_image`); videos keep all their frames (the
+resampler interpolates its temporal table past `max_frames`).
+
+`media` arguments. For one prompt (a str): one medium, or a list with one
+medium per `<image>` marker, in order (None or [] for a text-only prompt).
+So a video given as a list of frames goes in a list of its own,
+`[frames]`: a bare list is always read as one medium per marker, and a count
+that does not match the markers is an error, never a guess. For a batch (a
+list of prompts): a list with one such entry per prompt; the results are
+then lists. Every medium of one call must have the same number of frames.
+
+Context. The longest prompt the model takes, `Model.max_len`, is
+`config.eval.max_len` when the config has it, otherwise the longest
+`config.data.datasets.*.seq_len` it was trained on (256 tokens: the
+interleaved documents, in the tiny recipe as in the paper). A longer prompt
+(plus, for `score`, its longest candidate) is an error; generated tokens may
+run past it by at most `max_new_tokens`.
+
+Placement. With one device, or when the parameters fit one device and the
+config's mesh does not split parameters (its 'fsdp' and 'model' axes are 1),
+they live on the default device. Otherwise (`placement='auto'`), or with
+`placement='mesh'`, they are sharded over a mesh built from `config.mesh`
+and `config.param_rules` (`training.sharding`), restored straight into their
+shards; when the parameters do not fit one device but the config's mesh
+would only replicate them, the devices go to its 'fsdp' axis instead.
+"""
+
+from collections.abc import Mapping, Sequence
+import contextlib
+import dataclasses
+import json
+import logging as py_logging
+import math
+import os
+import pathlib
+from typing import Any, Optional
+
+from absl import logging
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from PIL import Image
+
+from flamingo_jax.data import formatting
+from flamingo_jax.data import pipeline
+from flamingo_jax.data import tokenizer as tokenizer_lib
+from flamingo_jax.inference import generate as generate_lib
+from flamingo_jax.inference import prompts as prompts_lib
+from flamingo_jax.training import sharding as sharding_lib
+
+PathLike = str | os.PathLike
+PARAM_PARTS = ('trainable', 'frozen')  # The train state's parameter items.
+# PIL modes `Image.convert('RGB')` maps faithfully; others ('I', 'F',
+# 'I;16', ...) hold values outside 0..255 and are rejected.
+_CONVERTIBLE_MODES = frozenset(
+    ('1', 'L', 'LA', 'La', 'P', 'PA', 'RGB', 'RGBA', 'RGBa', 'RGBX', 'CMYK',
+     'YCbCr', 'LAB', 'HSV'))
+# Prompt and candidate lengths are padded to multiples of these, so that few
+# distinct shapes (each compiled once) serve most prompts.
+_PAD_PROMPTS = 32
+_PAD_CANDIDATES = 8
+# Fraction of one device's memory the parameters may take and still be
+# placed on it (the rest: activations and the decoding caches).
+_FITS_FRACTION = 0.75
+
+
+# -- Loading ---------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Location:
+  workdir: str  # Holds config.json.
+  checkpoints: str  # W/checkpoints.
+  step: Optional[int]  # None: the latest.
+
+
+def _locate(path: PathLike, step: Optional[int]) -> _Location:
+  """A workdir, W/checkpoints or W/checkpoints/<step> -> where things are."""
+  path = os.path.abspath(os.fspath(path))
+  if not os.path.exists(path):
+    raise FileNotFoundError(
+        f'{path} does not exist: give a training workdir (with config.json '
+        'and checkpoints/), its checkpoints/ folder or one checkpoints/<step>.')
+  name, parent = os.path.basename(path), os.path.dirname(path)
+  if os.path.isdir(os.path.join(path, 'checkpoints')):
+    location = _Location(path, os.path.join(path, 'checkpoints'), step)
+  elif name.isdigit() and os.path.basename(parent) == 'checkpoints':
+    if step is not None and step != int(name):
+      raise ValueError(f'{path} is the checkpoint of step {name}, but '
+                       f'step={step} was asked for.')
+    location = _Location(os.path.dirname(parent), parent, int(name))
+  elif name == 'checkpoints':
+    location = _Location(parent, path, step)
+  elif os.path.isfile(os.path.join(path, 'config.json')):
+    raise FileNotFoundError(
+        f'No checkpoint in {path}: it has a config.json but no checkpoints/ '
+        'folder (has the run saved its first checkpoint yet?).')
+  else:
+    raise FileNotFoundError(
+        f'{path} is neither a training workdir (config.json and '
+        'checkpoints/) nor a checkpoints/ folder nor a checkpoints/<step>.')
+  return location
+
+
+def _read_config(location: _Location) -> ml_collections.ConfigDict:
+  path = os.path.join(location.workdir, 'config.json')
+  if not os.path.isfile(path):
+    raise FileNotFoundError(
+        f'No config.json in {location.workdir}: load() reads the model config '
+        'that training writes there (or pass config=...).')
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def _checkpoint_manager(directory: str) -> ocp.CheckpointManager:
+  """A read-only manager; orbax's warning that it is read-only is muted."""
+  absl_logger = logging.get_absl_logger()
+  level = absl_logger.level
+  absl_logger.setLevel(py_logging.ERROR)
+  try:
+    return ocp.CheckpointManager(
+        directory,
+        item_handlers={'state': ocp.PyTreeCheckpointHandler(),
+                       'data': ocp.JsonCheckpointHandler()},
+        options=ocp.CheckpointManagerOptions(
+            read_only=True, create=False, save_interval_steps=0))
+  finally:
+    absl_logger.setLevel(level)
+
+
+def _merge_parts(state: Mapping[str, Any]) -> hk.Params:
+  """{'trainable': {m: {p: x}}, 'frozen': ...} -> {m: {p: x}}."""
+  params: dict[str, dict[str, Any]] = {}
+  for part in PARAM_PARTS:
+    for module, leaves in state.get(part, {}).items():
+      params.setdefault(module, {}).update(leaves)
+  return params
+
+
+def _split_like(params: hk.Params, state: Mapping[str, Any]) -> dict:
+  """The inverse of `_merge_parts`, shaped as `state`'s parameter items."""
+  return {part: {module: {name: params[module][name] for name in leaves}
+                 for module, leaves in state[part].items()}
+          for part in PARAM_PARTS if part in state}
+
+
+def _param_bytes(params: hk.Params) -> int:
+  return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize
+             for x in jax.tree.leaves(params))
+
+
+def _fits_one_device(num_bytes: int, device: jax.Device) -> bool:
+  stats = device.memory_stats() if hasattr(device, 'memory_stats') else None
+  limit = (stats or {}).get('bytes_limit')
+  return limit is None or num_bytes <= _FITS_FRACTION * limit
+
+
+def _inference_mesh(config: ml_collections.ConfigDict, fits: bool
+                    ) -> jax.sharding.Mesh:
+  """`config.mesh` over all devices; if the parameters do not fit one device
+  and that mesh would replicate them, all devices on 'fsdp' (or 'model')."""
+  mesh_config = [(str(name), int(size)) for name, size in config.get(
+      'mesh', sharding_lib.DEFAULT_MESH)]
+  names, sizes = sharding_lib.mesh_shape(mesh_config, jax.device_count())
+  splitting = math.prod(s for n, s in zip(names, sizes)
+                        if n in ('fsdp', 'model'))
+  if not fits and splitting == 1:
+    axis = 'fsdp' if 'fsdp' in names else ('model' if 'model' in names
+                                            else None)
+    if axis is not None:
+      mesh_config = [(name, -1 if name == axis else 1) for name in names]
+  return sharding_lib.make_mesh(mesh_config)
+
+
+def _restore_params(manager: ocp.CheckpointManager, step: int, shardings
+                    ) -> hk.Params:
+  """The parameter items of the train state only (no optimizer state),
+  restored straight into `shardings(abstract_params)`."""
+  tree = manager.item_metadata(step)['state']
+  tree = getattr(tree, 'tree', tree)
+  missing = [part for part in PARAM_PARTS if part not in tree]
+  if missing:
+    raise ValueError(f'Checkpoint {manager.directory}/{step} has no '
+                     f'{missing} parameters: not a Flamingo train state '
+                     f'(it has {sorted(tree)}).')
+  abstract = _merge_parts({part: tree[part] for part in PARAM_PARTS})
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                          abstract)
+  placed = jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      abstract, shardings(abstract))
+  target = _split_like(placed, tree)
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.PyTreeRestore(
+          item=target,
+          restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+          partial_restore=True)))
+  return _merge_parts(restored['state'])
+
+
+def load(path: PathLike, *, step: Optional[int] = None,
+         placement: str = 'auto',
+         config: Optional[Mapping[str, Any]] = None,
+         tokenizer: Optional[PathLike | tokenizer_lib.Tokenizer] = None
+         ) -> 'Model':
+  """A trained model, ready to generate and score.
+
+  Args:
+    path: a training workdir W (config.json and checkpoints/), W/checkpoints,
+      or W/checkpoints/<step>.
+    step: which checkpoint; default the latest (or the one `path` names).
+    placement: 'auto' (see the module docstring), 'device' (the default
+      device) or 'mesh' (sharded over `config.mesh` / `config.param_rules`).
+    config: the run's config; default W/config.json.
+    tokenizer: a Tokenizer or a SentencePiece .model path; default the file
+      `config.data.tokenizer` names.
+
+  Returns:
+    A `Model`.
+
+  Raises:
+    FileNotFoundError: a missing path, config.json, checkpoint or tokenizer.
+    ValueError: a bad `placement` or `step`, or a tokenizer whose vocabulary
+      is not the model's.
+  """
+  if placement not in ('auto', 'device', 'mesh'):
+    raise ValueError(f"placement must be 'auto', 'device' or 'mesh'; got "
+                     f'{placement!r}.')
+  location = _locate(path, step)
+  if config is None:
+    config = _read_config(location)
+  elif not isinstance(config, ml_collections.ConfigDict):
+    config = ml_collections.ConfigDict(config)
+  if config.get('task', 'flamingo') != 'flamingo':
+    raise ValueError(
+        f'{location.workdir} is a {config.task!r} run (config.task), not a '
+        'Flamingo one: load() restores Flamingo models.')
+  manager = _checkpoint_manager(location.checkpoints)
+  try:
+    steps = sorted(manager.all_steps())
+    chosen = steps[-1] if location.step is None and steps else location.step
+    if chosen is None:
+      raise FileNotFoundError(f'No checkpoint in {location.checkpoints}.')
+    if chosen not in steps:
+      raise FileNotFoundError(
+          f'No checkpoint for step {chosen} in {location.checkpoints}; '
+          f'available: {steps}.')
+    tokenizer = _load_tokenizer(config, tokenizer)
+    vocab = config.model.lm.vocab_size
+    if tokenizer.vocab_size != vocab:
+      raise ValueError(
+          f'The tokenizer has {tokenizer.vocab_size} pieces but the model '
+          f'(config.model.lm.vocab_size) has {vocab}: not this run\'s '
+          'tokenizer.')
+    tree = manager.item_metadata(chosen)['state']
+    tree = getattr(tree, 'tree', tree)
+    num_bytes = _param_bytes(_merge_parts(
+        {p: tree[p] for p in PARAM_PARTS if p in tree}))
+    fits = _fits_one_device(num_bytes, jax.devices()[0])
+    mesh = None
+    if placement == 'mesh' or (placement == 'auto' and jax.device_count() > 1):
+      candidate = _inference_mesh(config, fits)
+      splits = any(candidate.shape.get(a, 1) > 1 for a in ('fsdp', 'model'))
+      if placement == 'mesh' or splits:
+        mesh = candidate
+    if mesh is None:
+      if not fits:
+        logging.warning('The parameters (%.1f GB) may not fit one device.',
+                        num_bytes / 1e9)
+      device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+      shardings = lambda tree: jax.tree.map(lambda _: device, tree)
+    else:
+      shardings = lambda tree: sharding_lib.param_shardings(
+          tree, config.param_rules, mesh)
+    params = _restore_params(manager, chosen, shardings)
+  finally:
+    manager.close()
+  logging.info('Loaded step %d from %s (%.1f MB of parameters, %s).', chosen,
+               location.checkpoints, num_bytes / 1e6,
+               'on ' + str(jax.devices()[0]) if mesh is None
+               else f'sharded over mesh {dict(mesh.shape)}')
+  return Model(config=config, params=params, tokenizer=tokenizer,
+               step=chosen, mesh=mesh, workdir=location.workdir)
+
+
+def _load_tokenizer(config: ml_collections.ConfigDict,
+                    tokenizer: Optional[PathLike | tokenizer_lib.Tokenizer]
+                    ) -> tokenizer_lib.Tokenizer:
+  if isinstance(tokenizer, tokenizer_lib.Tokenizer):
+    return tokenizer
+  if tokenizer is not None:
+    return tokenizer_lib.Tokenizer.load(os.fspath(tokenizer))
+  path = config.get('data', {}).get('tokenizer')
+  if not path:
+    raise ValueError('The config names no tokenizer (config.data.tokenizer); '
+                     'pass tokenizer=PATH to load().')
+  if '://' not in path and not os.path.isfile(path):
+    raise FileNotFoundError(
+        f'The tokenizer file {path} (config.data.tokenizer) does not exist. '
+        'Training creates it (flamingo_jax.data.prepare.ensure_data); on '
+        'another machine copy it there or pass tokenizer=PATH to load().')
+  return tokenizer_lib.Tokenizer.load(path)
+
+
+# -- Media -----------------------------------------------------------------
+
+
+def _image_array(image: Any, what: str) -> Any:
+  """A PIL image or path -> uint8 [h, w, 3]; arrays and bytes pass through
+  (`prompts.as_frames` checks them)."""
+  if isinstance(image, (str, os.PathLike)):
+    path = pathlib.Path(image)
+    if not path.is_file():
+      raise FileNotFoundError(f'{what}: no image file at {path}.')
+    try:
+      with Image.open(path) as pil:
+        return _pil_array(pil, f'{what} ({path})')
+    except OSError as e:
+      raise ValueError(f'{what}: cannot decode {path} as an image: {e}') from e
+  if isinstance(image, Image.Image):
+    return _pil_array(image, what)
+  if isinstance(image, (bytes, np.bytes_, np.ndarray, jax.Array)):
+    return image
+  raise TypeError(f'{what} must be a PIL image, a uint8 array, a file path '
+                  f'or encoded bytes; got {type(image).__name__}.')
+
+
+def _pil_array(pil: Image.Image, what: str) -> np.ndarray:
+  if pil.mode not in _CONVERTIBLE_MODES:
+    raise ValueError(f'{what}: PIL mode {pil.mode!r} is not an 8-bit image '
+                     'mode; convert it to RGB yourself (e.g. rescale '
+                     '16-bit or float pixels to 0..255 first).')
+  return np.asarray(pil.convert('RGB'))  # [h, w, 3] uint8
+
+
+def _medium(medium: Any, what: str) -> Any:
+  """One medium -> an image [h, w, 3] / video [t, h, w, 3] array or bytes."""
+  if isinstance(medium, (list, tuple)):
+    if not medium:
+      raise ValueError(f'{what}: a video needs at least one frame.')
+    frames = [_image_array(f, f'{what}, frame {i}')
+              for i, f in enumerate(medium)]
+    try:
+      frames = [pipeline.decode_image(f) for f in frames]  # [h, w, 3] each
+    except pipeline.MediaError as e:
+      raise ValueError(f'{what}: {e}') from e
+    shapes = {f.shape for f in frames}
+    if len(shapes) > 1:
+      raise ValueError(f'{what}: the frames of a video must share one shape; '
+                       f'got {sorted(shapes)}.')
+    return np.stack(frames)  # [t, h, w, 3]
+  return _image_array(medium, what)
+
+
+def _media_list(media: Any, num_markers: int, what: str) -> list[Any]:
+  """A prompt's `media` argument -> one medium per marker (see the module
+  docstring)."""
+  if media is None:
+    media = []
+  elif not isinstance(media, (list, tuple)):
+    media = [media]
+  if len(media) != num_markers:
+    hint = (' A video given as a list of frames goes in a list of its own: '
+            '[frames].' if num_markers == 1 and len(media) > 1 else '')
+    raise ValueError(
+        f'{what} has {num_markers} <image> markers but {len(media)} media '
+        f'were given: give exactly one medium per marker, in order.{hint}')
+  return [_medium(m, f'{what}, medium {i}') for i, m in enumerate(media)]
+
+
+# -- The model -------------------------------------------------------------
+
+
+def _context_length(config: ml_collections.ConfigDict) -> tuple[int, str]:
+  """The longest prompt (tokens) and where that number comes from."""
+  max_len = config.get('eval', {}).get('max_len')
+  if max_len:
+    return int(max_len), 'config.eval.max_len'
+  lengths = {name: int(spec['seq_len'])
+             for name, spec in config.get('data', {}).get('datasets',
+                                                          {}).items()
+             if 'seq_len' in spec}
+  if not lengths:
+    raise ValueError('The config has neither eval.max_len nor any '
+                     'data.datasets.*.seq_len to bound the context with.')
+  name = max(lengths, key=lengths.get)
+  return lengths[name], f'config.data.datasets.{name}.seq_len'
+
+
+class Model:
+  """A trained Flamingo: config, parameters, tokenizer and a cached decoder.
+
+  Attributes:
+    config: the run's config (`config.model` is the architecture).
+    params: the Haiku parameters, on one device or sharded over `mesh`.
+    tokenizer: the run's tokenizer (`<image>`, `<EOC>`).
+    decoder: `inference.generate.Decoder` (jitted greedy / beam / score).
+    step: the training step of the checkpoint.
+    mesh: the mesh the parameters are sharded over, or None.
+    max_len: the longest prompt in tokens (`max_len_source` says whence).
+    image_size: the side media are resized to.
+  """
+
+  def __init__(self, *, config: ml_collections.ConfigDict, params: hk.Params,
+               tokenizer: tokenizer_lib.Tokenizer, step: int,
+               mesh: Optional[jax.sharding.Mesh] = None,
+               workdir: Optional[str] = None):
+    self.config = config
+    self.params = params
+    self.tokenizer = tokenizer
+    self.step = step
+    self.mesh = mesh
+    self.workdir = workdir
+    self.model_config = config.model.to_dict()
+    self.image_size = int(self.model_config['image_size'])
+    self.max_len, self.max_len_source = _context_length(config)
+    self.decoder = generate_lib.Decoder(
+        self.model_config,
+        compute_dtype=jnp.dtype(config.get('compute_dtype', 'float32')))
+    tok = tokenizer
+    self.stop_ids = (tok.eoc_id, tok.eos_id)
+    self.banned_ids = (tok.pad_id, tok.bos_id, tok.image_id)
+
+  def __repr__(self) -> str:
+    count = sum(math.prod(x.shape) for x in jax.tree.leaves(self.params))
+    where = ('on ' + str(jax.devices()[0]) if self.mesh is None
+             else f'sharded over {dict(self.mesh.shape)}')
+    return (f'Model(step={self.step}, parameters={count:,}, '
+            f'image_size={self.image_size}, max_len={self.max_len}, '
+            f'{where}, workdir={self.workdir!r})')
+
+  def _scope(self):
+    return (jax.set_mesh(self.mesh) if self.mesh is not None
+            else contextlib.nullcontext())
+
+  # -- Prompts -------------------------------------------------------------
+
+  def _encode(self, media: Any, prompt: str, what: str,
+              extra_tokens: int = 0) -> prompts_lib.EncodedPrompt:
+    if not isinstance(prompt, str):
+      raise TypeError(f'{what} must be a str; got {type(prompt).__name__}.')
+    num_markers = self.tokenizer.encode(prompt).count(self.tokenizer.image_id)
+    encoded = prompts_lib.encode(
+        self.tokenizer, prompt, _media_list(media, num_markers, what),
+        self.image_size)
+    length = len(encoded.tokens) + extra_tokens
+    if length > self.max_len:
+      extra = (f' (with its longest candidate, {extra_tokens} tokens)'
+               if extra_tokens else '')
+      raise ValueError(
+          f'{what} has {length} tokens{extra}, more than the model\'s context '
+          f'of {self.max_len} ({self.max_len_source}): use fewer shots or '
+          'shorter text.')
+    return encoded
+
+  def _batch(self, media: Any, prompt: str | Sequence[str],
+             extra_tokens: Sequence[int] = ()) -> tuple[dict, bool]:
+    """(collated batch, whether the call was batched)."""
+    if isinstance(prompt, str):
+      encoded = [self._encode(media, prompt, 'The prompt',
+                              max(extra_tokens, default=0))]
+      batched = False
+    else:
+      prompt = list(prompt)
+      if not prompt:
+        raise ValueError('Give at least one prompt.')
+      if media is None:
+        media = [None] * len(prompt)
+      if not isinstance(media, (list, tuple)) or len(media) != len(prompt):
+        given = (f'{len(media)} entries' if isinstance(media, (list, tuple))
+                 else type(media).__name__)
+        raise ValueError(
+            f'{len(prompt)} prompts need a list of {len(prompt)} media '
+            'entries (one per prompt: a medium, a list of media or None); '
+            f'got {given}.')
+      extra = list(extra_tokens) or [0] * len(prompt)
+      encoded = [self._encode(m, p, f'Prompt {i}', extra[i])
+                 for i, (m, p) in enumerate(zip(media, prompt))]
+      batched = True
+    return prompts_lib.collate(encoded, pad_multiple=_PAD_PROMPTS), batched
+
+  def _text(self, tokens: np.ndarray, length: int) -> str:
+    ids = [int(t) for t in tokens[:length]]
+    if ids and ids[-1] in self.stop_ids:
+      ids = ids[:-1]
+    return self.tokenizer.decode(ids)
+
+  # -- Public API ------------------------------------------------------------
+
+  def generate(self, media: Any, prompt: str | Sequence[str], *,
+               max_new_tokens: int = 20, beam_size: int = 1,
+               length_penalty: float = 0.0) -> str | list[str]:
+    """The continuation of `prompt`, up to (not including) `<EOC>`.
+
+    Args:
+      media: for one prompt, a medium or a list with one medium per
+        `<image>` marker; for a list of prompts, a list of those (see the
+        module docstring).
+      prompt: text with `<image>` markers, e.g. '<image>Output:'
+        (`data.formatting.caption_prompt()`), or a list of such texts.
+      max_new_tokens: the most tokens generated per prompt.
+      beam_size: 1 for greedy decoding; the paper uses 3.
+      length_penalty: GNMT's alpha for beam search (0: plain log-prob).
+
+    Returns:
+      The generated text (raw: a leading space is kept), or a list of them
+      for a list of prompts.
+    """
+    if max_new_tokens < 1 or beam_size < 1:
+      raise ValueError(f'max_new_tokens and beam_size must be >= 1; got '
+                       f'{max_new_tokens}, {beam_size}.')
+    batch, batched = self._batch(media, prompt)
+    options = generate_lib.Options(
+        max_new_tokens=int(max_new_tokens), stop_ids=self.stop_ids,
+        banned_ids=self.banned_ids, beam_size=int(beam_size),
+        length_penalty=float(length_penalty))
+    with self._scope():
+      if beam_size == 1:
+        result = self.decoder.greedy(self.params, batch, options)
+      else:
+        result = self.decoder.beam_search(self.params, batch, options)
+      tokens, lengths = jax.device_get((result.tokens, result.lengths))
+    texts = [self._text(np.asarray(t), int(n))
+             for t, n in zip(tokens, lengths)]
+    return texts if batched else texts[0]
+
+  def score(self, media: Any, prompt: str | Sequence[str],
+            candidates: Sequence[str] | Sequence[Sequence[str]]
+            ) -> np.ndarray:
+    """log p(candidate | media, prompt) of each candidate continuation.
+
+    Args:
+      media: as for `generate`.
+      prompt: one prompt, or a list of prompts.
+      candidates: continuations (e.g. [' a cat.<EOC>', ' a dog.<EOC>'];
+        `<EOC>` is scored if written); for a list of prompts, either one
+        list shared by all or one list per prompt, all of the same length.
+
+    Returns:
+      float32 [C] summed log-probabilities, or [B, C] for a list of prompts.
+    """
+    batched = not isinstance(prompt, str)
+    if isinstance(candidates, str):
+      raise TypeError('candidates must be a list of strings, not one string.')
+    candidates = list(candidates)
+    if not candidates:
+      raise ValueError('Give at least one candidate.')
+    rows = len(prompt) if batched else 1
+    if all(isinstance(c, str) for c in candidates):
+      per_row = [candidates] * rows
+    elif batched and len(candidates) == rows and all(
+        isinstance(c, (list, tuple)) and all(isinstance(s, str) for s in c)
+        for c in candidates):
+      per_row = [list(c) for c in candidates]
+    else:
+      raise ValueError('candidates must be a list of strings (or, for a list '
+                       'of prompts, one list of strings per prompt).')
+    num = {len(c) for c in per_row}
+    if len(num) > 1 or 0 in num:
+      raise ValueError('Every prompt needs the same number (>= 1) of '
+                       f'candidates; got {[len(c) for c in per_row]}.')
+    ids = [[self.tokenizer.encode(c) for c in row] for row in per_row]
+    for row in per_row:
+      for c in row:
+        if not self.tokenizer.encode(c):
+          raise ValueError(f'Candidate {c!r} is empty: nothing to score.')
+    longest = [max(len(i) for i in row) for row in ids]
+    batch, _ = self._batch(media, prompt, longest)
+    width = -(-max(longest) // _PAD_CANDIDATES) * _PAD_CANDIDATES
+    tokens = np.zeros([rows, num.pop(), width], np.int32)  # [B, C, Lc]
+    valid = np.zeros(tokens.shape, bool)  # [B, C, Lc]
+    for b, row in enumerate(ids):
+      for c, cand in enumerate(row):
+        tokens[b, c, :len(cand)] = cand
+        valid[b, c, :len(cand)] = True
+    with self._scope():
+      scores = np.asarray(jax.device_get(
+          self.decoder.score(self.params, batch, tokens, valid)))  # [B, C]
+    return scores if batched else scores[0]
+
+  def few_shot(self, support: Sequence[tuple[Any, ...]], query: Any, *,
+               task: str = 'caption', max_new_tokens: int = 20,
+               beam_size: int = 1) -> str:
+    """The answer for `query` after the `support` examples, in the paper's
+    prompt format.
+
+    Args:
+      support: the shots, in order: `(medium, text)` for task 'caption'
+        (`<image>Output: {text}<EOC>`) and 'plain' (`<image>{text}<EOC>`,
+        the image-text pairs' training format); `(medium, question, answer)`
+        for 'vqa' (`<image>Question: {q} Answer: {a}<EOC>`). At least one:
+        for zero-shot, call `generate` with the query prompt (e.g.
+        `data.formatting.caption_prompt()`), or give the paper's text-only
+        shots yourself.
+      query: a medium ('caption', 'plain') or `(medium, question)` ('vqa').
+      task: 'caption', 'vqa' or 'plain' (see FEW_SHOT_TASKS).
+      max_new_tokens: as for `generate`.
+      beam_size: as for `generate`.
+
+    Returns:
+      The generated answer, stripped of surrounding whitespace.
+    """
+    if task not in FEW_SHOT_TASKS:
+      raise ValueError(f'Unknown task {task!r}; expected one of '
+                       f'{sorted(FEW_SHOT_TASKS)}.')
+    spec = FEW_SHOT_TASKS[task]
+    if isinstance(support, (str, bytes)) or not isinstance(
+        support, Sequence):
+      raise TypeError('support must be a list of tuples, e.g. '
+                      f'{spec.support_form}.')
+    if not support:
+      raise ValueError(
+          'The support set is empty: few_shot needs at least one example. '
+          'For zero-shot, call model.generate(medium, prompt) with the query '
+          'prompt (e.g. data.formatting.caption_prompt()).')
+    media, shots = [], []
+    for index, item in enumerate(support):
+      fields = _fields(item, spec.support_arity, str,
+                       f'Support item {index}', spec.support_form)
+      media.append(fields[0])
+      shots.append(spec.shot(*fields[1:]))
+    if spec.query_arity == 1:
+      query_medium, query_text = query, spec.query()
+    else:
+      fields = _fields(query, spec.query_arity, str, 'The query',
+                       spec.query_form)
+      query_medium, query_text = fields[0], spec.query(*fields[1:])
+    media.append(query_medium)
+    prompt = ''.join(shots) + query_text
+    return self.generate(media, prompt, max_new_tokens=max_new_tokens,
+                         beam_size=beam_size).strip()
+
+
+def _fields(item: Any, arity: int, text_type: type, what: str,
+            form: str) -> tuple[Any, ...]:
+  if not isinstance(item, tuple) or len(item) != arity or not all(
+      isinstance(f, text_type) for f in item[1:]):
+    raise ValueError(f'{what} must be a tuple {form}; got {item!r:.200}.')
+  return item
+
+
+@dataclasses.dataclass(frozen=True)
+class FewShotTask:
+  support_arity: int  # Fields of a support tuple, the medium first.
+  support_form: str  # For errors.
+  shot: Any  # (*texts) -> one shot's prompt text.
+  query_arity: int  # 1: the query is a medium; else a tuple.
+  query_form: str
+  query: Any  # (*texts) -> the open query's prompt text.
+
+
+FEW_SHOT_TASKS = {
+    'caption': FewShotTask(2, '(medium, caption)', formatting.caption_prompt,
+                           1, 'medium', formatting.caption_prompt),
+    'vqa': FewShotTask(3, '(medium, question, answer)', formatting.vqa_prompt,
+                       2, '(medium, question)', formatting.vqa_prompt),
+    'plain': FewShotTask(
+        2, '(medium, text)',
+        lambda text: f'{tokenizer_lib.IMAGE}{text}{tokenizer_lib.EOC}',
+        1, 'medium', lambda: tokenizer_lib.IMAGE),
+}
