@@ -49,8 +49,6 @@ import numpy as np
 from flamingo_jax.models import flamingo
 from flamingo_jax.models import layers
 from flamingo_jax.models import lm
-from flamingo_jax.models import nfnet
-from flamingo_jax.models import vit
 
 PAD_ID = 0  # The tokenizer's <pad> (flamingo_jax.data.tokenizer).
 
@@ -148,18 +146,6 @@ class LearnedTemperature(hk.Module):
                        self.max_scale)  # []
 
 
-def _vision_encoder(config: Mapping[str, Any]) -> hk.Module:
-  """Flamingo's vision encoder: same config section, same module name."""
-  kwargs = dict(config)
-  encoder = kwargs.pop('encoder')
-  if encoder == 'nfnet':
-    return nfnet.NFNet(**kwargs, name='vision_encoder')
-  if encoder == 'vit':
-    return vit.VisionTransformer(**kwargs, name='vision_encoder')
-  raise ValueError(f"Unknown vision encoder {encoder!r}; expected 'nfnet' or "
-                   "'vit'.")
-
-
 class ContrastiveModel:
   """Image and text towers into a joint space. Build it inside a transform.
 
@@ -170,7 +156,7 @@ class ContrastiveModel:
   def __init__(self, config: Mapping[str, Any]):
     config = config.to_dict() if hasattr(config, 'to_dict') else dict(config)
     self.config = config
-    self.vision_encoder = _vision_encoder(config['vision'])
+    self.vision_encoder = flamingo.vision_encoder(config['vision'])
     self.text_encoder = TextEncoder(**config['text'], name='text_encoder')
     self.embed_dim = config['embed_dim']
     self.temperature = LearnedTemperature(config['init_temperature'],

@@ -85,7 +85,9 @@ def xattn_positions(num_layers: int, every: int, placement: str,
   return positions
 
 
-def _vision_encoder(config: Mapping[str, Any]) -> hk.Module:
+def vision_encoder(config: Mapping[str, Any]) -> hk.Module:
+  """The vision encoder of `config['vision']`, named 'vision_encoder' (the
+  contrastive pretraining model builds the same one)."""
   kwargs = dict(config)
   encoder = kwargs.pop('encoder')
   if encoder == 'nfnet':
@@ -139,7 +141,7 @@ class Flamingo:
   def __init__(self, config: Mapping[str, Any]):
     config = _as_dict(config)
     self.config = config
-    self.vision_encoder = _vision_encoder(config['vision'])
+    self.vision_encoder = vision_encoder(config['vision'])
     self.resampler = resampler_lib.PerceiverResampler(
         **config['resampler'], name='perceiver_resampler')
     self.lm = lm_lib.DecoderLM(**config['lm'], name='lm')

@@ -167,15 +167,7 @@ def make_train_step(
     updates, opt_state = optimizer.update(grads, state.opt_state,
                                           state.trainable)
     trainable = optax.apply_updates(state.trainable, updates)
-    finite = jnp.isfinite(loss)
-    keep = lambda new, old: jax.tree.map(
-        lambda n, o: jnp.where(finite, n, o), new, old)
-    new_state = TrainState(
-        step=state.step + 1,
-        trainable=keep(trainable, state.trainable),
-        frozen=state.frozen,
-        opt_state=keep(opt_state, state.opt_state),
-        rng=state.rng)
+    new_state = train_step_lib.next_state(state, loss, trainable, opt_state)
     metrics.update(
         loss=loss,
         grad_norm=optax.tree.norm(grads),

@@ -118,6 +118,24 @@ def split_microbatches(batch: Batch, microbatches: int) -> Batch:
   return jax.tree.map(split, dict(batch))
 
 
+def next_state(state: TrainState, loss: jax.Array, trainable: Any,
+               opt_state: Any) -> TrainState:
+  """The state after one step, unless the loss is not finite.
+
+  A non-finite loss leaves parameters and optimizer state untouched, so no
+  checkpoint ever holds them; the loop stops at the next log step.
+  """
+  finite = jnp.isfinite(loss)
+  keep = lambda new, old: jax.tree.map(
+      lambda n, o: jnp.where(finite, n, o), new, old)
+  return TrainState(
+      step=state.step + 1,
+      trainable=keep(trainable, state.trainable),
+      frozen=state.frozen,
+      opt_state=keep(opt_state, state.opt_state),
+      rng=state.rng)
+
+
 def make_train_step(
     apply_fn: Callable[..., jax.Array],
     optimizer: optax.GradientTransformation,
@@ -208,17 +226,7 @@ def make_train_step(
           jnp.add, total_grads, grads)
     if dataset_updates == 'accumulate':
       trainable, opt_state = update(trainable, opt_state, total_grads)
-    # A non-finite loss leaves parameters and optimizer state untouched, so
-    # no checkpoint ever holds them; the loop stops at the next log step.
-    finite = jnp.isfinite(loss)
-    keep = lambda new, old: jax.tree.map(
-        lambda n, o: jnp.where(finite, n, o), new, old)
-    new_state = TrainState(
-        step=state.step + 1,
-        trainable=keep(trainable, state.trainable),
-        frozen=state.frozen,
-        opt_state=keep(opt_state, state.opt_state),
-        rng=state.rng)
+    new_state = next_state(state, loss, trainable, opt_state)
     metrics.update(
         loss=loss,
         grad_norm=optax.tree.norm(total_grads),
