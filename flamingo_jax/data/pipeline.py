@@ -6,7 +6,8 @@ function of (seed, dataset, s, r):
 
   global position g = s * B + r                     (B: global batch size)
   example index      = permutation_e(g mod n)       (e = g // n: the epoch)
-  randomness         = default_rng([seed, dataset, g])  (p_next, space, crop)
+  randomness         = default_rng([seed, dataset, g])  (p_next, space; crop
+                       and flip, when on, from a stream of their own)
 
 Resuming at step s therefore only needs s (saved with the checkpoint), and
 each process reads just its own rows [p * B/P, (p+1) * B/P) of every step.
@@ -39,6 +40,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from flamingo_jax.data import augment as augment_lib
 from flamingo_jax.data import formatting
 from flamingo_jax.data import tokenizer as tokenizer_lib
 
@@ -80,22 +82,26 @@ def fit_image(image: np.ndarray, size: int) -> np.ndarray:  # -> [size, size, 3]
   return out
 
 
-def media_array(medium: Any, frames: int, size: int) -> np.ndarray:
+def media_array(medium: Any, frames: int, size: int,
+                augment: Optional[augment_lib.Augment] = None) -> np.ndarray:
   """An image or a video (sequence of frames) -> [frames, size, size, 3].
 
   An image fills frame 0 (T=1 is the image case); a video must have at least
-  `frames` frames, of which evenly spaced ones are taken.
+  `frames` frames, of which evenly spaced ones are taken. `augment` (see
+  `augment.py`) transforms every decoded frame before it is fitted.
   """
+  augment = augment or (lambda image: image)
   if isinstance(medium, (bytes, np.bytes_)) or np.ndim(medium) == 3:
     out = np.zeros([frames, size, size, 3], np.uint8)
-    out[0] = fit_image(decode_image(medium), size)
+    out[0] = fit_image(augment(decode_image(medium)), size)
     return out
   video = list(medium)
   if len(video) < frames:
     raise MediaError(f'A video needs at least {frames} frames; got '
                      f'{len(video)}.')
   picks = np.linspace(0, len(video) - 1, frames).round().astype(int)
-  return np.stack([fit_image(decode_image(video[i]), size) for i in picks])
+  return np.stack([fit_image(augment(decode_image(video[i])), size)
+                   for i in picks])
 
 
 # Readers: raw example (a dict of numpy values from the data source) ->
@@ -165,10 +171,16 @@ class ExampleLoader:
       if isinstance(example, formatting.Skip):
         return self._skip(example.reason)
       media_out = self._empty_media()  # [N, T, H, W, 3]
+      # Its own stream, so that turning augmentation on changes nothing else.
+      augment_rng = np.random.default_rng([self._seed, self._index, position,
+                                           2])
       for slot, source_index in enumerate(example['kept_media']):
         if source_index >= 0:
+          augment = augment_lib.make_augment(
+              augment_rng, crop_min_area=spec.get('crop_min_area', 1.0),
+              flip_p=spec.get('flip_p', 0.0))
           media_out[slot] = media_array(media[source_index], spec.frames,
-                                        spec.image_size)
+                                        spec.image_size, augment)
     except MediaError as e:
       logging.log_every_n(logging.WARNING, 'Skipping an example of %s: %s',
                           100, spec.name, e)
