@@ -29,11 +29,22 @@ def _read_jsonl(path: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in f if line.strip()]
 
 
+def _started(directory: str) -> float:
+  for name in ('config.json', 'metrics.jsonl'):
+    path = os.path.join(directory, name)
+    if os.path.exists(path):
+      return os.path.getmtime(path)
+  return 0.0
+
+
 def _stage_dirs(workdir: str) -> list[tuple[str, str]]:
   """(name, directory) of the stages under W that trained, then W."""
+  # In the order they ran: by when each began (its config.json is written
+  # first).
   stages = sorted(
-      name for name in os.listdir(workdir)
-      if os.path.exists(os.path.join(workdir, name, 'metrics.jsonl')))
+      (name for name in os.listdir(workdir)
+       if os.path.exists(os.path.join(workdir, name, 'metrics.jsonl'))),
+      key=lambda name: _started(os.path.join(workdir, name)))
   found = [(name, os.path.join(workdir, name)) for name in stages]
   if os.path.exists(os.path.join(workdir, 'metrics.jsonl')):
     found.append(('main (Flamingo)', workdir))

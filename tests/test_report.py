@@ -26,6 +26,7 @@ def test_report_lists_stages_metrics_plots_and_scores(tmp_path):
       'metadata': {'step': 10, 'metrics': {'nonce': 'exact_match'}}}))
   text = open(report.write_report(str(tmp_path))).read()
   assert '## Stage: vision' in text and '## Stage: main (Flamingo)' in text
+  assert text.index('## Stage: vision') < text.index('## Stage: main')
   assert '| i2t_accuracy/pairs | 0.03 | 0.5 |' in text
   assert '| loss/pairs | 2.5 | 1.25 |' in text
   assert '![main (Flamingo) loss.png](plots/loss.png)' in text
