@@ -5,7 +5,10 @@
   blocks inserted before some of them─▶ logits [B, L, V].
 
 Every medium is encoded once per forward pass, whatever number of text tokens
-attend to it. A GATED XATTN-DENSE block is inserted before LM block i for each
+attend to it. For generation, `prefill` runs the prompts and returns caches
+(self-attention keys/values, and each xattn layer's keys/values of the
+visual tokens, computed once) and `decode_step` extends them chunk by chunk
+(`models/decoding.py`; `inference/generate.py` drives them). A GATED XATTN-DENSE block is inserted before LM block i for each
 i with i % xattn_every == 0 (3B: every layer, 9B: every 4th, 80B: every 7th,
 starting at the first); `placement='single_in_middle'` inserts one block
 before layer num_layers // 2 (Table 3 v); `xattn_type='grafting'` stacks the
