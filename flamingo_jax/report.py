@@ -18,15 +18,10 @@ from typing import Any
 from absl import app
 from absl import flags
 
+from flamingo_jax import plot
+
 # Metrics shown per stage when present (first -> last logged value).
 HEADLINE_PREFIXES = ('loss', 'i2t_accuracy', 't2i_accuracy')
-
-
-def _read_jsonl(path: str) -> list[dict[str, Any]]:
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
 
 
 def _started(directory: str) -> float:
@@ -62,7 +57,7 @@ def _headline(rows: Sequence[Mapping[str, Any]]) -> list[tuple[str, Any, Any]]:
 
 
 def _stage_section(name: str, directory: str, workdir: str) -> list[str]:
-  rows = _read_jsonl(os.path.join(directory, 'metrics.jsonl'))
+  rows = plot.read_metrics(directory)
   lines = [f'## Stage: {name}', '']
   if not rows:
     return lines + ['No metrics logged.', '']
