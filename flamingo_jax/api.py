@@ -46,7 +46,6 @@ from collections.abc import Mapping, Sequence
 import contextlib
 import dataclasses
 import json
-import logging as py_logging
 import math
 import os
 import pathlib
@@ -58,9 +57,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from PIL import Image
 
+from flamingo_jax import checkpoint as checkpoint_lib
 from flamingo_jax.data import formatting
 from flamingo_jax.data import pipeline
 from flamingo_jax.data import tokenizer as tokenizer_lib
@@ -69,7 +68,6 @@ from flamingo_jax.inference import prompts as prompts_lib
 from flamingo_jax.training import sharding as sharding_lib
 
 PathLike = str | os.PathLike
-PARAM_PARTS = ('trainable', 'frozen')  # The train state's parameter items.
 # PIL modes `Image.convert('RGB')` maps faithfully; others ('I', 'F',
 # 'I;16', ...) hold values outside 0..255 and are rejected.
 _CONVERTIBLE_MODES = frozenset(
@@ -132,38 +130,6 @@ def _read_config(location: _Location) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.load(f))
 
 
-def _checkpoint_manager(directory: str) -> ocp.CheckpointManager:
-  """A read-only manager; orbax's warning that it is read-only is muted."""
-  absl_logger = logging.get_absl_logger()
-  level = absl_logger.level
-  absl_logger.setLevel(py_logging.ERROR)
-  try:
-    return ocp.CheckpointManager(
-        directory,
-        item_handlers={'state': ocp.PyTreeCheckpointHandler(),
-                       'data': ocp.JsonCheckpointHandler()},
-        options=ocp.CheckpointManagerOptions(
-            read_only=True, create=False, save_interval_steps=0))
-  finally:
-    absl_logger.setLevel(level)
-
-
-def _merge_parts(state: Mapping[str, Any]) -> hk.Params:
-  """{'trainable': {m: {p: x}}, 'frozen': ...} -> {m: {p: x}}."""
-  params: dict[str, dict[str, Any]] = {}
-  for part in PARAM_PARTS:
-    for module, leaves in state.get(part, {}).items():
-      params.setdefault(module, {}).update(leaves)
-  return params
-
-
-def _split_like(params: hk.Params, state: Mapping[str, Any]) -> dict:
-  """The inverse of `_merge_parts`, shaped as `state`'s parameter items."""
-  return {part: {module: {name: params[module][name] for name in leaves}
-                 for module, leaves in state[part].items()}
-          for part in PARAM_PARTS if part in state}
-
-
 def _param_bytes(params: hk.Params) -> int:
   return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize
              for x in jax.tree.leaves(params))
@@ -190,32 +156,6 @@ def _inference_mesh(config: ml_collections.ConfigDict, fits: bool
     if axis is not None:
       mesh_config = [(name, -1 if name == axis else 1) for name in names]
   return sharding_lib.make_mesh(mesh_config)
-
-
-def _restore_params(manager: ocp.CheckpointManager, step: int, shardings
-                    ) -> hk.Params:
-  """The parameter items of the train state only (no optimizer state),
-  restored straight into `shardings(abstract_params)`."""
-  tree = manager.item_metadata(step)['state']
-  tree = getattr(tree, 'tree', tree)
-  missing = [part for part in PARAM_PARTS if part not in tree]
-  if missing:
-    raise ValueError(f'Checkpoint {manager.directory}/{step} has no '
-                     f'{missing} parameters: not a Flamingo train state '
-                     f'(it has {sorted(tree)}).')
-  abstract = _merge_parts({part: tree[part] for part in PARAM_PARTS})
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                          abstract)
-  placed = jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-      abstract, shardings(abstract))
-  target = _split_like(placed, tree)
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.PyTreeRestore(
-          item=target,
-          restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-          partial_restore=True)))
-  return _merge_parts(restored['state'])
 
 
 def load(path: PathLike, *, step: Optional[int] = None,
@@ -255,46 +195,40 @@ def load(path: PathLike, *, step: Optional[int] = None,
     raise ValueError(
         f'{location.workdir} is a {config.task!r} run (config.task), not a '
         'Flamingo one: load() restores Flamingo models.')
-  manager = _checkpoint_manager(location.checkpoints)
-  try:
-    steps = sorted(manager.all_steps())
-    chosen = steps[-1] if location.step is None and steps else location.step
-    if chosen is None:
-      raise FileNotFoundError(f'No checkpoint in {location.checkpoints}.')
-    if chosen not in steps:
-      raise FileNotFoundError(
-          f'No checkpoint for step {chosen} in {location.checkpoints}; '
-          f'available: {steps}.')
-    tokenizer = _load_tokenizer(config, tokenizer)
-    vocab = config.model.lm.vocab_size
-    if tokenizer.vocab_size != vocab:
-      raise ValueError(
-          f'The tokenizer has {tokenizer.vocab_size} pieces but the model '
-          f'(config.model.lm.vocab_size) has {vocab}: not this run\'s '
-          'tokenizer.')
-    tree = manager.item_metadata(chosen)['state']
-    tree = getattr(tree, 'tree', tree)
-    num_bytes = _param_bytes(_merge_parts(
-        {p: tree[p] for p in PARAM_PARTS if p in tree}))
-    fits = _fits_one_device(num_bytes, jax.devices()[0])
-    mesh = None
-    if placement == 'mesh' or (placement == 'auto' and jax.device_count() > 1):
-      candidate = _inference_mesh(config, fits)
-      splits = any(candidate.shape.get(a, 1) > 1 for a in ('fsdp', 'model'))
-      if placement == 'mesh' or splits:
-        mesh = candidate
-    if mesh is None:
-      if not fits:
-        logging.warning('The parameters (%.1f GB) may not fit one device.',
-                        num_bytes / 1e9)
-      device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-      shardings = lambda tree: jax.tree.map(lambda _: device, tree)
-    else:
-      shardings = lambda tree: sharding_lib.param_shardings(
-          tree, config.param_rules, mesh)
-    params = _restore_params(manager, chosen, shardings)
-  finally:
-    manager.close()
+  steps = checkpoint_lib.saved_steps(location.checkpoints)
+  chosen = steps[-1] if location.step is None and steps else location.step
+  if chosen is None:
+    raise FileNotFoundError(f'No checkpoint in {location.checkpoints}.')
+  if chosen not in steps:
+    raise FileNotFoundError(
+        f'No checkpoint for step {chosen} in {location.checkpoints}; '
+        f'available: {steps}.')
+  tokenizer = _load_tokenizer(config, tokenizer)
+  vocab = config.model.lm.vocab_size
+  if tokenizer.vocab_size != vocab:
+    raise ValueError(
+        f'The tokenizer has {tokenizer.vocab_size} pieces but the model '
+        f'(config.model.lm.vocab_size) has {vocab}: not this run\'s '
+        'tokenizer.')
+  num_bytes = _param_bytes(checkpoint_lib.abstract_params(
+      location.checkpoints, chosen))
+  fits = _fits_one_device(num_bytes, jax.devices()[0])
+  mesh = None
+  if placement == 'mesh' or (placement == 'auto' and jax.device_count() > 1):
+    candidate = _inference_mesh(config, fits)
+    splits = any(candidate.shape.get(a, 1) > 1 for a in ('fsdp', 'model'))
+    if placement == 'mesh' or splits:
+      mesh = candidate
+  if mesh is None:
+    if not fits:
+      logging.warning('The parameters (%.1f GB) may not fit one device.',
+                      num_bytes / 1e9)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shardings = lambda tree: jax.tree.map(lambda _: device, tree)
+  else:
+    shardings = lambda tree: sharding_lib.param_shardings(
+        tree, config.param_rules, mesh)
+  params = checkpoint_lib.load_params(location.checkpoints, chosen, shardings)
   logging.info('Loaded step %d from %s (%.1f MB of parameters, %s).', chosen,
                location.checkpoints, num_bytes / 1e6,
                'on ' + str(jax.devices()[0]) if mesh is None

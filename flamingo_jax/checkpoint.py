@@ -12,7 +12,8 @@ which needs no trainer). A checkpoint holds two items:
 Layout: `<workdir>/checkpoints/<step>/{state,data}`.
 """
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+import logging as py_logging
 import os
 import signal
 import threading
@@ -130,37 +131,144 @@ def abstract_like(tree: PyTree) -> PyTree:
       tree)
 
 
-def load_params(directory: str, step: Optional[int] = None
+PARAM_PARTS = ('trainable', 'frozen')  # The train state's parameter items.
+
+
+def checkpoints_dir(path: str) -> str:
+  """A workdir or its `checkpoints/` folder -> the `checkpoints/` folder."""
+  path = os.path.abspath(os.fspath(path))
+  if os.path.isdir(os.path.join(path, 'checkpoints')):
+    path = os.path.join(path, 'checkpoints')
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f'No checkpoint directory at {path!r}.')
+  return path
+
+
+def _reader(directory: str) -> ocp.CheckpointManager:
+  """A read-only manager of `directory`; orbax's read-only warning muted."""
+  absl_logger = logging.get_absl_logger()
+  level = absl_logger.level
+  absl_logger.setLevel(py_logging.ERROR)
+  try:
+    return ocp.CheckpointManager(
+        directory,
+        item_handlers={'state': ocp.PyTreeCheckpointHandler(),
+                       'data': ocp.JsonCheckpointHandler()},
+        options=ocp.CheckpointManagerOptions(
+            read_only=True, create=False, save_interval_steps=0))
+  finally:
+    absl_logger.setLevel(level)
+
+
+def saved_steps(path: str) -> list[int]:
+  """The steps saved under a workdir or its `checkpoints/` folder."""
+  manager = _reader(checkpoints_dir(path))
+  try:
+    return sorted(manager.all_steps())
+  finally:
+    manager.close()
+
+
+def latest_step(path: str) -> int:
+  """The last step saved under a workdir or its `checkpoints/` folder."""
+  steps = saved_steps(path)
+  if not steps:
+    raise FileNotFoundError(f'No checkpoint in {checkpoints_dir(path)!r}.')
+  return steps[-1]
+
+
+def merge_parts(state: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+  """{'trainable': {m: {p: x}}, 'frozen': ...} -> {m: {p: x}}."""
+  params: dict[str, dict[str, Any]] = {}
+  for part in PARAM_PARTS:
+    for module, leaves in state.get(part, {}).items():
+      params.setdefault(module, {}).update(leaves)
+  return params
+
+
+def _split_like(params: PyTree, state: Mapping[str, Any]) -> dict:
+  """The inverse of `merge_parts`, shaped as `state`'s parameter items."""
+  return {part: {module: {name: params[module][name] for name in leaves}
+                 for module, leaves in state[part].items()}
+          for part in PARAM_PARTS if part in state}
+
+
+def _state_metadata(manager: ocp.CheckpointManager, step: int) -> Mapping:
+  tree = manager.item_metadata(step)['state']
+  tree = getattr(tree, 'tree', tree)
+  missing = [part for part in PARAM_PARTS if part not in tree]
+  if missing:
+    raise ValueError(f'Checkpoint {manager.directory}/{step} has no '
+                     f'{missing} parameters: not a train state (it has '
+                     f'{sorted(tree)}).')
+  return tree
+
+
+def _checked_step(manager: ocp.CheckpointManager, step: Optional[int]) -> int:
+  steps = sorted(manager.all_steps())
+  if not steps:
+    raise FileNotFoundError(f'No checkpoint in {str(manager.directory)!r}.')
+  if step is None:
+    return steps[-1]
+  if step not in steps:
+    raise FileNotFoundError(f'No checkpoint for step {step} in '
+                            f'{manager.directory}; available: {steps}.')
+  return step
+
+
+def abstract_params(path: str, step: Optional[int] = None) -> PyTree:
+  """The parameters' shapes and dtypes (ShapeDtypeStructs), read from the
+  checkpoint's metadata without loading an array."""
+  manager = _reader(checkpoints_dir(path))
+  try:
+    tree = _state_metadata(manager, _checked_step(manager, step))
+  finally:
+    manager.close()
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                      merge_parts({p: tree[p] for p in PARAM_PARTS}))
+
+
+def load_params(path: str, step: Optional[int] = None,
+                shardings: Optional[Callable[[PyTree], PyTree]] = None
                 ) -> dict[str, dict[str, Any]]:
   """All model parameters (trainable and frozen) of a training checkpoint.
 
-  `directory` is a workdir or its `checkpoints/` folder; the arrays come back
-  on the host, in their stored dtypes, as a Haiku parameter dict.
+  Only the parameter items are read, not the optimizer state.
+
+  Args:
+    path: a workdir or its `checkpoints/` folder.
+    step: which checkpoint; default the latest.
+    shardings: abstract params -> their shardings, to restore straight into
+      sharded arrays; default: numpy arrays on the host, whatever topology
+      saved them.
+
+  Returns:
+    A Haiku parameter dict, in the stored dtypes.
   """
-  if os.path.isdir(os.path.join(directory, 'checkpoints')):
-    directory = os.path.join(directory, 'checkpoints')
-  if not os.path.isdir(directory):
-    raise FileNotFoundError(f'No checkpoint directory at {directory!r}.')
-  manager = ocp.CheckpointManager(
-      os.path.abspath(directory),
-      item_handlers={'state': ocp.StandardCheckpointHandler(),
-                     'data': ocp.JsonCheckpointHandler()},
-      options=ocp.CheckpointManagerOptions(read_only=True))
-  step = manager.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f'No checkpoint in {directory!r}.')
-  # Restore onto this host's first device, whatever topology saved it.
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  target = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-      manager.item_metadata(step)['state'].tree)
-  restored = manager.restore(
-      step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
-  manager.close()
-  state = restored['state']
-  params = {}
-  for part in ('trainable', 'frozen'):
-    for module, leaves in state[part].items():
-      params.setdefault(module, {}).update(
-          {name: np.asarray(value) for name, value in leaves.items()})
+  manager = _reader(checkpoints_dir(path))
+  try:
+    step = _checked_step(manager, step)
+    tree = _state_metadata(manager, step)
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+        merge_parts({part: tree[part] for part in PARAM_PARTS}))
+    if shardings is None:
+      device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+      placement = jax.tree.map(lambda _: device, abstract)
+    else:
+      placement = shardings(abstract)
+    placed = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        abstract, placement)
+    target = _split_like(placed, tree)
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(
+            item=target,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True)))
+  finally:
+    manager.close()
+  params = merge_parts(restored['state'])
+  if shardings is None:
+    params = jax.tree.map(np.asarray, params)
   return params

@@ -84,15 +84,6 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   return config
 
 
-def latest_step(workdir: str) -> int:
-  directory = os.path.join(workdir, 'checkpoints')
-  steps = [int(n) for n in os.listdir(directory) if n.isdigit()] if (
-      os.path.isdir(directory)) else []
-  if not steps:
-    raise FileNotFoundError(f'No checkpoint in {directory!r}.')
-  return max(steps)
-
-
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
@@ -111,7 +102,8 @@ def main(argv: list[str]) -> None:
   if unknown:  # Before loading anything.
     raise ValueError(f'Unknown tasks {unknown}; config.eval.tasks has '
                      f'{sorted(config.eval.tasks)}.')
-  step = _STEP.value if _STEP.value is not None else latest_step(workdir)
+  step = (_STEP.value if _STEP.value is not None
+          else checkpoint.latest_step(workdir))
   logging.info('Evaluating %s at step %d.', workdir, step)
   params = checkpoint.load_params(workdir, step)
   tokenizer = tokenizer_lib.Tokenizer.load(config.data.tokenizer)

@@ -96,8 +96,7 @@ def evaluate_final(config: ml_collections.ConfigDict, workdir: str) -> None:
   from flamingo_jax.data import tokenizer as tokenizer_lib
   from flamingo_jax.evaluation import runner
   # pylint: enable=g-import-not-at-top
-  step = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'),
-                                 save_every=1).latest_step()
+  step = checkpoint.latest_step(workdir)
   out_dir = os.path.join(workdir, 'eval')
   results_path = os.path.join(out_dir, 'results.json')
   if os.path.exists(results_path):
