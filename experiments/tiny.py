@@ -28,6 +28,7 @@ import os
 import ml_collections
 
 from experiments import flamingo as flamingo_config
+from flamingo_jax.data import prepare
 from flamingo_jax.evaluation import tasks as eval_tasks
 from flamingo_jax.models import contrastive as contrastive_model
 from flamingo_jax.models import flamingo
@@ -99,7 +100,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data = dict(
       data_dir=data_dir,
       sizes='default',  # Of the embedded world's splits: 'default' | 'tiny'.
-      tokenizer=os.path.join(data_dir, 'tokenizer.model'),
+      tokenizer=prepare.world_tokenizer_path(data_dir),
       vocab_size=config.model.lm.vocab_size,
       datasets=dict(
           documents=_dataset('world_documents', 'documents', 1.0, 4, 256, 5, 1,

@@ -29,6 +29,7 @@ def world_corpus(num_scenes: int = 5000, num_videos: int = 2000,
   # pylint: disable=g-import-not-at-top
   from flamingo_jax.data.world import documents
   from flamingo_jax.data.world import language
+  from flamingo_jax.data.world import questions
   from flamingo_jax.data.world import scenes
   from flamingo_jax.data.world import video
   # pylint: enable=g-import-not-at-top
@@ -37,7 +38,7 @@ def world_corpus(num_scenes: int = 5000, num_videos: int = 2000,
   for _ in range(num_scenes):
     scene = scenes.sample_scene(rng)
     yield language.caption(scene, rng)
-    qa = language.question(scene, rng)
+    qa = questions.question(scene, rng)
     yield f'Question: {qa.question} Answer: {qa.answer}'
   for _ in range(num_videos):
     yield video.caption(video.sample_video(rng), rng)
@@ -45,6 +46,14 @@ def world_corpus(num_scenes: int = 5000, num_videos: int = 2000,
     for chunk in documents.sample_document(rng).chunks:
       if 'text' in chunk:
         yield chunk['text']
+
+
+def world_tokenizer_path(data_dir: str) -> str:
+  """Where the world's tokenizer lives: one file per world version, since
+  the corpus it is trained on changes with the world."""
+  # pylint: disable-next=g-import-not-at-top
+  from flamingo_jax.data.world import builders
+  return os.path.join(data_dir, f'tokenizer-{builders.VERSION}.model')
 
 
 def _world_datasets(config: ml_collections.ConfigDict) -> dict[str, int]:

@@ -14,9 +14,10 @@ Build and read:
   ds = tfds.load('world_pairs/tiny', split='train', data_dir=DIR,
                  decoders={'image': tfds.decode.SkipDecoding()})  # PNG bytes
 
-Modules: `scenes` (sampling and rendering), `language` (captions, questions,
-parser), `video`, `documents`, `tasks` (one example of each dataset),
-`builders` (TFDS builders, `build_all`, versioning).
+Modules: `scenes` (sampling and rendering), `language` (captions, parser),
+`questions`, `video`, `nonce` (made-up words), `documents`, `tasks` (one
+example of each dataset), `builders` (TFDS builders, `build_all`,
+versioning).
 
 THE WORLD
   objects  shape: circle square triangle star cross ring diamond hexagon
@@ -58,11 +59,21 @@ VIDEOS (video.py)
   'Which direction does the cross move?') needs more than one frame.
 
 DOCUMENTS (documents.py; M3W-like)
-  chunks [{'text': str} | {'image': i}] over 1-5 images (6-8 in 5% of
-  pages): a title and intro with the page's theme, then each image described
-  right after it ('The picture above shows ...') or, 25% of the time, right
-  before it ('The next picture shows ...:'), comparisons with the previous
-  picture and unrelated filler sentences. 10% of pages open with an image.
+  chunks [{'text': str} | {'image': i}]; four kinds of page:
+  article (50%)  1-5 images (6-8 in 5% of pages) sharing a theme, after a
+                 title and intro; each image described right after it ('The
+                 picture above shows ...') or, 25% of the time, right before
+                 it ('The next picture shows ...:'), comparisons with the
+                 previous picture, filler sentences; 10% open with an image
+  quiz (15%)     2-5 images, each followed by 'Question: ... Answer: ...'
+                 (a second pair 20% of the time)
+  gallery (15%)  2-5 images, each followed by 'Output: {caption}', or 30% of
+                 the time 'Output: {colour} {shape}' of one large object
+  words (20%)    2-3 fresh made-up words bound to shapes or colours: 4-5
+                 one-object images, each named ('This is a blicket.');
+                 every word is shown once, then reused
+  The last three teach the few-shot formats and in-context binding, as
+  real web pages do; the nonce task's episodes draw their own words.
 
 DATASETS (`builders.DATASETS`; splits: default / tiny; 'id' = index)
   world_pairs           train 50_000/32, validation 1_000/8

@@ -45,13 +45,16 @@ import tensorflow_datasets as tfds
 
 from flamingo_jax.data.world import documents
 from flamingo_jax.data.world import language
+from flamingo_jax.data.world import nonce
+from flamingo_jax.data.world import questions
 from flamingo_jax.data.world import scenes
 from flamingo_jax.data.world import tasks
 from flamingo_jax.data.world import video as video_lib
 
-VERSION = tfds.core.Version('1.0.0')
+VERSION = tfds.core.Version('1.1.0')
 RELEASE_NOTES = {
     '1.0.0': 'First release of the embedded world.',
+    '1.1.0': 'Documents: quiz, gallery and word-learning pages.',
 }
 SIZES = ('default', 'tiny')
 DEFAULT_IMAGE_SIZE = scenes.DEFAULT_IMAGE_SIZE
@@ -458,14 +461,15 @@ def generation_fingerprint() -> str:
   """A hash of everything that determines the generated data.
 
   Hashes the module-level constants of the generator modules (scenes,
-  language, video, documents, tasks) and two examples of every dataset at a
-  small size, so that code changes are caught too.
+  language, questions, nonce, video, documents, tasks) and two examples of
+  every dataset at a small size, so that code changes are caught too.
 
   Returns:
     16 hex digits.
   """
   digest = hashlib.sha256()
-  for module in (scenes, language, video_lib, documents, tasks):
+  for module in (scenes, language, questions, nonce, video_lib, documents,
+                 tasks):
     for name in _constant_names(module):
       value = _canonical(getattr(module, name))
       digest.update(f'{module.__name__}.{name}={value!r}\n'.encode())

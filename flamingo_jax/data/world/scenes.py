@@ -298,6 +298,26 @@ def sample_scene(rng: np.random.Generator, *, max_objects: int = 6,
   return Scene(objects=tuple(objects), background=sample_background(rng))
 
 
+def sample_focus_scene(rng: np.random.Generator, *,
+                       max_distractors: int = 3) -> Scene:
+  """One large object (the first) among 0..max_distractors small ones.
+
+  The distractors never share both the large object's shape and colour, so
+  '{colour} {shape}' of the first object names it unambiguously (the
+  classification task's label).
+  """
+  shape, colour, _, texture = sample_kind(rng)
+  cells = [divmod(int(c), GRID) for c in rng.permutation(GRID**2)]
+  objects = [place_object(rng, (shape, colour, 'large', texture),
+                          cells.pop())]
+  for _ in range(int(rng.integers(0, max_distractors + 1))):
+    kind = sample_kind(rng, {'size': 'small'})
+    while kind[:2] == (shape, colour):
+      kind = sample_kind(rng, {'size': 'small'})
+    objects.append(place_object(rng, kind, cells.pop()))
+  return Scene(tuple(objects), sample_background(rng))
+
+
 # --------------------------------------------------------------- rendering --
 
 

@@ -29,6 +29,8 @@ import numpy as np
 
 from flamingo_jax.data.world import documents
 from flamingo_jax.data.world import language
+from flamingo_jax.data.world import nonce
+from flamingo_jax.data.world import questions
 from flamingo_jax.data.world import scenes
 from flamingo_jax.data.world import video as video_lib
 
@@ -41,15 +43,6 @@ MAX_DISTRACTORS = 3  # Small distractors around the classified object.
 NONCE_WAYS = 3  # Words bound per episode.
 NONCE_SHOTS = 2  # Support images per word.
 NONCE_QUERIES = 4  # Query images per episode.
-NONCE_ATTRIBUTES = ('shape', 'colour')
-NONCE_TEMPLATES = {
-    'shape': ('This is a {}.', 'Look, a {}!', 'Here is a {}.'),
-    'colour': ('This one is {}.', 'The colour is {}.', 'It is {}.'),
-}
-_ONSETS = ('b', 'bl', 'd', 'f', 'fl', 'g', 'gl', 'k', 'l', 'm', 'n', 'p',
-           'pl', 'r', 's', 'st', 't', 'tr', 'v', 'w', 'z')
-_NUCLEI = ('a', 'e', 'i', 'o', 'u', 'oo', 'ee', 'ai')
-_CODAS = ('', '', '', 'x', 'k', 'p', 'n', 'm', 'sh', 't', 'ck')
 Example = dict[str, Any]
 
 
@@ -97,10 +90,10 @@ def vqa_example(rng: np.random.Generator, image_size: int,
                 num_answers: int = NUM_ANSWERS) -> Example:
   """An image, a question, its answer and annotator answers (VQAv2-like)."""
   scene = scenes.sample_scene(rng)
-  qa = language.question(scene, rng)
+  qa = questions.question(scene, rng)
   return {'image': _render(scene, image_size), 'question': qa.question,
           'answer': qa.answer, 'question_type': qa.qtype,
-          'answers': language.human_answers(qa.answer, qa.qtype, rng,
+          'answers': questions.human_answers(qa.answer, qa.qtype, rng,
                                             num_answers)}
 
 
@@ -126,52 +119,10 @@ def video_caption_example(rng: np.random.Generator, image_size: int,
 def classification_example(rng: np.random.Generator,
                            image_size: int) -> Example:
   """A large object to classify among CLASS_NAMES, with small distractors."""
-  shape, colour, _, texture = scenes.sample_kind(rng)
-  cells = [divmod(int(c), scenes.GRID)
-           for c in rng.permutation(scenes.GRID**2)]
-  objects = [scenes.place_object(rng, (shape, colour, 'large', texture),
-                                 cells.pop())]
-  for _ in range(int(rng.integers(0, MAX_DISTRACTORS + 1))):
-    kind = scenes.sample_kind(rng, {'size': 'small'})
-    while kind[:2] == (shape, colour):
-      kind = scenes.sample_kind(rng, {'size': 'small'})
-    objects.append(scenes.place_object(rng, kind, cells.pop()))
-  scene = scenes.Scene(tuple(objects), scenes.sample_background(rng))
-  label_name = f'{colour} {shape}'
+  scene = scenes.sample_focus_scene(rng, max_distractors=MAX_DISTRACTORS)
+  label_name = f'{scene.objects[0].colour} {scene.objects[0].shape}'
   return {'image': _render(scene, image_size),
           'label': CLASS_NAMES.index(label_name), 'label_name': label_name}
-
-
-def _vocabulary() -> frozenset[str]:
-  words = set()
-  for phrase in language._LEXICON:  # pylint: disable=protected-access
-    words.update(phrase)
-  return frozenset(words)
-
-
-_VOCABULARY = _vocabulary()
-
-
-def nonce_word(rng: np.random.Generator) -> str:
-  """A pronounceable made-up word of 2-3 syllables, not in the grammar.
-
-  One syllable would too often make an English word ('lot', 'flash').
-  """
-  while True:
-    num = int(rng.choice([2, 3], p=[0.8, 0.2]))
-    word = ''.join(language.pick(rng, _ONSETS) + language.pick(rng, _NUCLEI) +
-                   language.pick(rng, _CODAS) for _ in range(num))
-    if len(word) >= 3 and word not in _VOCABULARY:
-      return word
-
-
-def _nonce_scene(rng: np.random.Generator, attribute: str,
-                 value: str) -> scenes.Scene:
-  """One object with `attribute` = `value`; everything else random."""
-  kind = scenes.sample_kind(rng, {attribute: value})
-  cell = divmod(int(rng.integers(scenes.GRID**2)), scenes.GRID)
-  return scenes.Scene((scenes.place_object(rng, kind, cell),),
-                      scenes.sample_background(rng))
 
 
 def nonce_episode(rng: np.random.Generator, image_size: int, *,
@@ -191,30 +142,23 @@ def nonce_episode(rng: np.random.Generator, image_size: int, *,
      'words': the episode's words, 'support' and 'query': lists of
      {'image', 'word', 'text', 'value'} (value: the bound shape or colour).}
   """
-  if not 1 <= ways <= len(scenes.COLOUR_NAMES):
-    raise ValueError(f'ways must be in [1, 8]; got {ways}.')
   if shots < 1 or queries < 1:
     raise ValueError(f'shots and queries must be >= 1; got {shots}, '
                      f'{queries}.')
-  attribute = language.pick(rng, NONCE_ATTRIBUTES)
-  values = [str(v) for v in rng.choice(scenes.VALUES[attribute], size=ways,
-                                       replace=False)]
-  words: list[str] = []
-  while len(words) < ways:
-    word = nonce_word(rng)
-    if word not in words:
-      words.append(word)
-  template = language.pick(rng, NONCE_TEMPLATES[attribute])
+  binding = nonce.bind(rng, ways)
+  template = language.pick(rng, nonce.TEMPLATES[binding.attribute])
 
   def item(way: int) -> dict[str, Any]:
-    scene = _nonce_scene(rng, attribute, values[way])
-    return {'image': _render(scene, image_size), 'word': words[way],
-            'text': template.format(words[way]), 'value': values[way]}
+    scene = nonce.scene(rng, binding.attribute, binding.values[way])
+    return {'image': _render(scene, image_size), 'word': binding.words[way],
+            'text': template.format(binding.words[way]),
+            'value': binding.values[way]}
 
-  support_ways = rng.permutation(np.repeat(np.arange(ways), shots))
+  support_ways = nonce.ways_order(rng, ways, shots)
   # Queries cycle through the ways, in random order, so each is asked.
   query_ways = np.concatenate([rng.permutation(ways)
                                for _ in range(-(-queries // ways))])[:queries]
-  return {'attribute': attribute, 'template': template, 'words': words,
-          'support': [item(int(w)) for w in support_ways],
+  return {'attribute': binding.attribute, 'template': template,
+          'words': list(binding.words),
+          'support': [item(w) for w in support_ways],
           'query': [item(int(w)) for w in query_ways]}

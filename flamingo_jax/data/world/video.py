@@ -36,6 +36,7 @@ import dataclasses
 import numpy as np
 
 from flamingo_jax.data.world import language
+from flamingo_jax.data.world import questions
 from flamingo_jax.data.world import scenes
 
 FPS = 4  # Frames per second of every video of the world.
@@ -378,13 +379,13 @@ def _the(actor: Actor, rng: np.random.Generator, colour: bool) -> str:
 
 
 def _video_qa(video: Video, rng: np.random.Generator,
-              qtype: str) -> language.QA | None:
+              qtype: str) -> questions.QA | None:
   by_event = {e: [a for a in video.events if a.event == e] for e in EVENTS}
   shape_word = language.pick(rng, ('shape', 'object'))
   if qtype in ('appear_count', 'disappear_count'):
     event = qtype.split('_')[0]
     noun = language.pick(rng, ('objects', 'shapes'))
-    return language.QA(f'How many {noun} {event}?',
+    return questions.QA(f'How many {noun} {event}?',
                        str(len(by_event[event])), qtype)
   one = {'which_appears': 'appear', 'which_disappears': 'disappear',
          'disappear_colour': 'disappear', 'new_colour': 'recolour',
@@ -398,33 +399,33 @@ def _video_qa(video: Video, rng: np.random.Generator,
     return None
   actor = actors[0]
   if qtype == 'which_appears':
-    return language.QA(f'Which {shape_word} appears?', actor.obj.shape, qtype)
+    return questions.QA(f'Which {shape_word} appears?', actor.obj.shape, qtype)
   if qtype == 'which_disappears':
-    return language.QA(f'Which {shape_word} disappears?', actor.obj.shape,
+    return questions.QA(f'Which {shape_word} disappears?', actor.obj.shape,
                        qtype)
   if qtype == 'disappear_colour':
-    return language.QA(f'What colour is the {shape_word} that disappears?',
+    return questions.QA(f'What colour is the {shape_word} that disappears?',
                        actor.obj.colour, qtype)
   if qtype == 'new_colour':
-    return language.QA(
+    return questions.QA(
         f'What colour does {_the(actor, rng, colour=True)} turn?',
         actor.new_colour, qtype)
   if qtype == 'which_recolours':
-    return language.QA(f'Which {shape_word} changes colour?',
+    return questions.QA(f'Which {shape_word} changes colour?',
                        actor.obj.shape, qtype)
   if qtype == 'direction':
-    return language.QA(
+    return questions.QA(
         f'Which direction does {_the(actor, rng, colour=False)} move?',
         actor.direction, qtype)
   if qtype == 'which_moves':
-    return language.QA(f'Which {shape_word} moves?', actor.obj.shape, qtype)
-  return language.QA(
+    return questions.QA(f'Which {shape_word} moves?', actor.obj.shape, qtype)
+  return questions.QA(
       f'Does {_the(actor, rng, colour=False)} grow or shrink?',
       actor.event, qtype)
 
 
 def question(video: Video, rng: np.random.Generator,
-             qtype: str | None = None) -> language.QA:
+             qtype: str | None = None) -> questions.QA:
   """A question whose answer needs more than one frame, and its answer.
 
   Args:

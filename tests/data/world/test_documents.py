@@ -1,18 +1,27 @@
 """Documents: valid chunks, and text that describes the right image."""
 
 import collections
+import re
 
 import pytest
 
 from flamingo_jax.data.world import documents
 from flamingo_jax.data.world import language
+from flamingo_jax.data.world import questions
 from flamingo_jax.data.world import scenes
 
 
-def _documents(num):
+def _documents(num, kind=None):
   for index in range(num):
     yield documents.sample_document(
-        scenes.example_rng('test_documents', 'train', index))
+        scenes.example_rng('test_documents', 'train', index), kind=kind)
+
+
+def _check_facts(sentence, scene):
+  parsed = language.parse(sentence)
+  assert parsed.phrases, sentence
+  for phrase in parsed.phrases:
+    assert phrase.count == phrase.desc.count(scene.objects), sentence
 
 
 def test_chunks_reference_every_image_once_in_order():
@@ -29,7 +38,7 @@ def test_chunks_reference_every_image_once_in_order():
 
 def test_descriptions_sit_next_to_their_image_and_are_true():
   sides = collections.Counter()
-  for doc in _documents(200):
+  for doc in _documents(200, 'article'):
     image_chunk = {c['image']: k for k, c in enumerate(doc.chunks)
                    if 'image' in c}
     for i, (chunk, side, sentence) in enumerate(doc.references):
@@ -42,17 +51,13 @@ def test_descriptions_sit_next_to_their_image_and_are_true():
         assert not words.startswith(('the next', 'the following', 'below'))
       else:
         assert not words.startswith(('the picture above', 'above:'))
-      parsed = language.parse(sentence)
-      assert parsed.phrases, sentence
-      for phrase in parsed.phrases:
-        assert phrase.count == phrase.desc.count(doc.scenes[i].objects), (
-            sentence)
+      _check_facts(sentence, doc.scenes[i])
       sides[side] += 1
   assert sides['above'] > 2 * sides['below'] > 0
 
 
 def test_page_shapes_vary():
-  docs = list(_documents(300))
+  docs = list(_documents(300, 'article'))
   counts = collections.Counter(len(d.scenes) for d in docs)
   assert set(range(1, 6)) <= set(counts)
   assert max(counts) <= documents.MAX_IMAGES_RARE
@@ -66,8 +71,8 @@ def test_page_shapes_vary():
   assert 0.3 < spaced / len(texts_after_image) < 0.7
 
 
-def test_pages_have_a_theme():
-  for doc in _documents(50):
+def test_articles_have_a_theme():
+  for doc in _documents(50, 'article'):
     colours = set.intersection(*({o.colour for o in s.objects}
                                  for s in doc.scenes))
     shapes = set.intersection(*({o.shape for o in s.objects}
@@ -75,6 +80,90 @@ def test_pages_have_a_theme():
     assert colours or shapes
 
 
-def test_bad_num_images_raises():
+def test_bad_arguments_raise():
   with pytest.raises(ValueError, match='num_images'):
     documents.sample_document(scenes.example_rng('x', 'y', 0), num_images=0)
+  with pytest.raises(ValueError, match='Unknown page kind'):
+    documents.sample_document(scenes.example_rng('x', 'y', 0), kind='blog')
+
+
+def test_page_kinds_come_in_their_shares():
+  counts = collections.Counter(d.kind for d in _documents(1000))
+  assert set(counts) == set(documents.PAGE_KINDS)
+  for kind, share in documents.PAGE_KINDS.items():
+    assert abs(counts[kind] / 1000 - share) < 0.05, counts
+
+
+def _lines(doc):
+  """The line right after each image, as the reference map records it."""
+  image_chunk = {c['image']: k for k, c in enumerate(doc.chunks)
+                 if 'image' in c}
+  for i, (chunk, side, line) in enumerate(doc.references):
+    assert side == 'above' and chunk == image_chunk[i] + 1
+    assert doc.chunks[chunk]['text'].strip() == line  # Nothing else.
+    yield doc.scenes[i], line
+
+
+_QA = re.compile(r'Question: (.+?\?) Answer: ([a-z0-9]+(?: [a-z]+)?)'
+                 r'(?= Question:|$)')
+_ANSWERS = {a for space in questions._ANSWER_SPACES.values() for a in space}
+
+
+def test_quiz_pages_ask_in_the_few_shot_format():
+  asked = collections.Counter()
+  for doc in _documents(60, 'quiz'):
+    assert len(doc.scenes) >= 2
+    for scene, line in _lines(doc):
+      pairs = _QA.findall(line)
+      assert 1 <= len(pairs) <= 2, line
+      assert ' '.join(f'Question: {q} Answer: {a}' for q, a in pairs) == line
+      for _, answer in pairs:
+        assert answer.isdigit() or answer in _ANSWERS, line
+        if answer.isdigit():
+          assert int(answer) <= len(scene.objects), line
+      asked[len(pairs)] += 1
+  assert asked[1] > asked[2] > 0
+
+
+def test_gallery_outputs_are_true():
+  styles = collections.Counter()
+  for doc in _documents(60, 'gallery'):
+    for scene, line in _lines(doc):
+      assert line.startswith('Output: '), line
+      output = line.removeprefix('Output: ')
+      focus = scene.objects[0]
+      if output == f'{focus.colour} {focus.shape}':
+        assert focus.size == 'large', line
+        styles['label'] += 1
+      else:
+        _check_facts(output, scene)
+        styles['caption'] += 1
+  assert styles['label'] > 10 and styles['caption'] > 10
+
+
+def test_words_pages_bind_fresh_words_and_reuse_them():
+  all_words = []
+  for doc in _documents(60, 'words'):
+    binding = doc.binding
+    assert len(set(binding.words)) == len(binding.words) in documents.WORDS_WAYS
+    word_of = dict(zip(binding.values, binding.words))
+    used = []
+    templates = set()
+    for scene, line in _lines(doc):
+      (obj,) = scene.objects
+      value = getattr(obj, binding.attribute)
+      word = word_of[value]  # Every picture shows a bound value ...
+      assert line.count(word) == 1, line  # ... and names it with its word.
+      templates.add(line.replace(word, '{}'))
+      used.append(word)
+    assert len(templates) == 1  # One template per page, as in an episode.
+    assert templates <= set(documents.nonce.TEMPLATES[binding.attribute])
+    # Each word is shown before any is reused, and some word comes back.
+    first = used[:len(binding.words)]
+    assert sorted(first) == sorted(binding.words)
+    assert len(used) > len(binding.words)
+    for word in binding.words:
+      assert all(t[0] == 'word' for t in language.lex(word)), word
+    all_words += binding.words
+  # Fresh words on every page (short ones may come back, rarely).
+  assert len(set(all_words)) > 0.95 * len(all_words)

@@ -4,6 +4,8 @@ import numpy as np
 import pytest
 
 from flamingo_jax.data.world import language
+from flamingo_jax.data.world import nonce
+from flamingo_jax.data.world import questions
 from flamingo_jax.data.world import scenes
 from flamingo_jax.data.world import tasks
 
@@ -52,13 +54,13 @@ def test_nonce_bindings_change_across_episodes():
     for word, (value,) in _binding(episode).items():
       values_of.setdefault(word, set()).add(value)
   assert len(values_of) > 60  # Fresh words in (almost) every episode.
-  assert {e['attribute'] for e in episodes} == set(tasks.NONCE_ATTRIBUTES)
+  assert {e['attribute'] for e in episodes} == set(nonce.ATTRIBUTES)
 
 
 def test_nonce_words_are_not_vocabulary():
   rng = np.random.default_rng(0)
   for _ in range(500):
-    word = tasks.nonce_word(rng)
+    word = nonce.word(rng)
     assert word.isalpha() and len(word) >= 3
     assert not language.parse(f'a {word}').phrases  # Not a shape noun.
     assert all(t[0] == 'word' for t in language.lex(word)), word
@@ -101,7 +103,7 @@ def test_caption_and_vqa_examples():
   assert len(ex['answers']) == tasks.NUM_ANSWERS
   assert ex['answers'].count(ex['answer']) >= 3
   assert ex['question'].endswith('?')
-  assert ex['question_type'] in language.QUESTION_TYPES
+  assert ex['question_type'] in questions.QUESTION_TYPES
 
 
 def test_video_and_document_examples():
