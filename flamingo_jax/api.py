@@ -443,7 +443,8 @@ class Model:
 
   def generate(self, media: Any, prompt: str | Sequence[str], *,
                max_new_tokens: int = 20, beam_size: int = 1,
-               length_penalty: float = 0.0) -> str | list[str]:
+               length_penalty: float = 0.0,
+               min_new_tokens: int = 0) -> str | list[str]:
     """The continuation of `prompt`, up to (not including) `<EOC>`.
 
     Args:
@@ -455,19 +456,18 @@ class Model:
       max_new_tokens: the most tokens generated per prompt.
       beam_size: 1 for greedy decoding; the paper uses 3.
       length_penalty: GNMT's alpha for beam search (0: plain log-prob).
+      min_new_tokens: `<EOC>` is held back before this many new tokens.
 
     Returns:
       The generated text (raw: a leading space is kept), or a list of them
       for a list of prompts.
     """
-    if max_new_tokens < 1 or beam_size < 1:
-      raise ValueError(f'max_new_tokens and beam_size must be >= 1; got '
-                       f'{max_new_tokens}, {beam_size}.')
-    batch, batched = self._batch(media, prompt)
     options = generate_lib.Options(
         max_new_tokens=int(max_new_tokens), stop_ids=self.stop_ids,
         banned_ids=self.banned_ids, beam_size=int(beam_size),
-        length_penalty=float(length_penalty))
+        length_penalty=float(length_penalty),
+        min_new_tokens=int(min_new_tokens))  # Checks the values.
+    batch, batched = self._batch(media, prompt)
     with self._scope():
       if beam_size == 1:
         result = self.decoder.greedy(self.params, batch, options)

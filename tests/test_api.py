@@ -67,7 +67,7 @@ def test_load_from_workdir_and_checkpoint_dirs_agree(model, smoke_workdir):
   assert 'step=1' in repr(model)
 
 
-def test_mesh_placement_shards_the_parameters(model, smoke_workdir):
+def test_mesh_placement_shards_the_parameters(model, smoke_workdir, image):
   config = json.loads((smoke_workdir / 'config.json').read_text())
   config['mesh'] = [['data', 2], ['fsdp', 2], ['model', 2]]
   sharded = api.load(smoke_workdir, config=config)  # 'auto': it splits.
@@ -75,6 +75,11 @@ def test_mesh_placement_shards_the_parameters(model, smoke_workdir):
   specs = {tuple(x.sharding.spec) for x in jax.tree.leaves(sharded.params)}
   assert any(spec and any(spec) for spec in specs), specs
   jax.tree.map(np.testing.assert_array_equal, sharded.params, model.params)
+  # Sharded generation agrees with one device.
+  images = [image, 255 - image]
+  prompts = ['<image>Output:', '<image>Question: what is it? Answer:']
+  assert (sharded.generate(images, prompts, max_new_tokens=STEPS) ==
+          model.generate(images, prompts, max_new_tokens=STEPS))
   # Parameters too big for one device, under a mesh that only replicates:
   # the devices go to 'fsdp'.
   mesh = api._inference_mesh(model.config, fits=False)

@@ -85,6 +85,7 @@ class Settings:
   max_new_tokens: int = 20
   beam_size: int = 3
   length_penalty: float = 0.0
+  min_new_tokens: int = 0
   pad_multiple: int = 64
   min_prompt_len: int = 0
   pad_media: bool = True
@@ -414,7 +415,8 @@ class Evaluator:
         stop_ids=(tok.eoc_id, tok.eos_id),
         banned_ids=(tok.pad_id, tok.bos_id, tok.image_id),
         beam_size=self.settings.beam_size,
-        length_penalty=self.settings.length_penalty)
+        length_penalty=self.settings.length_penalty,
+        min_new_tokens=self.settings.min_new_tokens)
 
   def retriever(self) -> Retriever:
     if self._retriever is None:

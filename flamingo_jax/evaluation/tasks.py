@@ -382,7 +382,8 @@ def default_eval_config(
   config.decoding = dict(
       max_new_tokens=20,  # Tasks may set their own (short answers).
       beam_size=3,  # The paper's; 1 = greedy.
-      length_penalty=0.0)  # GNMT alpha; 0: plain log-probability.
+      length_penalty=0.0,  # GNMT alpha; 0: plain log-probability.
+      min_new_tokens=1)  # An empty answer is never right: <EOC> waits.
   # Prompts are padded to a multiple of this many tokens, and to at least
   # min_prompt_len, so that few shapes (hence compilations) are needed.
   config.pad_multiple = 64

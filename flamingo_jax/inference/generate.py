@@ -50,6 +50,19 @@ class Options:
   banned_ids: tuple[int, ...] = ()  # E.g. (<pad>, <BOS>, <image>).
   beam_size: int = 3
   length_penalty: float = 0.0
+  # Stop tokens are banned before this many new tokens (with alpha 0 an
+  # immediate stop can otherwise win a beam).
+  min_new_tokens: int = 0
+
+  def __post_init__(self):
+    if self.max_new_tokens < 1:
+      raise ValueError(f'max_new_tokens must be >= 1; got '
+                       f'{self.max_new_tokens}.')
+    if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+      raise ValueError(f'min_new_tokens must be in [0, max_new_tokens='
+                       f'{self.max_new_tokens}]; got {self.min_new_tokens}.')
+    if self.beam_size < 1:
+      raise ValueError(f'beam_size must be >= 1; got {self.beam_size}.')
 
 
 class Result(NamedTuple):
@@ -112,7 +125,7 @@ class Decoder:
 
     def body(carry):
       t, out, done, total, logits, state = carry
-      logp = _log_probs(logits, options.banned_ids)  # [B, V]
+      logp = _log_probs(logits, options, t)  # [B, V]
       token = jnp.argmax(logp, axis=-1).astype(jnp.int32)  # [B]
       token = jnp.where(done, 0, token)  # [B]
       total = total + jnp.where(
@@ -150,7 +163,7 @@ class Decoder:
 
     def body(carry):
       t, alive_score, alive_seq, finished_seq, finished_score, logits, state = carry
-      logp = _log_probs(logits, options.banned_ids).reshape(rows, beams, vocab)  # [B, K, V]
+      logp = _log_probs(logits, options, t).reshape(rows, beams, vocab)  # [B, K, V]
       scores = (alive_score[:, :, None] + logp).reshape(rows, -1)  # [B, K*V]
       top, index = jax.lax.top_k(scores, 2 * beams)  # [B, 2K]
       parent, token = index // vocab, (index % vocab).astype(jnp.int32)  # [B, 2K]
@@ -239,7 +252,7 @@ class Decoder:
       logits = self._forward(params, buffer, batch['media'],
                              batch['media_mask'], phi_buffer)  # [B, S, V]
       last = np.asarray(logits)[np.arange(rows), lengths - 1]  # [B, V]
-      logp = np.asarray(_log_probs(jnp.asarray(last), options.banned_ids))
+      logp = np.asarray(_log_probs(jnp.asarray(last), options, t))
       token = np.where(done, 0, logp.argmax(-1)).astype(np.int32)
       total += np.where(done, 0.0, logp[np.arange(rows), token])
       out[:, t] = token
@@ -260,10 +273,17 @@ class Decoder:
                        media_index).astype(jnp.float32)
 
 
-def _log_probs(logits: jax.Array, banned_ids: Sequence[int]) -> jax.Array:
-  """log_softmax over the vocabulary without the banned tokens."""
-  if banned_ids:
-    logits = logits.at[..., jnp.asarray(banned_ids)].set(-jnp.inf)
+def _log_probs(logits: jax.Array, options: Options,
+               t: jax.Array | int) -> jax.Array:
+  """log_softmax of new token t over the vocabulary without the banned
+  tokens (and the stop tokens, before `min_new_tokens`)."""
+  if options.banned_ids:
+    logits = logits.at[..., jnp.asarray(options.banned_ids)].set(-jnp.inf)
+  if options.min_new_tokens and options.stop_ids:
+    stop = jnp.asarray(options.stop_ids)
+    early = jnp.asarray(t) < options.min_new_tokens
+    logits = logits.at[..., stop].set(
+        jnp.where(early, -jnp.inf, logits[..., stop]))
   return jax.nn.log_softmax(logits, axis=-1)
 
 

@@ -1,5 +1,7 @@
 """Cached generation and scoring against full recomputation."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -61,6 +63,32 @@ def test_greedy_stops_at_a_stop_token(setup):
   assert int(stopped.lengths[0]) == 3
   np.testing.assert_array_equal(stopped.tokens[0, :3], greedy.tokens[0, :3])
   assert not np.asarray(stopped.tokens[0, 3:]).any()
+
+
+def test_min_new_tokens_holds_back_the_stop_tokens(setup):
+  decoder, params, batch, _, greedy = setup
+  stop = int(greedy.tokens[0, 0])  # Row 0 would stop at once.
+  options = generate.Options(max_new_tokens=STEPS, banned_ids=BANNED,
+                             stop_ids=(stop,), beam_size=1, min_new_tokens=3)
+  held = decoder.greedy(params, batch, options)
+  assert not np.isin(np.asarray(held.tokens[:, :3]), stop).any()
+  assert (np.asarray(held.lengths) > 3).all()
+  reference = decoder.greedy_uncached(params, batch, options)
+  np.testing.assert_array_equal(held.tokens, reference.tokens)
+  beams = decoder.beam_search(params, batch, dataclasses.replace(
+      options, beam_size=3))
+  assert not np.isin(np.asarray(beams.tokens[:, :3]), stop).any()
+  assert (np.asarray(beams.lengths) > 3).all()
+
+
+@pytest.mark.parametrize('kwargs, match', [
+    (dict(max_new_tokens=0), 'max_new_tokens'),
+    (dict(max_new_tokens=4, min_new_tokens=5), 'min_new_tokens'),
+    (dict(beam_size=0), 'beam_size'),
+])
+def test_bad_options_raise(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    generate.Options(**kwargs)
 
 
 def test_one_beam_is_greedy(setup):
