@@ -187,5 +187,8 @@ def _lm_stage(config: ml_collections.ConfigDict,
   stage.data.datasets = dict(text=_dataset(
       'world_documents', 'text', 1.0, 16, 128, 1, 1))
   stage.freeze = [('lm/.*', optim.TRAIN), ('.*', optim.FROZEN)]
-  stage.total_steps = 6 if variant == 'smoke' else 300
+  # Long enough for the LM to learn to copy a word from its context (the
+  # word-learning pages), which few-shot binding needs: at 300 steps a
+  # made-up word from the context is no likelier than a fresh one.
+  stage.total_steps = 6 if variant == 'smoke' else 1500
   return stage

@@ -4,6 +4,17 @@ import os
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('JAX_NUM_CPU_DEVICES', '8')
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  # One compilation cache per test run, shared by the xdist workers and the
+  # subprocesses (they inherit the environment): tests that compile the same
+  # step again (resume, preemption, multi-process) skip the recompilation.
+  # A fresh directory, so that no run depends on what an earlier one left.
+  import atexit  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
+  import tempfile  # pylint: disable=g-import-not-at-top
+  _CACHE = tempfile.mkdtemp(prefix='flamingo_jax_tests_jax_cache_')
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = _CACHE
+  atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position

@@ -4,7 +4,7 @@ A document is a list of chunks, `{'text': str}` or `{'image': i}` (i indexes
 the document's own list of scenes), as `flamingo_jax.data.formatting` reads
 them. Pages come in four kinds (`PAGE_KINDS` gives their shares):
 
-- 'article' (half the pages): a theme (all its pictures share a colour or a
+- 'article': a theme (all its pictures share a colour or a
   shape), a title and an introduction, then 1-5 images (6-8 in 5% of pages,
   to exercise the max-media limit); each image is described by the text
   right after it ("The picture above shows ...") or, in a quarter of the
@@ -19,9 +19,10 @@ them. Pages come in four kinds (`PAGE_KINDS` gives their shares):
   followed by "Output: {caption}", or by "Output: {colour} {shape}" for a
   picture of one large object among small ones.
 - 'words': a word-learning page. Fresh made-up words name shapes or colours
-  (`nonce.py`, drawn anew for every page); each picture shows one object and
-  names it ("This is a blicket."), and later pictures reuse the words, so
-  the word of a picture is known only from the earlier ones on the page.
+  (`nonce.py`, drawn anew for every page), often listed first ("Today's
+  words are blicket and dax."); each picture shows one object and names it
+  ("This is a blicket."), and later pictures reuse the words, so the word of
+  a picture is known only from the earlier ones on the page.
 
 Real web pages hold lists of questions and answers, captioned galleries and
 vocabulary lessons; these kinds stand in for them, and they are where the
@@ -50,10 +51,11 @@ P_RARE = 0.05  # Probability of a longer page.
 P_IMAGE_FIRST = 0.1  # Probability that a page opens with an image.
 P_DESCRIBED_BEFORE = 0.25  # An image's description precedes it.
 # Kinds of page and their shares of the documents.
-PAGE_KINDS = {'article': 0.5, 'quiz': 0.15, 'gallery': 0.15, 'words': 0.2}
+PAGE_KINDS = {'article': 0.3, 'quiz': 0.15, 'gallery': 0.15, 'words': 0.4}
 P_SECOND_QUESTION = 0.2  # A quiz picture gets a second question.
 P_LABELS = 0.3  # A gallery labels single objects instead of captioning.
 WORDS_WAYS = (2, 3)  # Words a word-learning page binds.
+P_WORD_LIST = 0.7  # A word-learning page lists its words first.
 
 _TITLES = ('my {theme} collection', 'art class: {theme} week',
            'a gallery of {theme} pictures', 'notes from the {theme} workshop',
@@ -101,6 +103,8 @@ _GALLERY_INTROS = ('Each picture is followed by the output.',
 _WORDS_TITLES = ('Words of the day', 'Learn some new words',
                  'A lesson in the language of the islands',
                  'Our made-up words', 'Name that thing')
+_WORD_LISTS = ("Today's words are {}.", 'The new words: {}.',
+               'Learn these words: {}.', 'You will meet {}.')
 _WORDS_INTROS = ('Each picture shows a thing and its name.',
                  'Remember the words, they come back later.',
                  'These words are new to everyone.')
@@ -218,12 +222,15 @@ def _article(rng: np.random.Generator, num_images: int | None) -> Document:
 
 def _listing(rng: np.random.Generator, page_scenes: Sequence[scenes.Scene],
              lines: Sequence[str], titles: Sequence[str],
-             intros: Sequence[str], kind: str, **fields) -> Document:
-  """A title, an optional intro, then each image followed by its line."""
+             intros: Sequence[str], kind: str, preface: Sequence[str] = (),
+             **fields) -> Document:
+  """A title, an optional intro and the preface, then each image followed
+  by its line."""
   texts: list[list[str]] = [[] for _ in range(len(page_scenes) + 1)]
   texts[0].append(language.sentence(language.pick(rng, titles)))
   if rng.random() < 0.7:
     texts[0].append(language.pick(rng, intros))
+  texts[0].extend(preface)
   for i, line in enumerate(lines):  # Nothing follows a line but an image,
     texts[i + 1].append(line)  # as in the few-shot prompts.
   doc = _assemble(texts, tuple(page_scenes), ['above'] * len(lines), lines,
@@ -268,8 +275,13 @@ def _words(rng: np.random.Generator, num_images: int | None) -> Document:
   page_scenes = [nonce.scene(rng, binding.attribute, binding.values[w])
                  for w in order]
   lines = [template.format(binding.words[w]) for w in order]
+  preface = []
+  if rng.random() < P_WORD_LIST:
+    listed = [binding.words[int(w)] for w in rng.permutation(ways)]
+    preface.append(language.pick(rng, _WORD_LISTS).format(
+        language.join_list(listed)))
   return _listing(rng, page_scenes, lines, _WORDS_TITLES, _WORDS_INTROS,
-                  'words', binding=binding)
+                  'words', preface, binding=binding)
 
 
 def _assemble(texts: Sequence[list[str]],
