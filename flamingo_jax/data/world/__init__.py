@@ -60,7 +60,7 @@ VIDEOS (video.py)
 
 DOCUMENTS (documents.py; M3W-like)
   chunks [{'text': str} | {'image': i}]; four kinds of page:
-  article (30%)  1-5 images (6-8 in 5% of pages) sharing a theme, after a
+  article (50%)  1-5 images (6-8 in 5% of pages) sharing a theme, after a
                  title and intro; each image described right after it ('The
                  picture above shows ...') or, 25% of the time, right before
                  it ('The next picture shows ...:'), comparisons with the
@@ -69,7 +69,7 @@ DOCUMENTS (documents.py; M3W-like)
                  (a second pair 20% of the time)
   gallery (15%)  2-5 images, each followed by 'Output: {caption}', or 30% of
                  the time 'Output: {colour} {shape}' of one large object
-  words (40%)    2-3 fresh made-up words bound to shapes or colours,
+  words (20%)    2-3 fresh made-up words bound to shapes or colours,
                  listed first on 70% of pages; 4-5 one-object images,
                  each named ('This is a blicket.'); every word is shown
                  once, then reused

@@ -4,7 +4,7 @@ A document is a list of chunks, `{'text': str}` or `{'image': i}` (i indexes
 the document's own list of scenes), as `flamingo_jax.data.formatting` reads
 them. Pages come in four kinds (`PAGE_KINDS` gives their shares):
 
-- 'article': a theme (all its pictures share a colour or a
+- 'article' (half the pages): a theme (all its pictures share a colour or a
   shape), a title and an introduction, then 1-5 images (6-8 in 5% of pages,
   to exercise the max-media limit); each image is described by the text
   right after it ("The picture above shows ...") or, in a quarter of the
@@ -51,7 +51,7 @@ P_RARE = 0.05  # Probability of a longer page.
 P_IMAGE_FIRST = 0.1  # Probability that a page opens with an image.
 P_DESCRIBED_BEFORE = 0.25  # An image's description precedes it.
 # Kinds of page and their shares of the documents.
-PAGE_KINDS = {'article': 0.3, 'quiz': 0.15, 'gallery': 0.15, 'words': 0.4}
+PAGE_KINDS = {'article': 0.5, 'quiz': 0.15, 'gallery': 0.15, 'words': 0.2}
 P_SECOND_QUESTION = 0.2  # A quiz picture gets a second question.
 P_LABELS = 0.3  # A gallery labels single objects instead of captioning.
 WORDS_WAYS = (2, 3)  # Words a word-learning page binds.
