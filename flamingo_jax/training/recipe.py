@@ -21,12 +21,27 @@ from flamingo_jax import report
 from flamingo_jax.training import loop
 
 
+# Where the data lives and the tokenizer: every stage shares the main run's
+# (so that `--config.data.data_dir=...` moves them all, and the LM stage and
+# Flamingo read one vocabulary).
+SHARED_DATA_FIELDS = ('data_dir', 'tokenizer')
+
+
 def _finished(stage: ml_collections.ConfigDict, workdir: str) -> bool:
-  directory = os.path.join(workdir, 'checkpoints')
-  if not os.path.isdir(directory):
+  if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
     return False
-  steps = checkpoint.Checkpointer(directory, save_every=1).all_steps()
-  return bool(steps) and max(steps) >= stage.total_steps
+  steps = checkpoint.saved_steps(workdir)
+  return bool(steps) and steps[-1] >= stage.total_steps
+
+
+def stage_config(config: ml_collections.ConfigDict,
+                 name: str) -> ml_collections.ConfigDict:
+  """Stage `name` of `config.stages`, with the main run's shared data fields."""
+  stage = ml_collections.ConfigDict(config.stages[name].to_dict())
+  for field in SHARED_DATA_FIELDS:
+    if field in config.get('data', {}) and field in stage.get('data', {}):
+      stage.data[field] = config.data[field]
+  return stage
 
 
 def stage_order(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
@@ -70,9 +85,8 @@ def stage_order(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
-  stages = config.get('stages', None) or {}
   for name in stage_order(config, workdir):
-    stage = stages[name]
+    stage = stage_config(config, name)
     stage_dir = os.path.join(workdir, name)
     if _finished(stage, stage_dir):
       logging.info('Stage %r already done in %s.', name, stage_dir)

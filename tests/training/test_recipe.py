@@ -23,3 +23,18 @@ def test_a_cycle_is_named():
   config = _config({'a': ['../b'], 'b': ['../a']}, ['a'])
   with pytest.raises(ValueError, match='a -> b -> a'):
     recipe.stage_order(config, 'W')
+
+
+def test_stages_share_the_main_runs_data_location_and_tokenizer():
+  from experiments import tiny  # pylint: disable=g-import-not-at-top
+  config = tiny.get_config('smoke')
+  config.data.data_dir = '/elsewhere/world'  # As --config.data.data_dir=...
+  config.data.tokenizer = '/elsewhere/tok.model'
+  for name in config.stages:
+    stage = recipe.stage_config(config, name)
+    assert stage.data.data_dir == '/elsewhere/world'
+    assert stage.data.tokenizer == '/elsewhere/tok.model'
+    # The rest is the stage's own.
+    assert stage.task == config.stages[name].task
+    assert stage.data.datasets.to_dict() == (
+        config.stages[name].data.datasets.to_dict())
