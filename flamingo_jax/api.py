@@ -195,14 +195,7 @@ def load(path: PathLike, *, step: Optional[int] = None,
     raise ValueError(
         f'{location.workdir} is a {config.task!r} run (config.task), not a '
         'Flamingo one: load() restores Flamingo models.')
-  steps = checkpoint_lib.saved_steps(location.checkpoints)
-  chosen = steps[-1] if location.step is None and steps else location.step
-  if chosen is None:
-    raise FileNotFoundError(f'No checkpoint in {location.checkpoints}.')
-  if chosen not in steps:
-    raise FileNotFoundError(
-        f'No checkpoint for step {chosen} in {location.checkpoints}; '
-        f'available: {steps}.')
+  chosen = checkpoint_lib.resolve_step(location.checkpoints, location.step)
   tokenizer = _load_tokenizer(config, tokenizer)
   vocab = config.model.lm.vocab_size
   if tokenizer.vocab_size != vocab:

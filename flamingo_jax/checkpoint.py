@@ -169,12 +169,26 @@ def saved_steps(path: str) -> list[int]:
     manager.close()
 
 
+def _pick_step(steps: list[int], step: Optional[int], directory: str) -> int:
+  if not steps:
+    raise FileNotFoundError(f'No checkpoint in {directory!r}.')
+  if step is None:
+    return steps[-1]
+  if step not in steps:
+    raise FileNotFoundError(f'No checkpoint for step {step} in '
+                            f'{directory}; available: {steps}.')
+  return step
+
+
+def resolve_step(path: str, step: Optional[int] = None) -> int:
+  """`step` (default: the latest) if it is saved under a workdir or its
+  `checkpoints/` folder; else a FileNotFoundError that lists what is."""
+  return _pick_step(saved_steps(path), step, checkpoints_dir(path))
+
+
 def latest_step(path: str) -> int:
   """The last step saved under a workdir or its `checkpoints/` folder."""
-  steps = saved_steps(path)
-  if not steps:
-    raise FileNotFoundError(f'No checkpoint in {checkpoints_dir(path)!r}.')
-  return steps[-1]
+  return resolve_step(path)
 
 
 def merge_parts(state: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
@@ -205,15 +219,13 @@ def _state_metadata(manager: ocp.CheckpointManager, step: int) -> Mapping:
 
 
 def _checked_step(manager: ocp.CheckpointManager, step: Optional[int]) -> int:
-  steps = sorted(manager.all_steps())
-  if not steps:
-    raise FileNotFoundError(f'No checkpoint in {str(manager.directory)!r}.')
-  if step is None:
-    return steps[-1]
-  if step not in steps:
-    raise FileNotFoundError(f'No checkpoint for step {step} in '
-                            f'{manager.directory}; available: {steps}.')
-  return step
+  return _pick_step(sorted(manager.all_steps()), step, str(manager.directory))
+
+
+def _abstract(tree: Mapping[str, Any]) -> PyTree:
+  """The merged parameters' ShapeDtypeStructs from a state's metadata."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                      merge_parts({part: tree[part] for part in PARAM_PARTS}))
 
 
 def abstract_params(path: str, step: Optional[int] = None) -> PyTree:
@@ -224,8 +236,7 @@ def abstract_params(path: str, step: Optional[int] = None) -> PyTree:
     tree = _state_metadata(manager, _checked_step(manager, step))
   finally:
     manager.close()
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                      merge_parts({p: tree[p] for p in PARAM_PARTS}))
+  return _abstract(tree)
 
 
 def load_params(path: str, step: Optional[int] = None,
@@ -249,9 +260,7 @@ def load_params(path: str, step: Optional[int] = None,
   try:
     step = _checked_step(manager, step)
     tree = _state_metadata(manager, step)
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-        merge_parts({part: tree[part] for part in PARAM_PARTS}))
+    abstract = _abstract(tree)
     if shardings is None:
       device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
       placement = jax.tree.map(lambda _: device, abstract)
