@@ -94,7 +94,7 @@ def vqa_example(rng: np.random.Generator, image_size: int,
   return {'image': _render(scene, image_size), 'question': qa.question,
           'answer': qa.answer, 'question_type': qa.qtype,
           'answers': questions.human_answers(qa.answer, qa.qtype, rng,
-                                            num_answers)}
+                                             num_answers)}
 
 
 def video_qa_example(rng: np.random.Generator, image_size: int,

@@ -386,7 +386,7 @@ def _video_qa(video: Video, rng: np.random.Generator,
     event = qtype.split('_')[0]
     noun = language.pick(rng, ('objects', 'shapes'))
     return questions.QA(f'How many {noun} {event}?',
-                       str(len(by_event[event])), qtype)
+                        str(len(by_event[event])), qtype)
   one = {'which_appears': 'appear', 'which_disappears': 'disappear',
          'disappear_colour': 'disappear', 'new_colour': 'recolour',
          'which_recolours': 'recolour', 'direction': 'move',
@@ -402,17 +402,17 @@ def _video_qa(video: Video, rng: np.random.Generator,
     return questions.QA(f'Which {shape_word} appears?', actor.obj.shape, qtype)
   if qtype == 'which_disappears':
     return questions.QA(f'Which {shape_word} disappears?', actor.obj.shape,
-                       qtype)
+                        qtype)
   if qtype == 'disappear_colour':
     return questions.QA(f'What colour is the {shape_word} that disappears?',
-                       actor.obj.colour, qtype)
+                        actor.obj.colour, qtype)
   if qtype == 'new_colour':
     return questions.QA(
         f'What colour does {_the(actor, rng, colour=True)} turn?',
         actor.new_colour, qtype)
   if qtype == 'which_recolours':
     return questions.QA(f'Which {shape_word} changes colour?',
-                       actor.obj.shape, qtype)
+                        actor.obj.shape, qtype)
   if qtype == 'direction':
     return questions.QA(
         f'Which direction does {_the(actor, rng, colour=False)} move?',
