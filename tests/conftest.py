@@ -4,6 +4,13 @@ import os
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('JAX_NUM_CPU_DEVICES', '8')
+# XLA:CPU compiles 2-3x faster without its backend optimisations, and the
+# suite is mostly compilation; results stay fp32-accurate (the tests compare
+# runs with each other, never with timings). The subprocesses inherit it.
+_FAST_COMPILE = '--xla_backend_optimization_level=0'
+if _FAST_COMPILE not in os.environ.get('XLA_FLAGS', ''):
+  os.environ['XLA_FLAGS'] = (
+      f"{os.environ.get('XLA_FLAGS', '')} {_FAST_COMPILE}".strip())
 if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   # One compilation cache per test run, shared by the xdist workers and the
   # subprocesses (they inherit the environment): tests that compile the same

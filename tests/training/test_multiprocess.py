@@ -29,8 +29,6 @@ _REPO = pathlib.Path(__file__).resolve().parents[2]
 _LOCAL_DEVICES = 2  # Per process of the 2-process run.
 _NUM_PROCESSES = 2
 _TIMEOUT_S = 600  # For all three runs together.
-# Faster XLA:CPU compiles (~3x on the tiny model); numerics stay fp32-close.
-_XLA_FLAGS = '--xla_backend_optimization_level=0'
 
 
 def _free_port() -> int:
@@ -46,8 +44,7 @@ def _launch(workdir: pathlib.Path, *, num_processes: int, process_id: int,
   env = dict(os.environ)
   env.update(
       JAX_PLATFORMS='cpu',
-      JAX_NUM_CPU_DEVICES=str(local_devices),
-      XLA_FLAGS=f'{env.get("XLA_FLAGS", "")} {_XLA_FLAGS}'.strip(),
+      JAX_NUM_CPU_DEVICES=str(local_devices),  # XLA_FLAGS: conftest.py's.
       PYTHONPATH=os.pathsep.join(
           p for p in (str(_REPO), env.get('PYTHONPATH')) if p))
   command = [sys.executable, '-m', 'tests.training.multiprocess_worker',

@@ -1,12 +1,12 @@
 """A real training process, killed (SIGKILL) and preempted (SIGTERM), resumes
 from its last checkpoint and ends exactly where an uninterrupted run ends."""
 
+import functools
 import json
 import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -16,6 +16,25 @@ from flamingo_jax import checkpoint
 from flamingo_jax.data import prepare
 
 STEPS = 20
+# The main stage's steps at which the interrupted run is killed, then
+# preempted; past the smoke recipe's stages (4 and 6 steps), whose loggers
+# would otherwise send the signal too.
+KILL_AT, PREEMPT_AT = 8, 14
+
+
+# The smoke recipe with its LM stage (W/lm) but not its vision stage, whose
+# compilation would double the test's time (the vision stage feeding Flamingo
+# is tests/training/test_contrastive.py).
+CONFIG = """
+from experiments import tiny
+
+
+def get_config():
+  config = tiny.get_config('smoke')
+  del config.stages['vision']
+  config.init_from = [s for s in config.init_from if s['workdir'] == 'lm']
+  return config
+"""
 
 
 def _smoke_config(data_dir):
@@ -25,75 +44,67 @@ def _smoke_config(data_dir):
   return config
 
 
-def _command(workdir, data_dir):
-  return [sys.executable, '-m', 'flamingo_jax.train',
-          '--config', 'experiments/tiny.py:smoke', '--workdir', str(workdir),
-          f'--config.total_steps={STEPS}', '--config.log_every=1',
-          '--config.checkpoint.every=5',
-          f'--config.data.data_dir={data_dir}',
-          f'--config.data.tokenizer={data_dir}/tok.model']
+def _run(config_file, data_dir, workdir, log, signal_at=None):
+  """Runs CONFIG for STEPS steps in `workdir`; returns its exit code.
+
+  With `signal_at` = (step, signal), the process sends itself the signal
+  once it has logged that step (tests/training/signalled_train.py).
+  """
+  module, env = 'flamingo_jax.train', dict(os.environ)
+  if signal_at is not None:
+    module = 'tests.training.signalled_train'
+    env['FLAMINGO_JAX_TEST_SIGNAL'] = f'{signal_at[0]}:{signal_at[1].name}'
+  # One CPU device per process: what `python -m flamingo_jax.train` gets on
+  # a laptop (the test process itself runs with 8 fake devices).
+  env['JAX_NUM_CPU_DEVICES'] = '1'
+  command = [sys.executable, '-m', module,
+             '--config', str(config_file), '--workdir', str(workdir),
+             f'--config.total_steps={STEPS}', '--config.log_every=1',
+             '--config.checkpoint.every=5',
+             f'--config.data.data_dir={data_dir}',
+             f'--config.data.tokenizer={data_dir}/tok.model']
+  with open(log, 'a') as out:
+    return subprocess.run(command, stdout=out, stderr=subprocess.STDOUT,
+                          env=env, timeout=400, check=False).returncode
 
 
 def _rows(workdir):
-  path = os.path.join(workdir, 'metrics.jsonl')
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     return [json.loads(line) for line in f if line.strip()]
-
-
-# One CPU device per process: what `python -m flamingo_jax.train` gets on a
-# laptop (the test process itself runs with 8 fake devices).
-_ENV = dict(os.environ, JAX_NUM_CPU_DEVICES='1')
-
-
-def _run_until(workdir, data_dir, step, sig, log):
-  """Starts training, sends `sig` once `step` is logged; returns the code."""
-  with open(log, 'a') as out:
-    proc = subprocess.Popen(_command(workdir, data_dir), stdout=out,
-                            stderr=subprocess.STDOUT, env=_ENV)
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-      if any(r['step'] >= step for r in _rows(workdir)):
-        proc.send_signal(sig)
-        break
-      time.sleep(0.2)
-    return proc.wait(timeout=120)
-
-
-def _complete(workdir, data_dir, log):
-  with open(log, 'a') as out:
-    return subprocess.run(_command(workdir, data_dir), stdout=out,
-                          stderr=subprocess.STDOUT, timeout=300,
-                          env=_ENV).returncode
 
 
 @pytest.mark.slow
 def test_kill_and_preemption_resume_bit_exactly(tmp_path):
   data_dir = tmp_path / 'data'
   log = tmp_path / 'log.txt'
-  # Data and tokenizer first, so that the two runs below do not race.
+  # Data and tokenizer first, as a fresh machine's first run builds them.
   prepare.ensure_data(_smoke_config(data_dir))
-  reference = tmp_path / 'reference'
-  with open(tmp_path / 'reference.txt', 'w') as out:  # Alongside the others.
-    uninterrupted = subprocess.Popen(
-        _command(reference, data_dir), stdout=out, stderr=subprocess.STDOUT,
-        env=_ENV)
-
+  config_file = tmp_path / 'config.py'
+  config_file.write_text(CONFIG)
+  run = functools.partial(_run, config_file, data_dir)
+  # The runs go one after another: each reuses the compilations of the first
+  # (the tests' shared compilation cache, tests/conftest.py).
   interrupted = tmp_path / 'interrupted'
-  code = _run_until(interrupted, data_dir, 8, signal.SIGKILL, log)
-  assert code == -signal.SIGKILL
-  code = _run_until(interrupted, data_dir, 14, signal.SIGTERM, log)
+  code = run(interrupted, log, (KILL_AT, signal.SIGKILL))
+  assert code == -signal.SIGKILL, log.read_text()[-3000:]
+  assert _rows(interrupted)[-1]['step'] == KILL_AT
+  code = run(interrupted, log, (PREEMPT_AT, signal.SIGTERM))
   assert code == 0, log.read_text()[-3000:]  # Preemption exits cleanly...
-  saved = sorted(int(s) for s in os.listdir(interrupted / 'checkpoints')
-                 if s.isdigit())
-  last_logged = _rows(interrupted)[-1]['step']
-  assert saved[-1] == last_logged  # ...with a checkpoint of its last step.
-  assert last_logged < STEPS
-  assert _complete(interrupted, data_dir, log) == 0
+  saved = checkpoint.saved_steps(interrupted)
+  assert saved[-1] == PREEMPT_AT == _rows(interrupted)[-1]['step']  # ...saved.
+  assert run(interrupted, log) == 0
   text = log.read_text()
   assert 'Resuming from step' in text
-  assert uninterrupted.wait(timeout=300) == 0
+  assert 'Preempted: saved step 14' in text
+
+  reference = tmp_path / 'reference'
+  assert run(reference, tmp_path / 'reference.txt') == 0
+  final = {r['step']: r for r in _rows(reference)}[STEPS]
+  resumed = [r for r in _rows(interrupted) if r['step'] == STEPS][-1]
+  for key in ('loss', 'grad_norm', 'param_norm', 'loss/documents'):
+    assert resumed[key] == final[key], key
+  np.testing.assert_equal(checkpoint.load_params(interrupted),
+                          checkpoint.load_params(reference))
 
   # Stage 2 read its frozen LM from stage 1 (the recipe's W/lm).
   assert 'Initialised 16 parameters from' in text
@@ -104,7 +115,12 @@ def test_kill_and_preemption_resume_bit_exactly(tmp_path):
       np.testing.assert_array_equal(
           value.astype(flamingo[module][name].dtype), flamingo[module][name])
 
-  final = {r['step']: r for r in _rows(reference)}[STEPS]
-  resumed = [r for r in _rows(interrupted) if r['step'] == STEPS][-1]
-  for key in ('loss', 'grad_norm', 'param_norm', 'loss/documents'):
-    assert resumed[key] == final[key], key
+  # What the run leaves for a person: its config, metrics for TensorBoard,
+  # and every scalar of the loop in the JSONL mirror.
+  config = json.loads((reference / 'config.json').read_text())
+  assert config['total_steps'] == STEPS
+  assert any(f.startswith('events')
+             for f in os.listdir(reference / 'tensorboard'))
+  for key in ('learning_rate', 'steps_per_sec', 'tokens_per_sec',
+              'gates/attn_gate_0', 'loss/pairs'):
+    assert key in final, key
