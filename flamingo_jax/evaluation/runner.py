@@ -14,7 +14,7 @@ For every query of a task and every number of shots k:
   corresponding images or videos" -- `zero_shot_examples` (2) random support
   examples, text only ('Output: {caption}<EOC>'), then the query with its
   image.
-- The nonce task draws its shots from the query's own episode support (6
+- The nonce tasks draw their shots from the query's own episode support (6
   examples); beyond that many shots, the support repeats, in a new random
   order each pass (an episode has no more). Elsewhere, asking for more
   shots than there are support examples is an error.
@@ -22,9 +22,9 @@ For every query of a task and every number of shots k:
 Open-ended tasks generate (beam search with the paper's beam of 3, or
 greedy with beam_size 1) until `<EOC>`; the text is cut at `<EOC>` (and at a
 new 'Question:'/'Output:' if the model runs on), stripped, and lower-cased
-for QA. Close-ended tasks (classification) score ' {class name}<EOC>' for
-every class after the prompt (`Decoder.score`, the sum of log-probabilities)
-and take the argmax; with `ensemble` = m > 1, the log-likelihoods of m
+for QA. Close-ended tasks (classification, nonce_choice) score
+' {class name}<EOC>' for every class (or the query's own choices) after the
+prompt (`Decoder.score`, the sum of log-probabilities) and take the argmax; with `ensemble` = m > 1, the log-likelihoods of m
 permutations of the shots are averaged first (the paper's prompt
 ensembling).
 
@@ -174,6 +174,24 @@ def _support_of(task: tasks_lib.Task, query: tasks_lib.Example
 
 
 @dataclasses.dataclass
+class Choices:
+  """A close-ended task's candidates per query (`Evaluator._choices`)."""
+  labels: list[tuple[str, ...]]  # Per row, the answers it stands for.
+  tokens: np.ndarray  # [R, C, Lc] int32: ' {label}<EOC>', right-padded.
+  valid: np.ndarray  # [R, C, Lc] bool
+  # R = 1 when all queries share the task's class names, else Q.
+
+  def of(self, queries: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """[len(queries), C, Lc] tokens and valid for these queries."""
+    rows = np.asarray(queries) if len(self.labels) > 1 else np.zeros(
+        len(queries), np.int64)
+    return self.tokens[rows], self.valid[rows]
+
+  def label(self, query: int, index: int) -> str:
+    return self.labels[query if len(self.labels) > 1 else 0][index]
+
+
+@dataclasses.dataclass
 class Prompt:
   """One query's prompt: text with <image> markers and its media."""
   text: str
@@ -206,7 +224,7 @@ def choose_shots(task: tasks_lib.Task, query_index: int, shots: int,
   """(shots, zero-shot text examples) of one query, in prompt order."""
   query = task.queries[query_index]
   support = _support_of(task, query)
-  repeat = task.kind == 'nonce'
+  repeat = task.episodic
   if shots == 0:
     count = min(settings.zero_shot_examples, len(support))
     if settings.zero_shot_examples and not support:
@@ -225,11 +243,11 @@ def choose_shots(task: tasks_lib.Task, query_index: int, shots: int,
 
 def check_shots(task: tasks_lib.Task, shots: Sequence[int]) -> None:
   """Raises the ValueError of `sample_support` for impossible shots."""
-  for query in task.queries[:1] if task.kind == 'nonce' else [None]:
+  for query in task.queries[:1] if task.episodic else [None]:
     support = task.support if query is None else query.support
     for k in shots:
       sample_support(len(support), k, seed=0, task=task.name, query=0,
-                     repeat=task.kind == 'nonce')
+                     repeat=task.episodic)
 
 
 # -------------------------------------------------------------- RICES --
@@ -286,7 +304,7 @@ class Retriever:
   def shots(self, task: tasks_lib.Task, shots: int) -> np.ndarray:
     """[Q, shots] support indices per query, most similar last."""
     query_features = self._features(task, 'query', task.queries)
-    if task.kind != 'nonce':
+    if not task.episodic:
       if shots > len(task.support):
         raise ValueError(f'Task {task.name!r}: {shots} shots asked for but it '
                          f'has only {len(task.support)} support examples.')
@@ -486,21 +504,21 @@ class Evaluator:
     if width is None:
       width = self.width([self.prompt_length(p) for _, p in flat])
     num_media = num_media or shots + 1
+    rows = settings.batch_size
     if task.scored:
-      rows = max(1, settings.score_rows // len(task.class_names))
-      rows = min(rows, settings.batch_size)
-    else:
-      rows = settings.batch_size
+      choices = self._choices(task)
+      rows = min(rows, max(1, settings.score_rows // choices.tokens.shape[1]))
     self.progress.start(f'{task.name} {shots}-shot', len(task.queries))
     outputs = []
-    candidates = self._candidates(task) if task.scored else None
     for start in range(0, len(flat), rows):
+      owners = [q for q, _ in flat[start:start + rows]]
       chunk = [self._encode(task, p) for _, p in flat[start:start + rows]]
       batch = _pad_batch(prompts.collate(chunk, pad_multiple=1), rows, width,
                          num_media)
       if task.scored:
+        owners += owners[-1:] * (rows - len(owners))  # The padding rows'.
         scores = np.asarray(self.decoder.score(
-            self.params, batch, *_tile(candidates, rows)))  # [rows, C]
+            self.params, batch, *choices.of(owners)))  # [rows, C]
         outputs.extend(scores[:len(chunk)])
       else:
         outputs.extend(self._generate(task, batch)[:len(chunk)])
@@ -510,7 +528,7 @@ class Evaluator:
       mine = [o for (owner, _), o in zip(flat, outputs) if owner == q]
       if task.scored:
         mean = np.mean(np.stack(mine), axis=0)  # [C]
-        prediction = raw = task.class_names[int(np.argmax(mean))]
+        prediction = raw = choices.label(q, int(np.argmax(mean)))
       else:
         raw = mine[0]
         prediction = postprocess(raw, task.kind)
@@ -520,17 +538,32 @@ class Evaluator:
                           target=query.target))
     return task.score(predictions), records
 
-  def _candidates(self, task: tasks_lib.Task) -> tuple[np.ndarray, np.ndarray]:
-    """' {class}<EOC>' per class: ids [C, Lc] right-padded, valid [C, Lc]."""
-    ids = [self.tokenizer.encode(f' {name}{tokenizer_lib.EOC}')
-           for name in task.class_names]
-    length = max(len(i) for i in ids)
-    tokens = np.zeros([len(ids), length], np.int32)
-    valid = np.zeros([len(ids), length], bool)
-    for row, seq in enumerate(ids):
-      tokens[row, :len(seq)] = seq
-      valid[row, :len(seq)] = True
-    return tokens, valid
+  def _choices(self, task: tasks_lib.Task) -> Choices:
+    """Every query's candidate continuations (' {class}<EOC>'), tokenised.
+
+    One [C, Lc] shape for the whole task: C its most choices (a query with
+    fewer repeats its first, which never changes the argmax) and Lc its
+    longest continuation, right-padded (`valid` marks the tokens).
+    """
+    encoded = {}  # (label, format) -> ids; classes are shared by queries.
+    labels, ids = [], []
+    shared = not any(query.choices for query in task.queries)
+    for query in task.queries[:1] if shared else task.queries:
+      mine = task.choices(query)
+      labels.append(mine)
+      ids.append([encoded.setdefault(
+          (label, query.choice_format), self.tokenizer.encode(
+              query.choice_format.format(label))) for label in mine])
+    num = max(len(mine) for mine in labels)
+    length = max(len(seq) for mine in ids for seq in mine)
+    tokens = np.zeros([len(ids), num, length], np.int32)
+    valid = np.zeros([len(ids), num, length], bool)
+    for q, mine in enumerate(ids):
+      mine = mine + mine[:1] * (num - len(mine))
+      for c, seq in enumerate(mine):
+        tokens[q, c, :len(seq)] = seq
+        valid[q, c, :len(seq)] = True
+    return Choices(labels, tokens, valid)
 
   def _generate(self, task: tasks_lib.Task, batch) -> list[str]:
     options = self._options(task)
@@ -542,12 +575,6 @@ class Evaluator:
     lengths = np.asarray(result.lengths)
     return [self.tokenizer.decode(row[:length])
             for row, length in zip(tokens, lengths)]
-
-
-def _tile(candidates: tuple[np.ndarray, np.ndarray], rows: int):
-  tokens, valid = candidates
-  return (np.broadcast_to(tokens, (rows, *tokens.shape)),
-          np.broadcast_to(valid, (rows, *valid.shape)))
 
 
 def _permutations(count: int, num: int, rng: np.random.Generator

@@ -9,6 +9,7 @@ A task of `config.eval.tasks` names a dataset, its kind and its metric:
   video_captioning  video  <image>Output: {caption}<EOC>               generated
   classification    image  <image>Output: {class name}<EOC>            scored
   nonce             image  <image>{support text}<EOC>                  generated
+  nonce_choice      image  <image>{support text}<EOC>                  scored
 
   metric         reproduces                    score (all x 100)
   cider          CIDEr-D (COCO, VATEX)         metrics.cider_d
@@ -30,7 +31,11 @@ made-up words to shapes or colours through its own support images
 ('<image>It is leegun.<EOC>'); a query shows a new object and its prompt is
 the episode's template up to the word ('<image>It is'); the answer is the
 word (its first generated word, exact match). Its shots come from the
-episode's support, not from a support split.
+episode's support, not from a support split. `nonce_choice` asks the same
+queries close-ended: of the episode's words (3; chance is 1 in 3), the one
+whose ' {word}{rest of the template}<EOC>' is most likely wins. It tells
+whether the model binds a word to what it saw, whether or not it can spell
+the word out.
 
 Datasets: a world builder name ('world_captions') built in the eval
 `data_dir` at `sizes`, or a `flamingo_jax.data.formats` dataset
@@ -60,6 +65,7 @@ class Kind:
   media: str  # 'image' or 'video': the dataset feature holding the medium.
   metric: str  # The default metric.
   scored: bool = False  # Close-ended (score classes) instead of generated.
+  episodic: bool = False  # Shots from the query's own episode (`support`).
 
 
 KINDS = {
@@ -68,7 +74,8 @@ KINDS = {
     'video_qa': Kind('video', 'exact_match'),
     'video_captioning': Kind('video', 'cider'),
     'classification': Kind('image', 'top1', scored=True),
-    'nonce': Kind('image', 'exact_match'),
+    'nonce': Kind('image', 'exact_match', episodic=True),
+    'nonce_choice': Kind('image', 'top1', scored=True, episodic=True),
 }
 
 
@@ -108,12 +115,17 @@ class Example:
     target: what the metric compares with: reference captions, annotator
       answers, the answer, or the class name.
     support: the nonce task's episode support (None elsewhere).
+    choices: a close-ended query's own candidate answers (the nonce
+      episode's words); empty: the task's `class_names`.
+    choice_format: the continuation scored for a candidate ('{}': it).
   """
   medium: Any
   shot: str
   query: str
   target: Any
   support: list['Example'] | None = None
+  choices: tuple[str, ...] = ()
+  choice_format: str = ' {}' + tokenizer_lib.EOC
 
 
 @dataclasses.dataclass
@@ -133,6 +145,14 @@ class Task:
   def scored(self) -> bool:
     return KINDS[self.kind].scored
 
+  @property
+  def episodic(self) -> bool:
+    return KINDS[self.kind].episodic
+
+  def choices(self, query: Example) -> tuple[str, ...]:
+    """A close-ended query's candidate answers."""
+    return query.choices or self.class_names
+
   def score(self, predictions: Sequence[Any]) -> float:
     """The task's metric (x 100) of predictions for its first queries."""
     targets = [q.target for q in self.queries[:len(predictions)]]
@@ -151,8 +171,8 @@ def check_spec(name: str, spec: Mapping[str, Any]) -> None:
                      f'of {sorted(METRICS)}.')
   if not spec.get('dataset'):
     raise ValueError(f'Task {name!r} names no dataset.')
-  if kind == 'nonce' and not spec['dataset'].startswith('world_nonce'):
-    raise ValueError(f'Task {name!r}: kind nonce reads world_nonce episodes; '
+  if KINDS[kind].episodic and not spec['dataset'].startswith('world_nonce'):
+    raise ValueError(f'Task {name!r}: kind {kind} reads world_nonce episodes; '
                      f'got dataset {spec["dataset"]!r}.')
 
 
@@ -197,7 +217,9 @@ def nonce_queries(episode: Mapping[str, Any]) -> list[Example]:
   template = _text(episode['template'])
   if '{}' not in template:
     raise ValueError(f'Nonce template {template!r} has no {{}} for the word.')
-  prefix = tokenizer_lib.IMAGE + template.split('{}')[0].rstrip()
+  before, after = template.split('{}', 1)
+  prefix = tokenizer_lib.IMAGE + before.rstrip()
+  choice_format = ' {}' + after.rstrip() + tokenizer_lib.EOC
 
   def items(part):
     columns = episode[part]
@@ -207,8 +229,10 @@ def nonce_queries(episode: Mapping[str, Any]) -> list[Example]:
                      f'{tokenizer_lib.IMAGE}{_text(item["text"])}'
                      f'{tokenizer_lib.EOC}', prefix, _text(item['word']))
              for item in items('support')]
+  words = tuple(dict.fromkeys(e.target for e in support))  # In order.
   return [Example(item['image'], '', prefix, _text(item['word']),
-                  support=support) for item in items('query')]
+                  support=support, choices=words, choice_format=choice_format)
+          for item in items('query')]
 
 
 def _open_source(dataset: str, split: str, data_dir: str, sizes: str,
@@ -279,7 +303,7 @@ def load_task(name: str, spec: Mapping[str, Any], *, data_dir: str,
   query_source = _open_source(dataset, 'query', data_dir, sizes, image_size)
   count = len(query_source)
   queries, support = [], []
-  if kind == 'nonce':
+  if KINDS[kind].episodic:
     for index in range(count):
       if num_queries is not None and len(queries) >= num_queries:
         break
@@ -326,6 +350,7 @@ def default_tasks(frames: int = 4) -> dict[str, dict[str, Any]]:
       classification=dict(dataset='world_classification',
                           kind='classification'),
       nonce=dict(dataset='world_nonce', kind='nonce'),
+      nonce_choice=dict(dataset='world_nonce', kind='nonce_choice'),
   )
 
 

@@ -175,27 +175,37 @@ def test_evaluate_end_to_end(setup, tmp_path):
   lines = []
   results = runner.evaluate(eval_config, params, config, tokenizer,
                             out_dir=out, step=7, log=lines.append)
-  assert set(results['scores']) == {'captions', 'classification', 'nonce'}
+  assert set(results['scores']) == {'captions', 'classification', 'nonce',
+                                    'nonce_choice'}
   for task, by_shots in results['scores'].items():
     assert set(by_shots) == {'0', '2'}, task
     for score in by_shots.values():
       assert 0.0 <= score <= (1000.0 if task == 'captions' else 100.0)
   assert results['metadata']['num_queries'] == {
-      'captions': 3, 'classification': 3, 'nonce': 3}
+      'captions': 3, 'classification': 3, 'nonce': 3, 'nonce_choice': 3}
   assert results['metadata']['step'] == 7 and results['metadata']['rices']
   assert set(results['overall']) <= {'0', '2'}
   with open(os.path.join(out, 'results.json')) as f:
     assert json.load(f)['scores'] == results['scores']
   assert os.path.getsize(os.path.join(out, 'scores.png')) > 1000
-  assert len(os.listdir(os.path.join(out, 'predictions'))) == 6
+  assert len(os.listdir(os.path.join(out, 'predictions'))) == 8
   cached = sorted(os.listdir(os.path.join(out, 'cache')))
-  assert len(cached) == 6 and all(c.endswith('.npy') for c in cached)
+  assert len(cached) == 8 and all(c.endswith('.npy') for c in cached)
   features = np.load(os.path.join(out, 'cache', cached[0]))  # The encoder's.
   np.testing.assert_allclose(np.linalg.norm(features, axis=1), 1.0, rtol=1e-5)
   assert any('2-shot' in line and 'ETA' in line for line in lines)
   with open(os.path.join(out, 'predictions', 'nonce_2shot.jsonl')) as f:
     record = json.loads(f.readline())
   assert record['prompt'].count('<image>') == 3
+  # Close-ended nonce: each query picks one of its own episode's words.
+  queries = tasks.load_task('nonce_choice', eval_config.tasks.nonce_choice,
+                            data_dir=eval_config.data_dir, sizes='tiny',
+                            image_size=eval_config.image_size, num_queries=3)
+  with open(os.path.join(out, 'predictions', 'nonce_choice_2shot.jsonl')) as f:
+    records = [json.loads(line) for line in f]
+  for record, query in zip(records, queries.queries, strict=True):
+    assert record['prediction'] in query.choices
+    assert record['target'] == query.target in query.choices
   # A re-run reads the cached features and gives the same scores.
   mtimes = [os.path.getmtime(os.path.join(out, 'cache', c)) for c in cached]
   again = runner.evaluate(eval_config, params, config, tokenizer,
@@ -203,3 +213,36 @@ def test_evaluate_end_to_end(setup, tmp_path):
   assert again['scores'] == results['scores']
   assert mtimes == [os.path.getmtime(os.path.join(out, 'cache', c))
                     for c in cached]
+
+
+def test_choices_are_per_query_or_the_shared_class_names(setup):
+  eval_config, params, config, tokenizer = setup
+  evaluator = runner.Evaluator(
+      params, config, tokenizer, runner.Settings.from_config(eval_config),
+      image_size=eval_config.image_size)
+  image = np.zeros([8, 8, 3], np.uint8)
+  own = [tasks.Example(image, '', '<image>Look, a', 'zorp',
+                       choices=('blicket', 'zorp'),
+                       choice_format=' {}!<EOC>'),
+         tasks.Example(image, '', '<image>It is', 'dax',
+                       choices=('dax', 'wug', 'fep'))]
+  task = tasks.Task('t', 'world_nonce', 'nonce_choice', 'top1', 1, own, [])
+  choices = evaluator._choices(task)  # pylint: disable=protected-access
+  assert choices.tokens.shape[:2] == (2, 3)  # Padded to the most choices.
+
+  def text(query, index):
+    tokens, valid = choices.of([query])
+    return tokenizer.decode(tokens[0, index][valid[0, index]])
+
+  assert text(0, 1).strip() == 'zorp!<EOC>'
+  assert text(0, 2) == text(0, 0)  # The padding repeats the first choice.
+  assert text(1, 1).strip() == 'wug<EOC>'
+  assert [choices.label(1, i) for i in range(3)] == ['dax', 'wug', 'fep']
+
+  shared = tasks.Task('c', 'world_classification', 'classification', 'top1',
+                      1, [tasks.Example(image, '', '<image>Output:', 'b')] * 5,
+                      [], class_names=('a', 'b'))
+  choices = evaluator._choices(shared)  # pylint: disable=protected-access
+  assert choices.tokens.shape[:2] == (1, 2)  # One row, whatever the queries.
+  assert choices.of([0, 4])[0].shape[:2] == (2, 2)
+  assert choices.label(4, 1) == 'b'

@@ -54,6 +54,9 @@ def test_nonce_queries_carry_the_episode_support():
   assert [s.shot for s in query.support] == [
       '<image>Look, a blicket!<EOC>', '<image>Look, a zorp!<EOC>']
   assert [s.target for s in query.support] == ['blicket', 'zorp']
+  # Close-ended (nonce_choice): the episode's words, as its template ends.
+  assert query.choices == ('blicket', 'zorp')
+  assert query.choice_format.format('zorp') == ' zorp!<EOC>'
 
 
 @pytest.mark.parametrize('spec, match', [
@@ -62,6 +65,7 @@ def test_nonce_queries_carry_the_episode_support():
      "Task 't': unknown metric 'bleu'"),
     ({'kind': 'vqa'}, "Task 't' names no dataset"),
     ({'dataset': 'world_vqa', 'kind': 'nonce'}, 'world_nonce'),
+    ({'dataset': 'world_vqa', 'kind': 'nonce_choice'}, 'world_nonce'),
 ])
 def test_bad_specs_are_named(spec, match):
   with pytest.raises(ValueError, match=match):
