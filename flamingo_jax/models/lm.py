@@ -69,16 +69,36 @@ def sinusoid_encoding(offsets: jax.Array, width: int) -> jax.Array:
   return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)  # [O, width]
 
 
+def relative_shift(x: jax.Array) -> jax.Array:  # [..., L, O=L] -> [..., L, S=L]
+  """out[..., t, s] = x[..., t, L-1-(t-s)] for s <= t (the rest is junk).
+
+  `x` holds, for each query t, a term per offset in the order L-1..0; this
+  moves each row left by L-1-t, so that key s lands on offset t - s. A pad
+  and two reshapes (Dai et al., 2019, App. B), no gather.
+  """
+  *lead, length, num_offsets = x.shape
+  x = jnp.pad(x, [(0, 0)] * len(lead) + [(0, 0), (1, 0)])  # [..., L, O+1]
+  x = x.reshape(*lead, num_offsets + 1, length)  # [..., O+1, L]
+  return x[..., 1:, :].reshape(*lead, length, num_offsets)  # [..., L, S]
+
+
 @dataclasses.dataclass
 class RelativeSelfAttention(hk.Module):
   """Causal multi-head self-attention with Transformer-XL relative positions.
 
   logits[t, s] = (q_t + u) . k_s + (q_t + v) . W_r sinusoid(pos_t - pos_s),
   with learned biases u (`content_bias`) and v (`position_bias`), [H, K].
+
+  The position term is computed for every (query, offset) pair, [B, H, L, O],
+  then each key picks its offset: with `contiguous` positions (0..L-1 in
+  every row, and no cache: training and scoring) by Transformer-XL's shift
+  of that array, else by a gather, whose gradient (a scatter) is several
+  times slower on CPUs.
   """
 
   num_heads: int
   head_size: int
+  contiguous: bool = False
   name: Optional[str] = None
 
   @hk.transparent
@@ -122,12 +142,19 @@ class RelativeSelfAttention(hk.Module):
     if key_mask is not None:
       mask = mask & key_mask[:, None, :]  # [B, L, S]
     num_offsets = k.shape[1]
-    rel = sinusoid_encoding(jnp.arange(num_offsets), width).astype(x.dtype)  # [O, D]
+    shift = self.contiguous and cache is None
+    # Offsets O-1..0 for the shift (Transformer-XL's order), else 0..O-1.
+    rel_offsets = jnp.arange(num_offsets)[::-1] if shift else jnp.arange(
+        num_offsets)  # [O]
+    rel = sinusoid_encoding(rel_offsets, width).astype(x.dtype)  # [O, D]
     rel_k = self._project(rel, 'relative_key')  # [O, H, K]
     pos_logits = jnp.einsum('blhk,ohk->bhlo', q + position_bias, rel_k)  # [B, H, L, O]
-    index = jnp.clip(offsets, 0, num_offsets - 1)[:, None]  # [B, 1, L, S]
-    index = jnp.broadcast_to(index, pos_logits.shape[:2] + index.shape[2:])  # [B, H, L, S]
-    pos_logits = jnp.take_along_axis(pos_logits, index, axis=-1)  # [B, H, L, S]
+    if shift:
+      pos_logits = relative_shift(pos_logits)  # [B, H, L, S]
+    else:
+      index = jnp.clip(offsets, 0, num_offsets - 1)[:, None]  # [B, 1, L, S]
+      index = jnp.broadcast_to(index, pos_logits.shape[:2] + index.shape[2:])  # [B, H, L, S]
+      pos_logits = jnp.take_along_axis(pos_logits, index, axis=-1)  # [B, H, L, S]
 
     attended = layers.dot_product_attention(
         q + content_bias, k, v, mask[:, None],
@@ -145,6 +172,7 @@ class DecoderBlock(hk.Module):
   head_size: int
   ffw_multiplier: int = 4
   activation: str = 'gelu'
+  contiguous: bool = False  # See RelativeSelfAttention.
   name: Optional[str] = None
 
   def __call__(
@@ -157,7 +185,7 @@ class DecoderBlock(hk.Module):
   ):  # -> [B, L, D], or ([B, L, D], KVCache of the chunk) with a cache
     h = hk.RMSNorm(axis=-1, name='attention_norm')(x)  # [B, L, D]
     attention = RelativeSelfAttention(self.num_heads, self.head_size,
-                                      name='self_attention')
+                                      self.contiguous, name='self_attention')
     if cache is None:
       attended, chunk = attention(h, positions), None  # [B, L, D]
     else:
@@ -217,13 +245,16 @@ class DecoderLM(hk.Module):
     eoc_logit = jnp.einsum('bld,d->bl', x, eoc_out.astype(x.dtype))  # [B, L]
     return jnp.concatenate([logits, eoc_logit[..., None]], axis=-1)  # [B, L, V]
 
-  def blocks(self) -> stacking.Stack:
-    """The stack of decoder blocks; parameters under `lm/blocks/block`."""
+  def blocks(self, contiguous: bool = False) -> stacking.Stack:
+    """The stack of decoder blocks; parameters under `lm/blocks/block`.
+
+    `contiguous`: positions are 0..L-1 in every row (a faster attention).
+    """
     policy = REMAT_POLICIES[self.remat_policy]
     return stacking.Stack(
         lambda: DecoderBlock(self.num_heads, self.head_size,
                              self.ffw_multiplier, self.activation,
-                             name='block'),
+                             contiguous, name='block'),
         self.num_layers, name='blocks', remat_policy=policy)
 
   @hk.transparent
@@ -254,10 +285,11 @@ class DecoderLM(hk.Module):
     returned with the logits.
     """
     x = self.embed(tokens)  # [B, L, D]
-    if positions is None:
+    contiguous = positions is None
+    if contiguous:
       positions = default_positions(tokens)  # [B, L]
     params = self.block_params(x, positions)
-    blocks = self.blocks()
+    blocks = self.blocks(contiguous)
     aux = None
     if trunk is None:
       x = blocks.scan(params, x, positions)  # [B, L, D]

@@ -71,6 +71,50 @@ def test_relative_positions_are_shift_invariant():
   assert np.abs(spread - model.apply(params, x, positions)).max() > 1e-4
 
 
+def test_relative_shift_puts_each_key_on_its_offset():
+  length = 5
+  x = np.random.default_rng(0).normal(size=[2, 3, length, length]).astype(
+      np.float32)
+  shifted = np.asarray(lm.relative_shift(jnp.asarray(x)))
+  for t in range(length):
+    for s in range(t + 1):  # The causal part; the rest is never attended.
+      np.testing.assert_array_equal(shifted[:, :, t, s],
+                                    x[:, :, t, length - 1 - (t - s)])
+
+
+def test_contiguous_attention_equals_the_gathered_one():
+  """The shift (positions 0..L-1, no cache) computes what the gather does,
+  gradients included."""
+  width, heads, size, length = 32, 4, 8, 7
+
+  def attend(x, contiguous):
+    positions = jnp.broadcast_to(jnp.arange(length), x.shape[:2])
+    return lm.RelativeSelfAttention(heads, size, contiguous,
+                                    name='attn')(x, positions)
+
+  model = hk.without_apply_rng(hk.transform(attend))
+  x = jax.random.normal(jax.random.PRNGKey(0), [2, length, width])
+  params = model.init(jax.random.PRNGKey(1), x, False)
+  params = jax.tree.map(lambda p: p + 0.1, params)  # Non-zero u, v biases.
+  loss = lambda p, contiguous: jnp.sum(model.apply(p, x, contiguous) ** 2)
+  np.testing.assert_allclose(model.apply(params, x, True),
+                             model.apply(params, x, False), rtol=1e-5,
+                             atol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
+                                                       atol=1e-5),
+               jax.grad(loss)(params, True), jax.grad(loss)(params, False))
+  # The LM takes the shift when it makes the positions itself.
+  model = _lm()
+  tokens = jax.random.randint(jax.random.PRNGKey(2), [2, length], 0,
+                              TINY['vocab_size'])
+  params = model.init(jax.random.PRNGKey(3), tokens)
+  explicit = hk.without_apply_rng(hk.transform(
+      lambda t: lm.DecoderLM(**TINY)(t, positions=lm.default_positions(t))))
+  np.testing.assert_allclose(model.apply(params, tokens),
+                             explicit.apply(params, tokens), rtol=1e-5,
+                             atol=1e-5)
+
+
 def test_bad_token_rank():
   model = _lm()
   with pytest.raises(ValueError, match=r'\[B, L\].*\(10,\)'):
