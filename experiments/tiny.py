@@ -6,9 +6,10 @@ Builds the embedded world datasets and trains their tokenizer the first time
 (in `config.data.data_dir`). Stage 1 (`config.stages.vision`, in W/vision)
 pretrains the vision encoder contrastively with a small text tower on the
 world's image-text pairs (`config.task = 'contrastive'`); stage 2
-(`config.stages.lm`, in W/lm) trains the LM alone on the world's text; stage
-3 (in W) loads both (`config.init_from`), freezes them and trains Flamingo on
-the paper's mixture (interleaved documents, image-text pairs, video-text
+(`config.stages.lm`, in W/lm) trains the LM alone on the world's text-only
+pages (`world_text`, mostly word-learning pages: they teach it to copy from
+its context, which few-shot learning needs); stage 3 (in W) loads both
+(`config.init_from`), freezes them and trains Flamingo on the paper's mixture (interleaved documents, image-text pairs, video-text
 pairs, weighted 1.0 / 0.2 / 0.03). Each stage leaves checkpoints,
 `metrics.jsonl`, TensorBoard events and plots in its workdir.
 
@@ -78,14 +79,14 @@ def _substitutes(variant: str) -> dict[str, tuple[str, dict]]:
   source, so its validation split stands in: 1,000 pairs (8 in 'tiny'
   sizes) disjoint from the 50,000 training pairs, same distribution -- a
   different, smaller collection, not a noisier one. 'text'
-  (lm_cotrain_text's MassiveText): the documents' text alone, the text the
-  LM stage pretrains on.
+  (lm_cotrain_text's MassiveText): world_text, the text-only pages the LM
+  stage pretrains on.
   """
   batch = 8 if variant == 'smoke' else 16
   return dict(
       image_text=('laion_standin', _dataset(
           'world_pairs', 'pairs', 0.2, batch, 32, 1, 1, split='validation')),
-      text=('text', _dataset('world_documents', 'text', 1.0, batch, 128, 1,
+      text=('text', _dataset('world_text', 'text', 1.0, batch, 128, 1,
                              1)))
 
 
@@ -94,7 +95,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   variant, ablations = parse_arg(arg)
   config = ml_collections.ConfigDict()
   config.seed = 0
-  config.task = 'flamingo'  # Stage 'vision' is 'contrastive'.
+  config.task = 'flamingo'  # Stage 'vision' is 'contrastive', 'lm' 'lm'.
   model = flamingo_config.apply_model_ablations(
       flamingo.model_config('tiny'), ablations, TINY_STANDINS)
   model['lm']['remat_policy'] = 'none'  # 'full' | 'dots' trade time for memory.
@@ -190,8 +191,9 @@ def _lm_stage(config: ml_collections.ConfigDict,
               variant: str) -> ml_collections.ConfigDict:
   """The LM alone on the world's text; its weights initialise Flamingo's."""
   stage = ml_collections.ConfigDict(config.to_dict())
+  stage.task = 'lm'  # Its parameters are Flamingo's lm/...
   stage.data.datasets = dict(text=_dataset(
-      'world_documents', 'text', 1.0, 16, 128, 1, 1))
+      'world_text', 'text', 1.0, 16, 128, 1, 1))
   stage.freeze = [('lm/.*', optim.TRAIN), ('.*', optim.FROZEN)]
-  stage.total_steps = 6 if variant == 'smoke' else 300
+  stage.total_steps = 6 if variant == 'smoke' else 1500
   return stage

@@ -124,7 +124,10 @@ def read_document(raw: Mapping[str, Any]):
 
 
 def read_document_text(raw: Mapping[str, Any]):
-  """A document's text alone: language-model pretraining data."""
+  """A document's text alone (a text dataset's 'text', or a document's text
+  chunks): language-model pretraining data."""
+  if 'text' in raw:
+    return [{'text': _text(raw['text'])}], []
   chunks, _ = read_document(raw)
   return [c for c in chunks if 'text' in c], []
 

@@ -404,6 +404,20 @@ def transform(config: Mapping[str, Any]) -> hk.Transformed:
   return hk.transform(forward)
 
 
+def transform_lm(config: Mapping[str, Any]) -> hk.Transformed:
+  """The LM of Flamingo `config` alone, with Flamingo's inputs (the media
+  are ignored): the model of an LM pretraining stage (`config.task = 'lm'`).
+  Its parameters are Flamingo's `lm/...`, so they initialise Flamingo's LM;
+  with the gates closed, Flamingo computes exactly this function.
+  """
+
+  def forward(tokens, media, media_mask, media_index, is_training=False):
+    del media, media_mask, media_index, is_training  # Text alone.
+    return lm_lib.DecoderLM(**_as_dict(config)['lm'], name='lm')(tokens)
+
+  return hk.transform(forward)
+
+
 def example_inputs(config: Mapping[str, Any], batch: int = 1,
                    seq_len: int = 8, num_media: int = 1,
                    frames: int = 1) -> tuple[jax.Array, ...]:

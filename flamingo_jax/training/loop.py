@@ -49,10 +49,13 @@ class Task(NamedTuple):
 
 
 # config.task (default 'flamingo'); 'contrastive' pretrains the vision
-# encoder (flamingo_jax/training/contrastive.py).
+# encoder (flamingo_jax/training/contrastive.py), 'lm' the LM alone on text
+# (Flamingo's batches; no vision encoder runs).
 TASKS = {
     'flamingo': Task(flamingo.transform, flamingo.example_inputs,
                      train_step_lib.make_train_step),
+    'lm': Task(flamingo.transform_lm, flamingo.example_inputs,
+               train_step_lib.make_train_step),
     'contrastive': Task(contrastive_model.transform,
                         contrastive_model.example_inputs,
                         contrastive.make_train_step),

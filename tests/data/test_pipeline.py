@@ -11,6 +11,7 @@ from experiments import tiny
 from flamingo_jax.data import pipeline
 from flamingo_jax.data import prepare
 from flamingo_jax.data import tokenizer as tokenizer_lib
+from flamingo_jax.training import recipe
 
 
 @pytest.fixture(scope='module')
@@ -50,6 +51,21 @@ def test_batches_have_the_designed_shapes(config):
           assert batch['media'][row, slot - 1].any()
   assert batches['video_pairs']['media'][:, 0, -1].any()  # Real last frames.
   assert data.stats() == {}
+
+
+def test_lm_stage_reads_the_text_pages(config):
+  stage = recipe.stage_config(config, 'lm')
+  prepare.ensure_data(stage)
+  (batches,), _ = _batches(stage, 0, 1)
+  batch = batches['text']
+  assert not batch['media_mask'].any() and not batch['media_index'].any()
+  source = pipeline.open_source(stage.data.datasets.text, stage.data.data_dir,
+                                stage.data.sizes)
+  texts = [source[i]['text'].decode() for i in range(len(source))]
+  tokenizer = tokenizer_lib.Tokenizer.load(config.data.tokenizer)
+  for row in batch['tokens']:
+    decoded = tokenizer.decode(row).replace(tokenizer_lib.EOC, '').strip()
+    assert any(text.startswith(decoded[:60]) for text in texts), decoded
 
 
 def test_resumed_iterator_gives_the_same_batches(config):

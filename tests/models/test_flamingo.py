@@ -2,7 +2,6 @@
 
 import pathlib
 
-import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +10,6 @@ import pytest
 from experiments import flamingo as flamingo_config
 from flamingo_jax import summarize
 from flamingo_jax.models import flamingo
-from flamingo_jax.models import lm as lm_lib
 from flamingo_jax.models import media_index as media_index_lib
 
 TINY = flamingo.model_config('tiny')
@@ -53,9 +51,13 @@ def test_init_equals_frozen_lm(tiny):
   apply, params = tiny
   tokens, media, media_mask, phi = _inputs()
   logits = apply(params, None, tokens, media, media_mask, phi)
-  lm = hk.transform(lambda t: lm_lib.DecoderLM(**TINY['lm'], name='lm')(t))
+  # The LM alone (the LM stage's model, `transform_lm`): exactly Flamingo's
+  # lm/... parameters, and the same function while the gates are closed.
+  lm = flamingo.transform_lm(TINY)
   lm_params = {k: v for k, v in params.items() if k.startswith('lm')}
-  expected = lm.apply(lm_params, None, tokens)
+  assert jax.tree.map(np.shape, lm_params) == jax.tree.map(
+      np.shape, jax.eval_shape(lm.init, jax.random.PRNGKey(1), *_inputs()))
+  expected = lm.apply(lm_params, None, tokens, None, None, None)
   assert logits.shape == (B, L, TINY['lm']['vocab_size'] + 1)
   np.testing.assert_allclose(logits, expected, rtol=1e-6, atol=1e-6)
   # And the media really are ignored at init.

@@ -75,6 +75,10 @@ DOCUMENTS (documents.py; M3W-like)
                  once, then reused
   The last three teach the few-shot formats and in-context binding, as
   real web pages do; the nonce task's episodes draw their own words.
+  world_text holds pages' text alone (images left out, text joined by
+  spaces), drawn 30/10/10/50% article/quiz/gallery/words: the LM stage's
+  pretraining text. Its made-up words recur within a page and nowhere
+  else, so predicting them teaches a small LM to copy from its context.
 
 DATASETS (`builders.DATASETS`; splits: default / tiny; 'id' = index)
   world_pairs           train 50_000/32, validation 1_000/8
@@ -83,6 +87,8 @@ DATASETS (`builders.DATASETS`; splits: default / tiny; 'id' = index)
                         video [8, 64, 64, 3], caption
   world_documents       train 20_000/16, validation 500/4
                         images [N, 64, 64, 3], chunks {text, image (-1: text)}
+  world_text            train 50_000/16, validation 500/4
+                        text
   world_captions        support 2_000/8, query 500/4
                         image, captions [5]
   world_vqa             support 5_000/8, query 1_000/4

@@ -51,10 +51,11 @@ from flamingo_jax.data.world import scenes
 from flamingo_jax.data.world import tasks
 from flamingo_jax.data.world import video as video_lib
 
-VERSION = tfds.core.Version('1.1.0')
+VERSION = tfds.core.Version('1.2.0')
 RELEASE_NOTES = {
     '1.0.0': 'First release of the embedded world.',
     '1.1.0': 'Documents: quiz, gallery and word-learning pages.',
+    '1.2.0': 'world_text: text-only pages for the LM stage.',
 }
 SIZES = ('default', 'tiny')
 DEFAULT_IMAGE_SIZE = scenes.DEFAULT_IMAGE_SIZE
@@ -288,6 +289,24 @@ class WorldDocuments(WorldBuilder):
                        for c in ex['chunks']]}
 
 
+class WorldText(WorldBuilder):
+  """Text-only pages (MassiveText's role: the LM stage's pretraining text)."""
+  name = 'world_text'
+  DESCRIPTION = ('The text of web-page-like documents, without their images: '
+                 'mostly word-learning pages (documents.TEXT_PAGE_KINDS).')
+  SPLITS = {'default': {'train': 50_000, 'validation': 500},
+            'tiny': {'train': 16, 'validation': 4}}
+  PARALLEL_MIN_EXAMPLES = 4096  # Text is quick: not worth the workers below.
+
+  def features(self):
+    return {'text': tfds.features.Text()}
+
+  @staticmethod
+  def make_example(rng, params):
+    del params  # No media.
+    return tasks.text_example(rng)
+
+
 # ----------------------------------------------------------- evaluation --
 
 
@@ -424,7 +443,7 @@ class WorldNonce(WorldBuilder):
 
 _BUILDERS: dict[str, type[WorldBuilder]] = {
     cls.name: cls for cls in (WorldPairs, WorldVideoPairs, WorldDocuments,
-                              WorldCaptions, WorldVqa, WorldVideoQa,
+                              WorldText, WorldCaptions, WorldVqa, WorldVideoQa,
                               WorldVideoCaptions, WorldClassification,
                               WorldNonce)}
 DATASETS = tuple(_BUILDERS)

@@ -35,7 +35,7 @@ verbatim, so they carry their own separators; text after an image starts
 with a space half of the time (web pages do both).
 """
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 import dataclasses
 
 import numpy as np
@@ -52,6 +52,11 @@ P_IMAGE_FIRST = 0.1  # Probability that a page opens with an image.
 P_DESCRIBED_BEFORE = 0.25  # An image's description precedes it.
 # Kinds of page and their shares of the documents.
 PAGE_KINDS = {'article': 0.5, 'quiz': 0.15, 'gallery': 0.15, 'words': 0.2}
+# The shares of the LM stage's text-only pages (`world_text`): mostly word
+# pages, whose made-up words recur within a page and nowhere else. Copying
+# them is how a small LM learns to read its context, which the frozen LM of
+# Flamingo needs before any few-shot learning.
+TEXT_PAGE_KINDS = {'article': 0.3, 'quiz': 0.1, 'gallery': 0.1, 'words': 0.5}
 P_SECOND_QUESTION = 0.2  # A quiz picture gets a second question.
 P_LABELS = 0.3  # A gallery labels single objects instead of captioning.
 WORDS_WAYS = (2, 3)  # Words a word-learning page binds.
@@ -157,7 +162,8 @@ def _fillers(rng: np.random.Generator, p: float) -> list[str]:
 
 
 def sample_document(rng: np.random.Generator, num_images: int | None = None,
-                    kind: str | None = None) -> Document:
+                    kind: str | None = None,
+                    shares: Mapping[str, float] | None = None) -> Document:
   """A random page.
 
   Args:
@@ -165,13 +171,15 @@ def sample_document(rng: np.random.Generator, num_images: int | None = None,
     num_images: how many images (>= 1); None draws 1-5, or 6-8 rarely
       (2 + ways to 5 on a 'words' page).
     kind: one of PAGE_KINDS; None draws one by its share.
+    shares: the kinds' shares when `kind` is None (default PAGE_KINDS).
 
   Returns:
     The document.
   """
   if kind is None:
-    kind = language.pick(rng, tuple(PAGE_KINDS),
-                         p=np.array(list(PAGE_KINDS.values())))
+    shares = shares or PAGE_KINDS
+    kind = language.pick(rng, tuple(shares),
+                         p=np.array(list(shares.values())))
   if kind not in PAGE_KINDS:
     raise ValueError(f'Unknown page kind {kind!r}; expected one of '
                      f'{tuple(PAGE_KINDS)}.')

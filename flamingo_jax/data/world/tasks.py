@@ -75,6 +75,17 @@ def document_example(rng: np.random.Generator, image_size: int) -> Example:
   return {'images': images, 'chunks': [dict(c) for c in doc.chunks]}
 
 
+def text_example(rng: np.random.Generator) -> Example:
+  """A page's text alone, images left out (the LM stage's text).
+
+  Drawn with `documents.TEXT_PAGE_KINDS`; the text chunks are joined by
+  single spaces.
+  """
+  doc = documents.sample_document(rng, shares=documents.TEXT_PAGE_KINDS)
+  return {'text': ' '.join(c['text'].strip() for c in doc.chunks
+                           if 'text' in c)}
+
+
 # -------------------------------------------------------------- evaluation --
 
 

@@ -24,6 +24,7 @@ EXPECTED = {
     'world_pairs': ({'train', 'validation'}, {'image', 'caption'}),
     'world_video_pairs': ({'train', 'validation'}, {'video', 'caption'}),
     'world_documents': ({'train', 'validation'}, {'images', 'chunks'}),
+    'world_text': ({'train', 'validation'}, {'text'}),
     'world_captions': ({'support', 'query'}, {'image', 'captions'}),
     'world_vqa': ({'support', 'query'},
                   {'image', 'question', 'answer', 'answers',
@@ -81,6 +82,8 @@ def test_feature_shapes(tiny):
   assert list(image_chunks) == list(range(num_images))
   for text, image in zip(ex['chunks']['text'], ex['chunks']['image']):
     assert (text == b'') == (image >= 0)
+  ex = first('world_text', 'train')
+  assert ex['text'].decode().strip() and '<image>' not in ex['text'].decode()
   ex = first('world_vqa', 'query')
   assert np.shape(ex['answers']) == (tasks.NUM_ANSWERS,)
   ex = first('world_captions', 'query')

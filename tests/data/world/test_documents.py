@@ -9,6 +9,7 @@ from flamingo_jax.data.world import documents
 from flamingo_jax.data.world import language
 from flamingo_jax.data.world import questions
 from flamingo_jax.data.world import scenes
+from flamingo_jax.data.world import tasks
 
 
 def _documents(num, kind=None):
@@ -87,11 +88,28 @@ def test_bad_arguments_raise():
     documents.sample_document(scenes.example_rng('x', 'y', 0), kind='blog')
 
 
-def test_page_kinds_come_in_their_shares():
-  counts = collections.Counter(d.kind for d in _documents(1000))
-  assert set(counts) == set(documents.PAGE_KINDS)
-  for kind, share in documents.PAGE_KINDS.items():
+@pytest.mark.parametrize('shares', [None, documents.TEXT_PAGE_KINDS])
+def test_page_kinds_come_in_their_shares(shares):
+  counts = collections.Counter(
+      documents.sample_document(scenes.example_rng('shares', 'train', i),
+                                shares=shares).kind for i in range(1000))
+  shares = shares or documents.PAGE_KINDS
+  assert set(counts) == set(shares)
+  for kind, share in shares.items():
     assert abs(counts[kind] / 1000 - share) < 0.05, counts
+
+
+def test_text_pages_are_the_pages_text_alone():
+  kinds = set()
+  for index in range(20):
+    rng = lambda: scenes.example_rng('text', 'train', index)  # pylint: disable=cell-var-from-loop
+    text = tasks.text_example(rng())['text']
+    doc = documents.sample_document(rng(), shares=documents.TEXT_PAGE_KINDS)
+    kinds.add(doc.kind)
+    pieces = [c['text'].strip() for c in doc.chunks if 'text' in c]
+    assert text == ' '.join(pieces)
+    assert '  ' not in text and text == text.strip()
+  assert kinds >= {'words', 'article'}
 
 
 def _lines(doc):
