@@ -34,8 +34,9 @@ shots: prompts are left-padded to the group's longest prompt (rounded up to
 `pad_multiple` tokens, at least `min_prompt_len`), with `pad_media` to as
 many media slots as the most shots of the run plus one (empty slots are
 encoded but never attended to), and batches are filled up to `batch_size`
-with copies of their last prompt. So the default tasks compile three
-decoders: image generation, video generation and image scoring.
+with copies of their last prompt. So the default tasks compile four
+decoders: image generation, video generation, and image scoring of the 64
+classes and of the nonce episodes' 3 words (candidates are [rows, C, Lc]).
 
 Outputs (`evaluate`): `<out>/results.json` = {'scores': {task: {shots:
 score}}, 'overall': {shots: overall score}, 'overall_score': the one at
