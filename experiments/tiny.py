@@ -191,8 +191,8 @@ def _vision_stage(config: ml_collections.ConfigDict,
 def _lm_stage(config: ml_collections.ConfigDict,
               variant: str) -> ml_collections.ConfigDict:
   """The LM alone on the world's text-only pages (world_text); its weights
-  initialise Flamingo's. 1500 steps: it copies the pages' made-up words from
-  its context after about 1000 (with 300 on the documents' text, never)."""
+  initialise Flamingo's. After 1500 steps it copies a page's made-up words
+  from its context (300 steps on the documents' text did not teach it)."""
   stage = ml_collections.ConfigDict(config.to_dict())
   stage.task = 'lm'  # Its parameters are Flamingo's lm/...
   stage.data.datasets = dict(text=_dataset(
