@@ -9,9 +9,10 @@ world's image-text pairs (`config.task = 'contrastive'`); stage 2
 (`config.stages.lm`, in W/lm) trains the LM alone on the world's text-only
 pages (`world_text`, mostly word-learning pages: they teach it to copy from
 its context, which few-shot learning needs); stage 3 (in W) loads both
-(`config.init_from`), freezes them and trains Flamingo on the paper's mixture (interleaved documents, image-text pairs, video-text
-pairs, weighted 1.0 / 0.2 / 0.03). Each stage leaves checkpoints,
-`metrics.jsonl`, TensorBoard events and plots in its workdir.
+(`config.init_from`), freezes them and trains Flamingo on the paper's
+mixture (interleaved documents, image-text pairs, video-text pairs, weighted
+1.0 / 0.2 / 0.03). Each stage leaves checkpoints, `metrics.jsonl`,
+TensorBoard events and plots in its workdir.
 
 `get_config('smoke')` is a seconds-long variant for tests. Any ablation of
 experiments/flamingo.py (its ABLATIONS table; the README lists them) follows

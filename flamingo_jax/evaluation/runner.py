@@ -24,9 +24,9 @@ greedy with beam_size 1) until `<EOC>`; the text is cut at `<EOC>` (and at a
 new 'Question:'/'Output:' if the model runs on), stripped, and lower-cased
 for QA. Close-ended tasks (classification, nonce_choice) score
 ' {class name}<EOC>' for every class (or the query's own choices) after the
-prompt (`Decoder.score`, the sum of log-probabilities) and take the argmax; with `ensemble` = m > 1, the log-likelihoods of m
-permutations of the shots are averaged first (the paper's prompt
-ensembling).
+prompt (`Decoder.score`, the sum of log-probabilities) and take the argmax;
+with `ensemble` = m > 1, the log-likelihoods of m permutations of the shots
+are averaged first (the paper's prompt ensembling).
 
 Shapes: every call has one shape per group of tasks with the same media
 (frames), answer mode (generated or scored) and max_new_tokens, whatever the

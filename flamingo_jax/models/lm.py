@@ -91,9 +91,9 @@ class RelativeSelfAttention(hk.Module):
 
   The position term is computed for every (query, offset) pair, [B, H, L, O],
   then each key picks its offset: with `contiguous` positions (0..L-1 in
-  every row, and no cache: training and scoring) by Transformer-XL's shift
-  of that array, else by a gather, whose gradient (a scatter) is several
-  times slower on CPUs.
+  every row, and no cache: the training forward pass) by Transformer-XL's
+  shift of that array, else (left-padded prompts, caches) by a gather, whose
+  gradient (a scatter) is several times slower on CPUs.
   """
 
   num_heads: int

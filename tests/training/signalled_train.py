@@ -1,4 +1,4 @@
-r"""`python -m flamingo_jax.train` that signals itself at a step (for the tests).
+r"""`python -m flamingo_jax.train` that signals itself at a step (for tests).
 
   FLAMINGO_JAX_TEST_SIGNAL=8:SIGKILL python -m tests.training.signalled_train \
       --config ... --workdir ...

@@ -102,9 +102,9 @@ def test_page_kinds_come_in_their_shares(shares):
 def test_text_pages_are_the_pages_text_alone():
   kinds = set()
   for index in range(20):
-    rng = lambda: scenes.example_rng('text', 'train', index)  # pylint: disable=cell-var-from-loop
-    text = tasks.text_example(rng())['text']
-    doc = documents.sample_document(rng(), shares=documents.TEXT_PAGE_KINDS)
+    text = tasks.text_example(scenes.example_rng('t', 'train', index))['text']
+    doc = documents.sample_document(scenes.example_rng('t', 'train', index),
+                                    shares=documents.TEXT_PAGE_KINDS)
     kinds.add(doc.kind)
     pieces = [c['text'].strip() for c in doc.chunks if 'text' in c]
     assert text == ' '.join(pieces)
