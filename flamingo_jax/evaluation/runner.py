@@ -291,7 +291,9 @@ class Retriever:
                              .encode()).hexdigest(),
         frames=task.frames, image_size=self._image_size, step=self._step,
         params=self._fingerprint)
-    path = (os.path.join(self._cache_dir, f'{task.name}_{split}_{key}.npy')
+    # Named by dataset: tasks on one dataset (nonce, nonce_choice) share it.
+    name = task.dataset.replace('/', '_')
+    path = (os.path.join(self._cache_dir, f'{name}_{split}_{key}.npy')
             if self._cache_dir else None)
 
     def compute():
