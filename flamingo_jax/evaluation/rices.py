@@ -12,10 +12,10 @@ uses it for its 32-shot and ablation results):
                     similar shot sits last, right before the query.
 
 Features of a support or query set are cached on disk as
-`<cache_dir>/<task>_<split>_<key>.npy`, the key hashing the dataset, the
-examples read, the media shape and the vision parameters (their step and a
-checksum), so re-runs skip the encoding and a new checkpoint never reads
-stale features.
+`<cache_dir>/<dataset>_<split>_<key>.npy` (tasks on one dataset share it),
+the key hashing the dataset, the examples read, the media shape and the
+vision parameters (their step and a checksum), so re-runs skip the encoding
+and a new checkpoint never reads stale features.
 
 Glossary of shapes:
   B: media per call; T: frames; H = W: image size; S: vision tokens;
