@@ -10,8 +10,9 @@ world's image-text pairs (`config.task = 'contrastive'`); stage 2
 pages (`world_text`, mostly word-learning pages: they teach it to copy from
 its context, which few-shot learning needs); stage 3 (in W) loads both
 (`config.init_from`), freezes them and trains Flamingo on the paper's
-mixture (interleaved documents, image-text pairs, video-text pairs, weighted
-1.0 / 0.2 / 0.03). Each stage leaves checkpoints, `metrics.jsonl`,
+mixture of interleaved documents, image-text pairs and video-text pairs,
+weighted 1.0 / 1.0 / 0.03 (the paper's pairs weigh 0.2; see PAIRS_WEIGHT).
+Each stage leaves checkpoints, `metrics.jsonl`,
 TensorBoard events and plots in its workdir.
 
 `get_config('smoke')` is a seconds-long variant for tests. Any ablation of
@@ -47,12 +48,22 @@ def _dataset(builder, kind, weight, batch_size, seq_len, max_media, frames,
 
 
 VARIANTS = ('default', 'smoke')
+# The image-text pairs' lambda. The paper weighs ALIGN and LTIP 0.2 each
+# against M3W's 1.0. At this scale and 0.2 the model hardly looked at its
+# pictures: on pairs it had not trained on, a caption's loss was about the
+# same with the batch's pictures shuffled (1.20 vs 1.22 nats per token). At
+# 1.0 it looks (1.08 vs 1.25), and on 128 queries per task (both with the
+# 1000-step vision stage) 4-shot captions go from 33 to 67 CIDEr,
+# classification from 3 to 8% (chance 2%), VQA from 50 to 59%.
+PAIRS_WEIGHT = 1.0
 # The default recipe's 4-shot scores (64 queries per task, world 1.2.0):
 # the overall score's divisors, as Table 3 divides by Flamingo-3B's. With 64
-# queries they are noisy (nonce: 4 of 64 right), so compare runs over seeds.
-REFERENCE = {'captions': 33.22, 'classification': 4.69, 'nonce': 6.25,
-             'nonce_choice': 31.25, 'video_captions': 7.30,
-             'video_qa': 10.94, 'vqa': 49.53}
+# queries they are noisy (a query moves a score by 1.6), so compare runs over
+# seeds. The open-ended nonce task is left out: 1 query of 64 right, a divisor
+# that would make the overall score noise; nonce_choice asks the same
+# episodes close-ended.
+REFERENCE = {'captions': 60.96, 'classification': 4.69, 'nonce_choice': 32.81,
+             'video_captions': 8.18, 'video_qa': 9.38, 'vqa': 62.34}
 
 # Ablations whose full-size change would not fit this scale, with the tiny
 # change that stands in for them (the README's ablation table says so too).
@@ -87,7 +98,8 @@ def _substitutes(variant: str) -> dict[str, tuple[str, dict]]:
   batch = 8 if variant == 'smoke' else 16
   return dict(
       image_text=('laion_standin', _dataset(
-          'world_pairs', 'pairs', 0.2, batch, 32, 1, 1, split='validation')),
+          'world_pairs', 'pairs', PAIRS_WEIGHT, batch, 32, 1, 1,
+          split='validation')),
       text=('text', _dataset('world_text', 'text', 1.0, batch, 128, 1,
                              1)))
 
@@ -113,7 +125,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       datasets=dict(
           documents=_dataset('world_documents', 'documents', 1.0, 4, 256, 5, 1,
                              p_next=0.5),
-          pairs=_dataset('world_pairs', 'pairs', 0.2, 16, 32, 1, 1),
+          pairs=_dataset('world_pairs', 'pairs', PAIRS_WEIGHT, 16, 32, 1, 1),
           video_pairs=_dataset('world_video_pairs', 'video_pairs', 0.03, 4,
                                32, 1, 4),
       ))
@@ -180,7 +192,10 @@ def _vision_stage(config: ml_collections.ConfigDict,
   stage.param_rules = list(contrastive.PARAM_RULES)
   stage.optim.learning_rate = 2e-3
   stage.optim.warmup_steps = 20
-  stage.total_steps = 200  # About a minute and a half on 2 cores.
+  # About 2 minutes on 2 cores. After 200 steps a linear probe of the
+  # features told an object's colour 60% of the time, after 1000 steps 85%
+  # (shape: 34% and 36%; chance 12.5%).
+  stage.total_steps = 1000
   stage.log_every = 10
   if variant == 'smoke':
     stage.data.datasets.pairs.batch_size = 8
