@@ -12,8 +12,8 @@ its context, which few-shot learning needs); stage 3 (in W) loads both
 (`config.init_from`), freezes them and trains Flamingo on the paper's
 mixture of interleaved documents, image-text pairs and video-text pairs,
 weighted 1.0 / 1.0 / 0.03 (the paper's pairs weigh 0.2; see PAIRS_WEIGHT).
-Each stage leaves checkpoints, `metrics.jsonl`,
-TensorBoard events and plots in its workdir.
+Each stage leaves checkpoints, `metrics.jsonl`, TensorBoard events and plots
+in its workdir.
 
 `get_config('smoke')` is a seconds-long variant for tests. Any ablation of
 experiments/flamingo.py (its ABLATIONS table; the README lists them) follows
@@ -45,6 +45,11 @@ def _dataset(builder, kind, weight, batch_size, seq_len, max_media, frames,
   return dict(builder=builder, split=split, kind=kind, weight=weight,
               batch_size=batch_size, seq_len=seq_len, max_media=max_media,
               frames=frames, image_size=64, p_next=p_next)
+
+
+def _text_pages(batch_size):
+  """world_text: the LM stage's corpus, and lm_cotrain_text's stand-in."""
+  return _dataset('world_text', 'text', 1.0, batch_size, 128, 1, 1)
 
 
 VARIANTS = ('default', 'smoke')
@@ -100,8 +105,7 @@ def _substitutes(variant: str) -> dict[str, tuple[str, dict]]:
       image_text=('laion_standin', _dataset(
           'world_pairs', 'pairs', PAIRS_WEIGHT, batch, 32, 1, 1,
           split='validation')),
-      text=('text', _dataset('world_text', 'text', 1.0, batch, 128, 1,
-                             1)))
+      text=('text', _text_pages(batch)))
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -211,8 +215,7 @@ def _lm_stage(config: ml_collections.ConfigDict,
   from its context (300 steps on the documents' text did not teach it)."""
   stage = ml_collections.ConfigDict(config.to_dict())
   stage.task = 'lm'  # Its parameters are Flamingo's lm/...
-  stage.data.datasets = dict(text=_dataset(
-      'world_text', 'text', 1.0, 16, 128, 1, 1))
+  stage.data.datasets = dict(text=_text_pages(16))
   stage.freeze = [('lm/.*', optim.TRAIN), ('.*', optim.FROZEN)]
   stage.total_steps = 6 if variant == 'smoke' else 1500
   return stage
