@@ -69,7 +69,8 @@ from flamingo_jax.training import sharding as sharding_lib
 
 PathLike = str | os.PathLike
 # PIL modes `Image.convert('RGB')` maps faithfully; others ('I', 'F',
-# 'I;16', ...) hold values outside 0..255 and are rejected.
+# 'I;16', ...) hold values outside 0..255 and are scaled to 8 bits by their
+# depth, as the dataset builders store them (`formats.common.to_rgb`).
 _CONVERTIBLE_MODES = frozenset(
     ('1', 'L', 'LA', 'La', 'P', 'PA', 'RGB', 'RGBA', 'RGBa', 'RGBX', 'CMYK',
      'YCbCr', 'LAB', 'HSV'))
@@ -261,22 +262,23 @@ def _image_array(image: Any, what: str) -> Any:
       raise FileNotFoundError(f'{what}: no image file at {path}.')
     try:
       with Image.open(path) as pil:
-        return _pil_array(pil, f'{what} ({path})')
+        return _pil_array(pil)
     except OSError as e:
       raise ValueError(f'{what}: cannot decode {path} as an image: {e}') from e
   if isinstance(image, Image.Image):
-    return _pil_array(image, what)
+    return _pil_array(image)
   if isinstance(image, (bytes, np.bytes_, np.ndarray, jax.Array)):
     return image
   raise TypeError(f'{what} must be a PIL image, a uint8 array, a file path '
                   f'or encoded bytes; got {type(image).__name__}.')
 
 
-def _pil_array(pil: Image.Image, what: str) -> np.ndarray:
+def _pil_array(pil: Image.Image) -> np.ndarray:
   if pil.mode not in _CONVERTIBLE_MODES:
-    raise ValueError(f'{what}: PIL mode {pil.mode!r} is not an 8-bit image '
-                     'mode; convert it to RGB yourself (e.g. rescale '
-                     '16-bit or float pixels to 0..255 first).')
+    # Imported late: the formats package loads TensorFlow.
+    # pylint: disable-next=g-import-not-at-top
+    from flamingo_jax.data.formats import common
+    pil = common.to_rgb(pil)
   return np.asarray(pil.convert('RGB'))  # [h, w, 3] uint8
 
 

@@ -45,8 +45,13 @@ builder='<format>/<name>' (and data_dir=... if it is not config.data's).
 Bad input: records that cannot be used are skipped and counted per reason
 (on_error='skip', the default of the training formats) or stop the build
 with an error naming the file and record (on_error='raise', the default of
-the evaluation formats); the counts of every split are logged, stored in
+the evaluation formats); so are damaged sources found while listing records
+(a tar shard cut short, even on a 512-byte boundary, is named by shard and
+member). The first skips of each reason are logged by file and record; the
+counts of every split are logged, stored in
 `builder.info.metadata['statistics']` and returned by `statistics()`.
+Images deeper than 8 bits (16-bit PNG/TIFF, integer and float) are scaled
+to 8 bits, not clipped (`common.to_rgb`).
 """
 
 from collections.abc import Callable, Mapping

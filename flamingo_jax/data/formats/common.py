@@ -6,9 +6,17 @@ raises `BadInput(reason, message)` for data that cannot be used. The base
 class runs `make_example` on a thread pool (reading files and decoding
 images and videos release the GIL), keeps the source order, and either
 raises (`on_error='raise'`) or skips the record and counts it under
-`reason` (`on_error='skip'`). The counts of every split are logged, stored
-in the prepared dataset's metadata (`builder.info.metadata['statistics']`,
-i.e. `metadata.json` next to the records) and returned by `formats.build`.
+`reason` (`on_error='skip'`). A source may also yield a `BadInput` as a
+record, for damage found while listing records (a truncated tar shard: see
+`tar_members`); it is counted (or raised) the same way. The first skips of
+every reason are logged one by one, naming their file and record; the
+counts of every split are logged, stored in the prepared dataset's metadata
+(`builder.info.metadata['statistics']`, i.e. `metadata.json` next to the
+records) and returned by `formats.build`.
+
+Images are checked and stored as 8-bit RGB (`load_image`); images of more
+than 8 bits per sample (16-bit PNG and TIFF, 32-bit integer or float) are
+scaled to 8 bits by their depth, never clipped (`to_rgb`).
 """
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -17,11 +25,14 @@ import concurrent.futures
 import dataclasses
 import io
 import os
+import tarfile
 import time
 from typing import Any, ClassVar
+import zlib
 
 from absl import logging
 from etils import epath
+import numpy as np
 from PIL import Image
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -35,8 +46,12 @@ IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.webp', '.bmp', '.gif', '.tif',
 ON_ERROR = ('skip', 'raise')
 MAX_WORKERS = 16
 PROGRESS_SECONDS = 10.0
+LOGGED_SKIPS = 20  # Per reason and split; further skips are only counted.
 # Formats stored as they are; other images are re-encoded (see load_image).
 _KEPT_FORMATS = {'JPEG': 'jpeg', 'PNG': 'png'}
+# PIL's one-channel modes of more than 8 bits; see `_to_8_bits`.
+_DEEP_MODES = ('I;16', 'I;16B', 'I;16L', 'I;16N', 'I', 'F')
+_PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 
 
 class BadInput(Exception):
@@ -59,7 +74,34 @@ def encode_image(image: Image.Image, image_format: str) -> bytes:
   return buffer.getvalue()
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
+def _to_8_bits(image: Image.Image) -> Image.Image:
+  """A deep one-channel image -> mode 'L', scaled by its bit depth.
+
+  'I;16*' images have 16 bits: 65535 -> 255. 'I' (32-bit integers) and 'F'
+  (floats) state no depth: their full scale is taken as the smallest of 1
+  (floats only), 255, 65535 and 2**31 - 1 that holds their largest value.
+  Values below 0 become 0.
+  """
+  values = np.asarray(image, np.float64)  # [h, w]
+  if image.mode.startswith('I;16'):
+    full_scale = 65535
+  else:
+    largest = max(float(values.max(initial=0)), 0.0)
+    scales = (1, 255, 65535, 2**31 - 1) if image.mode == 'F' else (
+        255, 65535, 2**31 - 1)
+    full_scale = next((s for s in scales if largest <= s), largest)
+  scaled = np.clip(np.round(values * (255 / full_scale)), 0, 255)  # [h, w]
+  return Image.fromarray(scaled.astype(np.uint8), mode='L')
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+  """Any PIL image -> 8-bit RGB: transparency over white, deep modes scaled.
+
+  (PIL's own `convert('RGB')` clips 16-bit, 32-bit and float pixels to
+  0..255, which leaves a few grey levels of a 16-bit image.)
+  """
+  if image.mode in _DEEP_MODES:
+    image = _to_8_bits(image)
   if image.mode in ('RGBA', 'LA', 'PA') or (
       image.mode == 'P' and 'transparency' in image.info):
     image = image.convert('RGBA')
@@ -68,11 +110,17 @@ def _to_rgb(image: Image.Image) -> Image.Image:
   return image.convert('RGB')
 
 
+def _is_16_bit_png(data: bytes) -> bool:
+  """Whether a PNG's samples have 16 bits (PIL shows their RGB as 8-bit)."""
+  return data.startswith(_PNG_SIGNATURE) and data[24:25] == b'\x10'
+
+
 def load_image(data: bytes, where: str, max_size: int | None = None) -> bytes:
   """Checks that `data` is a decodable image; returns what to store.
 
-  JPEG and PNG images in RGB are stored as they are. Others (grey, CMYK,
-  transparent, WebP, GIF, ...) are converted to RGB (transparency over white)
+  8-bit JPEG and PNG images in RGB are stored as they are. Others (grey,
+  CMYK, transparent, 16-bit, WebP, GIF, ...) are converted to 8-bit RGB by
+  `to_rgb` (transparency over white, deep pixels scaled by their bit depth)
   and stored as PNG; with `max_size`, an image whose longer side exceeds it
   is shrunk to it (aspect kept) and stored as JPEG (quality 95) or PNG, as
   its source was.
@@ -85,9 +133,10 @@ def load_image(data: bytes, where: str, max_size: int | None = None) -> bytes:
       image.load()  # Decodes everything: truncated files fail here.
       kept = _KEPT_FORMATS.get(image.format)
       too_big = max_size is not None and max(image.size) > max_size
-      if kept and image.mode == 'RGB' and not too_big:
+      if (kept and image.mode == 'RGB' and not too_big
+          and not _is_16_bit_png(data)):
         return data
-      rgb = _to_rgb(image)
+      rgb = to_rgb(image)
   except Exception as e:  # pylint: disable=broad-except  # PIL raises many.
     raise BadInput('corrupt_image', f'{where}: cannot decode the image '
                    f'({len(data)} bytes): {e}') from e
@@ -105,6 +154,81 @@ def load_image_file(path: str, max_size: int | None = None) -> bytes:
   except (tf.errors.NotFoundError, FileNotFoundError) as e:
     raise BadInput('missing_image', f'Image file {path} does not exist.') from e
   return load_image(data, path, max_size)
+
+
+# ----------------------------------------------------------------- tars --
+
+
+class _EndMarkingTarInfo(tarfile.TarInfo):
+  """Marks its TarFile `complete` when it reads the end-of-archive block.
+
+  tarfile ends its iteration silently there, but also at a header that is
+  absent, cut short or invalid, so a file cut on a 512-byte block boundary
+  would read as a shorter, complete archive.
+  """
+
+  @classmethod
+  def fromtarfile(cls, tar):
+    try:
+      return super().fromtarfile(tar)
+    except tarfile.EOFHeaderError:  # An all-zero block: the archive's end.
+      tar.complete = True
+      raise
+
+
+class TruncatedTar(BadInput):
+  """BadInput('truncated_tar'); `cut_member`: the member whose data is cut.
+
+  `cut_member` is None when that is not known: the shard breaks off
+  between members (at a header cut, missing or invalid), or inside data
+  that was skipped rather than read.
+  """
+
+  def __init__(self, message: str, cut_member: str | None):
+    super().__init__('truncated_tar', message)
+    self.cut_member = cut_member
+
+
+def tar_members(path: str, *, read_data: bool
+                ) -> Iterator[tuple[tarfile.TarInfo, bytes | None]]:
+  """(member, its bytes if read_data) of the regular files of a tar shard.
+
+  With read_data, the shard is streamed (compressed ones too); without, it
+  must be an uncompressed tar, read by seeking past the members' data.
+
+  Raises:
+    TruncatedTar: after yielding the members before the break, when the
+      shard ends inside a member or header, or without its end-of-archive
+      block; the message names the shard and the member it breaks off at.
+    BadInput: 'unreadable_tar' when not even a first member can be read
+      (an empty or non-tar file).
+  """
+  last = reading = None
+  try:
+    with tf.io.gfile.GFile(path, 'rb') as f, tarfile.open(
+        fileobj=f, mode='r|*' if read_data else 'r:',
+        tarinfo=_EndMarkingTarInfo) as tar:
+      for member in tar:
+        last = member.name
+        if member.isfile():
+          reading = member.name if read_data else None
+          data = tar.extractfile(member).read() if read_data else None
+          reading = None
+          yield member, data
+      if getattr(tar, 'complete', False):
+        return
+      error = 'no end-of-archive block'
+  except (tarfile.TarError, EOFError, zlib.error,
+          tf.errors.OutOfRangeError) as e:  # GFile: a seek past the end.
+    error = str(e) or type(e).__name__
+  if last is None:
+    raise BadInput('unreadable_tar', f'{path}: not a readable tar file '
+                   f'({error}).')
+  # Unread data may be what is cut, so only streaming knows "after".
+  where = (f'inside member {reading!r}' if reading else
+           f'after member {last!r}' if read_data else f'at member {last!r}')
+  raise TruncatedTar(f'{path}: the tar file breaks off {where} ({error}).',
+                     reading)
 
 
 def caption_text(value: Any, where: str) -> str:
@@ -169,7 +293,11 @@ class FormatBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     raise NotImplementedError
 
   def split_records(self) -> Mapping[str, Iterable[Any]]:
-    """{split: records}; records are cheap (paths, text), made lazily."""
+    """{split: records}; records are cheap (paths, text), made lazily.
+
+    A record may be a BadInput (damage found while listing, e.g. a
+    truncated shard): it is counted, or raised, like make_example's.
+    """
     raise NotImplementedError
 
   def make_example(self, record: Any) -> tuple[str, dict[str, Any]]:
@@ -215,7 +343,7 @@ class FormatBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     start = last_log = time.perf_counter()
     workers = self.num_workers or min(MAX_WORKERS, os.cpu_count() or 1)
     for index, (_, result) in enumerate(
-        ordered_map(self.make_example, records, workers)):
+        ordered_map(self._make_example, records, workers)):
       try:
         key, example = result.result()
       except BadInput as e:
@@ -223,8 +351,7 @@ class FormatBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
           raise ValueError(f'{e} (on_error="raise"; pass on_error="skip" '
                            'to skip and count such records).') from e
         counts[f'skipped/{e.reason}'] += 1
-        logging.log_every_n_seconds(logging.WARNING, 'Skipping (%s): %s', 5,
-                                    e.reason, e)
+        self._log_skip(e, counts[f'skipped/{e.reason}'])
         continue
       counts['examples'] += 1
       counts.update(example.pop('_counts', None) or {})
@@ -238,6 +365,18 @@ class FormatBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                        f'{self.builder_config.source} has no usable example '
                        f'(statistics: {dict(counts)}).')
     self.info.metadata['statistics'][split] = dict(counts)
+
+  def _make_example(self, record):
+    if isinstance(record, BadInput):  # Damage the source found itself.
+      raise record
+    return self.make_example(record)
+
+  def _log_skip(self, error: BadInput, count: int):
+    if count <= LOGGED_SKIPS:
+      logging.warning('Skipping (%s): %s', error.reason, error)
+    if count == LOGGED_SKIPS:
+      logging.warning('Further %r skips are counted, not logged.',
+                      error.reason)
 
   def _log_progress(self, split, counts, seconds):
     others = ''.join(f', {k} {v}' for k, v in sorted(counts.items())

@@ -32,7 +32,10 @@ default; an error naming file:line with 'raise'):
                    decoded: the document is skipped (on_bad_image=
                    'skip_document', the default) or the image alone is
                    dropped and counted as 'dropped_image/<reason>'
-                   (on_bad_image='drop_image').
+                   (on_bad_image='drop_image'). An image shard cut short
+                   (inside a member, or without its end-of-archive
+                   blocks) is logged by shard and member; its lost images
+                   count as missing_image.
 A line that is not JSON or fits neither shape is always an error naming
 file:line: it means a wrong file or schema, not a dirty record.
 """
@@ -43,10 +46,10 @@ import functools
 import os
 import posixpath
 import re
-import tarfile
 import threading
 from typing import Any
 
+from absl import logging
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -137,18 +140,20 @@ class TarIndex:
   def __init__(self, paths: list[str]):
     self._members = {}
     for path in paths:
-      with tf.io.gfile.GFile(path, 'rb') as f:
-        try:
-          with tarfile.open(fileobj=f, mode='r:') as tar:
-            for member in tar:
-              if member.isfile():
-                entry = (path, member.offset_data, member.size)
-                self._members[member.name] = entry
-                self._members.setdefault(posixpath.basename(member.name),
-                                         entry)
-        except tarfile.ReadError as e:
+      found = 0
+      try:
+        for member, _ in common.tar_members(path, read_data=False):
+          entry = (path, member.offset_data, member.size)
+          self._members[member.name] = entry
+          self._members.setdefault(posixpath.basename(member.name), entry)
+          found += 1
+      except common.BadInput as e:
+        if not found:
           raise ValueError(f'{path}: not an uncompressed tar file ({e}); '
                            'image shards must be plain .tar.') from e
+        # The documents of its lost images count as missing_image (or
+        # corrupt_image for the one cut short).
+        logging.warning('%s Its images after that are missing.', e)
 
   def read(self, reference: str) -> tuple[str, bytes] | None:
     """(tar:member, bytes), or None when no shard has the reference."""
@@ -158,8 +163,12 @@ class TarIndex:
       return None
     path, offset, size = entry
     with tf.io.gfile.GFile(path, 'rb') as f:
-      f.seek(offset)
-      return f'{path}:{reference}', f.read(size)
+      try:
+        f.seek(offset)
+        data = f.read(size)
+      except tf.errors.OutOfRangeError:  # A shard cut before the member.
+        data = b''
+    return f'{path}:{reference}', data
 
 
 class InterleavedJsonl(common.FormatBuilder):
@@ -199,7 +208,10 @@ class InterleavedJsonl(common.FormatBuilder):
           self._shards = TarIndex(files.list_files(shards, ('.tar',)))
       return self._shards
     tar = re.sub(r'\.jsonl(\.gz)?$', '.tar', jsonl_path)
-    return _stem_index(tar) if files.exists(tar) else None
+    if not files.exists(tar):
+      return None
+    with self._lock:  # Each shard is indexed once, not by every thread.
+      return _stem_index(tar)
 
   def _image(self, reference: str, jsonl_path: str) -> bytes:
     config = self.builder_config

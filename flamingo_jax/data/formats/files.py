@@ -20,6 +20,10 @@ def isdir(path: str) -> bool:
   return tf.io.gfile.isdir(path)
 
 
+def size(path: str) -> int:
+  return tf.io.gfile.stat(path).length
+
+
 def read_bytes(path: str) -> bytes:
   with tf.io.gfile.GFile(path, 'rb') as f:
     return f.read()

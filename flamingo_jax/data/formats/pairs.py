@@ -19,8 +19,19 @@ The example has the world's pair features: `image` (encoded as it was, see
 `common.load_image`) and `caption` (stripped).
 
 Bad input (skipped and counted with on_error='skip', the default; an error
-naming the shard:key or file:line with 'raise'): empty_caption (blank or
-absent), missing_image (no image member, or no such file), corrupt_image.
+naming the shard:key or file:line with 'raise'):
+  empty_caption    blank or absent;
+  missing_image    no image member, or no such file;
+  corrupt_image    an image Pillow cannot decode (16-bit images are scaled
+                   to 8 bits, see `common.to_rgb`);
+  bad_json         a .json member that is not a UTF-8 JSON object;
+  bad_text         a .txt member that is not UTF-8;
+  truncated_tar    a shard that ends inside a member or header, or without
+                   its end-of-archive blocks (a download cut on a 512-byte
+                   boundary): counted once, naming the shard and member; its
+                   samples before the break are read, the one it breaks in
+                   and anything after it are lost;
+  unreadable_tar   an empty or non-tar shard.
 A table without the configured columns, or a line that is not JSON, is an
 error naming file:line.
 """
@@ -29,9 +40,7 @@ import dataclasses
 import json
 import os
 import posixpath
-import tarfile
 
-import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from flamingo_jax.data.formats import common
@@ -67,21 +76,35 @@ def split_key(name: str) -> tuple[str, str]:
 
 
 def read_samples(path: str):
-  """(key, {extension: bytes}) of a tar shard, streamed in member order."""
-  with tf.io.gfile.GFile(path, 'rb') as f:
-    with tarfile.open(fileobj=f, mode='r|*') as tar:
-      key, sample = None, {}
-      for member in tar:
-        if not member.isfile():
-          continue
-        member_key, extension = split_key(member.name)
-        if member_key != key:
-          if sample:
-            yield key, sample
-          key, sample = member_key, {}
-        sample[extension] = tar.extractfile(member).read()
-      if sample:
+  """(key, {extension: bytes}) of a tar shard, streamed in member order.
+
+  Raises:
+    BadInput: see `common.tar_members`. A truncated shard raises after the
+      samples before the break; the sample it breaks in (which may miss
+      members) is not yielded.
+  """
+  key, sample, count = None, {}, 0
+  try:
+    for member, data in common.tar_members(path, read_data=True):
+      member_key, extension = split_key(member.name)
+      if member_key != key:
+        if sample:
+          yield key, sample
+          count += 1
+        key, sample = member_key, {}
+      sample[extension] = data
+  except common.TruncatedTar as e:
+    cut_key = e.cut_member and split_key(e.cut_member)[0]
+    if cut_key is not None and cut_key != key:
+      if sample:  # Complete: the member cut short begins the next sample.
         yield key, sample
+        count += 1
+      key = cut_key
+    raise common.BadInput(e.reason, f'{e} Kept the {count} sample(s) '
+                          f'before it; skipped sample {key!r} (it may miss '
+                          'members) and anything after it.') from e
+  if sample:
+    yield key, sample
 
 
 class WebDatasetPairs(common.FormatBuilder):
@@ -100,8 +123,11 @@ class WebDatasetPairs(common.FormatBuilder):
 
   def _records(self, source):
     for path in files.list_files(source, ('.tar',)):
-      for key, sample in read_samples(path):
-        yield f'{path}:{key}', sample
+      try:
+        for key, sample in read_samples(path):
+          yield f'{path}:{key}', sample
+      except common.BadInput as e:
+        yield e  # Counted by the base class; the next shard is read.
 
   def make_example(self, record):
     where, sample = record
@@ -111,13 +137,18 @@ class WebDatasetPairs(common.FormatBuilder):
       raise common.BadInput('missing_image', f'{where}: no image member '
                             f'(members: {sorted(sample)}).')
     if 'txt' in sample:
-      caption = sample['txt'].decode('utf-8')
+      try:
+        caption = sample['txt'].decode('utf-8')
+      except UnicodeDecodeError as e:
+        raise common.BadInput('bad_text', f'{where}.txt: not UTF-8 text '
+                              f'({e}).') from e
     elif 'json' in sample:
       try:
         caption = json.loads(sample['json']).get(
             self.builder_config.caption_field)
-      except (json.JSONDecodeError, AttributeError) as e:
-        raise ValueError(f'{where}.json: not a JSON object ({e}).') from e
+      except (ValueError, AttributeError) as e:  # Not JSON, UTF-8, a dict.
+        raise common.BadInput('bad_json', f'{where}.json: not a JSON '
+                              f'object ({e}).') from e
     else:
       caption = None
     caption = common.caption_text(caption, where)

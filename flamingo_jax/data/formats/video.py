@@ -22,8 +22,10 @@ video-pair features: `video` [num_frames, h, w, 3] and `caption`.
 
 Bad input (skipped and counted with on_error='skip', the default; an error
 naming file:line with 'raise'): too_few_frames (fewer frames than
-num_frames), missing_video, corrupt_video (FFmpeg cannot decode it, or a
-frame image cannot be decoded), empty_caption.
+num_frames), missing_video, corrupt_video (an empty file, one FFmpeg cannot
+decode, or a frame image that cannot be decoded; 16-bit frames are scaled
+to 8 bits as `common.to_rgb` does), empty_caption. Each skip names the
+table's file:line and the video file.
 """
 
 import dataclasses
@@ -110,9 +112,14 @@ def _store(frame: np.ndarray, config: VideoConfig) -> bytes:
 def decode_video(path: str, config: VideoConfig) -> list[bytes]:
   """The sampled frames of a video file, encoded; or raises BadInput."""
   import av  # pylint: disable=g-import-not-at-top  # Only videos need it.
-  if not files.exists(path):
+  try:
+    size = files.size(path)
+  except tf.errors.NotFoundError as e:
     raise common.BadInput('missing_video', f'Video file {path} does not '
-                          'exist.')
+                          'exist.') from e
+  if not size:  # FFmpeg's probing of it would fail inside GFile.
+    raise common.BadInput('corrupt_video', f'{path}: the video file is '
+                          'empty (0 bytes).')
   try:
     # Pass 1 reads packets only (no decoding) for the frame times.
     with tf.io.gfile.GFile(path, 'rb') as f, av.open(f) as container:
@@ -132,7 +139,9 @@ def decode_video(path: str, config: VideoConfig) -> list[bytes]:
           frames[index] = _store(frame.to_ndarray(format='rgb24'), config)
         if index >= picks[-1]:
           break
-  except (av.FFmpegError, IndexError, ValueError) as e:
+  except (av.FFmpegError, IndexError, ValueError,
+          # GFile's errors when FFmpeg seeks outside a damaged file.
+          tf.errors.InvalidArgumentError, tf.errors.OutOfRangeError) as e:
     raise common.BadInput('corrupt_video', f'{path}: cannot decode the '
                           f'video: {e}') from e
   if len(frames) < len(wanted):
@@ -164,7 +173,7 @@ def read_frames(directory: str, config: VideoConfig) -> list[bytes]:
   for i in picks:
     try:
       with Image.open(io.BytesIO(files.read_bytes(paths[i]))) as image:
-        frames.append(_store(np.asarray(image.convert('RGB')), config))
+        frames.append(_store(np.asarray(common.to_rgb(image)), config))
     except Exception as e:  # pylint: disable=broad-except  # PIL raises many.
       raise common.BadInput('corrupt_video', f'{paths[i]}: cannot decode the '
                             f'frame: {e}') from e

@@ -105,3 +105,33 @@ def test_schema_errors_name_the_record(record, message):
   with pytest.raises(ValueError, match=message) as error:
     documents.parse_document(record, 'f.jsonl:7')
   assert 'f.jsonl:7' in str(error.value)
+
+
+def test_truncated_image_shard_is_named_and_its_images_counted(tmp_path,
+                                                               caplog):
+  src = tmp_path / 'src'
+  shard = util.write_tar(src / 'docs.tar', {
+      'a.png': util.encode(A), 'b.png': util.encode(B),
+      'c.png': util.encode(C)})
+  util.cut(shard, util.tar_layout(shard)['b.png'][1] + 100)
+  util.write(src / 'docs.jsonl', ''.join(
+      _line({'texts': ['Text.', None], 'images': [None, name]})
+      for name in ('a.png', 'b.png', 'c.png')))
+  caplog.set_level('WARNING')
+  builder, stats = util.build('interleaved_jsonl', src, tmp_path / 'out')
+  assert stats == {'train': {'examples': 1, 'skipped/corrupt_image': 1,
+                             'skipped/missing_image': 1}}
+  (example,) = builder.as_data_source(split='train')
+  np.testing.assert_array_equal(example['images'][0], A)
+  warnings = [r.getMessage() for r in caplog.records
+              if 'breaks off' in r.getMessage()]
+  assert len(warnings) == 1  # Indexed once.
+  assert warnings[0].startswith(
+      f"{shard}: the tar file breaks off at member 'b.png'")
+
+
+def test_image_shards_must_be_tars(tmp_path):
+  util.write(tmp_path / 'images.tar.gz', gzip.compress(b'not a tar'))
+  with pytest.raises(ValueError, match=r'images\.tar\.gz: not an '
+                     'uncompressed tar file'):
+    documents.TarIndex([str(tmp_path / 'images.tar.gz')])

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from flamingo_jax.data import pipeline
+from flamingo_jax.data.formats import common
 from flamingo_jax.data.formats import pairs
 from tests.data.formats import util
 
@@ -91,3 +92,87 @@ def test_table_errors_name_the_file_and_line(tmp_path):
                      r"record has \['caption', 'image'\]"):
     util.build('table_pairs', tmp_path / 'src', tmp_path / 'out',
                image_key='url')
+
+
+def _shard(path) -> str:
+  """Samples 000..002, each an image (over 512 bytes) and a caption."""
+  return util.write_tar(path, {
+      f'{i:03d}.{extension}': data for i in range(3)
+      for extension, data in (('png', util.encode(IMAGES[i])),
+                              ('txt', f'Caption {i}.'.encode()))})
+
+
+# Where a download may stop, and what must come of it: the samples read,
+# and the message (the member and tarfile's reason).
+_CUTS = {
+    # Inside 001.png's data: 000 is complete, 001 is lost.
+    'mid_member': (lambda m: m['001.png'][1] + 100, ['000'],
+                   r"inside member '001\.png' \(unexpected end of data\)"
+                   r".* Kept the 1 sample\(s\) .* skipped sample '001'"),
+    # On a block boundary inside 001.png's data: its header promises more.
+    'short_data_on_block': (lambda m: m['001.png'][1] + 512, ['000'],
+                            r"inside member '001\.png'"),
+    # On the boundary after 001.png: tarfile sees an end; 001 lacks its
+    # caption, so it is not yielded.
+    'between_members': (lambda m: m['001.txt'][0], ['000'],
+                        r"after member '001\.png' \(no end-of-archive "
+                        r"block\).* skipped sample '001'"),
+    'inside_header': (lambda m: m['001.txt'][0] + 100, ['000'],
+                      r"after member '001\.png' \(no end-of-archive"),
+    # Every member is whole but the end blocks are missing: the last sample
+    # cannot be known complete.
+    'no_end_blocks': (lambda m: m['002.txt'][1] + 512, ['000', '001'],
+                      r"after member '002\.txt' \(no end-of-archive"),
+}
+
+
+@pytest.mark.parametrize('cut', sorted(_CUTS))
+def test_truncated_shards_are_detected(tmp_path, cut):
+  position, read, message = _CUTS[cut]
+  path = _shard(tmp_path / 'shard.tar')
+  util.cut(path, position(util.tar_layout(path)))
+  keys = []
+  with pytest.raises(common.BadInput, match=message) as error:
+    for key, sample in pairs.read_samples(path):
+      keys.append(key)
+      assert sorted(sample) == ['png', 'txt']
+  assert keys == read
+  assert error.value.reason == 'truncated_tar'
+  assert str(error.value).startswith(f'{path}: the tar file breaks off')
+
+
+def test_whole_and_empty_shards(tmp_path):
+  path = _shard(tmp_path / 'shard.tar')
+  assert [key for key, _ in pairs.read_samples(path)] == ['000', '001', '002']
+  with pytest.raises(common.BadInput, match='not a readable tar file') as e:
+    list(pairs.read_samples(util.write(tmp_path / 'empty.tar', b'')))
+  assert e.value.reason == 'unreadable_tar'
+
+
+def test_webdataset_damage_is_skipped_counted_and_named(tmp_path, caplog):
+  src = tmp_path / 'src'
+  cut_mid = _shard(src / 'shard-0.tar')
+  util.cut(cut_mid, util.tar_layout(cut_mid)['001.png'][1] + 100)
+  cut_on_block = _shard(src / 'shard-1.tar')
+  util.cut(cut_on_block, util.tar_layout(cut_on_block)['002.png'][0])
+  util.write(src / 'shard-2.tar', b'')  # A download that never started.
+  png = util.encode(IMAGES[3])
+  util.write_tar(src / 'shard-3.tar', {
+      '300.png': png, '300.json': b'{"caption": "Cut',
+      '301.png': png, '301.json': b'["A list."]',
+      '302.png': png, '302.txt': b'\xff\xfe Not UTF-8.',
+      '303.png': png, '303.json': b'{"caption": "Whole."}'})
+  caplog.set_level('WARNING')
+  builder, stats = util.build('webdataset_pairs', src, tmp_path / 'out')
+  assert stats == {'train': {'examples': 3, 'skipped/truncated_tar': 2,
+                             'skipped/unreadable_tar': 1,
+                             'skipped/bad_json': 2, 'skipped/bad_text': 1}}
+  # shard-1's 001 is whole, but nothing tells it from a sample cut short.
+  assert sorted(util.by_source(builder.as_data_source(split='train'))) == [
+      f'{cut_mid}:000', f'{cut_on_block}:000', f'{src}/shard-3.tar:303']
+  logged = caplog.text
+  assert f"{cut_mid}: the tar file breaks off inside member '001.png'" in (
+      logged)
+  assert f"{cut_on_block}: the tar file breaks off after member '001.txt'" in (
+      logged)
+  assert f'{src}/shard-3.tar:300.json: not a JSON object' in logged

@@ -69,3 +69,27 @@ def test_jpeg_frames_and_resizing(tmp_path):
                           max_image_size=8)
   (example,) = builder.as_data_source(split='train')
   assert np.stack(example['video']).shape == (3, 8, 8, 3)
+
+
+def test_empty_and_undecodable_videos_are_skipped_and_counted(tmp_path,
+                                                              caplog):
+  src = tmp_path / 'src'
+  whole = util.write_video(src / 'walk.mov', FRAMES, fps=4)
+  with open(whole, 'rb') as f:
+    data = f.read()
+  util.write(src / 'empty.mp4', b'')  # A download that never started.
+  util.write(src / 'cut.mov', data[:len(data) // 2])
+  util.write(src / 'noise.mp4', bytes(range(256)) * 8)
+  util.write(src / 'videos.csv', 'video,caption\nwalk.mov,A walk.\n'
+             'empty.mp4,Empty.\ncut.mov,Cut.\nnoise.mp4,Noise.\n'
+             'walk.mov,Again.\n')
+  caplog.set_level('WARNING')
+  builder, stats = util.build('video_pairs', src / 'videos.csv',
+                              tmp_path / 'out', num_frames=3, fps=None)
+  assert stats == {'train': {'examples': 2, 'skipped/corrupt_video': 3}}
+  assert sorted(util.by_source(builder.as_data_source(split='train'))) == [
+      f'{src}/videos.csv:2', f'{src}/videos.csv:6']
+  assert (f'{src}/videos.csv:3: {src}/empty.mp4: the video file is empty '
+          '(0 bytes)') in caplog.text
+  for name in ('cut.mov', 'noise.mp4'):
+    assert f'{src}/{name}: cannot decode the video' in caplog.text

@@ -2,7 +2,9 @@
 
 import io
 import os
+import struct
 import tarfile
+import zlib
 
 import numpy as np
 from PIL import Image
@@ -41,6 +43,37 @@ def write_tar(path, members: dict[str, bytes]) -> str:
       info = tarfile.TarInfo(name)
       info.size = len(data)
       tar.addfile(info, io.BytesIO(data))
+  return str(path)
+
+
+def png_16_bit(array: np.ndarray) -> bytes:
+  """A 16-bit PNG of uint16 [h, w, c], c = 1 (grey), 2 (+alpha), 3, 4.
+
+  Written by hand: Pillow writes 16-bit greyscale only.
+  """
+  height, width, channels = array.shape
+  color_type = {1: 0, 2: 4, 3: 2, 4: 6}[channels]
+  rows = b''.join(b'\x00' + row.astype('>u2').tobytes() for row in array)
+
+  def chunk(kind: bytes, data: bytes) -> bytes:
+    return (struct.pack('>I', len(data)) + kind + data +
+            struct.pack('>I', zlib.crc32(kind + data)))
+
+  header = struct.pack('>IIBBBBB', width, height, 16, color_type, 0, 0, 0)
+  return (b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', header) +
+          chunk(b'IDAT', zlib.compress(rows)) + chunk(b'IEND', b''))
+
+
+def tar_layout(path) -> dict[str, tuple[int, int, int]]:
+  """{member name: (header offset, data offset, data size)} of a tar."""
+  with tarfile.open(path) as tar:
+    return {m.name: (m.offset, m.offset_data, m.size) for m in tar}
+
+
+def cut(path, size: int) -> str:
+  """Truncates a file to its first `size` bytes (a download cut short)."""
+  with open(path, 'r+b') as f:
+    f.truncate(size)
   return str(path)
 
 
