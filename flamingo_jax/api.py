@@ -10,11 +10,12 @@
   model.few_shot([(img1, 'What is it?', 'a cat')], (img2, 'What is it?'),
                  task='vqa')
 
-Media. A medium is an image -- a PIL image (any mode PIL converts to RGB:
-L, LA, P, RGBA, CMYK, ...), a uint8 numpy array [h, w, 3], a file path (str
-or pathlib.Path, decoded with PIL) or encoded bytes -- or a video: a uint8
-array [t, h, w, 3] or a list/tuple of frames (each frame any of the image
-forms). Media are resized to the model's image size keeping their aspect
+Media. A medium is an image -- a PIL image (any mode: transparency goes
+over white and 16-bit or float pixels are scaled by their depth, as the
+dataset builders store images, `data.images.to_rgb`), a uint8 numpy array
+[h, w, 3], a file path (str or pathlib.Path, decoded with PIL) or encoded
+bytes -- or a video: a uint8 array [t, h, w, 3] or a list/tuple of frames
+(each frame any of the image forms). Media are resized to the model's image size keeping their aspect
 ratio (`data.pipeline.fit_image`); videos keep all their frames (the
 resampler interpolates its temporal table past `max_frames`).
 
@@ -61,6 +62,7 @@ from PIL import Image
 
 from flamingo_jax import checkpoint as checkpoint_lib
 from flamingo_jax.data import formatting
+from flamingo_jax.data import images
 from flamingo_jax.data import pipeline
 from flamingo_jax.data import tokenizer as tokenizer_lib
 from flamingo_jax.inference import generate as generate_lib
@@ -68,12 +70,6 @@ from flamingo_jax.inference import prompts as prompts_lib
 from flamingo_jax.training import sharding as sharding_lib
 
 PathLike = str | os.PathLike
-# PIL modes `Image.convert('RGB')` maps faithfully; others ('I', 'F',
-# 'I;16', ...) hold values outside 0..255 and are scaled to 8 bits by their
-# depth, as the dataset builders store them (`formats.common.to_rgb`).
-_CONVERTIBLE_MODES = frozenset(
-    ('1', 'L', 'LA', 'La', 'P', 'PA', 'RGB', 'RGBA', 'RGBa', 'RGBX', 'CMYK',
-     'YCbCr', 'LAB', 'HSV'))
 # Prompt and candidate lengths are padded to multiples of these, so that few
 # distinct shapes (each compiled once) serve most prompts.
 _PAD_PROMPTS = 32
@@ -274,12 +270,9 @@ def _image_array(image: Any, what: str) -> Any:
 
 
 def _pil_array(pil: Image.Image) -> np.ndarray:
-  if pil.mode not in _CONVERTIBLE_MODES:
-    # Imported late: the formats package loads TensorFlow.
-    # pylint: disable-next=g-import-not-at-top
-    from flamingo_jax.data.formats import common
-    pil = common.to_rgb(pil)
-  return np.asarray(pil.convert('RGB'))  # [h, w, 3] uint8
+  """Any PIL mode -> uint8 [h, w, 3], as the dataset builders store images:
+  deep pixels scaled by their bit depth, transparency over white."""
+  return np.asarray(images.to_rgb(pil))  # [h, w, 3] uint8
 
 
 def _medium(medium: Any, what: str) -> Any:

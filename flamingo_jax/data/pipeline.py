@@ -42,6 +42,7 @@ from PIL import Image
 
 from flamingo_jax.data import augment as augment_lib
 from flamingo_jax.data import formatting
+from flamingo_jax.data import images
 from flamingo_jax.data import tokenizer as tokenizer_lib
 
 BATCH_KEYS = ('tokens', 'targets', 'loss_mask', 'media', 'media_mask',
@@ -58,7 +59,7 @@ def decode_image(image: Any) -> np.ndarray:  # -> [h, w, 3] uint8
   if isinstance(image, (bytes, np.bytes_)):
     try:
       with Image.open(io.BytesIO(bytes(image))) as pil:
-        array = np.asarray(pil.convert('RGB'))
+        array = np.asarray(images.to_rgb(pil))
     except Exception as e:  # pylint: disable=broad-except  # PIL raises many.
       raise MediaError(f'Cannot decode image ({len(image)} bytes): {e}') from e
   else:

@@ -51,7 +51,7 @@ member). The first skips of each reason are logged by file and record; the
 counts of every split are logged, stored in
 `builder.info.metadata['statistics']` and returned by `statistics()`.
 Images deeper than 8 bits (16-bit PNG/TIFF, integer and float) are scaled
-to 8 bits, not clipped (`common.to_rgb`).
+to 8 bits, not clipped (`data.images.to_rgb`).
 """
 
 from collections.abc import Callable, Mapping

@@ -16,7 +16,7 @@ records) and returned by `formats.build`.
 
 Images are checked and stored as 8-bit RGB (`load_image`); images of more
 than 8 bits per sample (16-bit PNG and TIFF, 32-bit integer or float) are
-scaled to 8 bits by their depth, never clipped (`to_rgb`).
+scaled to 8 bits by their depth, never clipped (`images.to_rgb`).
 """
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -37,6 +37,7 @@ from PIL import Image
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from flamingo_jax.data import images
 from flamingo_jax.data.formats import files
 
 VERSION = tfds.core.Version('1.0.0')
@@ -49,8 +50,6 @@ PROGRESS_SECONDS = 10.0
 LOGGED_SKIPS = 20  # Per reason and split; further skips are only counted.
 # Formats stored as they are; other images are re-encoded (see load_image).
 _KEPT_FORMATS = {'JPEG': 'jpeg', 'PNG': 'png'}
-# PIL's one-channel modes of more than 8 bits; see `_to_8_bits`.
-_DEEP_MODES = ('I;16', 'I;16B', 'I;16L', 'I;16N', 'I', 'F')
 _PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 
 
@@ -74,42 +73,6 @@ def encode_image(image: Image.Image, image_format: str) -> bytes:
   return buffer.getvalue()
 
 
-def _to_8_bits(image: Image.Image) -> Image.Image:
-  """A deep one-channel image -> mode 'L', scaled by its bit depth.
-
-  'I;16*' images have 16 bits: 65535 -> 255. 'I' (32-bit integers) and 'F'
-  (floats) state no depth: their full scale is taken as the smallest of 1
-  (floats only), 255, 65535 and 2**31 - 1 that holds their largest value.
-  Values below 0 become 0.
-  """
-  values = np.asarray(image, np.float64)  # [h, w]
-  if image.mode.startswith('I;16'):
-    full_scale = 65535
-  else:
-    largest = max(float(values.max(initial=0)), 0.0)
-    scales = (1, 255, 65535, 2**31 - 1) if image.mode == 'F' else (
-        255, 65535, 2**31 - 1)
-    full_scale = next((s for s in scales if largest <= s), largest)
-  scaled = np.clip(np.round(values * (255 / full_scale)), 0, 255)  # [h, w]
-  return Image.fromarray(scaled.astype(np.uint8), mode='L')
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-  """Any PIL image -> 8-bit RGB: transparency over white, deep modes scaled.
-
-  (PIL's own `convert('RGB')` clips 16-bit, 32-bit and float pixels to
-  0..255, which leaves a few grey levels of a 16-bit image.)
-  """
-  if image.mode in _DEEP_MODES:
-    image = _to_8_bits(image)
-  if image.mode in ('RGBA', 'LA', 'PA') or (
-      image.mode == 'P' and 'transparency' in image.info):
-    image = image.convert('RGBA')
-    background = Image.new('RGBA', image.size, (255, 255, 255, 255))
-    return Image.alpha_composite(background, image).convert('RGB')
-  return image.convert('RGB')
-
-
 def _is_16_bit_png(data: bytes) -> bool:
   """Whether a PNG's samples have 16 bits (PIL shows their RGB as 8-bit)."""
   return data.startswith(_PNG_SIGNATURE) and data[24:25] == b'\x10'
@@ -120,7 +83,7 @@ def load_image(data: bytes, where: str, max_size: int | None = None) -> bytes:
 
   8-bit JPEG and PNG images in RGB are stored as they are. Others (grey,
   CMYK, transparent, 16-bit, WebP, GIF, ...) are converted to 8-bit RGB by
-  `to_rgb` (transparency over white, deep pixels scaled by their bit depth)
+  `images.to_rgb` (transparency over white, deep pixels scaled by their bit depth)
   and stored as PNG; with `max_size`, an image whose longer side exceeds it
   is shrunk to it (aspect kept) and stored as JPEG (quality 95) or PNG, as
   its source was.
@@ -136,7 +99,7 @@ def load_image(data: bytes, where: str, max_size: int | None = None) -> bytes:
       if (kept and image.mode == 'RGB' and not too_big
           and not _is_16_bit_png(data)):
         return data
-      rgb = to_rgb(image)
+      rgb = images.to_rgb(image)
   except Exception as e:  # pylint: disable=broad-except  # PIL raises many.
     raise BadInput('corrupt_image', f'{where}: cannot decode the image '
                    f'({len(data)} bytes): {e}') from e

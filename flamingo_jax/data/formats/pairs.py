@@ -23,7 +23,7 @@ naming the shard:key or file:line with 'raise'):
   empty_caption    blank or absent;
   missing_image    no image member, or no such file;
   corrupt_image    an image Pillow cannot decode (16-bit images are scaled
-                   to 8 bits, see `common.to_rgb`);
+                   to 8 bits, see `data.images.to_rgb`);
   bad_json         a .json member that is not a UTF-8 JSON object;
   bad_text         a .txt member that is not UTF-8;
   truncated_tar    a shard that ends inside a member or header, or without

@@ -24,7 +24,7 @@ Bad input (skipped and counted with on_error='skip', the default; an error
 naming file:line with 'raise'): too_few_frames (fewer frames than
 num_frames), missing_video, corrupt_video (an empty file, one FFmpeg cannot
 decode, or a frame image that cannot be decoded; 16-bit frames are scaled
-to 8 bits as `common.to_rgb` does), empty_caption. Each skip names the
+to 8 bits as `images.to_rgb` does), empty_caption. Each skip names the
 table's file:line and the video file.
 """
 
@@ -38,6 +38,7 @@ from PIL import Image
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from flamingo_jax.data import images
 from flamingo_jax.data.formats import common
 from flamingo_jax.data.formats import files
 from flamingo_jax.data.formats import pairs
@@ -173,7 +174,7 @@ def read_frames(directory: str, config: VideoConfig) -> list[bytes]:
   for i in picks:
     try:
       with Image.open(io.BytesIO(files.read_bytes(paths[i]))) as image:
-        frames.append(_store(np.asarray(common.to_rgb(image)), config))
+        frames.append(_store(np.asarray(images.to_rgb(image)), config))
     except Exception as e:  # pylint: disable=broad-except  # PIL raises many.
       raise common.BadInput('corrupt_video', f'{paths[i]}: cannot decode the '
                             f'frame: {e}') from e

@@ -6,6 +6,8 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from flamingo_jax.data import images
+from flamingo_jax.data import pipeline
 from flamingo_jax.data.formats import common
 from tests.data.formats import util
 
@@ -56,7 +58,7 @@ def test_16_bit_pngs_are_scaled_to_8_bits(make):
 def test_deep_modes_are_scaled_by_their_range(array, expected):
   image = Image.fromarray(array)
   assert image.mode in ('I', 'F')
-  rgb = np.asarray(common.to_rgb(image))  # [1, 4, 3]
+  rgb = np.asarray(images.to_rgb(image))  # [1, 4, 3]
   np.testing.assert_array_equal(rgb, np.repeat(
       np.array(expected, np.uint8)[None, :, None], 3, axis=-1))
 
@@ -75,3 +77,14 @@ def test_16_bit_images_build_as_8_bit(tmp_path):
     image = data[f'{src}/pairs.csv:{line}']['image'].astype(int)
     assert image.shape == (4, 64, 3)
     assert np.abs(image - GRADIENT_8[..., None]).max() <= 1
+
+
+def test_pipeline_and_api_decode_deep_images_as_the_builders_store_them():
+  """Encoded 16-bit bytes (the notebook API's bytes input) and a PIL image
+  decode as the builders' 8-bit images, not clipped to black and white."""
+  from flamingo_jax import api  # pylint: disable=g-import-not-at-top
+  decoded = pipeline.decode_image(_pillow_16_bit_grey())  # [4, 64, 3]
+  np.testing.assert_array_equal(decoded, np.repeat(GRADIENT_8[..., None], 3,
+                                                   axis=-1))
+  with Image.open(io.BytesIO(_pillow_16_bit_grey())) as pil:
+    np.testing.assert_array_equal(api._image_array(pil, 'image'), decoded)  # pylint: disable=protected-access
