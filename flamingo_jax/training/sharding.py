@@ -23,7 +23,8 @@ vocabulary -- with the other dimension of each big matrix sharded over
 leading layer axis, so their specs start with None. The frozen vision
 encoder (0.9 GB in bf16 for NFNet-F6) is replicated, as are the small norms,
 gates, biases, `<EOC>` rows, latents and time embeddings. Batches are split
-over ('data', 'fsdp').
+over ('data', 'fsdp'), BATCH_AXES; the NFNet reads the same axes to run its
+grouped convolutions per device under `jax.shard_map` (`models/nfnet.py`).
 
 Optimizer state follows the parameters (`optimizer_state_shardings`): each
 Adam moment gets its parameter's sharding; with `zero_axis='data'` moments
@@ -41,13 +42,16 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from flamingo_jax import training
+from flamingo_jax.models import nfnet
 
 AxisEntry = Optional[str | tuple[str, ...]]  # One dimension of a spec.
 Spec = Sequence[AxisEntry]
 MeshConfig = Sequence[tuple[str, int]]
 
 DEFAULT_MESH = (('data', -1), ('fsdp', 1), ('model', 1))
-BATCH_AXES = ('data', 'fsdp')  # Mesh axes the batch dimension is split over.
+# Mesh axes the batch dimension is split over: ('data', 'fsdp'), defined with
+# the model that splits its grouped convolutions over them.
+BATCH_AXES = nfnet.BATCH_AXES
 
 _STACKED = r'(lm/blocks|gated_xattn)/block'  # Leading [num_layers] axis.
 _QKV = r'(query|key|value|relative_key)'
