@@ -1,5 +1,6 @@
 """Shared command-line plumbing: config-override errors that name the key."""
 
+import dataclasses
 import re
 import sys
 from typing import Any
@@ -91,15 +92,20 @@ def _missing_part(config: Any, name: str, path: str) -> str | None:
     return f'{path!r} is not a config path'
   node, walked = config, name
   for part in parts:
-    if isinstance(part, str) and hasattr(node, part):
-      node = getattr(node, part)
+    if hasattr(node, 'keys'):  # A ConfigDict or dict: its keys, not methods.
+      if part not in node:
+        return f'{walked} has no field {part!r}'
+      node = node[part]
     elif isinstance(part, int) and isinstance(node, (list, tuple)):
       if not -len(node) <= part < len(node):
         return f'{walked} has {len(node)} entries, no [{part}]'
       node = node[part]
-    elif hasattr(node, 'keys') and part in node:
-      node = node[part]
+    elif isinstance(part, str) and dataclasses.is_dataclass(node):
+      if not hasattr(node, part):
+        return f'{walked} has no field {part!r}'
+      node = getattr(node, part)
     else:
-      return f'{walked} has no field {part!r}'
+      return (f'{walked} is a value ({type(node).__name__}), not a section '
+              f'with a field {part!r}')
     walked += f'.{part}' if isinstance(part, str) else f'[{part!r}]'
   return None
