@@ -27,12 +27,23 @@ that does not match the markers is an error, never a guess. For a batch (a
 list of prompts): a list with one such entry per prompt; the results are
 then lists. Every medium of one call must have the same number of frames.
 
-Context. The longest prompt the model takes, `Model.max_len`, is
+Context. The longest sequence the model takes, `Model.max_len`, is
 `config.eval.max_len` when the config has it, otherwise the longest
 `config.data.datasets.*.seq_len` it was trained on (256 tokens: the
-interleaved documents, in the tiny recipe as in the paper). A longer prompt
-(plus, for `score`, its longest candidate) is an error; generated tokens may
-run past it by at most `max_new_tokens`.
+interleaved documents, in the tiny recipe as in the paper). A prompt plus
+its `max_new_tokens` (for `generate`, `few_shot`) or plus its longest
+candidate (for `score`) must fit it; a longer one is an error naming both
+numbers. (The architecture has no hard limit of its own -- the relative
+positions are sinusoids of any offset and the decoding caches are sized for
+each call -- but offsets past the trained length were never seen in
+training, and every new token costs time in proportion to the cache.)
+
+Decoding. `generate` and `few_shot` decode as the run's evaluation did:
+their defaults are the run's `config.eval.decoding` (`max_new_tokens`,
+`beam_size`, `length_penalty`, `min_new_tokens`; `Model.decoding`), each
+missing one taken from `FALLBACK_DECODING` (greedy, 20 tokens, and at least
+one token before `<EOC>`, so that an answer is never empty). An argument
+given to the call wins.
 
 Placement. With one device, or when the parameters fit one device and the
 config's mesh does not split parameters (its 'fsdp' and 'model' axes are 1),
@@ -77,6 +88,11 @@ _PAD_CANDIDATES = 8
 # Fraction of one device's memory the parameters may take and still be
 # placed on it (the rest: activations and the decoding caches).
 _FITS_FRACTION = 0.75
+# Decoding defaults where the run's config has no `eval.decoding` (or lacks
+# a field of it): greedy, and <EOC> held back until one token is out (an
+# empty answer is never the one wanted).
+FALLBACK_DECODING = {'max_new_tokens': 20, 'beam_size': 1,
+                     'length_penalty': 0.0, 'min_new_tokens': 1}
 
 
 # -- Loading ---------------------------------------------------------------
@@ -173,7 +189,9 @@ def load(path: PathLike, *, step: Optional[int] = None,
       `config.data.tokenizer` names.
 
   Returns:
-    A `Model`.
+    A `Model`. Its `generate` and `few_shot` decode by default as the run's
+    evaluation did: `config.eval.decoding`, else `FALLBACK_DECODING`
+    (`Model.decoding`).
 
   Raises:
     FileNotFoundError: a missing path, config.json, checkpoint or tokenizer.
@@ -329,6 +347,39 @@ def _context_length(config: ml_collections.ConfigDict) -> tuple[int, str]:
   return lengths[name], f'config.data.datasets.{name}.seq_len'
 
 
+def _decoding_defaults(config: ml_collections.ConfigDict
+                       ) -> tuple[dict[str, Any], str]:
+  """The run's `config.eval.decoding` over `FALLBACK_DECODING`, checked, and
+  where it comes from."""
+  given = config.get('eval', {}).get('decoding') or {}
+  unknown = sorted(set(given) - set(FALLBACK_DECODING))
+  if unknown:
+    logging.warning('config.eval.decoding: %s not used by the API (it uses '
+                    '%s).', unknown, sorted(FALLBACK_DECODING))
+  decoding = {key: given.get(key, value)
+              for key, value in FALLBACK_DECODING.items()}
+  source = ('config.eval.decoding' if set(given) & set(FALLBACK_DECODING)
+            else 'FALLBACK_DECODING')
+  try:
+    _decoding_options(decoding)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f'{source} is not a valid decoding ({decoding}): '
+                     f'{e}') from e
+  return decoding, source
+
+
+def _decoding_options(decoding: Mapping[str, Any],
+                      stop_ids: Sequence[int] = (),
+                      banned_ids: Sequence[int] = ()
+                      ) -> generate_lib.Options:
+  return generate_lib.Options(
+      max_new_tokens=int(decoding['max_new_tokens']),
+      beam_size=int(decoding['beam_size']),
+      length_penalty=float(decoding['length_penalty']),
+      min_new_tokens=int(decoding['min_new_tokens']),
+      stop_ids=tuple(stop_ids), banned_ids=tuple(banned_ids))  # Checks them.
+
+
 class Model:
   """A trained Flamingo: config, parameters, tokenizer and a cached decoder.
 
@@ -339,8 +390,12 @@ class Model:
     decoder: `inference.generate.Decoder` (jitted greedy / beam / score).
     step: the training step of the checkpoint.
     mesh: the mesh the parameters are sharded over, or None.
-    max_len: the longest prompt in tokens (`max_len_source` says whence).
+    max_len: the longest prompt plus new tokens (or plus a candidate), in
+      tokens (`max_len_source` says whence).
     image_size: the side media are resized to.
+    decoding: the decoding `generate` and `few_shot` use by default
+      (`decoding_source` says whence: 'config.eval.decoding' or
+      'FALLBACK_DECODING').
   """
 
   def __init__(self, *, config: ml_collections.ConfigDict, params: hk.Params,
@@ -356,6 +411,7 @@ class Model:
     self.model_config = config.model.to_dict()
     self.image_size = int(self.model_config['image_size'])
     self.max_len, self.max_len_source = _context_length(config)
+    self.decoding, self.decoding_source = _decoding_defaults(config)
     self.decoder = generate_lib.Decoder(
         self.model_config,
         compute_dtype=jnp.dtype(config.get('compute_dtype', 'float32')))
@@ -377,30 +433,44 @@ class Model:
 
   # -- Prompts -------------------------------------------------------------
 
-  def _encode(self, media: Any, prompt: str, what: str,
-              extra_tokens: int = 0) -> prompts_lib.EncodedPrompt:
+  def _encode(self, media: Any, prompt: str, what: str, *,
+              candidate_tokens: int = 0,
+              new_tokens: int = 0) -> prompts_lib.EncodedPrompt:
+    """One prompt, checked to fit the context with the tokens it is to get
+    (its longest candidate to score, or `max_new_tokens`)."""
     if not isinstance(prompt, str):
       raise TypeError(f'{what} must be a str; got {type(prompt).__name__}.')
     num_markers = self.tokenizer.encode(prompt).count(self.tokenizer.image_id)
     encoded = prompts_lib.encode(
         self.tokenizer, prompt, _media_list(media, num_markers, what),
         self.image_size)
-    length = len(encoded.tokens) + extra_tokens
-    if length > self.max_len:
-      extra = (f' (with its longest candidate, {extra_tokens} tokens)'
-               if extra_tokens else '')
+    length = len(encoded.tokens)
+    context = (f'the model\'s context of {self.max_len} '
+               f'({self.max_len_source})')
+    if length + candidate_tokens > self.max_len:
+      extra = (f' (with its longest candidate, {candidate_tokens} tokens)'
+               if candidate_tokens else '')
       raise ValueError(
-          f'{what} has {length} tokens{extra}, more than the model\'s context '
-          f'of {self.max_len} ({self.max_len_source}): use fewer shots or '
-          'shorter text.')
+          f'{what} has {length + candidate_tokens} tokens{extra}, more than '
+          f'{context}: use fewer shots or shorter text.')
+    if length + new_tokens > self.max_len:
+      raise ValueError(
+          f'{what} has {length} tokens and max_new_tokens is {new_tokens}: '
+          f'{length + new_tokens} in all, more than {context}. Lower '
+          f'max_new_tokens (at most {self.max_len - length} for this '
+          'prompt), or use fewer shots or shorter text.')
     return encoded
 
-  def _batch(self, media: Any, prompt: str | Sequence[str],
-             extra_tokens: Sequence[int] = ()) -> tuple[dict, bool]:
-    """(collated batch, whether the call was batched)."""
+  def _batch(self, media: Any, prompt: str | Sequence[str], *,
+             candidate_tokens: Sequence[int] = (),
+             new_tokens: int = 0) -> tuple[dict, bool]:
+    """(collated batch, whether the call was batched); `candidate_tokens`:
+    per prompt, the longest candidate to score."""
     if isinstance(prompt, str):
-      encoded = [self._encode(media, prompt, 'The prompt',
-                              max(extra_tokens, default=0))]
+      encoded = [self._encode(
+          media, prompt, 'The prompt',
+          candidate_tokens=max(candidate_tokens, default=0),
+          new_tokens=new_tokens)]
       batched = False
     else:
       prompt = list(prompt)
@@ -415,11 +485,27 @@ class Model:
             f'{len(prompt)} prompts need a list of {len(prompt)} media '
             'entries (one per prompt: a medium, a list of media or None); '
             f'got {given}.')
-      extra = list(extra_tokens) or [0] * len(prompt)
-      encoded = [self._encode(m, p, f'Prompt {i}', extra[i])
+      extra = list(candidate_tokens) or [0] * len(prompt)
+      encoded = [self._encode(m, p, f'Prompt {i}', candidate_tokens=extra[i],
+                              new_tokens=new_tokens)
                  for i, (m, p) in enumerate(zip(media, prompt))]
       batched = True
     return prompts_lib.collate(encoded, pad_multiple=_PAD_PROMPTS), batched
+
+  def _options(self, max_new_tokens: Optional[int],
+               beam_size: Optional[int], length_penalty: Optional[float],
+               min_new_tokens: Optional[int]) -> generate_lib.Options:
+    """The call's decoding: its arguments over `self.decoding`."""
+    decoding = dict(self.decoding)
+    if min_new_tokens is None and max_new_tokens is not None:
+      # A shorter budget than the default's minimum lowers the minimum.
+      decoding['min_new_tokens'] = min(decoding['min_new_tokens'],
+                                       int(max_new_tokens))
+    decoding.update({k: v for k, v in dict(
+        max_new_tokens=max_new_tokens, beam_size=beam_size,
+        length_penalty=length_penalty,
+        min_new_tokens=min_new_tokens).items() if v is not None})
+    return _decoding_options(decoding, self.stop_ids, self.banned_ids)
 
   def _text(self, tokens: np.ndarray, length: int) -> str:
     ids = [int(t) for t in tokens[:length]]
@@ -430,10 +516,15 @@ class Model:
   # -- Public API ------------------------------------------------------------
 
   def generate(self, media: Any, prompt: str | Sequence[str], *,
-               max_new_tokens: int = 20, beam_size: int = 1,
-               length_penalty: float = 0.0,
-               min_new_tokens: int = 0) -> str | list[str]:
+               max_new_tokens: Optional[int] = None,
+               beam_size: Optional[int] = None,
+               length_penalty: Optional[float] = None,
+               min_new_tokens: Optional[int] = None) -> str | list[str]:
     """The continuation of `prompt`, up to (not including) `<EOC>`.
+
+    The decoding arguments left None take the run's evaluation decoding,
+    `self.decoding`: `config.eval.decoding`, else `FALLBACK_DECODING`
+    (greedy, 20 tokens, `min_new_tokens=1`).
 
     Args:
       media: for one prompt, a medium or a list with one medium per
@@ -441,23 +532,23 @@ class Model:
         module docstring).
       prompt: text with `<image>` markers, e.g. '<image>Output:'
         (`data.formatting.caption_prompt()`), or a list of such texts.
-      max_new_tokens: the most tokens generated per prompt.
+      max_new_tokens: the most tokens generated per prompt; the prompt plus
+        these must fit `self.max_len`.
       beam_size: 1 for greedy decoding; the paper uses 3.
       length_penalty: GNMT's alpha for beam search (0: plain log-prob).
-      min_new_tokens: `<EOC>` is held back before this many new tokens.
+      min_new_tokens: `<EOC>` is held back before this many new tokens
+        (default: the run's, at most `max_new_tokens`).
 
     Returns:
       The generated text (raw: a leading space is kept), or a list of them
       for a list of prompts.
     """
-    options = generate_lib.Options(
-        max_new_tokens=int(max_new_tokens), stop_ids=self.stop_ids,
-        banned_ids=self.banned_ids, beam_size=int(beam_size),
-        length_penalty=float(length_penalty),
-        min_new_tokens=int(min_new_tokens))  # Checks the values.
-    batch, batched = self._batch(media, prompt)
+    options = self._options(max_new_tokens, beam_size, length_penalty,
+                            min_new_tokens)
+    batch, batched = self._batch(media, prompt,
+                                 new_tokens=options.max_new_tokens)
     with self._scope():
-      if beam_size == 1:
+      if options.beam_size == 1:
         result = self.decoder.greedy(self.params, batch, options)
       else:
         result = self.decoder.beam_search(self.params, batch, options)
@@ -507,7 +598,7 @@ class Model:
         if not self.tokenizer.encode(c):
           raise ValueError(f'Candidate {c!r} is empty: nothing to score.')
     longest = [max(len(i) for i in row) for row in ids]
-    batch, _ = self._batch(media, prompt, longest)
+    batch, _ = self._batch(media, prompt, candidate_tokens=longest)
     width = -(-max(longest) // _PAD_CANDIDATES) * _PAD_CANDIDATES
     tokens = np.zeros([rows, num.pop(), width], np.int32)  # [B, C, Lc]
     valid = np.zeros(tokens.shape, bool)  # [B, C, Lc]
@@ -521,8 +612,10 @@ class Model:
     return scores if batched else scores[0]
 
   def few_shot(self, support: Sequence[tuple[Any, ...]], query: Any, *,
-               task: str = 'caption', max_new_tokens: int = 20,
-               beam_size: int = 1) -> str:
+               task: str = 'caption', max_new_tokens: Optional[int] = None,
+               beam_size: Optional[int] = None,
+               length_penalty: Optional[float] = None,
+               min_new_tokens: Optional[int] = None) -> str:
     """The answer for `query` after the `support` examples, in the paper's
     prompt format.
 
@@ -536,8 +629,11 @@ class Model:
         shots yourself.
       query: a medium ('caption', 'plain') or `(medium, question)` ('vqa').
       task: 'caption', 'vqa' or 'plain' (see FEW_SHOT_TASKS).
-      max_new_tokens: as for `generate`.
-      beam_size: as for `generate`.
+      max_new_tokens: as for `generate` (None: the run's evaluation
+        decoding, `self.decoding`).
+      beam_size: as for `generate` (likewise).
+      length_penalty: as for `generate` (likewise).
+      min_new_tokens: as for `generate` (likewise).
 
     Returns:
       The generated answer, stripped of surrounding whitespace.
@@ -570,7 +666,8 @@ class Model:
     media.append(query_medium)
     prompt = ''.join(shots) + query_text
     return self.generate(media, prompt, max_new_tokens=max_new_tokens,
-                         beam_size=beam_size).strip()
+                         beam_size=beam_size, length_penalty=length_penalty,
+                         min_new_tokens=min_new_tokens).strip()
 
 
 def _fields(item: Any, arity: int, text_type: type, what: str,

@@ -2,8 +2,9 @@
 
 The smoke workdir (tests/conftest.py) holds random weights: these tests
 check plumbing (loading, media forms, prompt formats, errors), not quality.
-Every call that compiles uses one of three batch shapes, so the whole module
-compiles greedy decoding twice and scoring once.
+Every call that compiles uses one of a few batch shapes and decodings, so
+the whole module compiles greedy decoding three times, beam search three
+times and scoring once.
 """
 
 import json
@@ -12,6 +13,7 @@ import subprocess
 import sys
 
 import jax
+import ml_collections
 import numpy as np
 from PIL import Image
 import pytest
@@ -78,8 +80,9 @@ def test_mesh_placement_shards_the_parameters(model, smoke_workdir, image):
   # Sharded generation agrees with one device.
   images = [image, 255 - image]
   prompts = ['<image>Output:', '<image>Question: what is it? Answer:']
-  assert (sharded.generate(images, prompts, max_new_tokens=STEPS) ==
-          model.generate(images, prompts, max_new_tokens=STEPS))
+  assert (sharded.generate(images, prompts, max_new_tokens=STEPS,
+                          beam_size=1) ==
+          model.generate(images, prompts, max_new_tokens=STEPS, beam_size=1))
   # Parameters too big for one device, under a mesh that only replicates:
   # the devices go to 'fsdp'.
   mesh = api._inference_mesh(model.config, fits=False)
@@ -134,15 +137,22 @@ def test_few_shot_on_videos_is_generate_with_the_papers_prompt(model,
 
 
 def test_few_shot_prompt_formats(model, image, monkeypatch):
-  calls = []
+  calls, kwargs = [], []
   monkeypatch.setattr(model, 'generate',
                       lambda media, prompt, **kw: calls.append(
-                          (len(media), prompt)) or ' out ')
+                          (len(media), prompt)) or kwargs.append(kw) or
+                      ' out ')
   assert model.few_shot([(image, 'Q1?', 'a1'), (image, 'Q2?', 'a2')],
                         (image, 'Q3?'), task='vqa') == 'out'
   model.few_shot([(image, 'This is a dax.')], image, task='plain')
   model.few_shot([(image, 'a cat.')], image, task='caption')
-  assert calls == [
+  model.few_shot([(image, 'a cat.')], image, max_new_tokens=3, beam_size=2,
+                 length_penalty=0.5, min_new_tokens=2)
+  assert kwargs[0] == dict.fromkeys(  # None: the run's decoding.
+      ('max_new_tokens', 'beam_size', 'length_penalty', 'min_new_tokens'))
+  assert kwargs[-1] == dict(max_new_tokens=3, beam_size=2,
+                            length_penalty=0.5, min_new_tokens=2)
+  assert calls[:3] == [
       (3, '<image>Question: Q1? Answer: a1<EOC><image>Question: Q2? Answer: '
           'a2<EOC><image>Question: Q3? Answer:'),
       (2, '<image>This is a dax.<EOC><image>'),
@@ -166,6 +176,94 @@ def test_beam_size_selects_beam_search(model, image, monkeypatch):
                             model.tokenizer.encode(' hi')[:1])
   assert seen[0].beam_size == 3
   assert model.tokenizer.eoc_id in seen[0].stop_ids
+
+
+def _eoc_first(params: dict, token: int) -> dict:
+  """`params` changed so that <EOC> is always the likeliest next token and
+  `token` the likeliest other one.
+
+  Every input embedding carries 1e4 on feature 0, which the residual stream
+  keeps (the blocks add O(1)); the final RMSNorm turns that into about
+  sqrt(D) e_0, so the logits are about sqrt(D) times row 0 of the
+  unembedding: 4 for <EOC>, 2 for `token`, 0 for every other token.
+  """
+  params = {name: dict(leaves) for name, leaves in params.items()}
+  lm, embed = params['lm'], params['lm/embed']
+  unembed = params['lm/unembed']
+  embeddings = np.asarray(embed['embeddings'], np.float32).copy()
+  embeddings[:, 0] = 1e4
+  embed['embeddings'] = jax.numpy.asarray(embeddings,
+                                          embed['embeddings'].dtype)
+  lm['eoc_embedding'] = lm['eoc_embedding'].at[0].set(1e4)
+  w = np.zeros(unembed['w'].shape, np.float32)  # [D, V]
+  w[0, token] = 2.0
+  unembed['w'] = jax.numpy.asarray(w, unembed['w'].dtype)
+  lm['eoc_unembedding'] = jax.numpy.zeros_like(
+      lm['eoc_unembedding']).at[0].set(4.0)
+  return params
+
+
+def test_decoding_defaults_are_the_runs_so_eoc_first_still_answers(
+    smoke_workdir, image):
+  config = json.loads((smoke_workdir / 'config.json').read_text())
+  runs = api.load(smoke_workdir)
+  assert runs.decoding == config['eval']['decoding']
+  assert runs.decoding_source == 'config.eval.decoding'
+  assert runs.decoding['min_new_tokens'] == 1  # As the evaluation's.
+  del config['eval']
+  fallback = api.Model(config=ml_collections.ConfigDict(config),
+                       params=runs.params, tokenizer=runs.tokenizer, step=1)
+  assert fallback.decoding == api.FALLBACK_DECODING
+  assert fallback.decoding_source == 'FALLBACK_DECODING'
+  red = runs.tokenizer.encode(' red')[0]
+  answer = runs.tokenizer.decode([red])
+  assert answer.strip()  # Text, not a control piece.
+  runs.params = _eoc_first(runs.params, red)
+  # <EOC> comes first: with min_new_tokens=0 the answer would be empty.
+  assert runs.generate(image, '<image>Output:', min_new_tokens=0,
+                       beam_size=1) == ''
+  # The run's decoding (3 beams, min_new_tokens=1) answers all the same.
+  assert runs.generate(image, '<image>Output:') == answer
+  # The fallback's decoding, as built for the decoder (not run, to save a
+  # compilation: it is greedy with min_new_tokens=1, as above).
+  seen = []
+  fallback.decoder.greedy = lambda params, batch, options: seen.append(
+      options) or generate_lib.Result(np.zeros([1, 1], np.int32),
+                                      np.ones([1]), np.zeros([1]))
+  fallback.generate(image, '<image>Output:')
+  assert seen == [generate_lib.Options(
+      max_new_tokens=20, beam_size=1, length_penalty=0.0, min_new_tokens=1,
+      stop_ids=fallback.stop_ids, banned_ids=fallback.banned_ids)]
+
+
+def test_max_new_tokens_must_fit_the_context(model, image, monkeypatch):
+  seen = []
+
+  def fake(params, batch, options):
+    del params  # Unused.
+    seen.append(options)
+    rows = batch['tokens'].shape[0]
+    tokens = np.full([rows, options.max_new_tokens], model.tokenizer.eoc_id)
+    return generate_lib.Result(tokens, np.ones([rows]), np.zeros([rows]))
+
+  monkeypatch.setattr(model.decoder, 'greedy', fake)
+  prompt = '<image>Output:'
+  length = len(model.tokenizer.encode(prompt)) + 1  # <BOS> first.
+  with pytest.raises(ValueError, match=(
+      rf'The prompt has {length} tokens and max_new_tokens is 100000: '
+      rf'{length + 100000} in all, more than the model\'s context of 256 '
+      r'\(config\.data\.datasets\.documents\.seq_len\)\. Lower '
+      rf'max_new_tokens \(at most {256 - length} for this prompt\)')):
+    model.generate(image, prompt, max_new_tokens=100000, beam_size=1)
+  assert model.generate(image, prompt, max_new_tokens=256 - length,
+                        beam_size=1) == ''
+  assert seen[-1].max_new_tokens == 256 - length
+  with pytest.raises(ValueError, match='Prompt 1 has'):  # The longest.
+    model.generate([image, image], [prompt, prompt + ' a b c d e'],
+                   max_new_tokens=256 - length, beam_size=1)
+  with pytest.raises(ValueError, match='max_new_tokens is 300'):
+    model.few_shot([(image, 'a cat.')], image, max_new_tokens=300)
+  assert len(seen) == 1
 
 
 def test_load_errors(smoke_workdir, tmp_path):

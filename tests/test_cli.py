@@ -1,6 +1,7 @@
 """Command-line entry points: summarize output, clear config errors."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -42,6 +43,27 @@ def test_unknown_config_key_is_named(module, tmp_path):
   assert result.returncode != 0
   assert "unknown config key '--config.optim.bogus'" in result.stderr
   assert not (tmp_path / 'checkpoints').exists()  # Before any work.
+
+
+@pytest.mark.parametrize('overrides, culprits', [
+    # The bad key shares its last component with a good one before it.
+    (['--config.model.xattn.every=2', '--config.optim.xattn.every=3'],
+     {'--config.optim.xattn.every': "config.optim has no field 'xattn'"}),
+    # Two bad keys with the same last component, behind a good one.
+    (['--config.seed=3', '--config.model.bogus=1', '--config.optim.bogus',
+      '1'],
+     {'--config.model.bogus': "config.model has no field 'bogus'",
+      '--config.optim.bogus': "config.optim has no field 'bogus'"}),
+])
+def test_only_the_unknown_overrides_are_named(overrides, culprits):
+  result = _run('flamingo_jax.summarize', '--config',
+                'experiments/flamingo.py:tiny', *overrides)
+  assert result.returncode != 0
+  assert 'Traceback' not in result.stderr, result.stderr[-2000:]
+  message = [l for l in result.stderr.splitlines() if l.startswith('FATAL')]
+  assert len(message) == 1, result.stderr[-2000:]  # One line names them all.
+  named = re.findall(r"unknown config key '([^']+)': ([^;(]+)", message[0])
+  assert {key: why.strip() for key, why in named} == culprits
 
 
 def test_bad_value_is_named(tmp_path):
