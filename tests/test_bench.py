@@ -103,3 +103,42 @@ def test_unknown_command_is_named():
   result = _bench('fly', check=False)
   assert result.returncode != 0
   assert 'generate|train|data' in result.stderr + result.stdout
+
+
+def _gpu_script(*args, **env):
+  return subprocess.run(
+      ['bash', os.path.join(ROOT, 'launch', 'bench_gpu.sh'), *args],
+      capture_output=True, text=True, cwd=ROOT, timeout=120,
+      env=dict(os.environ, **env))
+
+
+def test_gpu_script_plans_its_runs_by_importance(tmp_path):
+  result = _gpu_script('--dry-run', OUT=str(tmp_path))
+  assert result.returncode == 0, result.stderr
+  runs = re.findall(r'^== (\S+) \(timeout \d+s\): (.*)$', result.stdout,
+                    re.MULTILINE)
+  assert [name for name, _ in runs] == [
+      'smoke', 'train_3b_remat_none', 'generate_3b', 'train_3b_remat_dots',
+      'train_3b_remat_full']
+  commands = dict(runs)
+  assert 'tiny.py:smoke' in commands['smoke']
+  for policy in ('none', 'dots', 'full'):
+    command = commands[f'train_3b_remat_{policy}']
+    assert f'--config.model.lm.remat_policy={policy}' in command
+    for flag in ('--datasets m3w', '--batch 8', '--seq 256', '--images 5',
+                 '--image_size 320', '--config.compute_dtype=bfloat16'):
+      assert flag in command, (flag, command)
+  assert '--new_tokens 64' in commands['generate_3b']
+  for name, command in runs:
+    assert f'--json {tmp_path}/{name}.json' in command
+  assert not list(tmp_path.glob('*.log'))  # A dry run runs nothing.
+
+
+def test_gpu_script_skips_runs_past_its_budget_and_summarises(tmp_path):
+  result = _gpu_script('--no-install', OUT=str(tmp_path), BENCH_BUDGET_S='0',
+                       JAX_PLATFORMS='cpu')
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.count('skipped: 0s of the 0s budget left') == 5
+  summary = json.loads((tmp_path / 'all.json').read_text())
+  assert summary['train_3b_remat_none'] == {'status': 'skipped'}
+  assert 'pip install' not in result.stdout
