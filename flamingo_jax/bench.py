@@ -33,7 +33,8 @@ embedded world first if needed.
 
 `--json PATH` writes every figure of `train` or `generate`, with the device,
 the jax version, the config argument and its overrides, as one JSON object.
-`train` and `generate` import neither TensorFlow nor TFDS.
+`train` and `generate` import neither TensorFlow nor TFDS (only `data`
+does, when it runs).
 """
 
 import json
@@ -48,11 +49,20 @@ from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
+import jaxlib
 import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
 from flamingo_jax import cli
+from flamingo_jax.inference import generate
+from flamingo_jax.models import flamingo
+from flamingo_jax.models import media_index
+from flamingo_jax.training import flops as flops_lib
+from flamingo_jax.training import loop
+from flamingo_jax.training import metrics as metrics_lib
+from flamingo_jax.training import optim
+from flamingo_jax.training import sharding
 
 COMMANDS = ('generate', 'train', 'data')
 
@@ -113,7 +123,6 @@ def _median_seconds(fn: Callable[[], Any], repeats: int) -> float:
 
 def _environment() -> dict[str, Any]:
   """The device, software and command line a figure was taken with."""
-  import jaxlib  # pylint: disable=g-import-not-at-top
   flag = flags.FLAGS['config']
   try:
     overrides = {k: _jsonable(v) for k, v in
@@ -192,7 +201,6 @@ def _gib(num_bytes: Optional[float]) -> str:
 def _random_prompts(model_config, batch: int, length: int, images: int,
                     seed: int = 0):
   """A left-padded-shape prompt batch (no padding) of random tokens."""
-  from flamingo_jax.models import media_index  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(seed)
   vocab = model_config['lm']['vocab_size']
   tokens = rng.integers(5, vocab, size=(batch, length)).astype(np.int32)
@@ -211,8 +219,6 @@ def _random_prompts(model_config, batch: int, length: int, images: int,
 
 def bench_generate(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """Cached vs uncached greedy decoding; returns the figures printed."""
-  from flamingo_jax.inference import generate  # pylint: disable=g-import-not-at-top
-  from flamingo_jax.models import flamingo  # pylint: disable=g-import-not-at-top
   model_config = config.model.to_dict()
   if _IMAGE_SIZE.value:
     model_config['image_size'] = _IMAGE_SIZE.value
@@ -309,7 +315,6 @@ def choose_mesh(config: ml_collections.ConfigDict,
                 mesh_flag: Optional[str],
                 num_devices: int) -> tuple[list[tuple[str, int]], str]:
   """The mesh axes to use and a note on where they came from."""
-  from flamingo_jax.training import sharding  # pylint: disable=g-import-not-at-top
   if mesh_flag:
     return parse_mesh(mesh_flag), '--mesh'
   axes = [tuple(axis) for axis in config.mesh]
@@ -345,7 +350,6 @@ def synthetic_batches(config: ml_collections.ConfigDict, seed: int = 0
 
 
 def _check_batches(config, mesh) -> None:
-  from flamingo_jax.training import sharding  # pylint: disable=g-import-not-at-top
   parallel = int(np.prod([mesh.shape[a] for a in sharding.BATCH_AXES
                           if a in mesh.shape]))
   for name, spec in config.data.datasets.items():
@@ -366,10 +370,6 @@ def _flops_table(counts) -> dict[str, dict[str, dict[str, float]]]:
 
 def _compile_train_step(config, mesh):
   """(compiled step, its inputs or None with --compile_only, figures)."""
-  # pylint: disable=g-import-not-at-top
-  from flamingo_jax.training import loop
-  from flamingo_jax.training import sharding
-  # pylint: enable=g-import-not-at-top
   model = loop.task_of(config).transform(config.model)
   optimizer = loop.make_optimizer(config)
   batch_sharding = sharding.batch_sharding(mesh)
@@ -413,12 +413,6 @@ def _time_steps(compiled, state, batches) -> tuple[list[float], float]:
 
 def bench_train(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """Step time, tokens/s, FLOPs, MFU and memory of the jitted train step."""
-  # pylint: disable=g-import-not-at-top
-  from flamingo_jax.training import flops as flops_lib
-  from flamingo_jax.training import metrics as metrics_lib
-  from flamingo_jax.training import optim
-  from flamingo_jax.training import sharding
-  # pylint: enable=g-import-not-at-top
   config = shaped_config(config, _DATASETS.value, _BATCH.value, _SEQ.value,
                          _IMAGES.value, _IMAGE_SIZE.value)
   axes, mesh_source = choose_mesh(config, _MESH.value, jax.device_count())

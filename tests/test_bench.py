@@ -39,6 +39,7 @@ def _bench(*args, devices=1, check=True):
   return result
 
 
+@pytest.mark.slow
 def test_train_without_tensorflow_writes_every_figure(tmp_path):
   path = tmp_path / 'train.json'
   result = _bench('train', '--config', f'{TINY}:smoke', '--datasets', 'pairs',

@@ -88,8 +88,9 @@ class _Tally:
     self.component = COMPONENTS[0]
     self.parts = {name: Flops() for name in COMPONENTS}
 
-  def has(self, module: str) -> bool:
-    return module in self._params
+  def has(self, module: str, name: Optional[str] = None) -> bool:
+    return module in self._params and (
+        name is None or name in self._params[module])
 
   def shape(self, module: str, name: str = 'w') -> tuple[int, ...]:
     if module not in self._params or name not in self._params[module]:
@@ -223,7 +224,7 @@ def _resampler(t: _Tally, items: int, frames: int, spatial: int,
   if t.has(f'{root}/input_projection'):
     live = _linear(t, f'{root}/input_projection', items * tokens, live)
   live = live or t.trains(root, 'time_embeddings')
-  perceiver = 'latents' in t._params.get(root, {})  # pylint: disable=protected-access
+  perceiver = t.has(root, 'latents')
   layers = 0
   while t.has(f'{root}/layer_{layers}/ffw/hidden'):
     layers += 1
