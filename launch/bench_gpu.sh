@@ -24,7 +24,7 @@
 #   FLAMINGO_BENCH_INSTALL 0 = never pip install (same as --no-install)
 #   JAX_CUDA               jax extra to install if jax sees no GPU:
 #                          cuda13 (default) or cuda12
-#   PYTHON                 interpreter (default python)
+#   PYTHON                 interpreter (default python, else python3)
 #   BENCH_BUDGET_S         seconds for all runs (default 330)
 #   BENCH_CONFIG           default experiments/flamingo.py:3B
 #   BENCH_BATCH, BENCH_SEQ, BENCH_IMAGES, BENCH_IMAGE_SIZE
@@ -46,7 +46,7 @@ for arg in "$@"; do
   esac
 done
 
-PYTHON="${PYTHON:-python}"
+PYTHON="${PYTHON:-$(command -v python || command -v python3)}"
 OUT="${OUT:-$REPO/bench_out}"
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"

@@ -19,11 +19,14 @@ which the analytic count leaves out; so the check is two-fold:
 
 Both the paper's frozen split and an all-trainable variant (LM and vision
 encoder unfrozen, gradient through the vision features) are compiled once
-per module.
+per module; the architecture ablations' forward passes once each. The rest
+checks the freezing logic, per-dataset shapes and the MFU arithmetic
+without compiling.
 """
 
 import math
 import re
+import types
 from unittest import mock
 
 import jax
@@ -329,3 +332,21 @@ def test_flamingo_3b_count_matches_its_parameter_count():
   assert 35e12 < flops_lib.total({'m3w': counts}).total < 45e12
   assert counts['vision_encoder'].forward == pytest.approx(40 * 227e9,
                                                            rel=0.01)
+
+
+@pytest.mark.parametrize('kind,tflops', [
+    ('NVIDIA H200', 989), ('NVIDIA H100 80GB HBM3', 989),
+    ('NVIDIA H100 PCIe', 756), ('NVIDIA A100-SXM4-80GB', 312),
+    ('TPU v4', 275), ('TPU v5 lite', 197), ('TPU v5', 459),
+    ('TPU v6 lite', 918), ('cpu', None)])
+def test_peak_is_read_from_the_device_kind(kind, tflops):
+  peak = metrics_lib.peak_flops_per_device(types.SimpleNamespace(
+      device_kind=kind))
+  assert peak == (tflops * 1e12 if tflops else None)
+
+
+def test_mfu_divides_the_global_count_by_the_peak_of_every_device():
+  # 8 devices at 100 TFLOP/s each, 400 TFLOP per step, 1 step/s: 50%.
+  assert metrics_lib.mfu(400e12, 1.0, 100e12, 8) == pytest.approx(0.5)
+  assert metrics_lib.mfu(None, 1.0, 100e12, 8) is None
+  assert metrics_lib.mfu(400e12, 1.0, None, 8) is None
