@@ -11,7 +11,7 @@ SCRIPTS = sorted(pathlib.Path('launch').glob('*.sh')) + sorted(
 
 def test_scripts_exist():
   assert {p.name for p in SCRIPTS} == {'run_tpu.sh', 'tpu_pod.sh',
-                                       'slurm_gpu.sbatch'}
+                                       'slurm_gpu.sbatch', 'bench_gpu.sh'}
 
 
 @pytest.mark.parametrize('script', SCRIPTS, ids=lambda p: p.name)
@@ -22,5 +22,7 @@ def test_script_is_valid_bash(script):
   text = script.read_text()
   if script.name == 'tpu_pod.sh':  # Delegates to run_tpu.sh on each worker.
     assert 'launch/run_tpu.sh' in text and '--worker=all' in text
+  elif script.name == 'bench_gpu.sh':  # One host (tests/test_bench.py).
+    assert 'flamingo_jax.bench' in text
   else:
     assert 'FLAMINGO_JAX_DISTRIBUTED=1' in text

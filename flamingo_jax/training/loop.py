@@ -25,6 +25,7 @@ from flamingo_jax import plot
 from flamingo_jax.models import contrastive as contrastive_model
 from flamingo_jax.models import flamingo
 from flamingo_jax.training import contrastive
+from flamingo_jax.training import flops as flops_lib
 from flamingo_jax.training import metrics as metrics_lib
 from flamingo_jax.training import optim
 from flamingo_jax.training import precision
@@ -288,7 +289,9 @@ def _train(config, workdir, mesh, make_data) -> TrainState:
       batches = _global_batches(next(data), batch_sharding)
       if compiled is None:
         compiled = jitted.lower(state, batches).compile()
-        flops = metrics_lib.compiled_flops(compiled)
+        # Model FLOPs of the global batch (not XLA's per-device count).
+        flops = flops_lib.train_step_flops(
+            config, optim.merge(state.trainable, state.frozen), strict=False)
         tokens, examples = _tokens_per_step(batches)
         logger.timing(step)  # Do not count compilation in steps/s.
       with jax.profiler.StepTraceAnnotation('train', step_num=step):
@@ -306,7 +309,8 @@ def _train(config, workdir, mesh, make_data) -> TrainState:
         timing.update(tokens_per_sec=rate * tokens,
                       examples_per_sec=rate * examples)
         if flops and peak:
-          timing['mfu'] = rate * flops / (peak * jax.device_count())
+          timing['mfu'] = metrics_lib.mfu(flops, rate, peak,
+                                          jax.device_count())
         if hasattr(data, 'stats'):
           timing.update(data.stats())
         logger.write(done, {**scalars, **timing})

@@ -2,6 +2,11 @@
 
 Only process 0 writes (clu's writer logs elsewhere); scalars come in at log
 steps only, after one `jax.device_get`, so the step loop never waits on them.
+clu is imported when a `MetricLogger` is made: `clu.metric_writers` imports
+TensorFlow, which the benchmark (`flamingo_jax.bench`) must not need.
+
+MFU = model FLOPs per step (`flamingo_jax.training.flops`, the global batch)
+x steps/s / (`peak_flops_per_device()` x device count).
 """
 
 from collections.abc import Mapping
@@ -11,26 +16,30 @@ import time
 from typing import Any, Optional
 
 from absl import logging
-from clu import metric_writers
 import jax
 import numpy as np
 
-# Dense bf16 peak FLOP/s per chip, for MFU. CPUs have no meaningful peak.
+# Dense bf16 peak FLOP/s per chip, for MFU, by `device_kind` prefix (the
+# longest matching prefix wins). CPUs have no meaningful peak.
 PEAK_FLOPS = {
     'TPU v4': 275e12,
-    'TPU v5 lite': 197e12,
+    'TPU v5 lite': 197e12,  # v5e's device_kind.
     'TPU v5e': 197e12,
-    'TPU v5': 459e12,
+    'TPU v5': 459e12,  # v5p's device_kind.
     'TPU v5p': 459e12,
-    'TPU v6 lite': 918e12,
+    'TPU v6 lite': 918e12,  # v6e (Trillium).
     'TPU v6e': 918e12,
-    'NVIDIA H100': 989e12,
+    'NVIDIA H100': 989e12,  # SXM.
+    'NVIDIA H100 PCIe': 756e12,
     'NVIDIA H200': 989e12,
+    'NVIDIA GH200': 989e12,
     'NVIDIA A100': 312e12,
 }
 
 
-def peak_flops_per_device(device: Optional[jax.Device] = None) -> Optional[float]:
+def peak_flops_per_device(
+    device: Optional[jax.Device] = None) -> Optional[float]:
+  """Dense bf16 peak FLOP/s of `device` (default: the first), or None."""
   kind = (device or jax.devices()[0]).device_kind
   # Longest matching prefix: 'TPU v5 lite' before 'TPU v5'.
   for name in sorted(PEAK_FLOPS, key=len, reverse=True):
@@ -39,8 +48,30 @@ def peak_flops_per_device(device: Optional[jax.Device] = None) -> Optional[float
   return None
 
 
+def mfu(flops_per_step: Optional[float], steps_per_second: float,
+        peak_per_device: Optional[float],
+        num_devices: int) -> Optional[float]:
+  """Model FLOPs utilisation, or None without a FLOP count or a peak.
+
+  Args:
+    flops_per_step: model FLOPs of one step over the GLOBAL batch (not per
+      device), e.g. `flops.train_step_flops(config)`.
+    steps_per_second: the measured rate.
+    peak_per_device: `peak_flops_per_device()`.
+    num_devices: devices the step runs on (`jax.device_count()`).
+  """
+  if not flops_per_step or not peak_per_device:
+    return None
+  return flops_per_step * steps_per_second / (peak_per_device * num_devices)
+
+
 def compiled_flops(compiled) -> Optional[float]:
-  """FLOPs of one call of a compiled function, from XLA's cost analysis."""
+  """FLOPs of one call of a compiled function, from XLA's cost analysis.
+
+  For reference only, not for MFU: it is per device for a sharded program,
+  counts a scanned layer's body once whatever its iterations, and counts
+  rematerialised and elementwise work.
+  """
   try:
     analysis = compiled.cost_analysis()
   except Exception:  # pylint: disable=broad-except  # Not all backends have it.
@@ -62,6 +93,7 @@ class MetricLogger:
   """Writes scalars to TensorBoard and `metrics.jsonl`, prints progress."""
 
   def __init__(self, workdir: str, total_steps: int, first_step: int = 0):
+    from clu import metric_writers  # pylint: disable=g-import-not-at-top
     self.is_main = jax.process_index() == 0
     self.total_steps = total_steps
     self._writer = metric_writers.create_default_writer(

@@ -13,7 +13,8 @@ preprocessing passes `decoders={'image': tfds.decode.SkipDecoding()}` (for
 `images` and `video`, the same; they are then [N] or [T] tf.string tensors)
 and calls `tf.io.decode_png`.
 
-Versioning. All builders share `VERSION`. Any change to what is generated
+Versioning. All builders share `VERSION` (set in
+`flamingo_jax.data.prepare.WORLD_VERSION`). Any change to what is generated
 (a constant of the grammar, the renderer, a template, the sampling code)
 must bump it, so that a prepared `data_dir` is never silently mixed with new
 code. `generation_fingerprint()` hashes every module-level constant of the
@@ -43,6 +44,7 @@ from PIL import Image
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from flamingo_jax.data import prepare
 from flamingo_jax.data.world import documents
 from flamingo_jax.data.world import language
 from flamingo_jax.data.world import nonce
@@ -51,7 +53,7 @@ from flamingo_jax.data.world import scenes
 from flamingo_jax.data.world import tasks
 from flamingo_jax.data.world import video as video_lib
 
-VERSION = tfds.core.Version('1.2.0')
+VERSION = tfds.core.Version(prepare.WORLD_VERSION)  # Bump it there.
 RELEASE_NOTES = {
     '1.0.0': 'First release of the embedded world.',
     '1.1.0': 'Documents: quiz, gallery and word-learning pages.',
