@@ -16,8 +16,9 @@
 #   3. generate_3b 3B cached vs uncached greedy decoding, 64 new tokens
 #   4. train_3b_remat_dots, 5. train_3b_remat_full: the remat sweep, fewer
 #                  timed steps
-# A run is skipped when the budget (BENCH_BUDGET_S, default 330 s from the
-# first run) has less than 45 s left; each gets at most what is left.
+# If the smoke run fails, the 3B runs are skipped (they would fail the same
+# way). A run is skipped when the budget (BENCH_BUDGET_S, default 330 s from
+# the first run) has less than 45 s left; each gets at most what is left.
 #
 # Environment (all optional):
 #   OUT                    results directory (default ./bench_out)
@@ -141,6 +142,11 @@ SHAPES=(--datasets m3w --batch "$BATCH" --seq "$SEQ" --images "$IMAGES"
 run smoke 90 "${BENCH[@]}" train --config experiments/tiny.py:smoke \
   --datasets pairs --batch 8 --seq 32 --warmup 1 --steps 5 \
   --json "$OUT/smoke.json"
+if ((!DRY_RUN)) && [[ "$(tail -n 1 "$STATUS" | cut -f2)" != 0 ]]; then
+  # The 3B runs would fail the same way: keep the machine's time.
+  echo "   the smoke run failed: skipping the 3B runs (see $OUT/smoke.log)."
+  BUDGET_S=0
+fi
 run train_3b_remat_none 200 "${BENCH[@]}" train --config "$CONFIG" \
   "${SHAPES[@]}" --config.model.lm.remat_policy=none --warmup 2 --steps 20 \
   --json "$OUT/train_3b_remat_none.json" ${EXTRA[@]+"${EXTRA[@]}"}
