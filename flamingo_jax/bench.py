@@ -67,8 +67,8 @@ from flamingo_jax.training import sharding
 COMMANDS = ('generate', 'train', 'data')
 
 _CONFIG = config_flags.DEFINE_config_file(
-    'config', 'experiments/tiny.py', 'Config file (its model, data and '
-    'optimiser sections are used).', lock_config=True)
+    'config', None, 'Config file, default experiments/tiny.py (its model, '
+    'data and optimiser sections are used).', lock_config=True)
 _DATASETS = flags.DEFINE_list(
     'datasets', None, 'train: the datasets of config.data.datasets to use '
     '(default all), e.g. m3w.')
@@ -537,4 +537,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=cli.parse_flags)
+  app.run(main, flags_parser=cli.parse_flags_with_default_config(
+      'experiments/tiny.py'))

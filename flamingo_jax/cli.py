@@ -1,5 +1,6 @@
 """Shared command-line plumbing: config-override errors that name the key."""
 
+from collections.abc import Callable
 import dataclasses
 import re
 import sys
@@ -34,6 +35,30 @@ def parse_flags(argv: list[str]) -> list[str]:
   except flags.Error as e:
     sys.exit(f'FATAL Flags parsing error: {e}\nPass --helpshort or '
              '--helpfull to see help on flags.')
+
+
+def parse_flags_with_default_config(
+    default: str) -> Callable[[list[str]], list[str]]:
+  """`parse_flags` for a CLI whose `--config` has a default file.
+
+  The default goes onto the command line (when it names no `--config`)
+  instead of into `DEFINE_config_file`: ml_collections applies a default's
+  overrides while the flag is defined, at import, where an unknown
+  `--config.x` would end in a bare traceback before `parse_flags` runs.
+
+  Args:
+    default: the config file used when the command line names none.
+
+  Returns:
+    A `flags_parser` for `absl.app.run`.
+  """
+
+  def parse(argv: list[str]) -> list[str]:
+    named = any(re.match(r'^--?config(=|$)', arg) for arg in argv[1:])
+    return parse_flags(argv if named else [argv[0], f'--config={default}',
+                                           *argv[1:]])
+
+  return parse
 
 
 def _unknown_overrides(argv: list[str]) -> list[tuple[str, str]]:

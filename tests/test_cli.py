@@ -45,6 +45,17 @@ def test_unknown_config_key_is_named(module, tmp_path):
   assert not (tmp_path / 'checkpoints').exists()  # Before any work.
 
 
+@pytest.mark.parametrize('module', ['flamingo_jax.bench',
+                                    'flamingo_jax.data.show'])
+def test_unknown_key_of_the_default_config_is_named(module):
+  """These CLIs default --config to the tiny recipe; an override of that
+  default is checked like one of a named config (not a bare traceback)."""
+  result = _run(module, '--config.optim.bogus=1')
+  assert result.returncode != 0
+  assert "unknown config key '--config.optim.bogus'" in result.stderr
+  assert 'Traceback' not in result.stderr
+
+
 @pytest.mark.parametrize('overrides, culprits', [
     # The bad key shares its last component with a good one before it.
     (['--config.model.xattn.every=2', '--config.optim.xattn.every=3'],

@@ -25,8 +25,8 @@ from flamingo_jax.data import prepare  # pylint: disable=g-import-not-at-top,wro
 from flamingo_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _CONFIG = config_flags.DEFINE_config_file(
-    'config', 'experiments/tiny.py', 'Training config whose data to show.',
-    lock_config=True)
+    'config', None, 'Training config whose data to show (default '
+    'experiments/tiny.py).', lock_config=True)
 _DATASET = flags.DEFINE_string('dataset', None, 'A key of config.data.datasets.')
 _OUT = flags.DEFINE_string('out', None, 'PNG path to write.')
 _ROWS = flags.DEFINE_integer('rows', 4, 'Sequences to show.')
@@ -101,4 +101,5 @@ def main(argv: list[str]) -> None:
 
 if __name__ == '__main__':
   flags.mark_flags_as_required(['dataset', 'out'])
-  app.run(main, flags_parser=cli.parse_flags)
+  app.run(main, flags_parser=cli.parse_flags_with_default_config(
+      'experiments/tiny.py'))
