@@ -2,56 +2,324 @@
 
 Shared by training (periodic, asynchronous saves; save-and-exit on
 preemption; resume from the workdir) and by inference (`flamingo_jax.load`,
-which needs no trainer). A checkpoint holds two items:
+which needs no trainer). A checkpoint holds three items:
 
-  state   the train state pytree (step, parameters, optimizer state, rng),
-          restored straight into sharded arrays when given shardings;
-  data    a small JSON dict: the input pipeline's position, so that a resumed
-          run reads exactly the batches an uninterrupted run would.
+  state      the train state pytree (step, parameters, optimizer state, rng,
+             non-finite counters), restored straight into sharded arrays
+             when given shardings;
+  data       a small JSON dict: the input pipeline's position, so that a
+             resumed run reads exactly the batches an uninterrupted run would;
+  checksums  a small JSON dict: one digest per array of `state` (and one of
+             `data`), computed on device when saving.
 
-Layout: `<workdir>/checkpoints/<step>/{state,data}`.
+Layout: `<workdir>/checkpoints/<step>/{state,data,checksums}`.
+
+Integrity. Every restore checks what it read against the checksums (orbax
+itself restores flipped bytes silently), that every value is finite, and
+that the metadata files are there; a step that fails is damaged
+(`CheckpointDamagedError` names the step, the parameter or file, and what is
+wrong). Without an explicit step, training (`Checkpointer.restore_intact`)
+and `load_params` fall back to the newest intact step with a warning;
+training also moves the damaged step, never deleting it, to
+`<workdir>/checkpoints.damaged/<step>`, so that orbax's keep-the-last-N
+policy and the next save of that step number do not trip over it. Saving
+refuses a state with a non-finite value (`NonFiniteStateError`): no
+checkpoint is ever NaN.
+
+The digest of an array is sum_i w_i * (2i + 1) mod 2^32 over its 32-bit
+words w_i (16- and 8-bit values widened): any one changed byte changes it,
+it needs one pass over the array on its devices, and, being a sum, it does
+not depend on how the array is sharded, so every process of a multi-host
+run computes (and checks) the same value.
 """
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+import contextlib
+import functools
+import gc
+import hashlib
+import json
 import logging as py_logging
 import os
+import re
 import signal
+import sys
 import threading
 from typing import Any, Optional
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
 PyTree = Any
+# The files a step's items must have (orbax's own, besides the arrays').
+METADATA_FILES = ('state/_METADATA', 'data/metadata', 'checksums/metadata')
+DAMAGED_SUFFIX = '.damaged'  # <workdir>/checkpoints.damaged/<step>
 
 
 class PreemptionFlag:
-  """Set by SIGTERM (how Cloud TPU and most schedulers announce preemption)."""
+  """Set by SIGTERM (how Cloud TPU and most schedulers announce preemption)
+  or by a first Ctrl-C (SIGINT); a second Ctrl-C interrupts at once."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
     self._event = threading.Event()
-    self._previous = None
+    self._previous = {}
 
   def install(self) -> 'PreemptionFlag':
     if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      for signum in self.SIGNALS:
+        self._previous[signum] = signal.signal(signum, self._handle)
     return self
 
   def _handle(self, signum, frame):
     del frame  # Unused.
-    logging.warning('Received signal %d: will save a checkpoint and exit.',
-                    signum)
+    if signum == signal.SIGINT and self._event.is_set():
+      raise KeyboardInterrupt
+    logging.warning('Received %s: will save a checkpoint and exit%s.',
+                    signal.Signals(signum).name,
+                    ' (Ctrl-C again to stop at once, without saving)'
+                    if signum == signal.SIGINT else '')
     self._event.set()
 
   def uninstall(self) -> None:
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-      self._previous = None
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
+    self._previous = {}
 
   def is_set(self) -> bool:
     return self._event.is_set()
+
+
+class CheckpointDamagedError(ValueError):
+  """A saved step that cannot be read back as it was written (step None:
+  no step of the directory can; `problem` then lists each one's)."""
+
+  def __init__(self, directory: str, step: Optional[int], problem: str):
+    self.step, self.problem = step, problem
+    super().__init__(
+        f'Checkpoint {directory}/{step} is damaged: {problem}.'
+        if step is not None else
+        f'No intact checkpoint in {directory}: {problem}.')
+
+
+class NotATrainStateError(ValueError):
+  pass
+
+
+class _Damage(Exception):
+  """What is wrong with a step, in words (becomes CheckpointDamagedError)."""
+
+
+class CheckpointMismatchError(ValueError):
+  """A readable step whose arrays are not those the caller expects."""
+
+  def __init__(self, directory: str, step: int,
+               differences: Sequence[tuple[str, Any, Any]]):
+    self.step, self.differences = step, list(differences)
+    shown = '; '.join(f'{path}: {saved} in the checkpoint, {wanted} now'
+                      for path, saved, wanted in self.differences[:5])
+    more = len(self.differences) - 5
+    super().__init__(
+        f'Checkpoint {directory}/{step} does not fit this model: {shown}'
+        + (f' (and {more} more)' if more > 0 else '') + '.')
+
+
+class NonFiniteStateError(FloatingPointError):
+  pass
+
+
+# -- Digests ---------------------------------------------------------------
+
+
+def _words(x: jax.Array) -> jax.Array:
+  """The array's bits as uint32 words (8- and 16-bit values widened)."""
+  if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  if x.dtype == jnp.bool_:
+    return x.astype(jnp.uint32)
+  if x.dtype.itemsize < 4:
+    unsigned = jnp.dtype(f'uint{8 * x.dtype.itemsize}')
+    return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+  return jax.lax.bitcast_convert_type(x, jnp.uint32)  # 8 bytes: [..., 2].
+
+
+def _digest(x: jax.Array) -> jax.Array:
+  """[] uint32: sum_i w_i (2i + 1) mod 2^32 over the flat word index i."""
+  words = _words(x)
+  shape = words.shape
+  index = jnp.zeros(shape, jnp.uint32)  # No reshape: keeps the sharding.
+  stride = 1
+  for axis in reversed(range(len(shape))):
+    index += (jax.lax.broadcasted_iota(jnp.uint32, shape, axis)
+              * jnp.uint32(stride % 2**32))
+    stride *= shape[axis]
+  return jnp.sum(words * (2 * index + 1), dtype=jnp.uint32)
+
+
+def _finite(x: jax.Array) -> jax.Array:
+  if jnp.issubdtype(x.dtype, jnp.inexact):
+    return jnp.isfinite(x).all()
+  return jnp.bool_(True)
+
+
+@jax.jit
+def _integrity(tree: PyTree) -> tuple[PyTree, PyTree]:
+  return jax.tree.map(_digest, tree), jax.tree.map(_finite, tree)
+
+
+def _flat(tree: PyTree) -> dict[str, Any]:
+  """{'trainable/lm/embed/embeddings': leaf, ...} ('/'-joined tree paths)."""
+  return {jax.tree_util.keystr(path, simple=True, separator='/'): leaf
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _local(x: jax.Array) -> np.ndarray:
+  """A replicated result's value (also where other processes hold parts)."""
+  return np.asarray(x.addressable_data(0))
+
+
+def integrity(tree: PyTree) -> tuple[dict[str, str], list[str]]:
+  """The digest of every array of `tree`, and the paths of those holding a
+  NaN or an inf: ({path: 8 hex digits}, [path])."""
+  digests, finite = _integrity(tree)
+  return ({path: f'{int(_local(d)):08x}' for path, d in _flat(digests).items()},
+          [path for path, ok in _flat(finite).items() if not _local(ok)])
+
+
+def _data_digest(data: Mapping[str, Any]) -> str:
+  text = json.dumps(dict(data), sort_keys=True)
+  return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _exists(path: str) -> bool:
+  return os.path.exists(path)
+
+
+def _summary(error: BaseException) -> str:
+  """One line on why orbax/tensorstore could not read: the innermost cause,
+  without the tensorstore spec it appends."""
+  while error.__cause__ is not None or error.__context__ is not None:
+    error = error.__cause__ or error.__context__
+  text = str(error).split('\n')[0]
+  text = re.split(r' \[tensorstore_spec|\. See full TensorStore', text)[0]
+  read = re.search(r'Error reading "([^"]+?)/(\.z\w+|[\d.]+)" in OCDBT', text)
+  if read:
+    name = read.group(1).replace('.', '/')
+    return (f'the array {name} cannot be read (a file under state/ is '
+            f'truncated or damaged: {text.split(": ")[-1]})')
+  missing = re.search(r'File (\S+) not found', text)
+  if missing:
+    return f'its file {missing.group(1)} is missing'
+  if len(text) > 240:
+    text = text[:240] + '...'
+  return f'it cannot be read ({type(error).__name__}: {text})'
+
+
+def _check_files(step_dir: str) -> None:
+  """Raises _Damage naming a missing folder or metadata file of a step."""
+  for item in ('state', 'data'):
+    if not _exists(os.path.join(step_dir, item)):
+      raise _Damage(f'its {item}/ folder is missing')
+  for name in METADATA_FILES:
+    folder = os.path.dirname(os.path.join(step_dir, name))
+    if _exists(folder) and not _exists(os.path.join(step_dir, name)):
+      raise _Damage(f'its metadata file {name} is missing')
+
+
+def _verify(restored: PyTree, data: Optional[Mapping[str, Any]],
+            checksums: Optional[Mapping[str, Any]]) -> None:
+  """Raises _Damage if `restored` (a subtree of the saved state, same paths)
+  or `data` differ from the saved checksums (None: an older checkpoint
+  without them), or hold a NaN or an inf."""
+  digests, nonfinite = integrity(restored)
+  if checksums is not None:
+    saved = checksums.get('state', {})
+    for path, digest in digests.items():
+      if path not in saved:
+        raise _Damage(f'its checksums have no entry for {path}')
+      if saved[path] != digest:
+        raise _Damage(f'the array {path} does not match its checksum '
+                      '(flipped bytes?)')
+    if data is not None and checksums.get('data') != _data_digest(data):
+      raise _Damage('its data position does not match its checksum')
+  if nonfinite:
+    raise _Damage(f'{len(nonfinite)} of its arrays hold NaN or inf (e.g. '
+                  f'{nonfinite[0]})')
+
+
+@contextlib.contextmanager
+def _muted():
+  """Mutes orbax's INFO and WARNING chatter (e.g. about a damaged step,
+  which our own messages name)."""
+  absl_logger = logging.get_absl_logger()
+  level = absl_logger.level
+  absl_logger.setLevel(py_logging.ERROR)
+  try:
+    yield
+  finally:
+    absl_logger.setLevel(level)
+
+
+def _drop_failed_reads() -> None:
+  """Collects the read coroutines orbax leaves behind when a read fails,
+  without the tensorstore spec each would print as 'Exception ignored'."""
+  hook = sys.unraisablehook
+  sys.unraisablehook = lambda unraisable: None
+  try:
+    gc.collect()
+  finally:
+    sys.unraisablehook = hook
+
+
+def _read_guarded(directory: str, step: int, read: Callable[[], Any]) -> Any:
+  """`read()`, with whatever goes wrong as a CheckpointDamagedError."""
+  try:
+    return read()
+  except (NotATrainStateError, CheckpointMismatchError):
+    raise
+  except _Damage as e:
+    raise CheckpointDamagedError(directory, step, str(e)) from None
+  except Exception as e:  # pylint: disable=broad-except
+    _drop_failed_reads()
+    raise CheckpointDamagedError(directory, step, _summary(e)) from None
+
+
+def _has_checksums(step_dir: str) -> bool:
+  if _exists(os.path.join(step_dir, 'checksums')):
+    return True
+  logging.warning('Checkpoint %s has no checksums (saved by an older '
+                  'version): its values are not verified.', step_dir)
+  return False
+
+
+def _shape_differences(saved: PyTree, abstract: PyTree
+                       ) -> list[tuple[str, Any, Any]]:
+  """(path, saved shape, wanted shape) of the arrays that differ."""
+  saved_flat = {p: tuple(x.shape) for p, x in _flat(saved).items()}
+  wanted_flat = {p: tuple(x.shape) for p, x in _flat(abstract).items()}
+  out = []
+  paths = sorted(set(saved_flat) | set(wanted_flat),  # Parameters first.
+                 key=lambda p: (not p.startswith(PARAM_PARTS), p))
+  for path in paths:
+    have, want = saved_flat.get(path), wanted_flat.get(path)
+    if have != want:
+      out.append((path, have if have is not None else 'absent',
+                  want if want is not None else 'absent'))
+  return out
+
+
+def _handlers(state: Optional[ocp.CheckpointHandler] = None
+              ) -> dict[str, ocp.CheckpointHandler]:
+  """The items' handlers (given up front, so that metadata can be read
+  before anything is saved)."""
+  return {'state': state or ocp.StandardCheckpointHandler(),
+          'data': ocp.JsonCheckpointHandler(),
+          'checksums': ocp.JsonCheckpointHandler()}
 
 
 class Checkpointer:
@@ -59,6 +327,9 @@ class Checkpointer:
 
   def __init__(self, directory: str, *, save_every: int, keep: int = 3,
                async_save: bool = True):
+    if keep < 1:
+      raise ValueError(f'keep={keep}: must be >= 1 (the number of '
+                       'checkpoints kept).')
     self.directory = os.path.abspath(directory)
     save_policy = ocp.checkpoint_managers.AnySavePolicy([
         ocp.checkpoint_managers.FixedIntervalPolicy(save_every),
@@ -71,22 +342,41 @@ class Checkpointer:
         create=True,
     )
     self._manager = ocp.CheckpointManager(
-        self.directory, options=options, item_names=('state', 'data'))
+        self.directory, options=options, item_handlers=_handlers())
 
   def latest_step(self) -> Optional[int]:
     return self._manager.latest_step()
 
   def all_steps(self) -> list[int]:
-    return list(self._manager.all_steps())
+    return sorted(self._manager.all_steps())
+
+  def should_save(self, step: int) -> bool:
+    """Whether the policy (interval or preemption) saves `step`."""
+    return self._manager.should_save(step)
 
   def save(self, step: int, state: PyTree, data: Mapping[str, Any], *,
            force: bool = False) -> bool:
-    """Saves if the policy (interval or preemption) or `force` says so."""
+    """Saves if the policy (interval or preemption) or `force` says so.
+
+    Raises:
+      NonFiniteStateError: if an array of `state` holds a NaN or an inf
+        (nothing is written).
+    """
+    if step in self.all_steps() or not (force or self.should_save(step)):
+      return False
+    digests, nonfinite = integrity(state)
+    if nonfinite:
+      raise NonFiniteStateError(
+          f'Refusing to save step {step}: {len(nonfinite)} arrays hold NaN '
+          f'or inf (e.g. {", ".join(nonfinite[:3])}). The last saved step is '
+          f'{self.latest_step()} in {self.directory}.')
+    checksums = {'state': digests, 'data': _data_digest(data)}
     saved = self._manager.save(
         step,
         args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                data=ocp.args.JsonSave(dict(data))),
-        force=force)
+                                data=ocp.args.JsonSave(dict(data)),
+                                checksums=ocp.args.JsonSave(checksums)),
+        force=True)
     if saved:
       logging.info('Saving checkpoint for step %d to %s.', step,
                    self.directory)
@@ -95,12 +385,24 @@ class Checkpointer:
   def reached_preemption(self, step: int) -> bool:
     return self._manager.reached_preemption(step)
 
-  def restore(self, abstract_state: PyTree,
-              step: Optional[int] = None) -> tuple[PyTree, dict[str, Any]]:
-    """Restores `step` (default: latest) into the abstract state's shardings.
+  def restore(self, abstract_state: PyTree, step: Optional[int] = None, *,
+              zero_if_missing: Sequence[str] = ()
+              ) -> tuple[PyTree, dict[str, Any]]:
+    """Restores and verifies `step` (default: latest) into the abstract
+    state's shardings.
 
-    `abstract_state` is a pytree of `jax.ShapeDtypeStruct` (with `sharding`
-    set for sharded restores), e.g. from `jax.eval_shape`.
+    Args:
+      abstract_state: a pytree (a dict or NamedTuple at the top) of
+        `jax.ShapeDtypeStruct` (with `sharding` set for sharded restores),
+        e.g. from `jax.eval_shape`.
+      step: which step.
+      zero_if_missing: top-level fields that a checkpoint from an older
+        version may lack; they are restored as zeros.
+
+    Raises:
+      FileNotFoundError: no such step.
+      CheckpointMismatchError: the step's arrays have other shapes.
+      CheckpointDamagedError: the step cannot be read back as written.
     """
     step = self.latest_step() if step is None else step
     if step is None:
@@ -109,11 +411,102 @@ class Checkpointer:
       raise FileNotFoundError(
           f'No checkpoint for step {step} in {self.directory}; available: '
           f'{self.all_steps()}.')
-    restored = self._manager.restore(
-        step,
-        args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                data=ocp.args.JsonRestore()))
-    return restored['state'], dict(restored['data'] or {})
+    fields = (abstract_state._asdict() if hasattr(abstract_state, '_asdict')
+              else dict(abstract_state))
+    step_dir = os.path.join(self.directory, str(step))
+
+    def metadata():
+      _check_files(step_dir)
+      with _muted():
+        tree = self._manager.item_metadata(step)['state']
+      tree = getattr(tree, 'tree', tree)
+      if tree is None:
+        raise _Damage('its metadata file state/_METADATA is unreadable')
+      return tree
+
+    saved = _read_guarded(self.directory, step, metadata)
+    missing = [f for f in zero_if_missing if f in fields and f not in saved]
+    present = {k: v for k, v in fields.items() if k not in missing}
+    differences = _shape_differences(saved, present)
+    if differences:
+      raise CheckpointMismatchError(self.directory, step, differences)
+    has_checksums = _has_checksums(step_dir)
+
+    def read():
+      items = dict(state=ocp.args.StandardRestore(present),
+                   data=ocp.args.JsonRestore())
+      if has_checksums:
+        items['checksums'] = ocp.args.JsonRestore()
+      with _muted():
+        restored = self._manager.restore(step,
+                                         args=ocp.args.Composite(**items))
+      data = dict(restored['data'] or {})
+      _verify(restored['state'], data,
+              restored['checksums'] if has_checksums else None)
+      return restored['state'], data
+
+    restored, data = _read_guarded(self.directory, step, read)
+    state = dict(restored)
+    for field in missing:
+      logging.warning('Checkpoint step %d predates %r: it starts at 0.', step,
+                      field)
+      state[field] = jax.device_put(jnp.zeros(fields[field].shape,
+                                              fields[field].dtype),
+                                    fields[field].sharding)
+    if hasattr(abstract_state, '_asdict'):
+      state = type(abstract_state)(**state)
+    return state, data
+
+  def restore_intact(self, abstract_state: PyTree, *,
+                     zero_if_missing: Sequence[str] = ()
+                     ) -> tuple[PyTree, dict[str, Any], int]:
+    """The newest step that restores intact: (state, data, step).
+
+    A damaged step is reported with a warning and moved to
+    `<directory>.damaged/<step>` (kept, never deleted), once an older step
+    has restored; if none does, nothing is moved.
+
+    Raises:
+      FileNotFoundError: no checkpoint.
+      CheckpointMismatchError: the checkpoints have other shapes.
+      CheckpointDamagedError: every step is damaged (all are named).
+    """
+    damaged = []
+    for step in reversed(self.all_steps()):
+      try:
+        state, data = self.restore(abstract_state, step,
+                                   zero_if_missing=zero_if_missing)
+      except CheckpointDamagedError as e:
+        logging.warning('%s', e)
+        damaged.append(e)
+        continue
+      for error in damaged:
+        self._set_aside(error.step)
+      if damaged:
+        logging.warning('Falling back to step %d, the newest intact one.',
+                        step)
+      return state, data, step
+    if not damaged:
+      raise FileNotFoundError(f'No checkpoint in {self.directory}.')
+    raise CheckpointDamagedError(self.directory, None, '; '.join(
+        f'step {e.step}: {e.problem}' for e in damaged))
+
+  def _set_aside(self, step: int) -> None:
+    """Moves a damaged step out of orbax's sight (process 0; all wait)."""
+    target = os.path.join(self.directory + DAMAGED_SUFFIX, str(step))
+    if jax.process_index() == 0:
+      os.makedirs(os.path.dirname(target), exist_ok=True)
+      suffix = 1
+      while _exists(target):
+        target = os.path.join(self.directory + DAMAGED_SUFFIX,
+                              f'{step}-{suffix}')
+        suffix += 1
+      os.replace(os.path.join(self.directory, str(step)), target)
+      logging.warning('Moved the damaged step %d to %s (kept for inspection: '
+                      'delete it when done).', step, target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f'set_aside_{step}')
+    self._manager.reload()
 
   def wait_until_finished(self) -> None:
     self._manager.wait_until_finished()
@@ -146,18 +539,12 @@ def checkpoints_dir(path: str) -> str:
 
 def _reader(directory: str) -> ocp.CheckpointManager:
   """A read-only manager of `directory`; orbax's read-only warning muted."""
-  absl_logger = logging.get_absl_logger()
-  level = absl_logger.level
-  absl_logger.setLevel(py_logging.ERROR)
-  try:
+  with _muted():
     return ocp.CheckpointManager(
         directory,
-        item_handlers={'state': ocp.PyTreeCheckpointHandler(),
-                       'data': ocp.JsonCheckpointHandler()},
+        item_handlers=_handlers(ocp.PyTreeCheckpointHandler()),
         options=ocp.CheckpointManagerOptions(
             read_only=True, create=False, save_interval_steps=0))
-  finally:
-    absl_logger.setLevel(level)
 
 
 def saved_steps(path: str) -> list[int]:
@@ -208,18 +595,19 @@ def _split_like(params: PyTree, state: Mapping[str, Any]) -> dict:
 
 
 def _state_metadata(manager: ocp.CheckpointManager, step: int) -> Mapping:
-  tree = manager.item_metadata(step)['state']
+  """The state's metadata tree (_Damage if a file is missing)."""
+  _check_files(os.path.join(str(manager.directory), str(step)))
+  with _muted():
+    tree = manager.item_metadata(step)['state']
   tree = getattr(tree, 'tree', tree)
+  if tree is None:
+    raise _Damage('its metadata file state/_METADATA is unreadable')
   missing = [part for part in PARAM_PARTS if part not in tree]
   if missing:
-    raise ValueError(f'Checkpoint {manager.directory}/{step} has no '
-                     f'{missing} parameters: not a train state (it has '
-                     f'{sorted(tree)}).')
+    raise NotATrainStateError(
+        f'Checkpoint {manager.directory}/{step} has no {missing} parameters: '
+        f'not a train state (it has {sorted(tree)}).')
   return tree
-
-
-def _checked_step(manager: ocp.CheckpointManager, step: Optional[int]) -> int:
-  return _pick_step(sorted(manager.all_steps()), step, str(manager.directory))
 
 
 def _abstract(tree: Mapping[str, Any]) -> PyTree:
@@ -228,37 +616,53 @@ def _abstract(tree: Mapping[str, Any]) -> PyTree:
                       merge_parts({part: tree[part] for part in PARAM_PARTS}))
 
 
-def abstract_params(path: str, step: Optional[int] = None) -> PyTree:
-  """The parameters' shapes and dtypes (ShapeDtypeStructs), read from the
-  checkpoint's metadata without loading an array."""
-  manager = _reader(checkpoints_dir(path))
+def _newest_intact(path: str, step: Optional[int],
+                   read: Callable[[ocp.CheckpointManager, int], Any]
+                   ) -> tuple[Any, int]:
+  """`read(manager, step)` of `step`, or of the newest step it succeeds on.
+
+  With an explicit `step` a damaged one raises CheckpointDamagedError; else
+  each damaged step is skipped with a warning naming what is wrong.
+  """
+  directory = checkpoints_dir(path)
+  manager = _reader(directory)
   try:
-    tree = _state_metadata(manager, _checked_step(manager, step))
+    steps = sorted(manager.all_steps())
+    candidates = ([_pick_step(steps, step, directory)] if step is not None
+                  else list(reversed(steps)))
+    if not candidates:
+      raise FileNotFoundError(f'No checkpoint in {directory!r}.')
+    problems = []
+    for candidate in candidates:
+      try:
+        return (_read_guarded(directory, candidate,
+                              functools.partial(read, manager, candidate)),
+                candidate)
+      except CheckpointDamagedError as e:
+        if step is not None:
+          raise
+        logging.warning('%s Trying the step before it.', e)
+        problems.append(f'step {candidate}: {e.problem}')
+    raise CheckpointDamagedError(directory, None, '; '.join(problems))
   finally:
     manager.close()
+
+
+def abstract_params(path: str, step: Optional[int] = None) -> PyTree:
+  """The parameters' shapes and dtypes (ShapeDtypeStructs), read from the
+  checkpoint's metadata without loading an array (default: the newest step
+  whose metadata is intact)."""
+  tree, _ = _newest_intact(path, step, _state_metadata)
   return _abstract(tree)
 
 
-def load_params(path: str, step: Optional[int] = None,
-                shardings: Optional[Callable[[PyTree], PyTree]] = None
-                ) -> dict[str, dict[str, Any]]:
-  """All model parameters (trainable and frozen) of a training checkpoint.
+def load_params_and_step(
+    path: str, step: Optional[int] = None,
+    shardings: Optional[Callable[[PyTree], PyTree]] = None
+) -> tuple[dict[str, dict[str, Any]], int]:
+  """`load_params`, and the step it loaded (see there)."""
 
-  Only the parameter items are read, not the optimizer state.
-
-  Args:
-    path: a workdir or its `checkpoints/` folder.
-    step: which checkpoint; default the latest.
-    shardings: abstract params -> their shardings, to restore straight into
-      sharded arrays; default: numpy arrays on the host, whatever topology
-      saved them.
-
-  Returns:
-    A Haiku parameter dict, in the stored dtypes.
-  """
-  manager = _reader(checkpoints_dir(path))
-  try:
-    step = _checked_step(manager, step)
+  def read(manager, step):
     tree = _state_metadata(manager, step)
     abstract = _abstract(tree)
     if shardings is None:
@@ -270,14 +674,47 @@ def load_params(path: str, step: Optional[int] = None,
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
         abstract, placement)
     target = _split_like(placed, tree)
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(
-            item=target,
-            restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-            partial_restore=True)))
-  finally:
-    manager.close()
-  params = merge_parts(restored['state'])
+    has_checksums = _has_checksums(
+        os.path.join(str(manager.directory), str(step)))
+    items = dict(state=ocp.args.PyTreeRestore(
+        item=target,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True))
+    if has_checksums:
+      items['checksums'] = ocp.args.JsonRestore()
+    with _muted():
+      restored = manager.restore(step, args=ocp.args.Composite(**items))
+    _verify(restored['state'], None,
+            restored['checksums'] if has_checksums else None)
+    return restored['state']
+
+  state, step = _newest_intact(path, step, read)
+  params = merge_parts(state)
   if shardings is None:
     params = jax.tree.map(np.asarray, params)
-  return params
+  return params, step
+
+
+def load_params(path: str, step: Optional[int] = None,
+                shardings: Optional[Callable[[PyTree], PyTree]] = None
+                ) -> dict[str, dict[str, Any]]:
+  """All model parameters (trainable and frozen) of a training checkpoint.
+
+  Only the parameter items are read, not the optimizer state, and they are
+  checked against the step's checksums.
+
+  Args:
+    path: a workdir or its `checkpoints/` folder.
+    step: which checkpoint; default the newest intact one (a damaged newer
+      one is skipped with a warning that says what is wrong with it).
+    shardings: abstract params -> their shardings, to restore straight into
+      sharded arrays; default: numpy arrays on the host, whatever topology
+      saved them.
+
+  Returns:
+    A Haiku parameter dict, in the stored dtypes.
+
+  Raises:
+    CheckpointDamagedError: `step` (or, by default, every step) is damaged.
+  """
+  return load_params_and_step(path, step, shardings)[0]

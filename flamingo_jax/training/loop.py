@@ -1,12 +1,23 @@
 """The training loop: sharded state, one jitted step, checkpoints, metrics.
 
+  validate the config (every numeric field the loop uses, by name)
+  lock the workdir (W/trainer.lock: one trainer per workdir)
   state = jit(init, out_shardings=rules(eval_shape(init)))(rng)   # sharded
-  resume from <workdir>/checkpoints if there is one (state + data position)
+  resume from <workdir>/checkpoints if there is one (state + data position;
+      the newest intact step, see checkpoint.py), then write W/config.json
   for step: batches -> global arrays -> train_step -> metrics / checkpoint
+  after the final step is saved: W/finished.json
 
 A run killed at any point resumes from its last checkpoint and continues
-bit-exactly: the step rng is fold_in(rng, step) and the data position is
-saved with the state. SIGTERM (preemption) saves a checkpoint and exits.
+bit-exactly: the step rng is fold_in(rng, step), the data position and the
+non-finite counters are saved with the state. SIGTERM (preemption) or Ctrl-C
+saves a checkpoint and raises `Preempted`, for the caller to exit cleanly.
+
+Non-finite steps: the step itself skips and counts them (`train_step.
+next_state`); at log and checkpoint steps the loop stops the run, with
+`NonFiniteError`, once `config.max_nonfinite_steps` came in a row, before
+saving. `config.debug.poison_step` = N puts NaN into the loss masks of step
+N's batches, to test exactly that from outside the process.
 """
 
 from collections.abc import Callable, Iterator, Mapping
@@ -30,6 +41,7 @@ from flamingo_jax.training import optim
 from flamingo_jax.training import precision
 from flamingo_jax.training import sharding
 from flamingo_jax.training import train_step as train_step_lib
+from flamingo_jax.training import workdir as workdir_lib
 
 TrainState = train_step_lib.TrainState
 # make_data(config, start_step) -> iterator of {dataset: {key: np.ndarray}}
@@ -37,8 +49,19 @@ TrainState = train_step_lib.TrainState
 DataFactory = Callable[[ml_collections.ConfigDict, int], Iterator[Any]]
 
 
-class NonFiniteLossError(FloatingPointError):
-  pass
+DEFAULT_MAX_NONFINITE_STEPS = 5  # When config.max_nonfinite_steps is unset.
+
+
+class NonFiniteError(FloatingPointError):
+  """Too many consecutive steps had a non-finite loss, gradient or update."""
+
+
+class Preempted(Exception):  # pylint: disable=g-bad-exception-name
+  """SIGTERM or Ctrl-C stopped training after saving: exit, then rerun."""
+
+  def __init__(self, workdir: str, step: int):
+    self.workdir, self.step = workdir, step
+    super().__init__(f'Preempted: saved step {step} in {workdir}.')
 
 
 class Task(NamedTuple):
@@ -78,7 +101,7 @@ def _state_init(config: ml_collections.ConfigDict, model, optimizer):
     init_rng, state_rng = jax.random.split(rng)
     params = model.init(init_rng, *inputs)
     trainable, frozen = optim.partition(params, config.freeze)
-    return TrainState(
+    return train_step_lib.new_state(
         step=jnp.zeros([], jnp.int32),
         trainable=trainable,
         frozen=precision.cast_frozen(frozen),
@@ -142,7 +165,9 @@ def state_shardings(abstract: TrainState, config, mesh) -> TrainState:
       opt_state=sharding.optimizer_state_shardings(
           abstract.opt_state, trainable,
           zero_axis=config.get('zero_axis', None)),
-      rng=replicated)
+      rng=replicated,
+      skipped_steps=replicated,
+      consecutive_skips=replicated)
 
 
 def _init_from(state: TrainState, config, workdir: str) -> TrainState:
@@ -158,7 +183,8 @@ def _init_from(state: TrainState, config, workdir: str) -> TrainState:
     path = source['workdir']
     if '://' not in path:  # gs://... is absolute too.
       path = os.path.join(workdir, path)
-    loaded = checkpoint_lib.load_params(path)
+    # A recipe stage's final step (never an older one in its place).
+    loaded = checkpoint_lib.load_params(path, workdir_lib.finished_step(path))
     include = [re.compile(r) for r in source.get('include', ['.*'])]
     exclude = [re.compile(r) for r in source.get('exclude', [])]
 
@@ -203,33 +229,107 @@ def _global_batches(local: Mapping[str, Mapping[str, np.ndarray]],
       for name, batch in local.items()}
 
 
-def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-
-
 def _tokens_per_step(batches) -> tuple[int, int]:
   tokens = sum(int(np.prod(b['tokens'].shape)) for b in batches.values())
   examples = sum(int(b['tokens'].shape[0]) for b in batches.values())
   return tokens, examples
 
 
+def _field(config: ml_collections.ConfigDict, key: str) -> Any:
+  for part in key.split('.'):
+    config = config.get(part) if hasattr(config, 'get') else None
+  return config
+
+
+def _is_int(value: Any) -> bool:
+  return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+# (dotted key, test, what the value must be): the fields the loop uses; a
+# missing optional field is not checked.
+_CHECKS = (
+    ('total_steps', lambda v: _is_int(v) and v >= 0, 'an integer >= 0'),
+    ('log_every', lambda v: _is_int(v) and v >= 1, 'an integer >= 1'),
+    ('checkpoint.every', lambda v: _is_int(v) and v >= 1, 'an integer >= 1'),
+    ('checkpoint.keep', lambda v: _is_int(v) and v >= 1,
+     'an integer >= 1: the number of checkpoints kept (0 would delete every '
+     'one)'),
+    ('seed', _is_int, 'an integer'),
+    ('max_nonfinite_steps', lambda v: _is_int(v) and v >= 1,
+     'an integer >= 1'),
+    ('debug.poison_step', lambda v: _is_int(v) and v >= 0,
+     'an integer >= 0 (0: off)'),
+    ('optim.learning_rate', lambda v: np.isfinite(v) and v >= 0,
+     'a finite number >= 0'),
+    ('optim.warmup_steps', lambda v: _is_int(v) and v >= 0, 'an integer >= 0'),
+    ('optim.microbatches', lambda v: _is_int(v) and v >= 1, 'an integer >= 1'),
+)
+_DATASET_CHECKS = (
+    ('batch_size', lambda v: _is_int(v) and v >= 1, 'an integer >= 1'),
+    ('seq_len', lambda v: _is_int(v) and v >= 2, 'an integer >= 2'),
+    ('max_media', lambda v: _is_int(v) and v >= 1, 'an integer >= 1'),
+    ('frames', lambda v: _is_int(v) and v >= 1, 'an integer >= 1'),
+    ('image_size', lambda v: _is_int(v) and v >= 1, 'an integer >= 1'),
+    ('weight', lambda v: np.isfinite(v) and v >= 0, 'a finite number >= 0'),
+    ('p_next', lambda v: 0 <= v <= 1, 'a probability in [0, 1]'),
+)
+
+
+def validate_config(config: ml_collections.ConfigDict,
+                    name: str = 'config') -> None:
+  """Checks every numeric field the loop uses; call it before any work.
+
+  Args:
+    config: a training config (one stage's).
+    name: how the error names `config`, e.g. 'config.stages.vision'.
+
+  Raises:
+    ValueError: naming the first bad field, its value and what it must be.
+  """
+  checks = list(_CHECKS)
+  for dataset in (config.get('data', {}).get('datasets', None) or {}):
+    checks += [(f'data.datasets.{dataset}.{key}', test, what)
+               for key, test, what in _DATASET_CHECKS]
+  for key, test, what in checks:
+    value = _field(config, key)
+    try:
+      ok = value is None or bool(test(value))
+    except TypeError:
+      ok = False
+    if not ok:
+      raise ValueError(f'{name}.{key}={value!r}: must be {what}.')
+  poison = _field(config, 'debug.poison_step')
+  if poison and task_of(config) is TASKS['contrastive']:
+    raise ValueError(
+        f'{name}.debug.poison_step={poison}: the contrastive task reads no '
+        'loss mask to poison (use it on a Flamingo or LM stage).')
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        make_data: Optional[DataFactory] = None) -> TrainState:
-  """Trains `config` in `workdir`, resuming from its last checkpoint."""
-  if make_data is None:
-    # pylint: disable=g-import-not-at-top
-    from flamingo_jax.data import pipeline
-    from flamingo_jax.data import prepare
-    # pylint: enable=g-import-not-at-top
-    prepare.ensure_data(config)
-    make_data = pipeline.make_train_data
-  os.makedirs(workdir, exist_ok=True)
-  _write_config(config, workdir)
-  mesh = sharding.make_mesh(config.mesh)
-  with jax.set_mesh(mesh):
-    return _train(config, workdir, mesh, make_data)
+  """Trains `config` in `workdir`, resuming from its last intact checkpoint.
+
+  Returns:
+    The final train state (W/finished.json is then written).
+
+  Raises:
+    Preempted: SIGTERM or Ctrl-C stopped training; the state is saved.
+    NonFiniteError: `config.max_nonfinite_steps` non-finite steps in a row.
+    ValueError: a bad config field, or a checkpoint that does not fit it.
+    WorkdirLockedError: another trainer holds the workdir.
+  """
+  validate_config(config)
+  with workdir_lib.lock(workdir):
+    if make_data is None:
+      # pylint: disable=g-import-not-at-top
+      from flamingo_jax.data import pipeline
+      from flamingo_jax.data import prepare
+      # pylint: enable=g-import-not-at-top
+      prepare.ensure_data(config)
+      make_data = pipeline.make_train_data
+    mesh = sharding.make_mesh(config.mesh)
+    with jax.set_mesh(mesh):
+      return _train(config, workdir, mesh, make_data)
 
 
 def _check_batch_sizes(config, mesh) -> None:
@@ -249,8 +349,69 @@ def _check_batch_sizes(config, mesh) -> None:
           f'{parallel} data-parallel devices of mesh {dict(mesh.shape)}.')
 
 
+def _restore(config, workdir, checkpointer, state
+             ) -> tuple[TrainState, dict[str, Any]]:
+  """The newest intact checkpoint's (state, data position); or, for a new
+  run, the initial state with `config.init_from`'s parameters."""
+  if not checkpointer.all_steps():
+    return _init_from(state, config, workdir), {}
+  try:
+    state, position, step = checkpointer.restore_intact(
+        checkpoint_lib.abstract_like(state),
+        zero_if_missing=train_step_lib.COUNTERS)
+  except checkpoint_lib.CheckpointMismatchError as e:
+    changed = workdir_lib.config_differences(config, workdir)
+    raise ValueError(
+        f'Cannot resume {workdir}: {e} The config differs from the run\'s '
+        f'{workdir_lib.CONFIG_FILE} in '
+        + ('; '.join(changed[:8]) if changed else 'no field') +
+        '. Undo the change, or train in another --workdir (this one and '
+        'its config are left as they were).') from None
+  logging.info('Resuming from step %d (checkpoint in %s).', step,
+               checkpointer.directory)
+  return state, position
+
+
+def _poisoned(batches, step: int):
+  """`batches` with NaN loss masks (config.debug.poison_step)."""
+  logging.warning('config.debug.poison_step=%d: the loss masks of this '
+                  'step\'s batches are NaN.', step)
+  return {name: {key: (np.full_like(value, np.nan) if key == 'loss_mask'
+                       else value) for key, value in batch.items()}
+          for name, batch in batches.items()}
+
+
+def _check_skips(state: TrainState, step: int, limit: int,
+                 checkpointer: checkpoint_lib.Checkpointer) -> None:
+  """Raises NonFiniteError once `limit` steps in a row were skipped."""
+  run = int(jax.device_get(state.consecutive_skips))
+  if run < limit:
+    return
+  first = step - run + 1
+  raise NonFiniteError(
+      f'Steps {first}-{step}: {run} steps in a row had a non-finite loss, '
+      'gradient norm or update (each was skipped, the parameters left as '
+      f'they were; config.max_nonfinite_steps={limit}). Stopping without '
+      f'saving: the last checkpoint, step {checkpointer.latest_step()} in '
+      f'{checkpointer.directory}, holds only finite values. A rerun resumes '
+      'from it and meets the same batches: lower optim.learning_rate or '
+      'look at the data of these steps first.')
+
+
+def _save_final(config, workdir, state) -> None:
+  """Saves `state` as the final step unless it is saved already."""
+  checkpointer = checkpoint_lib.Checkpointer(
+      os.path.join(workdir, 'checkpoints'),
+      save_every=config.checkpoint.every, keep=config.checkpoint.keep)
+  try:
+    checkpointer.save(config.total_steps, state,
+                      {'next_step': config.total_steps}, force=True)
+  finally:
+    checkpointer.close()
+
+
 def _train(config, workdir, mesh, make_data) -> TrainState:
-  """The body of train_and_evaluate, under the mesh."""
+  """The body of train_and_evaluate, under the mesh and the workdir lock."""
   _check_batch_sizes(config, mesh)
   model = task_of(config).transform(config.model)
   optimizer = make_optimizer(config)
@@ -259,15 +420,12 @@ def _train(config, workdir, mesh, make_data) -> TrainState:
   checkpointer = checkpoint_lib.Checkpointer(
       os.path.join(workdir, 'checkpoints'),
       save_every=config.checkpoint.every, keep=config.checkpoint.keep)
-  data_position: dict[str, Any] = {}
-  if checkpointer.latest_step() is None:
-    state = _init_from(state, config, workdir)
-  else:
-    resumed = checkpointer.latest_step()
-    state, data_position = checkpointer.restore(
-        checkpoint_lib.abstract_like(state))
-    logging.info('Resuming from step %d (checkpoint in %s).', resumed,
-                 checkpointer.directory)
+  try:
+    state, data_position = _restore(config, workdir, checkpointer, state)
+  except BaseException:
+    checkpointer.close()
+    raise
+  workdir_lib.write_config(config, workdir)  # Only now: the run fits W.
   first_step = int(jax.device_get(state.step))
   data = make_data(config, first_step)
   if data_position.get('next_step', first_step) != first_step:
@@ -283,9 +441,15 @@ def _train(config, workdir, mesh, make_data) -> TrainState:
   preempted = checkpoint_lib.PreemptionFlag().install()
   compiled, flops = None, None
   peak = metrics_lib.peak_flops_per_device()
+  max_skips = config.get('max_nonfinite_steps', DEFAULT_MAX_NONFINITE_STEPS)
+  poison_step = (config.get('debug', None) or {}).get('poison_step', 0)
+  stopped_at = None
   try:
     for step in range(first_step, config.total_steps):
-      batches = _global_batches(next(data), batch_sharding)
+      local = next(data)
+      if step + 1 == poison_step:
+        local = _poisoned(local, poison_step)
+      batches = _global_batches(local, batch_sharding)
       if compiled is None:
         compiled = jitted.lower(state, batches).compile()
         flops = metrics_lib.compiled_flops(compiled)
@@ -294,13 +458,9 @@ def _train(config, workdir, mesh, make_data) -> TrainState:
       with jax.profiler.StepTraceAnnotation('train', step_num=step):
         state, step_metrics = compiled(state, batches)
       done = step + 1
-      if done % config.log_every == 0 or done == config.total_steps:
+      log = done % config.log_every == 0 or done == config.total_steps
+      if log:
         scalars = jax.device_get(step_metrics)
-        if not np.isfinite(scalars['loss']):
-          raise NonFiniteLossError(
-              f'Loss is {scalars["loss"]} at step {done}; stopping. The last '
-              f'good checkpoint is step {checkpointer.latest_step()} in '
-              f'{checkpointer.directory}.')
         timing = logger.timing(done)
         rate = timing['steps_per_sec']
         timing.update(tokens_per_sec=rate * tokens,
@@ -310,13 +470,17 @@ def _train(config, workdir, mesh, make_data) -> TrainState:
         if hasattr(data, 'stats'):
           timing.update(data.stats())
         logger.write(done, {**scalars, **timing})
-      saved = checkpointer.save(done, state, {'next_step': done},
-                                force=done == config.total_steps)
-      if preempted.is_set() or checkpointer.reached_preemption(done):
-        if not saved:
-          checkpointer.save(done, state, {'next_step': done}, force=True)
+      stop = preempted.is_set() or checkpointer.reached_preemption(done)
+      save = (stop or done == config.total_steps
+              or checkpointer.should_save(done))
+      if log or save:
+        _check_skips(state, done, max_skips, checkpointer)
+      if save:
+        checkpointer.save(done, state, {'next_step': done}, force=True)
+      if stop:
         checkpointer.wait_until_finished()
         logging.warning('Preempted: saved step %d; exiting.', done)
+        stopped_at = done
         break
   finally:
     preempted.uninstall()
@@ -324,9 +488,17 @@ def _train(config, workdir, mesh, make_data) -> TrainState:
     logger.close()
     if hasattr(data, 'close'):
       data.close()
+  if stopped_at is not None and stopped_at < config.total_steps:
+    raise Preempted(workdir, stopped_at)
+  if first_step == config.total_steps:  # Nothing to train (e.g. 0 steps).
+    _save_final(config, workdir, state)
+  # The final step is saved and committed (close() waited for it).
+  workdir_lib.mark_finished(workdir, config.total_steps)
   if jax.process_index() == 0:
     for path in plot.write_plots(workdir):
       logging.info('Wrote %s', path)
+  if stopped_at is not None:  # Preempted at the final step: done, but exit.
+    raise Preempted(workdir, stopped_at)
   return state
 
 

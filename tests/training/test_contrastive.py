@@ -19,6 +19,7 @@ from flamingo_jax.training import loop
 from flamingo_jax.training import optim
 from flamingo_jax.training import recipe
 from flamingo_jax.training import sharding
+from flamingo_jax.training import train_step as train_step_lib
 
 
 def _log_softmax(x, axis):
@@ -107,7 +108,7 @@ def _flamingo_state(config, mesh):
       lambda s: np.zeros(s.shape, dtype or s.dtype), tree)
   place = lambda tree: jax.device_put(tree, sharding.param_shardings(
       tree, config.param_rules, mesh))
-  return loop.TrainState(
+  return train_step_lib.new_state(
       step=np.zeros([], np.int32), trainable=place(zeros(trainable)),
       frozen=place(zeros(frozen, jnp.bfloat16)),  # As precision.cast_frozen.
       opt_state=(), rng=jax.random.PRNGKey(0))

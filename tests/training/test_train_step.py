@@ -36,7 +36,7 @@ def _toy_step(weights):
   step = train_step_lib.make_train_step(
       apply_fn, optimizer, weights, jnp.float32, lambda s: 1.0)
   trainable = {'gated_xattn/block': {'attn_gate': jnp.zeros([3])}}
-  state = train_step_lib.TrainState(
+  state = train_step_lib.new_state(
       step=jnp.zeros([], jnp.int32), trainable=trainable, frozen={},
       opt_state=optimizer.init(trainable), rng=jax.random.PRNGKey(0))
   return step, state
@@ -98,7 +98,7 @@ def _toy_model_step(weights, dataset_updates='accumulate', microbatches=1,
       'embed': jnp.asarray(rng.standard_normal([5, 5]), jnp.float32),
       'phi': jnp.asarray(rng.standard_normal([5]), jnp.float32),
       'pixels': jnp.asarray(rng.standard_normal([5]), jnp.float32)}}
-  state = train_step_lib.TrainState(
+  state = train_step_lib.new_state(
       step=jnp.zeros([], jnp.int32), trainable=trainable, frozen={},
       opt_state=optimizer.init(trainable), rng=jax.random.PRNGKey(0))
   return jax.jit(step), state
