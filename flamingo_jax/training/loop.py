@@ -349,16 +349,24 @@ def _check_batch_sizes(config, mesh) -> None:
           f'{parallel} data-parallel devices of mesh {dict(mesh.shape)}.')
 
 
-def _restore(config, workdir, checkpointer, state
-             ) -> tuple[TrainState, dict[str, Any]]:
-  """The newest intact checkpoint's (state, data position); or, for a new
-  run, the initial state with `config.init_from`'s parameters."""
+def _restore_or_create(config, workdir, checkpointer, model, optimizer, mesh
+                       ) -> tuple[TrainState, TrainState, dict[str, Any]]:
+  """(state, its shardings, data position): the newest intact checkpoint's,
+  restored straight into sharded arrays (the model's init never runs); or,
+  for a new run, the initial state with `config.init_from`'s parameters."""
+  init = _state_init(config, model, optimizer)
+  rng = jax.random.PRNGKey(config.seed)
+  abstract = jax.eval_shape(init, rng)
+  shardings = state_shardings(abstract, config, mesh)
   if not checkpointer.all_steps():
-    return _init_from(state, config, workdir), {}
+    state = jax.jit(init, out_shardings=shardings)(rng)
+    return _init_from(state, config, workdir), shardings, {}
+  target = jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      abstract, shardings)
   try:
     state, position, step = checkpointer.restore_intact(
-        checkpoint_lib.abstract_like(state),
-        zero_if_missing=train_step_lib.COUNTERS)
+        target, zero_if_missing=train_step_lib.COUNTERS)
   except checkpoint_lib.CheckpointMismatchError as e:
     changed = workdir_lib.config_differences(config, workdir)
     raise ValueError(
@@ -369,7 +377,7 @@ def _restore(config, workdir, checkpointer, state
         'its config are left as they were).') from None
   logging.info('Resuming from step %d (checkpoint in %s).', step,
                checkpointer.directory)
-  return state, position
+  return state, shardings, position
 
 
 def _poisoned(batches, step: int):
@@ -415,13 +423,12 @@ def _train(config, workdir, mesh, make_data) -> TrainState:
   _check_batch_sizes(config, mesh)
   model = task_of(config).transform(config.model)
   optimizer = make_optimizer(config)
-  state, shardings = create_train_state(config, mesh, model, optimizer)
-
   checkpointer = checkpoint_lib.Checkpointer(
       os.path.join(workdir, 'checkpoints'),
       save_every=config.checkpoint.every, keep=config.checkpoint.keep)
   try:
-    state, data_position = _restore(config, workdir, checkpointer, state)
+    state, shardings, data_position = _restore_or_create(
+        config, workdir, checkpointer, model, optimizer, mesh)
   except BaseException:
     checkpointer.close()
     raise

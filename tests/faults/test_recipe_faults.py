@@ -1,27 +1,31 @@
 """Real `python -m flamingo_jax.train` processes of the smoke recipe, each
-stage interrupted, poisoned and resumed, end exactly where an uninterrupted
-run ends.
+stage interrupted, one step poisoned, resumed: they end exactly where an
+uninterrupted run ends.
 
-One interrupted workdir goes through every fault in turn (each process
-resumes what the one before left), against one uninterrupted reference run:
+Every run poisons the main stage's step 2 (`config.debug.poison_step`: NaN
+loss masks), which the non-finite guard skips and counts. One interrupted
+workdir goes through the faults in turn, each process resuming what the one
+before left, against one uninterrupted reference run:
 
-  1. SIGTERM in the vision stage  -> exit 0, that stage saved, nothing later
-  2. SIGTERM in the LM stage      -> exit 0, vision marked done, no main stage
-  3. NaN in the main stage's batch (config.debug.poison_step) with
-     config.max_nonfinite_steps=1 -> exit 1 naming the last (finite)
-     checkpoint, nothing non-finite saved
-  4. SIGTERM in the main stage    -> exit 0 (resumed from before the NaN)
-  5. no fault                     -> the run ends: every stage's parameters
-     equal the reference's, bit for bit, and metrics.jsonl repeats no step.
+  1. SIGTERM in the vision stage -> exit 0, that stage saved, nothing later
+  2. SIGTERM in the LM stage     -> exit 0, vision marked done, no main stage
+  3. SIGTERM in the main stage, at its poisoned step 2 -> exit 0; the saved
+     step 2 holds step 1's (finite) parameters and the skip counters
+  4. no fault                    -> the run ends: every stage's parameters
+     equal the reference's, bit for bit; metrics.jsonl repeats no step.
 
 The processes run one after another and share the tests' compilation cache
 (tests/conftest.py), so only the reference compiles; steps are few (2, 2, 3).
+What these runs share with in-process tests is tested there, on a toy task:
+N non-finite steps in a row stopping the run, Ctrl-C, damaged checkpoints
+(tests/training/test_loop.py, tests/faults/test_checkpoint_damage.py).
 """
 
 import functools
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -29,26 +33,32 @@ import sys
 import numpy as np
 import pytest
 
+from experiments import tiny
 from flamingo_jax import checkpoint
+from flamingo_jax.training import recipe
 from flamingo_jax.training import workdir as workdir_lib
 
 _REPO = pathlib.Path(__file__).resolve().parents[2]
 STEPS = {'vision': 2, 'lm': 2, '.': 3}  # Per stage ('.': the main stage).
 
 
-def _command(workdir, data_dir, module='flamingo_jax.train', extra=()):
+POISON_STEP = 2  # Of the main stage.
+
+
+def _command(workdir, data_dir, module='flamingo_jax.train'):
   command = [sys.executable, '-m', module,
              '--config', 'experiments/tiny.py:smoke', '--workdir', str(workdir),
              f'--config.data.data_dir={data_dir}',
-             f'--config.data.tokenizer={data_dir}/tok.model']
+             f'--config.data.tokenizer={data_dir}/tok.model',
+             f'--config.debug.poison_step={POISON_STEP}']
   for stage, steps in STEPS.items():
     prefix = '--config.' if stage == '.' else f'--config.stages.{stage}.'
     command += [f'{prefix}total_steps={steps}', f'{prefix}log_every=1',
                 f'{prefix}checkpoint.every=1']
-  return command + list(extra)
+  return command
 
 
-def _run(workdir, data_dir, log, signal_at=None, extra=()) -> int:
+def _run(workdir, data_dir, log, signal_at=None) -> int:
   """Runs the smoke recipe in `workdir`; returns its exit code.
 
   With `signal_at` = (stage, step, signal), the process sends itself the
@@ -64,12 +74,11 @@ def _run(workdir, data_dir, log, signal_at=None, extra=()) -> int:
     stage, step, signum = signal_at
     env['FLAMINGO_JAX_TEST_SIGNAL'] = f'{stage}:{step}:{signum.name}'
   with open(log, 'a') as out:
-    out.write(f'\n=== {signal_at} {extra}\n')
+    out.write(f'\n=== {signal_at}\n')
     out.flush()
-    return subprocess.run(_command(workdir, data_dir, module, extra),
-                          cwd=_REPO, env=env, stdout=out,
-                          stderr=subprocess.STDOUT, timeout=400,
-                          check=False).returncode
+    return subprocess.run(_command(workdir, data_dir, module), cwd=_REPO,
+                          env=env, stdout=out, stderr=subprocess.STDOUT,
+                          timeout=400, check=False).returncode
 
 
 def _rows(workdir):
@@ -110,28 +119,17 @@ def test_every_stage_preempted_and_poisoned_resumes_bit_exactly(
   assert checkpoint.saved_steps(work / 'lm') == [1]
   assert not (work / 'checkpoints').exists()
 
-  # 3. A NaN in the main stage's step 2, which may not be skipped even once:
-  # the run stops before saving it, naming the last checkpoint (finite).
-  code = run(extra=['--config.debug.poison_step=2',
-                    '--config.max_nonfinite_steps=1'])
-  assert code == 1, _tail(log)
-  assert 'Steps 2-2: 1 steps in a row had a non-finite' in log.read_text()
-  assert 'the last checkpoint, step 1 in' in log.read_text()
-  assert checkpoint.saved_steps(work) == [1]
-  assert all(np.isfinite(leaf).all() for module in
-             checkpoint.load_params(work).values() for leaf in module.values())
-  rows = _rows(work)
-  assert [r['step'] for r in rows] == [1, 2]
-  assert np.isnan(rows[1]['loss']) and rows[1]['skipped_steps'] == 1
-
-  # 4. Resumed from step 1 (the NaN's row goes), preempted at step 2.
-  assert run(('.', 2, signal.SIGTERM)) == 0, _tail(log)
+  # 3. Preempted in the main stage at its poisoned step: skipped, saved.
+  assert run(('.', POISON_STEP, signal.SIGTERM)) == 0, _tail(log)
   assert checkpoint.saved_steps(work) == [1, 2]
   rows = _rows(work)
   assert [r['step'] for r in rows] == [1, 2]
-  assert np.isfinite(rows[1]['loss']) and rows[1]['skipped_steps'] == 0
+  assert np.isnan(rows[1]['loss']) and rows[1]['skipped_steps'] == 1
+  # load_params checks every value is finite (and the checksums).
+  np.testing.assert_equal(checkpoint.load_params(work, 1),
+                          checkpoint.load_params(work, 2))
 
-  # 5. The last rerun ends where the uninterrupted run ends, bit for bit.
+  # 4. The last rerun ends where the uninterrupted run ends, bit for bit.
   assert run() == 0, _tail(log)
   for stage in STEPS:
     np.testing.assert_equal(checkpoint.load_params(work / stage),
@@ -140,7 +138,8 @@ def test_every_stage_preempted_and_poisoned_resumes_bit_exactly(
     rows, ref_rows = _rows(work / stage), _rows(ref / stage)
     assert [r['step'] for r in rows] == list(range(1, STEPS[stage] + 1))
     assert rows[-1]['loss'] == ref_rows[-1]['loss'], stage
-  assert log.read_text().count('Resuming from step') == 4
+  assert log.read_text().count('Resuming from step') == 3
+  assert _rows(work)[-1]['skipped_steps'] == 1
 
 
 @pytest.mark.slow
@@ -148,6 +147,8 @@ def test_the_reference_run_chains_its_stages(reference):
   """What the uninterrupted run leaves: each stage's final parameters
   initialise the main stage's frozen parts; config, metrics, events."""
   ref, _ = reference
+  assert recipe.stage_order(tiny.get_config('smoke'), str(ref)) == [
+      'vision', 'lm']
   flamingo = checkpoint.load_params(ref)
   for stage, prefix in (('vision', 'vision_encoder/'), ('lm', 'lm/')):
     pretrained = checkpoint.load_params(ref / stage)
@@ -171,11 +172,11 @@ def test_the_reference_run_chains_its_stages(reference):
   assert (ref / 'vision' / 'plots' / 'loss.png').exists()
 
 
-def test_keep_zero_is_refused_by_name(tmp_path):
-  command = _command(tmp_path / 'w', tmp_path / 'data',
-                     extra=['--config.checkpoint.keep=0'])
-  result = subprocess.run(command, cwd=_REPO, capture_output=True, text=True,
-                          timeout=300, check=False)
-  assert result.returncode != 0
-  assert 'config.checkpoint.keep=0: must be an integer >= 1' in result.stderr
-  assert not (tmp_path / 'w').exists()  # Refused before anything ran.
+@pytest.mark.parametrize('stage', ['', 'stages.lm.'])
+def test_keep_zero_is_refused_by_name_before_anything_runs(tmp_path, stage):
+  config = tiny.get_config('smoke')
+  (config.stages.lm if stage else config).checkpoint.keep = 0
+  with pytest.raises(ValueError, match=re.escape(
+      f'config.{stage}checkpoint.keep=0: must be an integer >= 1')):
+    recipe.run(config, str(tmp_path / 'w'))
+  assert not (tmp_path / 'w').exists()
