@@ -16,35 +16,21 @@ Layout: `<workdir>/checkpoints/<step>/{state,data,checksums}`.
 
 Integrity. Every restore checks what it read against the checksums (orbax
 itself restores flipped bytes silently), that every value is finite, and
-that the metadata files are there; a step that fails is damaged
-(`CheckpointDamagedError` names the step, the parameter or file, and what is
-wrong). Without an explicit step, training (`Checkpointer.restore_intact`)
-and `load_params` fall back to the newest intact step with a warning;
-training also moves the damaged step, never deleting it, to
+that the metadata files are there (`checkpoint_integrity.py`); a step that
+fails is damaged (`CheckpointDamagedError` names the step, the parameter or
+file, and what is wrong). Without an explicit step, training
+(`Checkpointer.restore_intact`) and `load_params` fall back to the newest
+intact step with a warning; training also moves the damaged step, never
+deleting it, to
 `<workdir>/checkpoints.damaged/<step>`, so that orbax's keep-the-last-N
 policy and the next save of that step number do not trip over it. Saving
 refuses a state with a non-finite value (`NonFiniteStateError`): no
 checkpoint is ever NaN.
-
-The digest of an array is sum_i w_i * (2i + 1) mod 2^32 over its 32-bit
-words w_i (16- and 8-bit values widened): any one changed byte changes it,
-it needs one pass over the array on its devices, and, being a sum, it does
-not depend on how the array is sharded, so every process of a multi-host
-run computes (and checks) the same value.
 """
 
 from collections.abc import Callable, Mapping, Sequence
-import contextlib
 import functools
-import gc
-import hashlib
-import json
-import logging as py_logging
 import os
-import re
-import signal
-import sys
-import threading
 from typing import Any, Optional
 
 from absl import logging
@@ -54,263 +40,16 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from flamingo_jax import checkpoint_integrity as integrity
+
 PyTree = Any
-# The files a step's items must have (orbax's own, besides the arrays').
-METADATA_FILES = ('state/_METADATA', 'data/metadata', 'checksums/metadata')
 DAMAGED_SUFFIX = '.damaged'  # <workdir>/checkpoints.damaged/<step>
 
 
-class PreemptionFlag:
-  """Set by SIGTERM (how Cloud TPU and most schedulers announce preemption)
-  or by a first Ctrl-C (SIGINT); a second Ctrl-C interrupts at once."""
-
-  SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-  def __init__(self):
-    self._event = threading.Event()
-    self._previous = {}
-
-  def install(self) -> 'PreemptionFlag':
-    if threading.current_thread() is threading.main_thread():
-      for signum in self.SIGNALS:
-        self._previous[signum] = signal.signal(signum, self._handle)
-    return self
-
-  def _handle(self, signum, frame):
-    del frame  # Unused.
-    if signum == signal.SIGINT and self._event.is_set():
-      raise KeyboardInterrupt
-    logging.warning('Received %s: will save a checkpoint and exit%s.',
-                    signal.Signals(signum).name,
-                    ' (Ctrl-C again to stop at once, without saving)'
-                    if signum == signal.SIGINT else '')
-    self._event.set()
-
-  def uninstall(self) -> None:
-    for signum, previous in self._previous.items():
-      signal.signal(signum, previous)
-    self._previous = {}
-
-  def is_set(self) -> bool:
-    return self._event.is_set()
-
-
-class CheckpointDamagedError(ValueError):
-  """A saved step that cannot be read back as it was written (step None:
-  no step of the directory can; `problem` then lists each one's)."""
-
-  def __init__(self, directory: str, step: Optional[int], problem: str):
-    self.step, self.problem = step, problem
-    super().__init__(
-        f'Checkpoint {directory}/{step} is damaged: {problem}.'
-        if step is not None else
-        f'No intact checkpoint in {directory}: {problem}.')
-
-
-class NotATrainStateError(ValueError):
-  pass
-
-
-class _Damage(Exception):
-  """What is wrong with a step, in words (becomes CheckpointDamagedError)."""
-
-
-class CheckpointMismatchError(ValueError):
-  """A readable step whose arrays are not those the caller expects."""
-
-  def __init__(self, directory: str, step: int,
-               differences: Sequence[tuple[str, Any, Any]]):
-    self.step, self.differences = step, list(differences)
-    shown = '; '.join(f'{path}: {saved} in the checkpoint, {wanted} now'
-                      for path, saved, wanted in self.differences[:5])
-    more = len(self.differences) - 5
-    super().__init__(
-        f'Checkpoint {directory}/{step} does not fit this model: {shown}'
-        + (f' (and {more} more)' if more > 0 else '') + '.')
-
-
-class NonFiniteStateError(FloatingPointError):
-  pass
-
-
-# -- Digests ---------------------------------------------------------------
-
-
-def _words(x: jax.Array) -> jax.Array:
-  """The array's bits as uint32 words (8- and 16-bit values widened)."""
-  if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
-    x = jax.random.key_data(x)
-  if x.dtype == jnp.bool_:
-    return x.astype(jnp.uint32)
-  if x.dtype.itemsize < 4:
-    unsigned = jnp.dtype(f'uint{8 * x.dtype.itemsize}')
-    return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
-  return jax.lax.bitcast_convert_type(x, jnp.uint32)  # 8 bytes: [..., 2].
-
-
-def _digest(x: jax.Array) -> jax.Array:
-  """[] uint32: sum_i w_i (2i + 1) mod 2^32 over the flat word index i."""
-  words = _words(x)
-  shape = words.shape
-  index = jnp.zeros(shape, jnp.uint32)  # No reshape: keeps the sharding.
-  stride = 1
-  for axis in reversed(range(len(shape))):
-    index += (jax.lax.broadcasted_iota(jnp.uint32, shape, axis)
-              * jnp.uint32(stride % 2**32))
-    stride *= shape[axis]
-  return jnp.sum(words * (2 * index + 1), dtype=jnp.uint32)
-
-
-def _finite(x: jax.Array) -> jax.Array:
-  if jnp.issubdtype(x.dtype, jnp.inexact):
-    return jnp.isfinite(x).all()
-  return jnp.bool_(True)
-
-
-@jax.jit
-def _integrity(tree: PyTree) -> tuple[PyTree, PyTree]:
-  return jax.tree.map(_digest, tree), jax.tree.map(_finite, tree)
-
-
-def _flat(tree: PyTree) -> dict[str, Any]:
-  """{'trainable/lm/embed/embeddings': leaf, ...} ('/'-joined tree paths)."""
-  return {jax.tree_util.keystr(path, simple=True, separator='/'): leaf
-          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-def _local(x: jax.Array) -> np.ndarray:
-  """A replicated result's value (also where other processes hold parts)."""
-  return np.asarray(x.addressable_data(0))
-
-
-def integrity(tree: PyTree) -> tuple[dict[str, str], list[str]]:
-  """The digest of every array of `tree`, and the paths of those holding a
-  NaN or an inf: ({path: 8 hex digits}, [path])."""
-  digests, finite = _integrity(tree)
-  return ({path: f'{int(_local(d)):08x}' for path, d in _flat(digests).items()},
-          [path for path, ok in _flat(finite).items() if not _local(ok)])
-
-
-def _data_digest(data: Mapping[str, Any]) -> str:
-  text = json.dumps(dict(data), sort_keys=True)
-  return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _exists(path: str) -> bool:
-  return os.path.exists(path)
-
-
-def _summary(error: BaseException) -> str:
-  """One line on why orbax/tensorstore could not read: the innermost cause,
-  without the tensorstore spec it appends."""
-  while error.__cause__ is not None or error.__context__ is not None:
-    error = error.__cause__ or error.__context__
-  text = str(error).split('\n')[0]
-  text = re.split(r' \[tensorstore_spec|\. See full TensorStore', text)[0]
-  read = re.search(r'Error reading "([^"]+?)/(\.z\w+|[\d.]+)" in OCDBT', text)
-  if read:
-    name = read.group(1).replace('.', '/')
-    return (f'the array {name} cannot be read (a file under state/ is '
-            f'truncated or damaged: {text.split(": ")[-1]})')
-  missing = re.search(r'File (\S+) not found', text)
-  if missing:
-    return f'its file {missing.group(1)} is missing'
-  if len(text) > 240:
-    text = text[:240] + '...'
-  return f'it cannot be read ({type(error).__name__}: {text})'
-
-
-def _check_files(step_dir: str) -> None:
-  """Raises _Damage naming a missing folder or metadata file of a step."""
-  for item in ('state', 'data'):
-    if not _exists(os.path.join(step_dir, item)):
-      raise _Damage(f'its {item}/ folder is missing')
-  for name in METADATA_FILES:
-    folder = os.path.dirname(os.path.join(step_dir, name))
-    if _exists(folder) and not _exists(os.path.join(step_dir, name)):
-      raise _Damage(f'its metadata file {name} is missing')
-
-
-def _verify(restored: PyTree, data: Optional[Mapping[str, Any]],
-            checksums: Optional[Mapping[str, Any]]) -> None:
-  """Raises _Damage if `restored` (a subtree of the saved state, same paths)
-  or `data` differ from the saved checksums (None: an older checkpoint
-  without them), or hold a NaN or an inf."""
-  digests, nonfinite = integrity(restored)
-  if checksums is not None:
-    saved = checksums.get('state', {})
-    for path, digest in digests.items():
-      if path not in saved:
-        raise _Damage(f'its checksums have no entry for {path}')
-      if saved[path] != digest:
-        raise _Damage(f'the array {path} does not match its checksum '
-                      '(flipped bytes?)')
-    if data is not None and checksums.get('data') != _data_digest(data):
-      raise _Damage('its data position does not match its checksum')
-  if nonfinite:
-    raise _Damage(f'{len(nonfinite)} of its arrays hold NaN or inf (e.g. '
-                  f'{nonfinite[0]})')
-
-
-@contextlib.contextmanager
-def _muted():
-  """Mutes orbax's INFO and WARNING chatter (e.g. about a damaged step,
-  which our own messages name)."""
-  absl_logger = logging.get_absl_logger()
-  level = absl_logger.level
-  absl_logger.setLevel(py_logging.ERROR)
-  try:
-    yield
-  finally:
-    absl_logger.setLevel(level)
-
-
-def _drop_failed_reads() -> None:
-  """Collects the read coroutines orbax leaves behind when a read fails,
-  without the tensorstore spec each would print as 'Exception ignored'."""
-  hook = sys.unraisablehook
-  sys.unraisablehook = lambda unraisable: None
-  try:
-    gc.collect()
-  finally:
-    sys.unraisablehook = hook
-
-
-def _read_guarded(directory: str, step: int, read: Callable[[], Any]) -> Any:
-  """`read()`, with whatever goes wrong as a CheckpointDamagedError."""
-  try:
-    return read()
-  except (NotATrainStateError, CheckpointMismatchError):
-    raise
-  except _Damage as e:
-    raise CheckpointDamagedError(directory, step, str(e)) from None
-  except Exception as e:  # pylint: disable=broad-except
-    _drop_failed_reads()
-    raise CheckpointDamagedError(directory, step, _summary(e)) from None
-
-
-def _has_checksums(step_dir: str) -> bool:
-  if _exists(os.path.join(step_dir, 'checksums')):
-    return True
-  logging.warning('Checkpoint %s has no checksums (saved by an older '
-                  'version): its values are not verified.', step_dir)
-  return False
-
-
-def _shape_differences(saved: PyTree, abstract: PyTree
-                       ) -> list[tuple[str, Any, Any]]:
-  """(path, saved shape, wanted shape) of the arrays that differ."""
-  saved_flat = {p: tuple(x.shape) for p, x in _flat(saved).items()}
-  wanted_flat = {p: tuple(x.shape) for p, x in _flat(abstract).items()}
-  out = []
-  paths = sorted(set(saved_flat) | set(wanted_flat),  # Parameters first.
-                 key=lambda p: (not p.startswith(PARAM_PARTS), p))
-  for path in paths:
-    have, want = saved_flat.get(path), wanted_flat.get(path)
-    if have != want:
-      out.append((path, have if have is not None else 'absent',
-                  want if want is not None else 'absent'))
-  return out
+CheckpointDamagedError = integrity.CheckpointDamagedError
+CheckpointMismatchError = integrity.CheckpointMismatchError
+NonFiniteStateError = integrity.NonFiniteStateError
+NotATrainStateError = integrity.NotATrainStateError
 
 
 def _handlers(state: Optional[ocp.CheckpointHandler] = None
@@ -364,18 +103,18 @@ class Checkpointer:
     """
     if step in self.all_steps() or not (force or self.should_save(step)):
       return False
-    digests, nonfinite = integrity(state)
+    digests, nonfinite = integrity.integrity(state)
     if nonfinite:
       raise NonFiniteStateError(
           f'Refusing to save step {step}: {len(nonfinite)} arrays hold NaN '
           f'or inf (e.g. {", ".join(nonfinite[:3])}). The last saved step is '
           f'{self.latest_step()} in {self.directory}.')
-    checksums = {'state': digests, 'data': _data_digest(data)}
+    sums = {'state': digests, 'data': integrity.data_digest(data)}
     saved = self._manager.save(
         step,
         args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                 data=ocp.args.JsonSave(dict(data)),
-                                checksums=ocp.args.JsonSave(checksums)),
+                                checksums=ocp.args.JsonSave(sums)),
         force=True)
     if saved:
       logging.info('Saving checkpoint for step %d to %s.', step,
@@ -416,36 +155,38 @@ class Checkpointer:
     step_dir = os.path.join(self.directory, str(step))
 
     def metadata():
-      _check_files(step_dir)
-      with _muted():
+      integrity.check_files(step_dir)
+      with integrity.muted():
         tree = self._manager.item_metadata(step)['state']
       tree = getattr(tree, 'tree', tree)
       if tree is None:
-        raise _Damage('its metadata file state/_METADATA is unreadable')
+        raise integrity.Damage(
+            'its metadata file state/_METADATA is unreadable')
       return tree
 
-    saved = _read_guarded(self.directory, step, metadata)
+    saved = integrity.read_guarded(self.directory, step, metadata)
     missing = [f for f in zero_if_missing if f in fields and f not in saved]
     present = {k: v for k, v in fields.items() if k not in missing}
-    differences = _shape_differences(saved, present)
+    differences = integrity.shape_differences(saved, present,
+                                                 first=PARAM_PARTS)
     if differences:
       raise CheckpointMismatchError(self.directory, step, differences)
-    has_checksums = _has_checksums(step_dir)
+    has_checksums = integrity.has_checksums(step_dir)
 
     def read():
       items = dict(state=ocp.args.StandardRestore(present),
                    data=ocp.args.JsonRestore())
       if has_checksums:
         items['checksums'] = ocp.args.JsonRestore()
-      with _muted():
+      with integrity.muted():
         restored = self._manager.restore(step,
                                          args=ocp.args.Composite(**items))
       data = dict(restored['data'] or {})
-      _verify(restored['state'], data,
+      integrity.verify(restored['state'], data,
               restored['checksums'] if has_checksums else None)
       return restored['state'], data
 
-    restored, data = _read_guarded(self.directory, step, read)
+    restored, data = integrity.read_guarded(self.directory, step, read)
     state = dict(restored)
     for field in missing:
       logging.warning('Checkpoint step %d predates %r: it starts at 0.', step,
@@ -497,7 +238,7 @@ class Checkpointer:
     if jax.process_index() == 0:
       os.makedirs(os.path.dirname(target), exist_ok=True)
       suffix = 1
-      while _exists(target):
+      while integrity.exists(target):
         target = os.path.join(self.directory + DAMAGED_SUFFIX,
                               f'{step}-{suffix}')
         suffix += 1
@@ -539,7 +280,7 @@ def checkpoints_dir(path: str) -> str:
 
 def _reader(directory: str) -> ocp.CheckpointManager:
   """A read-only manager of `directory`; orbax's read-only warning muted."""
-  with _muted():
+  with integrity.muted():
     return ocp.CheckpointManager(
         directory,
         item_handlers=_handlers(ocp.PyTreeCheckpointHandler()),
@@ -595,13 +336,13 @@ def _split_like(params: PyTree, state: Mapping[str, Any]) -> dict:
 
 
 def _state_metadata(manager: ocp.CheckpointManager, step: int) -> Mapping:
-  """The state's metadata tree (_Damage if a file is missing)."""
-  _check_files(os.path.join(str(manager.directory), str(step)))
-  with _muted():
+  """The state's metadata tree (integrity.Damage if a file is missing)."""
+  integrity.check_files(os.path.join(str(manager.directory), str(step)))
+  with integrity.muted():
     tree = manager.item_metadata(step)['state']
   tree = getattr(tree, 'tree', tree)
   if tree is None:
-    raise _Damage('its metadata file state/_METADATA is unreadable')
+    raise integrity.Damage('its metadata file state/_METADATA is unreadable')
   missing = [part for part in PARAM_PARTS if part not in tree]
   if missing:
     raise NotATrainStateError(
@@ -635,7 +376,7 @@ def _newest_intact(path: str, step: Optional[int],
     problems = []
     for candidate in candidates:
       try:
-        return (_read_guarded(directory, candidate,
+        return (integrity.read_guarded(directory, candidate,
                               functools.partial(read, manager, candidate)),
                 candidate)
       except CheckpointDamagedError as e:
@@ -674,7 +415,7 @@ def load_params_and_step(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
         abstract, placement)
     target = _split_like(placed, tree)
-    has_checksums = _has_checksums(
+    has_checksums = integrity.has_checksums(
         os.path.join(str(manager.directory), str(step)))
     items = dict(state=ocp.args.PyTreeRestore(
         item=target,
@@ -682,9 +423,9 @@ def load_params_and_step(
         partial_restore=True))
     if has_checksums:
       items['checksums'] = ocp.args.JsonRestore()
-    with _muted():
+    with integrity.muted():
       restored = manager.restore(step, args=ocp.args.Composite(**items))
-    _verify(restored['state'], None,
+    integrity.verify(restored['state'], None,
             restored['checksums'] if has_checksums else None)
     return restored['state']
 

@@ -1,6 +1,7 @@
 """The training loop: sharded state, one jitted step, checkpoints, metrics.
 
-  validate the config (every numeric field the loop uses, by name)
+  validate the config (every numeric field the loop uses, by name:
+      validation.py)
   lock the workdir (W/trainer.lock: one trainer per workdir)
   state = jit(init, out_shardings=rules(eval_shape(init)))(rng)   # sharded
   resume from <workdir>/checkpoints if there is one (state + data position;
@@ -39,8 +40,10 @@ from flamingo_jax.training import contrastive
 from flamingo_jax.training import metrics as metrics_lib
 from flamingo_jax.training import optim
 from flamingo_jax.training import precision
+from flamingo_jax.training import preemption
 from flamingo_jax.training import sharding
 from flamingo_jax.training import train_step as train_step_lib
+from flamingo_jax.training import validation
 from flamingo_jax.training import workdir as workdir_lib
 
 TrainState = train_step_lib.TrainState
@@ -235,76 +238,6 @@ def _tokens_per_step(batches) -> tuple[int, int]:
   return tokens, examples
 
 
-def _field(config: ml_collections.ConfigDict, key: str) -> Any:
-  for part in key.split('.'):
-    config = config.get(part) if hasattr(config, 'get') else None
-  return config
-
-
-def _is_int(value: Any) -> bool:
-  return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-# (dotted key, test, what the value must be): the fields the loop uses; a
-# missing optional field is not checked.
-_CHECKS = (
-    ('total_steps', lambda v: _is_int(v) and v >= 0, 'an integer >= 0'),
-    ('log_every', lambda v: _is_int(v) and v >= 1, 'an integer >= 1'),
-    ('checkpoint.every', lambda v: _is_int(v) and v >= 1, 'an integer >= 1'),
-    ('checkpoint.keep', lambda v: _is_int(v) and v >= 1,
-     'an integer >= 1: the number of checkpoints kept (0 would delete every '
-     'one)'),
-    ('seed', _is_int, 'an integer'),
-    ('max_nonfinite_steps', lambda v: _is_int(v) and v >= 1,
-     'an integer >= 1'),
-    ('debug.poison_step', lambda v: _is_int(v) and v >= 0,
-     'an integer >= 0 (0: off)'),
-    ('optim.learning_rate', lambda v: np.isfinite(v) and v >= 0,
-     'a finite number >= 0'),
-    ('optim.warmup_steps', lambda v: _is_int(v) and v >= 0, 'an integer >= 0'),
-    ('optim.microbatches', lambda v: _is_int(v) and v >= 1, 'an integer >= 1'),
-)
-_DATASET_CHECKS = (
-    ('batch_size', lambda v: _is_int(v) and v >= 1, 'an integer >= 1'),
-    ('seq_len', lambda v: _is_int(v) and v >= 2, 'an integer >= 2'),
-    ('max_media', lambda v: _is_int(v) and v >= 1, 'an integer >= 1'),
-    ('frames', lambda v: _is_int(v) and v >= 1, 'an integer >= 1'),
-    ('image_size', lambda v: _is_int(v) and v >= 1, 'an integer >= 1'),
-    ('weight', lambda v: np.isfinite(v) and v >= 0, 'a finite number >= 0'),
-    ('p_next', lambda v: 0 <= v <= 1, 'a probability in [0, 1]'),
-)
-
-
-def validate_config(config: ml_collections.ConfigDict,
-                    name: str = 'config') -> None:
-  """Checks every numeric field the loop uses; call it before any work.
-
-  Args:
-    config: a training config (one stage's).
-    name: how the error names `config`, e.g. 'config.stages.vision'.
-
-  Raises:
-    ValueError: naming the first bad field, its value and what it must be.
-  """
-  checks = list(_CHECKS)
-  for dataset in (config.get('data', {}).get('datasets', None) or {}):
-    checks += [(f'data.datasets.{dataset}.{key}', test, what)
-               for key, test, what in _DATASET_CHECKS]
-  for key, test, what in checks:
-    value = _field(config, key)
-    try:
-      ok = value is None or bool(test(value))
-    except TypeError:
-      ok = False
-    if not ok:
-      raise ValueError(f'{name}.{key}={value!r}: must be {what}.')
-  poison = _field(config, 'debug.poison_step')
-  if poison and task_of(config) is TASKS['contrastive']:
-    raise ValueError(
-        f'{name}.debug.poison_step={poison}: the contrastive task reads no '
-        'loss mask to poison (use it on a Flamingo or LM stage).')
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        make_data: Optional[DataFactory] = None) -> TrainState:
   """Trains `config` in `workdir`, resuming from its last intact checkpoint.
@@ -318,7 +251,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     ValueError: a bad config field, or a checkpoint that does not fit it.
     WorkdirLockedError: another trainer holds the workdir.
   """
-  validate_config(config)
+  validation.validate_config(config)
   with workdir_lib.lock(workdir):
     if make_data is None:
       # pylint: disable=g-import-not-at-top
@@ -445,7 +378,7 @@ def _train(config, workdir, mesh, make_data) -> TrainState:
                    out_shardings=(shardings, None), donate_argnums=0)
 
   logger = metrics_lib.MetricLogger(workdir, config.total_steps, first_step)
-  preempted = checkpoint_lib.PreemptionFlag().install()
+  preempted = preemption.PreemptionFlag().install()
   compiled, flops = None, None
   peak = metrics_lib.peak_flops_per_device()
   max_skips = config.get('max_nonfinite_steps', DEFAULT_MAX_NONFINITE_STEPS)

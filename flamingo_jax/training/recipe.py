@@ -24,6 +24,7 @@ import ml_collections
 from flamingo_jax import checkpoint
 from flamingo_jax import report
 from flamingo_jax.training import loop
+from flamingo_jax.training import validation
 from flamingo_jax.training import workdir as workdir_lib
 
 
@@ -102,8 +103,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> bool:
   order = stage_order(config, workdir)
   stages = {name: stage_config(config, name) for name in order}
   for name, stage in stages.items():  # Before anything trains.
-    loop.validate_config(stage, f'config.stages.{name}')
-  loop.validate_config(config)
+    validation.validate_config(stage, f'config.stages.{name}')
+  validation.validate_config(config)
   with workdir_lib.lock(workdir):
     try:
       _run_stages(config, workdir, stages)
