@@ -206,15 +206,42 @@ def muted():
     absl_logger.setLevel(level)
 
 
+class _FailedReadFilter(py_logging.Filter):
+  """Drops asyncio's 'exception was never retrieved' records of failed
+  tensorstore reads (orbax leaves the sibling reads of a failed one behind;
+  our CheckpointDamagedError says what went wrong)."""
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    error = record.exc_info[1] if record.exc_info else None
+    text = f'{record.getMessage()} {error}'
+    return not _is_failed_read(text)
+
+
+_FAILED_READS = _FailedReadFilter()
+
+
+def _is_failed_read(text: str) -> bool:
+  return 'tensorstore_spec' in text or 'TensorStore' in text
+
+
 def _drop_failed_reads() -> None:
-  """Collects the read coroutines orbax leaves behind when a read fails,
-  without the tensorstore spec each would print as 'Exception ignored'."""
-  hook = sys.unraisablehook
-  sys.unraisablehook = lambda unraisable: None
-  try:
-    gc.collect()
-  finally:
+  """Keeps the reads orbax leaves behind when one fails from printing the
+  tensorstore spec ('Exception ignored', 'Task exception was never
+  retrieved'), now or when they are collected later: our
+  CheckpointDamagedError says what went wrong."""
+  asyncio_logger = py_logging.getLogger('asyncio')
+  if _FAILED_READS not in asyncio_logger.filters:
+    asyncio_logger.addFilter(_FAILED_READS)
+  if not getattr(sys.unraisablehook, 'drops_failed_reads', False):
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+      if not _is_failed_read(str(unraisable.exc_value)):
+        previous(unraisable)
+
+    hook.drops_failed_reads = True
     sys.unraisablehook = hook
+  gc.collect()
 
 
 def read_guarded(directory: str, step: int, read: Callable[[], Any]) -> Any:

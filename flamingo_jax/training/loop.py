@@ -3,9 +3,11 @@
   validate the config (every numeric field the loop uses, by name:
       validation.py)
   lock the workdir (W/trainer.lock: one trainer per workdir)
-  state = jit(init, out_shardings=rules(eval_shape(init)))(rng)   # sharded
   resume from <workdir>/checkpoints if there is one (state + data position;
-      the newest intact step, see checkpoint.py), then write W/config.json
+      the newest intact step, see checkpoint.py), restored straight into
+      the shardings rules(eval_shape(init)) gives; else
+      state = jit(init, out_shardings=rules(eval_shape(init)))(rng)
+  write W/config.json (only now: a run that cannot resume leaves it)
   for step: batches -> global arrays -> train_step -> metrics / checkpoint
   after the final step is saved: W/finished.json
 
@@ -362,15 +364,15 @@ def _train(config, workdir, mesh, make_data) -> TrainState:
   try:
     state, shardings, data_position = _restore_or_create(
         config, workdir, checkpointer, model, optimizer, mesh)
+    first_step = int(jax.device_get(state.step))
+    if data_position.get('next_step', first_step) != first_step:
+      raise RuntimeError(f'Checkpoint data position {data_position} does '
+                         f'not match its state step {first_step}.')
   except BaseException:
     checkpointer.close()
     raise
   workdir_lib.write_config(config, workdir)  # Only now: the run fits W.
-  first_step = int(jax.device_get(state.step))
   data = make_data(config, first_step)
-  if data_position.get('next_step', first_step) != first_step:
-    raise RuntimeError(f'Checkpoint data position {data_position} does not '
-                       f'match its state step {first_step}.')
 
   step_fn = make_step_fn(config, model, optimizer)
   batch_sharding = sharding.batch_sharding(mesh)

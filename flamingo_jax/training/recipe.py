@@ -39,6 +39,8 @@ def _finished(stage: ml_collections.ConfigDict, workdir: str) -> bool:
   step = workdir_lib.finished_step(workdir)
   if step is None or step < stage.total_steps:
     return False
+  if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
+    return False
   return step in checkpoint.saved_steps(workdir)
 
 

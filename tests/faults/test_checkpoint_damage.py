@@ -11,6 +11,7 @@ is tests/training/test_loop.py).
 
 import re
 import shutil
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -168,3 +169,31 @@ def test_load_falls_back_from_a_damaged_latest_step(smoke_workdir, tmp_path,
                      match='checkpoints/2 is damaged: the array .* cannot be '
                      'read'):
     flamingo_jax.load(workdir, step=2)
+
+
+class _Counted(NamedTuple):
+  step: Any
+  trainable: Any
+  frozen: Any
+  opt_state: Any
+  skipped_steps: Any
+
+
+def test_an_older_checkpoint_restores_with_zero_counters_unverified(
+    saved, tmp_path, caplog):
+  # Saved before the skip counters and the checksums existed.
+  workdir = tmp_path / 'w'
+  shutil.copytree(saved, workdir)
+  shutil.rmtree(workdir / 'checkpoints' / '3' / 'checksums')
+  state = _state(3)
+  target = checkpoint.abstract_like(jax.tree.map(np.asarray, _Counted(
+      state['step'], state['trainable'], state['frozen'], state['opt_state'],
+      np.int32(0))))
+  saver = checkpoint.Checkpointer(str(workdir / 'checkpoints'), save_every=1)
+  try:
+    restored, _ = saver.restore(target, 3, zero_if_missing=['skipped_steps'])
+  finally:
+    saver.close()
+  assert isinstance(restored, _Counted) and int(restored.skipped_steps) == 0
+  _assert_is_step(checkpoint.merge_parts(restored._asdict()), 3)
+  assert 'has no checksums (saved by an older version)' in caplog.text
