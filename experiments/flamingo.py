@@ -450,4 +450,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.total_steps = TOTAL_STEPS
   config.log_every = 100
   config.checkpoint = dict(every=2000, keep=3)
+  # Non-finite steps are skipped; this many in a row stop the run.
+  config.max_nonfinite_steps = 5
+  # Tests: NaN loss masks in the batches of this step (1-based; 0 = off).
+  config.debug = dict(poison_step=0)
   return apply_training_ablations(config, ablations, substitutes)

@@ -145,6 +145,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.total_steps = 800
   config.log_every = 10
   config.checkpoint = dict(every=100, keep=3)
+  # Non-finite steps are skipped; this many in a row stop the run.
+  config.max_nonfinite_steps = 5
+  # Tests: NaN loss masks in the batches of this step (1-based; 0 = off).
+  config.debug = dict(poison_step=0)
 
   if variant == 'smoke':
     config.data.sizes = 'tiny'

@@ -181,7 +181,8 @@ def load(path: PathLike, *, step: Optional[int] = None,
   Args:
     path: a training workdir W (config.json and checkpoints/), W/checkpoints,
       or W/checkpoints/<step>.
-    step: which checkpoint; default the latest (or the one `path` names).
+    step: which checkpoint; default the one `path` names, else the newest
+      intact one (a damaged newer step is skipped with a warning).
     placement: 'auto' (see the module docstring), 'device' (the default
       device) or 'mesh' (sharded over `config.mesh` / `config.param_rules`).
     config: the run's config; default W/config.json.
@@ -195,7 +196,8 @@ def load(path: PathLike, *, step: Optional[int] = None,
 
   Raises:
     FileNotFoundError: a missing path, config.json, checkpoint or tokenizer.
-    ValueError: a bad `placement` or `step`, or a tokenizer whose vocabulary
+    ValueError: a bad `placement` or `step`, a damaged checkpoint
+      (`checkpoint.CheckpointDamagedError`), or a tokenizer whose vocabulary
       is not the model's.
   """
   if placement not in ('auto', 'device', 'mesh'):
@@ -210,7 +212,8 @@ def load(path: PathLike, *, step: Optional[int] = None,
     raise ValueError(
         f'{location.workdir} is a {config.task!r} run (config.task), not a '
         'Flamingo one: load() restores Flamingo models.')
-  chosen = checkpoint_lib.resolve_step(location.checkpoints, location.step)
+  # A missing step is named before anything loads.
+  checkpoint_lib.resolve_step(location.checkpoints, location.step)
   tokenizer = _load_tokenizer(config, tokenizer)
   vocab = config.model.lm.vocab_size
   if tokenizer.vocab_size != vocab:
@@ -219,7 +222,7 @@ def load(path: PathLike, *, step: Optional[int] = None,
         f'(config.model.lm.vocab_size) has {vocab}: not this run\'s '
         'tokenizer.')
   num_bytes = _param_bytes(checkpoint_lib.abstract_params(
-      location.checkpoints, chosen))
+      location.checkpoints, location.step))
   fits = _fits_one_device(num_bytes, jax.devices()[0])
   mesh = None
   if placement == 'mesh' or (placement == 'auto' and jax.device_count() > 1):
@@ -236,7 +239,9 @@ def load(path: PathLike, *, step: Optional[int] = None,
   else:
     shardings = lambda tree: sharding_lib.param_shardings(
         tree, config.param_rules, mesh)
-  params = checkpoint_lib.load_params(location.checkpoints, chosen, shardings)
+  # The newest intact step unless one is asked for (checkpoint.py).
+  params, chosen = checkpoint_lib.load_params_and_step(
+      location.checkpoints, location.step, shardings)
   logging.info('Loaded step %d from %s (%.1f MB of parameters, %s).', chosen,
                location.checkpoints, num_bytes / 1e6,
                'on ' + str(jax.devices()[0]) if mesh is None

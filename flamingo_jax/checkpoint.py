@@ -2,56 +2,63 @@
 
 Shared by training (periodic, asynchronous saves; save-and-exit on
 preemption; resume from the workdir) and by inference (`flamingo_jax.load`,
-which needs no trainer). A checkpoint holds two items:
+which needs no trainer). A checkpoint holds three items:
 
-  state   the train state pytree (step, parameters, optimizer state, rng),
-          restored straight into sharded arrays when given shardings;
-  data    a small JSON dict: the input pipeline's position, so that a resumed
-          run reads exactly the batches an uninterrupted run would.
+  state      the train state pytree (step, parameters, optimizer state, rng,
+             non-finite counters), restored straight into sharded arrays
+             when given shardings;
+  data       a small JSON dict: the input pipeline's position, so that a
+             resumed run reads exactly the batches an uninterrupted run would;
+  checksums  a small JSON dict: one digest per array of `state` (and one of
+             `data`), computed on device when saving.
 
-Layout: `<workdir>/checkpoints/<step>/{state,data}`.
+Layout: `<workdir>/checkpoints/<step>/{state,data,checksums}`.
+
+Integrity. Every restore checks what it read against the checksums (orbax
+itself restores flipped bytes silently), that every value is finite, and
+that the metadata files are there (`checkpoint_integrity.py`); a step that
+fails is damaged (`CheckpointDamagedError` names the step, the parameter or
+file, and what is wrong). Without an explicit step, training
+(`Checkpointer.restore_intact`) and `load_params` fall back to the newest
+intact step with a warning; training also moves the damaged step, never
+deleting it, to
+`<workdir>/checkpoints.damaged/<step>`, so that orbax's keep-the-last-N
+policy and the next save of that step number do not trip over it. Saving
+refuses a state with a non-finite value (`NonFiniteStateError`): no
+checkpoint is ever NaN.
 """
 
-from collections.abc import Callable, Mapping
-import logging as py_logging
+from collections.abc import Callable, Mapping, Sequence
+import functools
 import os
-import signal
-import threading
 from typing import Any, Optional
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from flamingo_jax import checkpoint_integrity as integrity
+
 PyTree = Any
+DAMAGED_SUFFIX = '.damaged'  # <workdir>/checkpoints.damaged/<step>
 
 
-class PreemptionFlag:
-  """Set by SIGTERM (how Cloud TPU and most schedulers announce preemption)."""
+CheckpointDamagedError = integrity.CheckpointDamagedError
+CheckpointMismatchError = integrity.CheckpointMismatchError
+NonFiniteStateError = integrity.NonFiniteStateError
+NotATrainStateError = integrity.NotATrainStateError
 
-  def __init__(self):
-    self._event = threading.Event()
-    self._previous = None
 
-  def install(self) -> 'PreemptionFlag':
-    if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    return self
-
-  def _handle(self, signum, frame):
-    del frame  # Unused.
-    logging.warning('Received signal %d: will save a checkpoint and exit.',
-                    signum)
-    self._event.set()
-
-  def uninstall(self) -> None:
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-      self._previous = None
-
-  def is_set(self) -> bool:
-    return self._event.is_set()
+def _handlers(state: Optional[ocp.CheckpointHandler] = None
+              ) -> dict[str, ocp.CheckpointHandler]:
+  """The items' handlers (given up front, so that metadata can be read
+  before anything is saved)."""
+  return {'state': state or ocp.StandardCheckpointHandler(),
+          'data': ocp.JsonCheckpointHandler(),
+          'checksums': ocp.JsonCheckpointHandler()}
 
 
 class Checkpointer:
@@ -59,6 +66,9 @@ class Checkpointer:
 
   def __init__(self, directory: str, *, save_every: int, keep: int = 3,
                async_save: bool = True):
+    if keep < 1:
+      raise ValueError(f'keep={keep}: must be >= 1 (the number of '
+                       'checkpoints kept).')
     self.directory = os.path.abspath(directory)
     save_policy = ocp.checkpoint_managers.AnySavePolicy([
         ocp.checkpoint_managers.FixedIntervalPolicy(save_every),
@@ -71,22 +81,41 @@ class Checkpointer:
         create=True,
     )
     self._manager = ocp.CheckpointManager(
-        self.directory, options=options, item_names=('state', 'data'))
+        self.directory, options=options, item_handlers=_handlers())
 
   def latest_step(self) -> Optional[int]:
     return self._manager.latest_step()
 
   def all_steps(self) -> list[int]:
-    return list(self._manager.all_steps())
+    return sorted(self._manager.all_steps())
+
+  def should_save(self, step: int) -> bool:
+    """Whether the policy (interval or preemption) saves `step`."""
+    return self._manager.should_save(step)
 
   def save(self, step: int, state: PyTree, data: Mapping[str, Any], *,
            force: bool = False) -> bool:
-    """Saves if the policy (interval or preemption) or `force` says so."""
+    """Saves if the policy (interval or preemption) or `force` says so.
+
+    Raises:
+      NonFiniteStateError: if an array of `state` holds a NaN or an inf
+        (nothing is written).
+    """
+    if step in self.all_steps() or not (force or self.should_save(step)):
+      return False
+    digests, nonfinite = integrity.integrity(state)
+    if nonfinite:
+      raise NonFiniteStateError(
+          f'Refusing to save step {step}: {len(nonfinite)} arrays hold NaN '
+          f'or inf (e.g. {", ".join(nonfinite[:3])}). The last saved step is '
+          f'{self.latest_step()} in {self.directory}.')
+    sums = {'state': digests, 'data': integrity.data_digest(data)}
     saved = self._manager.save(
         step,
         args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                data=ocp.args.JsonSave(dict(data))),
-        force=force)
+                                data=ocp.args.JsonSave(dict(data)),
+                                checksums=ocp.args.JsonSave(sums)),
+        force=True)
     if saved:
       logging.info('Saving checkpoint for step %d to %s.', step,
                    self.directory)
@@ -95,12 +124,24 @@ class Checkpointer:
   def reached_preemption(self, step: int) -> bool:
     return self._manager.reached_preemption(step)
 
-  def restore(self, abstract_state: PyTree,
-              step: Optional[int] = None) -> tuple[PyTree, dict[str, Any]]:
-    """Restores `step` (default: latest) into the abstract state's shardings.
+  def restore(self, abstract_state: PyTree, step: Optional[int] = None, *,
+              zero_if_missing: Sequence[str] = ()
+              ) -> tuple[PyTree, dict[str, Any]]:
+    """Restores and verifies `step` (default: latest) into the abstract
+    state's shardings.
 
-    `abstract_state` is a pytree of `jax.ShapeDtypeStruct` (with `sharding`
-    set for sharded restores), e.g. from `jax.eval_shape`.
+    Args:
+      abstract_state: a pytree (a dict or NamedTuple at the top) of
+        `jax.ShapeDtypeStruct` (with `sharding` set for sharded restores),
+        e.g. from `jax.eval_shape`.
+      step: which step.
+      zero_if_missing: top-level fields that a checkpoint from an older
+        version may lack; they are restored as zeros.
+
+    Raises:
+      FileNotFoundError: no such step.
+      CheckpointMismatchError: the step's arrays have other shapes.
+      CheckpointDamagedError: the step cannot be read back as written.
     """
     step = self.latest_step() if step is None else step
     if step is None:
@@ -109,11 +150,104 @@ class Checkpointer:
       raise FileNotFoundError(
           f'No checkpoint for step {step} in {self.directory}; available: '
           f'{self.all_steps()}.')
-    restored = self._manager.restore(
-        step,
-        args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                data=ocp.args.JsonRestore()))
-    return restored['state'], dict(restored['data'] or {})
+    fields = (abstract_state._asdict() if hasattr(abstract_state, '_asdict')
+              else dict(abstract_state))
+    step_dir = os.path.join(self.directory, str(step))
+
+    def metadata():
+      integrity.check_files(step_dir)
+      with integrity.muted():
+        tree = self._manager.item_metadata(step)['state']
+      tree = getattr(tree, 'tree', tree)
+      if tree is None:
+        raise integrity.Damage(
+            'its metadata file state/_METADATA is unreadable')
+      return tree
+
+    saved = integrity.read_guarded(self.directory, step, metadata)
+    missing = [f for f in zero_if_missing if f in fields and f not in saved]
+    present = {k: v for k, v in fields.items() if k not in missing}
+    differences = integrity.shape_differences(saved, present,
+                                                 first=PARAM_PARTS)
+    if differences:
+      raise CheckpointMismatchError(self.directory, step, differences)
+    has_checksums = integrity.has_checksums(step_dir)
+
+    def read():
+      items = dict(state=ocp.args.StandardRestore(present),
+                   data=ocp.args.JsonRestore())
+      if has_checksums:
+        items['checksums'] = ocp.args.JsonRestore()
+      with integrity.muted():
+        restored = self._manager.restore(step,
+                                         args=ocp.args.Composite(**items))
+      data = dict(restored['data'] or {})
+      integrity.verify(restored['state'], data,
+              restored['checksums'] if has_checksums else None)
+      return restored['state'], data
+
+    restored, data = integrity.read_guarded(self.directory, step, read)
+    state = dict(restored)
+    for field in missing:
+      logging.warning('Checkpoint step %d predates %r: it starts at 0.', step,
+                      field)
+      state[field] = jax.device_put(jnp.zeros(fields[field].shape,
+                                              fields[field].dtype),
+                                    fields[field].sharding)
+    if hasattr(abstract_state, '_asdict'):
+      state = type(abstract_state)(**state)
+    return state, data
+
+  def restore_intact(self, abstract_state: PyTree, *,
+                     zero_if_missing: Sequence[str] = ()
+                     ) -> tuple[PyTree, dict[str, Any], int]:
+    """The newest step that restores intact: (state, data, step).
+
+    A damaged step is reported with a warning and moved to
+    `<directory>.damaged/<step>` (kept, never deleted), once an older step
+    has restored; if none does, nothing is moved.
+
+    Raises:
+      FileNotFoundError: no checkpoint.
+      CheckpointMismatchError: the checkpoints have other shapes.
+      CheckpointDamagedError: every step is damaged (all are named).
+    """
+    damaged = []
+    for step in reversed(self.all_steps()):
+      try:
+        state, data = self.restore(abstract_state, step,
+                                   zero_if_missing=zero_if_missing)
+      except CheckpointDamagedError as e:
+        logging.warning('%s', e)
+        damaged.append(e)
+        continue
+      for error in damaged:
+        self._set_aside(error.step)
+      if damaged:
+        logging.warning('Falling back to step %d, the newest intact one.',
+                        step)
+      return state, data, step
+    if not damaged:
+      raise FileNotFoundError(f'No checkpoint in {self.directory}.')
+    raise CheckpointDamagedError(self.directory, None, '; '.join(
+        f'step {e.step}: {e.problem}' for e in damaged))
+
+  def _set_aside(self, step: int) -> None:
+    """Moves a damaged step out of orbax's sight (process 0; all wait)."""
+    target = os.path.join(self.directory + DAMAGED_SUFFIX, str(step))
+    if jax.process_index() == 0:
+      os.makedirs(os.path.dirname(target), exist_ok=True)
+      suffix = 1
+      while integrity.exists(target):
+        target = os.path.join(self.directory + DAMAGED_SUFFIX,
+                              f'{step}-{suffix}')
+        suffix += 1
+      os.replace(os.path.join(self.directory, str(step)), target)
+      logging.warning('Moved the damaged step %d to %s (kept for inspection: '
+                      'delete it when done).', step, target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f'set_aside_{step}')
+    self._manager.reload()
 
   def wait_until_finished(self) -> None:
     self._manager.wait_until_finished()
@@ -146,18 +280,12 @@ def checkpoints_dir(path: str) -> str:
 
 def _reader(directory: str) -> ocp.CheckpointManager:
   """A read-only manager of `directory`; orbax's read-only warning muted."""
-  absl_logger = logging.get_absl_logger()
-  level = absl_logger.level
-  absl_logger.setLevel(py_logging.ERROR)
-  try:
+  with integrity.muted():
     return ocp.CheckpointManager(
         directory,
-        item_handlers={'state': ocp.PyTreeCheckpointHandler(),
-                       'data': ocp.JsonCheckpointHandler()},
+        item_handlers=_handlers(ocp.PyTreeCheckpointHandler()),
         options=ocp.CheckpointManagerOptions(
             read_only=True, create=False, save_interval_steps=0))
-  finally:
-    absl_logger.setLevel(level)
 
 
 def saved_steps(path: str) -> list[int]:
@@ -208,18 +336,19 @@ def _split_like(params: PyTree, state: Mapping[str, Any]) -> dict:
 
 
 def _state_metadata(manager: ocp.CheckpointManager, step: int) -> Mapping:
-  tree = manager.item_metadata(step)['state']
+  """The state's metadata tree (integrity.Damage if a file is missing)."""
+  integrity.check_files(os.path.join(str(manager.directory), str(step)))
+  with integrity.muted():
+    tree = manager.item_metadata(step)['state']
   tree = getattr(tree, 'tree', tree)
+  if tree is None:
+    raise integrity.Damage('its metadata file state/_METADATA is unreadable')
   missing = [part for part in PARAM_PARTS if part not in tree]
   if missing:
-    raise ValueError(f'Checkpoint {manager.directory}/{step} has no '
-                     f'{missing} parameters: not a train state (it has '
-                     f'{sorted(tree)}).')
+    raise NotATrainStateError(
+        f'Checkpoint {manager.directory}/{step} has no {missing} parameters: '
+        f'not a train state (it has {sorted(tree)}).')
   return tree
-
-
-def _checked_step(manager: ocp.CheckpointManager, step: Optional[int]) -> int:
-  return _pick_step(sorted(manager.all_steps()), step, str(manager.directory))
 
 
 def _abstract(tree: Mapping[str, Any]) -> PyTree:
@@ -228,37 +357,53 @@ def _abstract(tree: Mapping[str, Any]) -> PyTree:
                       merge_parts({part: tree[part] for part in PARAM_PARTS}))
 
 
-def abstract_params(path: str, step: Optional[int] = None) -> PyTree:
-  """The parameters' shapes and dtypes (ShapeDtypeStructs), read from the
-  checkpoint's metadata without loading an array."""
-  manager = _reader(checkpoints_dir(path))
+def _newest_intact(path: str, step: Optional[int],
+                   read: Callable[[ocp.CheckpointManager, int], Any]
+                   ) -> tuple[Any, int]:
+  """`read(manager, step)` of `step`, or of the newest step it succeeds on.
+
+  With an explicit `step` a damaged one raises CheckpointDamagedError; else
+  each damaged step is skipped with a warning naming what is wrong.
+  """
+  directory = checkpoints_dir(path)
+  manager = _reader(directory)
   try:
-    tree = _state_metadata(manager, _checked_step(manager, step))
+    steps = sorted(manager.all_steps())
+    candidates = ([_pick_step(steps, step, directory)] if step is not None
+                  else list(reversed(steps)))
+    if not candidates:
+      raise FileNotFoundError(f'No checkpoint in {directory!r}.')
+    problems = []
+    for candidate in candidates:
+      try:
+        return (integrity.read_guarded(directory, candidate,
+                              functools.partial(read, manager, candidate)),
+                candidate)
+      except CheckpointDamagedError as e:
+        if step is not None:
+          raise
+        logging.warning('%s Trying the step before it.', e)
+        problems.append(f'step {candidate}: {e.problem}')
+    raise CheckpointDamagedError(directory, None, '; '.join(problems))
   finally:
     manager.close()
+
+
+def abstract_params(path: str, step: Optional[int] = None) -> PyTree:
+  """The parameters' shapes and dtypes (ShapeDtypeStructs), read from the
+  checkpoint's metadata without loading an array (default: the newest step
+  whose metadata is intact)."""
+  tree, _ = _newest_intact(path, step, _state_metadata)
   return _abstract(tree)
 
 
-def load_params(path: str, step: Optional[int] = None,
-                shardings: Optional[Callable[[PyTree], PyTree]] = None
-                ) -> dict[str, dict[str, Any]]:
-  """All model parameters (trainable and frozen) of a training checkpoint.
+def load_params_and_step(
+    path: str, step: Optional[int] = None,
+    shardings: Optional[Callable[[PyTree], PyTree]] = None
+) -> tuple[dict[str, dict[str, Any]], int]:
+  """`load_params`, and the step it loaded (see there)."""
 
-  Only the parameter items are read, not the optimizer state.
-
-  Args:
-    path: a workdir or its `checkpoints/` folder.
-    step: which checkpoint; default the latest.
-    shardings: abstract params -> their shardings, to restore straight into
-      sharded arrays; default: numpy arrays on the host, whatever topology
-      saved them.
-
-  Returns:
-    A Haiku parameter dict, in the stored dtypes.
-  """
-  manager = _reader(checkpoints_dir(path))
-  try:
-    step = _checked_step(manager, step)
+  def read(manager, step):
     tree = _state_metadata(manager, step)
     abstract = _abstract(tree)
     if shardings is None:
@@ -270,14 +415,47 @@ def load_params(path: str, step: Optional[int] = None,
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
         abstract, placement)
     target = _split_like(placed, tree)
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(
-            item=target,
-            restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-            partial_restore=True)))
-  finally:
-    manager.close()
-  params = merge_parts(restored['state'])
+    has_checksums = integrity.has_checksums(
+        os.path.join(str(manager.directory), str(step)))
+    items = dict(state=ocp.args.PyTreeRestore(
+        item=target,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True))
+    if has_checksums:
+      items['checksums'] = ocp.args.JsonRestore()
+    with integrity.muted():
+      restored = manager.restore(step, args=ocp.args.Composite(**items))
+    integrity.verify(restored['state'], None,
+            restored['checksums'] if has_checksums else None)
+    return restored['state']
+
+  state, step = _newest_intact(path, step, read)
+  params = merge_parts(state)
   if shardings is None:
     params = jax.tree.map(np.asarray, params)
-  return params
+  return params, step
+
+
+def load_params(path: str, step: Optional[int] = None,
+                shardings: Optional[Callable[[PyTree], PyTree]] = None
+                ) -> dict[str, dict[str, Any]]:
+  """All model parameters (trainable and frozen) of a training checkpoint.
+
+  Only the parameter items are read, not the optimizer state, and they are
+  checked against the step's checksums.
+
+  Args:
+    path: a workdir or its `checkpoints/` folder.
+    step: which checkpoint; default the newest intact one (a damaged newer
+      one is skipped with a warning that says what is wrong with it).
+    shardings: abstract params -> their shardings, to restore straight into
+      sharded arrays; default: numpy arrays on the host, whatever topology
+      saved them.
+
+  Returns:
+    A Haiku parameter dict, in the stored dtypes.
+
+  Raises:
+    CheckpointDamagedError: `step` (or, by default, every step) is damaged.
+  """
+  return load_params_and_step(path, step, shardings)[0]

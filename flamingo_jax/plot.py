@@ -12,6 +12,7 @@ import os
 
 from absl import app
 from absl import flags
+from absl import logging
 import matplotlib
 
 matplotlib.use('Agg')  # No display needed.
@@ -19,11 +20,31 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-imp
 
 
 def read_metrics(workdir: str) -> list[dict[str, float]]:
+  """The rows of `<workdir>/metrics.jsonl`, in order.
+
+  A damaged line (e.g. torn by a kill mid-write) is skipped with a warning
+  that names it, rather than failing every later reader.
+  """
   path = os.path.join(workdir, 'metrics.jsonl')
   if not os.path.exists(path):
     raise FileNotFoundError(f'No metrics in {workdir!r}: {path} is missing.')
+  rows, damaged = [], []
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    for number, line in enumerate(f, start=1):
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError:
+        row = None
+      if isinstance(row, dict) and isinstance(row.get('step'), int):
+        rows.append(row)
+      else:
+        damaged.append(number)
+  if damaged:
+    logging.warning('%s: skipped %d damaged line(s): %s.', path, len(damaged),
+                    ', '.join(map(str, damaged[:10])))
+  return rows
 
 
 def _series(rows, key):

@@ -38,3 +38,13 @@ def test_report_without_evaluation_says_how_to_run_it(tmp_path):
   _metrics(tmp_path, [{'step': 1, 'loss': 1.0}])
   text = open(report.write_report(str(tmp_path))).read()
   assert 'python -m flamingo_jax.evaluate --workdir' in text
+
+
+def test_a_damaged_metrics_line_is_skipped_with_a_warning(tmp_path, caplog):
+  # A kill mid-write tears the last line; a bad copy garbles one inside.
+  (tmp_path / 'metrics.jsonl').write_text(
+      '{"step": 1, "loss": 2.0}\n{"step": 2, "lo\n{"step": 3, "loss": 1.0}\n'
+      '[1, 2]\n{"step": 4, "loss": 0.5')
+  text = open(report.write_report(str(tmp_path))).read()
+  assert '| loss | 2 | 1 |' in text
+  assert 'skipped 3 damaged line(s): 2, 4, 5' in caplog.text

@@ -117,7 +117,8 @@ def make_train_step(
   The same contract as `train_step.make_train_step`: one update per step
   from the lambda-weighted sum of each dataset's loss (each dataset is its
   own in-batch softmax), differentiated with respect to the trainable
-  partition; a non-finite loss leaves the state untouched. Only the
+  partition; a non-finite step is skipped and counted
+  (`train_step.next_state`). Only the
   'accumulate' mode and whole batches: micro-batches would shrink the set
   of in-batch negatives and so change the loss.
 
@@ -167,10 +168,14 @@ def make_train_step(
     updates, opt_state = optimizer.update(grads, state.opt_state,
                                           state.trainable)
     trainable = optax.apply_updates(state.trainable, updates)
-    new_state = train_step_lib.next_state(state, loss, trainable, opt_state)
+    grad_norm = optax.tree.norm(grads)
+    # The same non-finite guard as Flamingo's step (skip and count).
+    new_state = train_step_lib.next_state(state, loss, grad_norm, trainable,
+                                          opt_state)
     metrics.update(
         loss=loss,
-        grad_norm=optax.tree.norm(grads),
+        grad_norm=grad_norm,
+        skipped_steps=new_state.skipped_steps,
         param_norm=optax.tree.norm(state.trainable),
         learning_rate=learning_rate_fn(state.step))
     return new_state, metrics

@@ -1,12 +1,26 @@
 """The training loop: sharded state, one jitted step, checkpoints, metrics.
 
-  state = jit(init, out_shardings=rules(eval_shape(init)))(rng)   # sharded
-  resume from <workdir>/checkpoints if there is one (state + data position)
+  validate the config (every numeric field the loop uses, by name:
+      validation.py)
+  lock the workdir (W/trainer.lock: one trainer per workdir)
+  resume from <workdir>/checkpoints if there is one (state + data position;
+      the newest intact step, see checkpoint.py), restored straight into
+      the shardings rules(eval_shape(init)) gives; else
+      state = jit(init, out_shardings=rules(eval_shape(init)))(rng)
+  write W/config.json (only now: a run that cannot resume leaves it)
   for step: batches -> global arrays -> train_step -> metrics / checkpoint
+  after the final step is saved: W/finished.json
 
 A run killed at any point resumes from its last checkpoint and continues
-bit-exactly: the step rng is fold_in(rng, step) and the data position is
-saved with the state. SIGTERM (preemption) saves a checkpoint and exits.
+bit-exactly: the step rng is fold_in(rng, step), the data position and the
+non-finite counters are saved with the state. SIGTERM (preemption) or Ctrl-C
+saves a checkpoint and raises `Preempted`, for the caller to exit cleanly.
+
+Non-finite steps: the step itself skips and counts them (`train_step.
+next_state`); at log and checkpoint steps the loop stops the run, with
+`NonFiniteError`, once `config.max_nonfinite_steps` came in a row, before
+saving. `config.debug.poison_step` = N puts NaN into the loss masks of step
+N's batches, to test exactly that from outside the process.
 """
 
 from collections.abc import Callable, Iterator, Mapping
@@ -29,8 +43,11 @@ from flamingo_jax.training import flops as flops_lib
 from flamingo_jax.training import metrics as metrics_lib
 from flamingo_jax.training import optim
 from flamingo_jax.training import precision
+from flamingo_jax.training import preemption
 from flamingo_jax.training import sharding
 from flamingo_jax.training import train_step as train_step_lib
+from flamingo_jax.training import validation
+from flamingo_jax.training import workdir as workdir_lib
 
 TrainState = train_step_lib.TrainState
 # make_data(config, start_step) -> iterator of {dataset: {key: np.ndarray}}
@@ -38,8 +55,19 @@ TrainState = train_step_lib.TrainState
 DataFactory = Callable[[ml_collections.ConfigDict, int], Iterator[Any]]
 
 
-class NonFiniteLossError(FloatingPointError):
-  pass
+DEFAULT_MAX_NONFINITE_STEPS = 5  # When config.max_nonfinite_steps is unset.
+
+
+class NonFiniteError(FloatingPointError):
+  """Too many consecutive steps had a non-finite loss, gradient or update."""
+
+
+class Preempted(Exception):  # pylint: disable=g-bad-exception-name
+  """SIGTERM or Ctrl-C stopped training after saving: exit, then rerun."""
+
+  def __init__(self, workdir: str, step: int):
+    self.workdir, self.step = workdir, step
+    super().__init__(f'Preempted: saved step {step} in {workdir}.')
 
 
 class Task(NamedTuple):
@@ -79,7 +107,7 @@ def _state_init(config: ml_collections.ConfigDict, model, optimizer):
     init_rng, state_rng = jax.random.split(rng)
     params = model.init(init_rng, *inputs)
     trainable, frozen = optim.partition(params, config.freeze)
-    return TrainState(
+    return train_step_lib.new_state(
         step=jnp.zeros([], jnp.int32),
         trainable=trainable,
         frozen=precision.cast_frozen(frozen),
@@ -143,7 +171,9 @@ def state_shardings(abstract: TrainState, config, mesh) -> TrainState:
       opt_state=sharding.optimizer_state_shardings(
           abstract.opt_state, trainable,
           zero_axis=config.get('zero_axis', None)),
-      rng=replicated)
+      rng=replicated,
+      skipped_steps=replicated,
+      consecutive_skips=replicated)
 
 
 def _init_from(state: TrainState, config, workdir: str) -> TrainState:
@@ -159,7 +189,8 @@ def _init_from(state: TrainState, config, workdir: str) -> TrainState:
     path = source['workdir']
     if '://' not in path:  # gs://... is absolute too.
       path = os.path.join(workdir, path)
-    loaded = checkpoint_lib.load_params(path)
+    # A recipe stage's final step (never an older one in its place).
+    loaded = checkpoint_lib.load_params(path, workdir_lib.finished_step(path))
     include = [re.compile(r) for r in source.get('include', ['.*'])]
     exclude = [re.compile(r) for r in source.get('exclude', [])]
 
@@ -204,12 +235,6 @@ def _global_batches(local: Mapping[str, Mapping[str, np.ndarray]],
       for name, batch in local.items()}
 
 
-def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-
-
 def _tokens_per_step(batches) -> tuple[int, int]:
   tokens = sum(int(np.prod(b['tokens'].shape)) for b in batches.values())
   examples = sum(int(b['tokens'].shape[0]) for b in batches.values())
@@ -218,19 +243,29 @@ def _tokens_per_step(batches) -> tuple[int, int]:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        make_data: Optional[DataFactory] = None) -> TrainState:
-  """Trains `config` in `workdir`, resuming from its last checkpoint."""
-  if make_data is None:
-    # pylint: disable=g-import-not-at-top
-    from flamingo_jax.data import pipeline
-    from flamingo_jax.data import prepare
-    # pylint: enable=g-import-not-at-top
-    prepare.ensure_data(config)
-    make_data = pipeline.make_train_data
-  os.makedirs(workdir, exist_ok=True)
-  _write_config(config, workdir)
-  mesh = sharding.make_mesh(config.mesh)
-  with jax.set_mesh(mesh):
-    return _train(config, workdir, mesh, make_data)
+  """Trains `config` in `workdir`, resuming from its last intact checkpoint.
+
+  Returns:
+    The final train state (W/finished.json is then written).
+
+  Raises:
+    Preempted: SIGTERM or Ctrl-C stopped training; the state is saved.
+    NonFiniteError: `config.max_nonfinite_steps` non-finite steps in a row.
+    ValueError: a bad config field, or a checkpoint that does not fit it.
+    WorkdirLockedError: another trainer holds the workdir.
+  """
+  validation.validate_config(config)
+  with workdir_lib.lock(workdir):
+    if make_data is None:
+      # pylint: disable=g-import-not-at-top
+      from flamingo_jax.data import pipeline
+      from flamingo_jax.data import prepare
+      # pylint: enable=g-import-not-at-top
+      prepare.ensure_data(config)
+      make_data = pipeline.make_train_data
+    mesh = sharding.make_mesh(config.mesh)
+    with jax.set_mesh(mesh):
+      return _train(config, workdir, mesh, make_data)
 
 
 def _check_batch_sizes(config, mesh) -> None:
@@ -250,30 +285,95 @@ def _check_batch_sizes(config, mesh) -> None:
           f'{parallel} data-parallel devices of mesh {dict(mesh.shape)}.')
 
 
-def _train(config, workdir, mesh, make_data) -> TrainState:
-  """The body of train_and_evaluate, under the mesh."""
-  _check_batch_sizes(config, mesh)
-  model = task_of(config).transform(config.model)
-  optimizer = make_optimizer(config)
-  state, shardings = create_train_state(config, mesh, model, optimizer)
+def _restore_or_create(config, workdir, checkpointer, model, optimizer, mesh
+                       ) -> tuple[TrainState, TrainState, dict[str, Any]]:
+  """(state, its shardings, data position): the newest intact checkpoint's,
+  restored straight into sharded arrays (the model's init never runs); or,
+  for a new run, the initial state with `config.init_from`'s parameters."""
+  init = _state_init(config, model, optimizer)
+  rng = jax.random.PRNGKey(config.seed)
+  abstract = jax.eval_shape(init, rng)
+  shardings = state_shardings(abstract, config, mesh)
+  if not checkpointer.all_steps():
+    state = jax.jit(init, out_shardings=shardings)(rng)
+    return _init_from(state, config, workdir), shardings, {}
+  target = jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      abstract, shardings)
+  try:
+    state, position, step = checkpointer.restore_intact(
+        target, zero_if_missing=train_step_lib.COUNTERS)
+  except checkpoint_lib.CheckpointMismatchError as e:
+    changed = workdir_lib.config_differences(config, workdir)
+    raise ValueError(
+        f'Cannot resume {workdir}: {e} The config differs from the run\'s '
+        f'{workdir_lib.CONFIG_FILE} in '
+        + ('; '.join(changed[:8]) if changed else 'no field') +
+        '. Undo the change, or train in another --workdir (this one and '
+        'its config are left as they were).') from None
+  logging.info('Resuming from step %d (checkpoint in %s).', step,
+               checkpointer.directory)
+  return state, shardings, position
 
+
+def _poisoned(batches, step: int):
+  """`batches` with NaN loss masks (config.debug.poison_step)."""
+  logging.warning('config.debug.poison_step=%d: the loss masks of this '
+                  'step\'s batches are NaN.', step)
+  return {name: {key: (np.full_like(value, np.nan) if key == 'loss_mask'
+                       else value) for key, value in batch.items()}
+          for name, batch in batches.items()}
+
+
+def _check_skips(state: TrainState, step: int, limit: int,
+                 checkpointer: checkpoint_lib.Checkpointer) -> None:
+  """Raises NonFiniteError once `limit` steps in a row were skipped."""
+  run = int(jax.device_get(state.consecutive_skips))
+  if run < limit:
+    return
+  first = step - run + 1
+  raise NonFiniteError(
+      f'Steps {first}-{step}: {run} steps in a row had a non-finite loss, '
+      'gradient norm or update (each was skipped, the parameters left as '
+      f'they were; config.max_nonfinite_steps={limit}). Stopping without '
+      f'saving: the last checkpoint, step {checkpointer.latest_step()} in '
+      f'{checkpointer.directory}, holds only finite values. A rerun resumes '
+      'from it and meets the same batches: lower optim.learning_rate or '
+      'look at the data of these steps first.')
+
+
+def _save_final(config, workdir, state) -> None:
+  """Saves `state` as the final step unless it is saved already."""
   checkpointer = checkpoint_lib.Checkpointer(
       os.path.join(workdir, 'checkpoints'),
       save_every=config.checkpoint.every, keep=config.checkpoint.keep)
-  data_position: dict[str, Any] = {}
-  if checkpointer.latest_step() is None:
-    state = _init_from(state, config, workdir)
-  else:
-    resumed = checkpointer.latest_step()
-    state, data_position = checkpointer.restore(
-        checkpoint_lib.abstract_like(state))
-    logging.info('Resuming from step %d (checkpoint in %s).', resumed,
-                 checkpointer.directory)
-  first_step = int(jax.device_get(state.step))
+  try:
+    checkpointer.save(config.total_steps, state,
+                      {'next_step': config.total_steps}, force=True)
+  finally:
+    checkpointer.close()
+
+
+def _train(config, workdir, mesh, make_data) -> TrainState:
+  """The body of train_and_evaluate, under the mesh and the workdir lock."""
+  _check_batch_sizes(config, mesh)
+  model = task_of(config).transform(config.model)
+  optimizer = make_optimizer(config)
+  checkpointer = checkpoint_lib.Checkpointer(
+      os.path.join(workdir, 'checkpoints'),
+      save_every=config.checkpoint.every, keep=config.checkpoint.keep)
+  try:
+    state, shardings, data_position = _restore_or_create(
+        config, workdir, checkpointer, model, optimizer, mesh)
+    first_step = int(jax.device_get(state.step))
+    if data_position.get('next_step', first_step) != first_step:
+      raise RuntimeError(f'Checkpoint data position {data_position} does '
+                         f'not match its state step {first_step}.')
+  except BaseException:
+    checkpointer.close()
+    raise
+  workdir_lib.write_config(config, workdir)  # Only now: the run fits W.
   data = make_data(config, first_step)
-  if data_position.get('next_step', first_step) != first_step:
-    raise RuntimeError(f'Checkpoint data position {data_position} does not '
-                       f'match its state step {first_step}.')
 
   step_fn = make_step_fn(config, model, optimizer)
   batch_sharding = sharding.batch_sharding(mesh)
@@ -281,12 +381,18 @@ def _train(config, workdir, mesh, make_data) -> TrainState:
                    out_shardings=(shardings, None), donate_argnums=0)
 
   logger = metrics_lib.MetricLogger(workdir, config.total_steps, first_step)
-  preempted = checkpoint_lib.PreemptionFlag().install()
+  preempted = preemption.PreemptionFlag().install()
   compiled, flops = None, None
   peak = metrics_lib.peak_flops_per_device()
+  max_skips = config.get('max_nonfinite_steps', DEFAULT_MAX_NONFINITE_STEPS)
+  poison_step = (config.get('debug', None) or {}).get('poison_step', 0)
+  stopped_at = None
   try:
     for step in range(first_step, config.total_steps):
-      batches = _global_batches(next(data), batch_sharding)
+      local = next(data)
+      if step + 1 == poison_step:
+        local = _poisoned(local, poison_step)
+      batches = _global_batches(local, batch_sharding)
       if compiled is None:
         compiled = jitted.lower(state, batches).compile()
         # Model FLOPs of the global batch (not XLA's per-device count).
@@ -297,13 +403,9 @@ def _train(config, workdir, mesh, make_data) -> TrainState:
       with jax.profiler.StepTraceAnnotation('train', step_num=step):
         state, step_metrics = compiled(state, batches)
       done = step + 1
-      if done % config.log_every == 0 or done == config.total_steps:
+      log = done % config.log_every == 0 or done == config.total_steps
+      if log:
         scalars = jax.device_get(step_metrics)
-        if not np.isfinite(scalars['loss']):
-          raise NonFiniteLossError(
-              f'Loss is {scalars["loss"]} at step {done}; stopping. The last '
-              f'good checkpoint is step {checkpointer.latest_step()} in '
-              f'{checkpointer.directory}.')
         timing = logger.timing(done)
         rate = timing['steps_per_sec']
         timing.update(tokens_per_sec=rate * tokens,
@@ -314,13 +416,17 @@ def _train(config, workdir, mesh, make_data) -> TrainState:
         if hasattr(data, 'stats'):
           timing.update(data.stats())
         logger.write(done, {**scalars, **timing})
-      saved = checkpointer.save(done, state, {'next_step': done},
-                                force=done == config.total_steps)
-      if preempted.is_set() or checkpointer.reached_preemption(done):
-        if not saved:
-          checkpointer.save(done, state, {'next_step': done}, force=True)
+      stop = preempted.is_set() or checkpointer.reached_preemption(done)
+      save = (stop or done == config.total_steps
+              or checkpointer.should_save(done))
+      if log or save:
+        _check_skips(state, done, max_skips, checkpointer)
+      if save:
+        checkpointer.save(done, state, {'next_step': done}, force=True)
+      if stop:
         checkpointer.wait_until_finished()
         logging.warning('Preempted: saved step %d; exiting.', done)
+        stopped_at = done
         break
   finally:
     preempted.uninstall()
@@ -328,9 +434,17 @@ def _train(config, workdir, mesh, make_data) -> TrainState:
     logger.close()
     if hasattr(data, 'close'):
       data.close()
+  if stopped_at is not None and stopped_at < config.total_steps:
+    raise Preempted(workdir, stopped_at)
+  if first_step == config.total_steps:  # Nothing to train (e.g. 0 steps).
+    _save_final(config, workdir, state)
+  # The final step is saved and committed (close() waited for it).
+  workdir_lib.mark_finished(workdir, config.total_steps)
   if jax.process_index() == 0:
     for path in plot.write_plots(workdir):
       logging.info('Wrote %s', path)
+  if stopped_at is not None:  # Preempted at the final step: done, but exit.
+    raise Preempted(workdir, stopped_at)
   return state
 
 

@@ -7,6 +7,10 @@ TensorFlow, which the benchmark (`flamingo_jax.bench`) must not need.
 
 MFU = model FLOPs per step (`flamingo_jax.training.flops`, the global batch)
 x steps/s / (`peak_flops_per_device()` x device count).
+
+A resumed run first drops the JSONL rows past the step it resumed from (a
+killed run logged them after its last checkpoint; they come again), so the
+file never repeats a step; a torn last line goes with them.
 """
 
 from collections.abc import Mapping
@@ -89,6 +93,34 @@ def format_duration(seconds: float) -> str:
   return f'{hours}h{minutes:02d}m' if hours else f'{minutes}m{seconds:02d}s'
 
 
+def drop_rows_after(path: str, step: int) -> None:
+  """Rewrites the JSONL file `path` without its rows past `step` and its
+  unreadable lines (each dropped line counted in the log)."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = f.read().splitlines()
+  kept, damaged = [], 0
+  for line in lines:
+    try:
+      row = json.loads(line)
+      row_step = row['step']
+    except (json.JSONDecodeError, KeyError, TypeError):
+      damaged += int(bool(line.strip()))
+      continue
+    if row_step <= step:
+      kept.append(line)
+  if len(kept) == len(lines):
+    return
+  logging.info('%s: dropped %d rows logged after step %d (they are logged '
+               'again) and %d damaged lines.', path,
+               len(lines) - len(kept) - damaged, step, damaged)
+  partial = f'{path}.partial'
+  with open(partial, 'w') as f:
+    f.write(''.join(line + '\n' for line in kept))
+  os.replace(partial, path)
+
+
 class MetricLogger:
   """Writes scalars to TensorBoard and `metrics.jsonl`, prints progress."""
 
@@ -98,8 +130,10 @@ class MetricLogger:
     self.total_steps = total_steps
     self._writer = metric_writers.create_default_writer(
         os.path.join(workdir, 'tensorboard'), just_logging=not self.is_main)
-    self._jsonl = (open(os.path.join(workdir, 'metrics.jsonl'), 'a')
-                   if self.is_main else None)
+    path = os.path.join(workdir, 'metrics.jsonl')
+    if self.is_main:
+      drop_rows_after(path, first_step)
+    self._jsonl = open(path, 'a') if self.is_main else None
     self._last_step, self._last_time = first_step, time.time()
 
   def timing(self, step: int) -> dict[str, float]:

@@ -6,9 +6,14 @@
 
 Stages run before the main stage, each after the stages whose checkpoints it
 reads (its own `init_from`), in the order the main stage's `init_from` names
-them; stages nothing reads run last, by name. A stage that already reached
-its total_steps is skipped (its checkpoint is reused), so rerunning the
-recipe resumes wherever it stopped.
+them; stages nothing reads run last, by name. A stage is done once its final
+step is saved and marked (W/<stage>/finished.json, written by the loop) and
+is then skipped (its checkpoint is reused), so rerunning the recipe resumes
+wherever it stopped. A preempted stage (SIGTERM, Ctrl-C) ends the recipe at
+once -- `run` returns False, the process exits 0 -- and the rerun resumes
+that stage: no stage ever starts from an unfinished one. Every stage's config
+is validated before the first one trains, and the recipe holds W's lock
+(W/trainer.lock) throughout.
 """
 
 import os
@@ -19,6 +24,8 @@ import ml_collections
 from flamingo_jax import checkpoint
 from flamingo_jax import report
 from flamingo_jax.training import loop
+from flamingo_jax.training import validation
+from flamingo_jax.training import workdir as workdir_lib
 
 
 # Where the data lives and the tokenizer: every stage shares the main run's
@@ -28,10 +35,13 @@ SHARED_DATA_FIELDS = ('data_dir', 'tokenizer')
 
 
 def _finished(stage: ml_collections.ConfigDict, workdir: str) -> bool:
+  """Whether `stage` saved and marked its final step in `workdir`."""
+  step = workdir_lib.finished_step(workdir)
+  if step is None or step < stage.total_steps:
+    return False
   if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
     return False
-  steps = checkpoint.saved_steps(workdir)
-  return bool(steps) and steps[-1] >= stage.total_steps
+  return step in checkpoint.saved_steps(workdir)
 
 
 def stage_config(config: ml_collections.ConfigDict,
@@ -84,9 +94,34 @@ def stage_order(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
   return order
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> None:
-  for name in stage_order(config, workdir):
-    stage = stage_config(config, name)
+def run(config: ml_collections.ConfigDict, workdir: str) -> bool:
+  """Runs the recipe in `workdir`: its stages, the main stage, evaluation.
+
+  Returns:
+    True when everything ran; False when a stage was preempted (SIGTERM or
+    Ctrl-C; its state is saved): the caller should exit, and a rerun of the
+    same command resumes that stage.
+  """
+  order = stage_order(config, workdir)
+  stages = {name: stage_config(config, name) for name in order}
+  for name, stage in stages.items():  # Before anything trains.
+    validation.validate_config(stage, f'config.stages.{name}')
+  validation.validate_config(config)
+  with workdir_lib.lock(workdir):
+    try:
+      _run_stages(config, workdir, stages)
+    except loop.Preempted as e:
+      logging.warning('%s Rerun the same command to resume it.', e)
+      return False
+    if config.get('eval') is not None and config.get('evaluate_at_end', True):
+      evaluate_final(config, workdir)
+    logging.info('Wrote %s', report.write_report(workdir))
+  return True
+
+
+def _run_stages(config, workdir, stages) -> None:
+  """Each unfinished stage in order, then the main stage."""
+  for name, stage in stages.items():
     stage_dir = os.path.join(workdir, name)
     if _finished(stage, stage_dir):
       logging.info('Stage %r already done in %s.', name, stage_dir)
@@ -94,11 +129,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     logging.info('Stage %r (%d steps) in %s.', name, stage.total_steps,
                  stage_dir)
     loop.train_and_evaluate(stage, stage_dir)
+    if not _finished(stage, stage_dir):  # The loop marks it; never expected.
+      raise RuntimeError(f'Stage {name!r} in {stage_dir} ended unfinished.')
   logging.info('Main stage (%d steps) in %s.', config.total_steps, workdir)
   loop.train_and_evaluate(config, workdir)
-  if config.get('eval') is not None and config.get('evaluate_at_end', True):
-    evaluate_final(config, workdir)
-  logging.info('Wrote %s', report.write_report(workdir))
 
 
 def evaluate_final(config: ml_collections.ConfigDict, workdir: str) -> None:

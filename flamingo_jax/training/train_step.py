@@ -23,8 +23,16 @@ How the datasets' gradients become updates is `dataset_updates`
 Metrics: `loss` is sum_m lambda_m L_m (in round-robin each L_m at the
 parameters its update started from), `loss/<dataset>`,
 `supervised_tokens/<dataset>`, `grad_norm` (of the summed gradients;
-round-robin adds `grad_norm/<dataset>`), `param_norm`, `learning_rate` and
-the gates' |tanh(alpha)|.
+round-robin adds `grad_norm/<dataset>`), `param_norm`, `learning_rate`,
+`skipped_steps` and the gates' |tanh(alpha)|.
+
+The non-finite guard (`next_state`, shared by every task's step): a step
+whose loss, gradient norm or updated parameters hold a NaN or an inf is
+skipped -- parameters and optimizer state stay as they were, only the step
+counter moves on -- and counted in the state (`skipped_steps`, and
+`consecutive_skips`, which the loop stops on). One reduction (the norm) of the
+new parameters; no host round trip. The counters are part of the state, so a
+resumed run counts exactly as an uninterrupted one.
 
 Micro-batches (`microbatches`, `config.optim.microbatches`) trade time for
 memory: each dataset's batch is split into k strided parts (rows i, i+k,
@@ -57,11 +65,26 @@ DATASET_UPDATES = ('accumulate', 'round_robin')
 
 class TrainState(NamedTuple):
   """Everything a bit-exact resume needs, besides the data position."""
-  step: jax.Array  # [] int32: completed steps.
+  step: jax.Array  # [] int32: completed steps (skipped ones included).
   trainable: hk.Params  # float32.
   frozen: hk.Params  # stored in bf16 (paper App. B.1.2).
   opt_state: optax.OptState  # Of the trainable parameters only.
   rng: jax.Array  # Base key; step keys are fold_in(rng, step).
+  skipped_steps: jax.Array  # [] int32: non-finite steps skipped so far.
+  consecutive_skips: jax.Array  # [] int32: ...of them in a row, up to now.
+
+
+# Fields a checkpoint written before they existed may lack (they start at 0).
+COUNTERS = ('skipped_steps', 'consecutive_skips')
+
+
+def new_state(step: Any, trainable: hk.Params, frozen: hk.Params,
+              opt_state: optax.OptState, rng: jax.Array) -> TrainState:
+  """A TrainState whose non-finite counters are zero."""
+  zero = jnp.zeros([], jnp.int32)
+  return TrainState(step=step, trainable=trainable, frozen=frozen,
+                    opt_state=opt_state, rng=rng, skipped_steps=zero,
+                    consecutive_skips=zero)
 
 
 def token_nll(
@@ -118,22 +141,37 @@ def split_microbatches(batch: Batch, microbatches: int) -> Batch:
   return jax.tree.map(split, dict(batch))
 
 
-def next_state(state: TrainState, loss: jax.Array, trainable: Any,
-               opt_state: Any) -> TrainState:
-  """The state after one step, unless the loss is not finite.
+def all_finite(tree: Any) -> jax.Array:
+  """[] bool: no NaN or inf in `tree`: its global norm is finite.
 
-  A non-finite loss leaves parameters and optimizer state untouched, so no
-  checkpoint ever holds them; the loop stops at the next log step.
+  One reduction, like the gradient norm's (per-leaf flags stacked together
+  tripled the contrastive step's compile time). A norm that overflows, i.e.
+  values beyond ~1e19, counts as non-finite too.
   """
-  finite = jnp.isfinite(loss)
+  return jnp.isfinite(optax.tree.norm(tree))
+
+
+def next_state(state: TrainState, loss: jax.Array, grad_norm: jax.Array,
+               trainable: Any, opt_state: Any) -> TrainState:
+  """The state after one step, or the same state if the step is not finite.
+
+  A step whose loss, gradient norm or updated parameters are not all finite
+  leaves parameters and optimizer state untouched (so no checkpoint can
+  hold them) and is counted: `skipped_steps` (all) and `consecutive_skips`
+  (in a row; a finite step resets it), on which the loop stops the run.
+  """
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite(trainable)
   keep = lambda new, old: jax.tree.map(
       lambda n, o: jnp.where(finite, n, o), new, old)
+  skipped = jnp.logical_not(finite).astype(jnp.int32)
   return TrainState(
       step=state.step + 1,
       trainable=keep(trainable, state.trainable),
       frozen=state.frozen,
       opt_state=keep(opt_state, state.opt_state),
-      rng=state.rng)
+      rng=state.rng,
+      skipped_steps=state.skipped_steps + skipped,
+      consecutive_skips=(state.consecutive_skips + 1) * skipped)
 
 
 def make_train_step(
@@ -226,13 +264,15 @@ def make_train_step(
           jnp.add, total_grads, grads)
     if dataset_updates == 'accumulate':
       trainable, opt_state = update(trainable, opt_state, total_grads)
-    new_state = next_state(state, loss, trainable, opt_state)
+    grad_norm = optax.tree.norm(total_grads)
+    updated = next_state(state, loss, grad_norm, trainable, opt_state)
     metrics.update(
         loss=loss,
-        grad_norm=optax.tree.norm(total_grads),
+        grad_norm=grad_norm,
+        skipped_steps=updated.skipped_steps,
         param_norm=optax.tree.norm(state.trainable),
         learning_rate=learning_rate_fn(state.step),
-        **gate_values(new_state.trainable))
-    return new_state, metrics
+        **gate_values(updated.trainable))
+    return updated, metrics
 
   return train_step

@@ -60,7 +60,7 @@ def _step(**changes):
   model = flamingo.transform(config.model)
   optimizer = loop.make_optimizer(config)
   trainable, frozen = optim.partition(_initial_params(), config.freeze)
-  state = train_step_lib.TrainState(
+  state = train_step_lib.new_state(
       step=jax.numpy.zeros([], jax.numpy.int32), trainable=trainable,
       frozen=precision.cast_frozen(frozen),
       opt_state=optimizer.init(trainable), rng=jax.random.PRNGKey(0))

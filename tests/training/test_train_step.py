@@ -23,20 +23,27 @@ def test_sequence_loss_masks_and_never_nans():
   assert loss == 0.0 and count == 0
 
 
-def _toy_step(weights):
-  """A 'model' whose logits are a trainable bias: one dataset each."""
+def _toy_step(weights, optimizer=None):
+  """A 'model' whose logits are a trainable bias: one dataset each.
+
+  Its `kink` parameter (0) adds sqrt(|kink|) = 0 to the logits: nothing to
+  the loss, but a NaN gradient when `kink` is exactly 0 (the issue's case of
+  a finite loss with a NaN gradient norm); it starts at 1.
+  """
 
   def apply_fn(params, rng, tokens, media, media_mask, media_index,
                is_training):
     del rng, media, media_mask, media_index, is_training
-    bias = params['gated_xattn/block']['attn_gate']  # [V]
+    block = params['gated_xattn/block']
+    bias = block['attn_gate'] + 0.0 * jnp.sqrt(jnp.abs(block['kink']))  # [V]
     return jnp.broadcast_to(bias, tokens.shape + bias.shape)
 
-  optimizer = optax.sgd(1.0)
+  optimizer = optimizer or optax.sgd(1.0)
   step = train_step_lib.make_train_step(
       apply_fn, optimizer, weights, jnp.float32, lambda s: 1.0)
-  trainable = {'gated_xattn/block': {'attn_gate': jnp.zeros([3])}}
-  state = train_step_lib.TrainState(
+  trainable = {'gated_xattn/block': {'attn_gate': jnp.zeros([3]),
+                                     'kink': jnp.ones([])}}
+  state = train_step_lib.new_state(
       step=jnp.zeros([], jnp.int32), trainable=trainable, frozen={},
       opt_state=optimizer.init(trainable), rng=jax.random.PRNGKey(0))
   return step, state
@@ -66,13 +73,49 @@ def test_losses_are_lambda_weighted_into_one_update():
 def test_non_finite_loss_leaves_parameters_untouched():
   step, state = _toy_step({'a': 1.0})
   poisoned = state._replace(trainable={
-      'gated_xattn/block': {'attn_gate': jnp.array([jnp.nan, 0.0, 0.0])}})
+      'gated_xattn/block': {'attn_gate': jnp.array([jnp.nan, 0.0, 0.0]),
+                            'kink': jnp.ones([])}})
   new_state, metrics = step(poisoned, {'a': _batch(0)})
   assert not np.isfinite(metrics['loss'])
   assert int(new_state.step) == 1
   np.testing.assert_array_equal(
       new_state.trainable['gated_xattn/block']['attn_gate'],
       poisoned.trainable['gated_xattn/block']['attn_gate'])
+
+
+def _skips(state):
+  return int(state.skipped_steps), int(state.consecutive_skips)
+
+
+def test_a_nan_gradient_with_a_finite_loss_is_skipped_and_counted():
+  step, state = _toy_step({'a': 1.0})
+  kinked = state._replace(trainable={'gated_xattn/block': {
+      'attn_gate': jnp.zeros([3]), 'kink': jnp.zeros([])}})
+  new_state, metrics = step(kinked, {'a': _batch(0)})
+  assert np.isfinite(metrics['loss']) and not np.isfinite(metrics['grad_norm'])
+  jax.tree.map(np.testing.assert_array_equal, new_state.trainable,
+               kinked.trainable)
+  assert int(new_state.step) == 1 and _skips(new_state) == (1, 1)
+  assert metrics['skipped_steps'] == 1
+
+
+def test_a_non_finite_update_is_skipped_and_a_finite_step_ends_the_run():
+  # Finite loss and gradient, but a step size that overflows the update.
+  step, state = _toy_step({'a': 1.0}, optimizer=optax.sgd(1e39))
+  new_state, metrics = step(state, {'a': _batch(0)})
+  assert np.isfinite(metrics['loss']) and np.isfinite(metrics['grad_norm'])
+  jax.tree.map(np.testing.assert_array_equal, new_state.trainable,
+               state.trainable)
+  jax.tree.map(np.testing.assert_array_equal, new_state.opt_state,
+               state.opt_state)
+  assert _skips(new_state) == (1, 1)
+  poisoned = _batch(0)
+  poisoned['loss_mask'] = poisoned['loss_mask'].at[0, 0].set(jnp.nan)
+  new_state, _ = step(new_state, {'a': poisoned})
+  assert _skips(new_state) == (2, 2)
+  good, _ = _toy_step({'a': 1.0})  # The same state, a sane step size.
+  new_state, _ = good(new_state, {'a': _batch(0)})
+  assert _skips(new_state) == (2, 0) and int(new_state.step) == 3
 
 
 def _toy_model_step(weights, dataset_updates='accumulate', microbatches=1,
@@ -98,7 +141,7 @@ def _toy_model_step(weights, dataset_updates='accumulate', microbatches=1,
       'embed': jnp.asarray(rng.standard_normal([5, 5]), jnp.float32),
       'phi': jnp.asarray(rng.standard_normal([5]), jnp.float32),
       'pixels': jnp.asarray(rng.standard_normal([5]), jnp.float32)}}
-  state = train_step_lib.TrainState(
+  state = train_step_lib.new_state(
       step=jnp.zeros([], jnp.int32), trainable=trainable, frozen={},
       opt_state=optimizer.init(trainable), rng=jax.random.PRNGKey(0))
   return jax.jit(step), state

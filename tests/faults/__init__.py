@@ -1,0 +1,2 @@
+"""Fault injection: real processes signalled, poisoned and resumed, and
+damaged checkpoints."""
