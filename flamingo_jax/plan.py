@@ -131,7 +131,10 @@ def main(argv: list[str]) -> None:
       raise app.UsageError(f'--mesh={_MESH.value} must be three sizes whose '
                            f'product is the {slice_.devices} devices of '
                            f'{slice_.name}.')
-    tried = [memory.plan(state, mesh, slice_.hbm, usable, slice_.platform)]
+    try:
+      tried = [memory.plan(state, mesh, slice_.hbm, usable, slice_.platform)]
+    except ValueError as e:
+      raise app.UsageError(str(e)) from e
     chosen = tried[0] if tried[0].fits else None
   else:
     chosen, tried = memory.choose_mesh(state, slice_, usable)

@@ -343,6 +343,10 @@ def plan(state: StateModel, mesh_sizes: Sequence[int], hbm: int,
     platform: 'tpu' or 'gpu' (collectives run ahead: FSDP gathers the next
       layer group while the current one computes, two buffers) or 'cpu'
       (one).
+
+  Raises:
+    ValueError: if the mesh's batch-parallel devices do not divide a
+      dataset's batch.
   """
   config = state.config
   data, fsdp, model = mesh_sizes
@@ -370,6 +374,11 @@ def plan(state: StateModel, mesh_sizes: Sequence[int], hbm: int,
 
   per_device, batch, saved, working, largest = {}, 0, 0.0, 0.0, (0.0, '')
   for name, spec in sorted(datasets.items()):
+    if spec.batch_size % (data * fsdp * microbatches):
+      raise ValueError(
+          f'config.data.datasets.{name}.batch_size={spec.batch_size} is not '
+          f'divisible by optim.microbatches={microbatches} times the '
+          f'{data * fsdp} batch-parallel devices of mesh {tuple(mesh_sizes)}.')
     rows = spec.batch_size // (data * fsdp)
     per_device[name] = rows
     batch += batch_bytes(spec, rows)
