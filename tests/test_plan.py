@@ -1,4 +1,4 @@
-"""The memory planner and mesh chooser (flamingo_jax/plan.py, training/memory.py).
+"""The memory planner and mesh chooser (plan.py, training/memory.py).
 
 Three checks of the byte counts, from exact to estimated:
 

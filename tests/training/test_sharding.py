@@ -15,7 +15,10 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from experiments import flamingo as flamingo_config
 from flamingo_jax.models import flamingo
+from flamingo_jax.models import stacking
+from flamingo_jax.training import memory
 from flamingo_jax.training import optim
 from flamingo_jax.training import sharding
 from tests import training as training_tests
@@ -257,8 +260,6 @@ def test_fsdp_forward_keeps_the_batch_split(abstract):
 
 def test_3b_state_per_device_drops_with_fsdp():
   """Full-size shapes only (eval_shape): ZeRO-3 divides the weights too."""
-  from experiments import flamingo as flamingo_config  # pylint: disable=g-import-not-at-top
-  from flamingo_jax.training import memory  # pylint: disable=g-import-not-at-top
   config = flamingo_config.get_config('3B')
   state = memory.StateModel(config)
   per_device = {}
@@ -292,7 +293,6 @@ def test_multislice_mesh_puts_data_across_slices():
 
 
 def test_batch_axes_agree_with_the_models():
-  from flamingo_jax.models import stacking  # pylint: disable=g-import-not-at-top
   assert stacking.BATCH_AXES == sharding.BATCH_AXES
 
 
