@@ -43,6 +43,16 @@ Not from the paper (our choices, say so if you report them): the 3B and 9B
 model-parallel degrees, rematerialisation (`model.lm.remat_policy`),
 checkpoint interval, and what the ablation table marks as ours.
 
+The mesh here is (data, fsdp 1, model MODEL_PARALLEL[size]); which one fits a
+given slice is for the planner to say, e.g.
+
+  python -m flamingo_jax.plan --config experiments/flamingo.py:3B \
+      --slice v4-32 --batch_scale 0.125
+
+prints the mesh it chooses -- the least FSDP (ZeRO-3, the 'fsdp' axis:
+weights, gradients and moments split over it) that fits -- and the
+`--config.mesh[i]=...` overrides that train with it.
+
 Each ablation changes only what its name says, on top of the chosen size;
 the paper ran them on Flamingo-3B.
 """
@@ -441,6 +451,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
           variant=model['vision']['variant'].lower().replace('/', '')),
            include=['vision_encoder/.*'], exclude=[]),
   ]
+  # 'fsdp' > 1 is ZeRO-3; `python -m flamingo_jax.plan` says how much.
   config.mesh = [(axis, MODEL_PARALLEL[size] if axis == 'model' else n)
                  for axis, n in sharding.DEFAULT_MESH]
   config.param_rules = list(sharding.FLAMINGO_PARAM_RULES)

@@ -14,6 +14,10 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 
+# Mesh axes a batch is split over (training/sharding.py and the model's own
+# batch constraints, `stacking.constrain_batch` and the NFNet's shard_map).
+BATCH_AXES = ('data', 'fsdp')
+
 
 def squared_relu(x: jax.Array) -> jax.Array:
   """Squared ReLU (So et al., 2021), the activation of Flamingo's new layers."""

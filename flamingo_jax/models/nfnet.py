@@ -48,6 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flamingo_jax.models.layers import BATCH_AXES
 from flamingo_jax.models.layers import check_rank
 
 # Variant table. `widths`/`depths`: per stage; `*_imsize`: the paper's train
@@ -91,8 +92,6 @@ FINAL_CONV_MULT = 2  # final_conv width relative to the last stage width.
 TOTAL_STRIDE = 32  # Product of the stem and stage strides.
 # 1 / std(gelu(z)) for z ~ N(0, 1): keeps activations variance-preserving.
 GELU_GAMMA = 1.7015043497085571
-# Mesh axes the batch is split over (training.sharding.BATCH_AXES is this).
-BATCH_AXES = ('data', 'fsdp')
 
 
 def _variant_params(variant: str) -> dict:

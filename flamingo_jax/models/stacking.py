@@ -9,6 +9,12 @@ placement, so a pretrained LM loads the same way into every ablation, and
 `interleave` scans groups of layers so that compile time does not grow with
 depth.
 
+Under a mesh (`jax.set_mesh`), every layer's input stays split over the
+batch axes (`constrain_batch`): with weights split over 'fsdp' on their
+input dimension (FSDP), XLA would otherwise be free to split the
+activations the same way instead and all-reduce the products -- every
+device then computes and stores the whole batch.
+
 Glossary of shapes:
   B: batch size.
   L: sequence length.
@@ -17,12 +23,33 @@ Glossary of shapes:
 """
 
 from collections.abc import Callable, Sequence
+import math
 from typing import Any, Optional
 
 import haiku as hk
 import jax
 
+from flamingo_jax.models.layers import BATCH_AXES
+
 Params = Any  # A Haiku parameter tree, every leaf with a leading [N] axis.
+
+
+def constrain_batch(h: jax.Array) -> jax.Array:  # [B, ...] -> [B, ...]
+  """`h` with its batch dimension kept split over the mesh's BATCH_AXES.
+
+  Its other dimensions are left to XLA. A no-op without a mesh, inside a
+  `shard_map` over those axes, or when they do not divide B.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return h
+  axes = tuple(a for a in BATCH_AXES
+               if mesh.shape.get(a, 1) > 1 and a not in mesh.manual_axes)
+  if not axes or h.shape[0] % math.prod(mesh.shape[a] for a in axes):
+    return h
+  rest = (jax.sharding.PartitionSpec.UNCONSTRAINED,) * (h.ndim - 1)
+  return jax.lax.with_sharding_constraint(
+      h, jax.sharding.PartitionSpec(axes, *rest))
 
 
 def tree_slice(params: Params, start: int, stop: int) -> Params:
@@ -73,7 +100,8 @@ class Stack:
   def apply_one(self, params: Params, h: jax.Array, *args: Any,
                 **kwargs: Any) -> Any:
     """Applies one copy (parameters without the stack axis)."""
-    return self._layer.apply(params, None, h, *args, **kwargs)
+    return self._layer.apply(params, None, constrain_batch(h), *args,
+                             **kwargs)
 
   def scan(self, params: Params, h: jax.Array, *args: Any,
            per_layer: Optional[dict[str, Any]] = None) -> Any:

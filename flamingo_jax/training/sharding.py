@@ -30,6 +30,22 @@ Optimizer state follows the parameters (`optimizer_state_shardings`): each
 Adam moment gets its parameter's sharding; with `zero_axis='data'` moments
 are additionally split over the data axis (ZeRO-1); XLA inserts the
 collectives between the moments' and the parameters' layouts.
+
+ZeRO-3 / FSDP is the 'fsdp' axis: each of the rules above puts 'fsdp' on the
+largest dimension of its matrix that 'model' does not split, so with 'fsdp'
+> 1 the trained and the frozen weights, their gradients and their Adam
+moments are all split over it, and XLA gathers one layer group's weights at
+a time inside the scanned stacks. That takes activations that stay split
+over the batch: `models/stacking.py` constrains every layer's input to
+BATCH_AXES (left alone, XLA met such weights by splitting the activations
+the same way and all-reducing the products, every device then holding the
+whole batch). `python -m flamingo_jax.plan` picks the size of 'fsdp': the
+least that makes the step fit the chip (`training/memory.py`). The vision
+encoder stays replicated: 0.9 GB in bf16, and its convolutions would pose
+XLA the same choice with no layer input to constrain.
+
+On several TPU slices (multislice), 'data' spans the slices and the other
+axes stay inside one (`device_grid`).
 """
 
 from collections.abc import Mapping, Sequence
@@ -38,11 +54,12 @@ from typing import Any, Optional
 
 from absl import logging
 import jax
+from jax.experimental import mesh_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from flamingo_jax import training
-from flamingo_jax.models import nfnet
+from flamingo_jax.models import layers
 
 AxisEntry = Optional[str | tuple[str, ...]]  # One dimension of a spec.
 Spec = Sequence[AxisEntry]
@@ -50,8 +67,8 @@ MeshConfig = Sequence[tuple[str, int]]
 
 DEFAULT_MESH = (('data', -1), ('fsdp', 1), ('model', 1))
 # Mesh axes the batch dimension is split over: ('data', 'fsdp'), defined with
-# the model that splits its grouped convolutions over them.
-BATCH_AXES = nfnet.BATCH_AXES
+# the model layers that keep activations split over them.
+BATCH_AXES = layers.BATCH_AXES
 
 _STACKED = r'(lm/blocks|gated_xattn)/block'  # Leading [num_layers] axis.
 _QKV = r'(query|key|value|relative_key)'
@@ -121,13 +138,46 @@ def make_mesh(mesh_config: MeshConfig = DEFAULT_MESH,
 
   Auto, not the default Explicit: Haiku layers contract over sharded
   dimensions, which Explicit axes reject; under Auto, XLA propagates the
-  parameter and batch shardings through the model.
+  parameter and batch shardings through the model. Devices of several TPU
+  slices (multislice) get a hybrid mesh: see `device_grid`.
   """
-  num_devices = len(devices) if devices is not None else jax.device_count()
-  names, sizes = mesh_shape(mesh_config, num_devices)
-  return jax.make_mesh(sizes, names,
-                       axis_types=(jax.sharding.AxisType.Auto,) * len(names),
-                       devices=devices)
+  devices = list(devices if devices is not None else jax.devices())
+  names, sizes = mesh_shape(mesh_config, len(devices))
+  axis_types = (jax.sharding.AxisType.Auto,) * len(names)
+  if len({getattr(d, 'slice_index', 0) for d in devices}) == 1:
+    return jax.make_mesh(sizes, names, axis_types=axis_types,
+                         devices=devices)
+  return jax.sharding.Mesh(device_grid(names, sizes, devices), names,
+                           axis_types=axis_types)
+
+
+def device_grid(names: Sequence[str], sizes: Sequence[int],
+                devices: Sequence[Any]) -> Any:
+  """Devices of several slices arranged as a mesh of `sizes`.
+
+  Slices talk over the data-centre network (DCN), far slower than the
+  links inside a slice (ICI), so only the data-parallel axis (the first of
+  BATCH_AXES, 'data') spans them: each gradient crosses DCN once per step,
+  while FSDP gathers and model-parallel collectives stay inside a slice.
+
+  Returns:
+    An np.ndarray of `devices` of shape `sizes`.
+
+  Raises:
+    ValueError: if the mesh has no 'data' axis, or its size is not a
+      multiple of the number of slices.
+  """
+  num_slices = len({d.slice_index for d in devices})
+  if 'data' not in names or sizes[names.index('data')] % num_slices:
+    raise ValueError(
+        f'Mesh {dict(zip(names, sizes))} on {num_slices} slices: the '
+        f"'data' axis spans the slices, so its size must be a multiple of "
+        f'{num_slices}.')
+  data = names.index('data')
+  within = [size // num_slices if i == data else size
+            for i, size in enumerate(sizes)]
+  across = [num_slices if i == data else 1 for i in range(len(sizes))]
+  return mesh_utils.create_hybrid_device_mesh(within, across, devices)
 
 
 def _axes(entry: AxisEntry) -> tuple[str, ...]:
@@ -219,16 +269,29 @@ def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
 
 def _add_axis(spec: P, shape: Sequence[int], axis: str,
               mesh: jax.sharding.Mesh) -> P:
-  """`spec` also split over `axis` on its largest free, divisible dim."""
+  """`spec` also split over `axis`, where the array allows.
+
+  On the largest dimension that is not split yet (its axes, if any, all of
+  size 1 on this mesh) and that `axis` divides; failing that, on the
+  largest split one whose split `axis` further divides. Unchanged if the
+  mesh lacks `axis` or already splits over it.
+  """
   entries = list(spec) + [None] * (len(shape) - len(spec))
   if axis not in mesh.shape or any(axis in _axes(e) for e in entries):
     return spec
+  size = lambda axes: math.prod(mesh.shape[a] for a in axes)
   free = [d for d, e in enumerate(entries)
-          if e is None and shape[d] % mesh.shape[axis] == 0]
-  if not free:
+          if size(_axes(e)) == 1 and shape[d] % mesh.shape[axis] == 0]
+  if free:
+    dim = max(free, key=lambda d: shape[d])
+    entries[dim] = axis
+    return P(*entries)
+  split = [d for d, e in enumerate(entries)
+           if shape[d] % (size(_axes(e)) * mesh.shape[axis]) == 0]
+  if not split:
     return spec
-  dim = max(free, key=lambda d: shape[d])
-  entries[dim] = axis
+  dim = max(split, key=lambda d: shape[d] // size(_axes(entries[d])))
+  entries[dim] = _entry(_axes(entries[dim]) + (axis,))
   return P(*entries)
 
 

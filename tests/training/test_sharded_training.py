@@ -1,11 +1,13 @@
 """Sharded training steps equal single-device ones, on 8 fake CPU devices.
 
 The train state is created once, sharded, by `loop.create_train_state` on the
-(1, 1, 8) mesh; every mesh then places it by `loop.state_shardings` and runs
-the train step as the loop builds it (`train_step.make_train_step` under
-`jax.jit` with the state and batch shardings, donating the state) for a few
-steps on the same synthetic global batches. Losses and trainable parameters must agree with
-the one-device run to fp32 precision.
+(1, 1, 8) mesh; every mesh -- data-parallel, model-parallel, ZeRO-3 / FSDP
+(2, 4, 1) and all three at once (2, 2, 2) -- then places it by
+`loop.state_shardings` and runs the train step as the loop builds it
+(`train_step.make_train_step` under `jax.jit` with the state and batch
+shardings, donating the state) for a few steps on the same synthetic global
+batches. Losses and trainable parameters must agree with the one-device run
+to fp32 precision.
 """
 
 import functools
@@ -28,7 +30,7 @@ pytestmark = pytest.mark.slow
 STEPS = 3
 AXES = ('data', 'fsdp', 'model')
 MESH_SHAPES = {'one_device': (1, 1, 1), 'data': (8, 1, 1),
-               'mixed': (2, 2, 2), 'model': (1, 1, 8)}
+               'mixed': (2, 2, 2), 'model': (1, 1, 8), 'fsdp': (2, 4, 1)}
 
 # XLA (jaxlib 0.10.2; Shardy and GSPMD alike, in-process and gloo
 # collectives alike) miscompiles the tiny Flamingo on the (2, 2, 2) mesh, in
@@ -136,7 +138,7 @@ def test_training_moves_every_kind_of_parameter():
 
 
 @pytest.mark.parametrize('mesh_name', [
-    'data', 'model', 'mixed'])
+    'data', 'model', 'mixed', 'fsdp'])
 def test_sharded_steps_match_one_device(mesh_name):
   expected_losses, expected, _ = _train('one_device')
   losses, trained, state = _train(mesh_name)
@@ -145,9 +147,14 @@ def test_sharded_steps_match_one_device(mesh_name):
     for name, value in leaves.items():
       np.testing.assert_allclose(trained[module][name], value, rtol=1e-4,
                                  atol=1e-5, err_msg=f'{module}/{name}')
+  query = _leaf(state.trainable, 'gated_xattn/block/cross_attention/query/w')
+  hidden = _leaf(state.frozen, 'lm/blocks/block/ffw/hidden/w')
   if mesh_name == 'model':  # The updated state stays split over 'model'.
-    query = _leaf(state.trainable, 'gated_xattn/block/cross_attention/query/w')
     assert query.addressable_shards[0].data.shape[-1] == query.shape[-1] // 8
+  if mesh_name == 'fsdp':  # ZeRO-3: trained and frozen weights split 4-way.
+    for leaf in (query, hidden):  # [layers, D_in, D_out]: D_in over 'fsdp'.
+      assert leaf.addressable_shards[0].data.shape == (
+          leaf.shape[0], leaf.shape[1] // 4, leaf.shape[2])
 
 
 @pytest.mark.xfail(strict=True, raises=AssertionError,

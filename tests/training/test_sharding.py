@@ -4,6 +4,8 @@ On the 8 fake CPU devices of tests/conftest.py.
 """
 
 import logging
+import re
+import types
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +15,10 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from experiments import flamingo as flamingo_config
 from flamingo_jax.models import flamingo
+from flamingo_jax.models import stacking
+from flamingo_jax.training import memory
 from flamingo_jax.training import optim
 from flamingo_jax.training import sharding
 from tests import training as training_tests
@@ -215,3 +220,95 @@ def test_sharded_forward_matches_unsharded(meshes, abstract, forward_inputs,
                       in_shardings=(param_sh, None) + (batch_sh,) * 4)
     logits = forward(params, None, *_inputs())
   np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
+
+
+# ZeRO-3 / FSDP.
+
+
+def test_fsdp_forward_keeps_the_batch_split(abstract):
+  """Under a pure-FSDP mesh the weights are gathered, not the batch.
+
+  Without `stacking.constrain_batch`, XLA split the activations over 'fsdp'
+  like the weights' input dimension and all-reduced [B, L, 4D] partial
+  products: every device computed the whole batch.
+  """
+  batch, length = 16, 12  # Distinct from every other dimension.
+  rng = np.random.default_rng(1)
+  size = TINY['image_size']
+  inputs = (
+      rng.integers(0, TINY['lm']['vocab_size'], [batch, length]).astype(
+          np.int32),
+      rng.integers(0, 256, [batch, N, 1, size, size, 3]).astype(np.uint8),
+      np.ones([batch, N], bool),
+      np.tile(np.minimum(np.arange(length) // 4 + 1, N),
+              (batch, 1)).astype(np.int32))
+  params = training_tests.random_params(abstract)
+  model = flamingo.transform(TINY)
+  expected = jax.jit(model.apply)(params, None, *inputs)
+  mesh = sharding.make_mesh([('data', 1), ('fsdp', 8), ('model', 1)])
+  param_sh = sharding.param_shardings(abstract, RULES, mesh)
+  with jax.set_mesh(mesh):
+    forward = jax.jit(model.apply, in_shardings=(param_sh, None) + (
+        sharding.batch_sharding(mesh),) * 4)
+    compiled = forward.lower(params, None, *inputs).compile()
+    logits = compiled(jax.device_put(params, param_sh), None, *inputs)
+  np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
+  reduced = re.findall(r'= \w+\[([\d,]*)\]\S* all-reduce\(', compiled.as_text())
+  assert not [s for s in reduced if s.split(',')[0] == str(batch)], reduced
+  assert 'all-gather(' in compiled.as_text()  # The weights, instead.
+
+
+def test_3b_state_per_device_drops_with_fsdp():
+  """Full-size shapes only (eval_shape): ZeRO-3 divides the weights too."""
+  config = flamingo_config.get_config('3B')
+  state = memory.StateModel(config)
+  per_device = {}
+  for mesh in ((8, 1, 1), (1, 8, 1)):
+    shardings = state.shardings(mesh)
+    per_device[mesh] = {
+        part: memory.shard_bytes(getattr(state.abstract, part),
+                                 getattr(shardings, part))
+        for part in ('trainable', 'frozen', 'opt_state')}
+  data, fsdp = per_device[(8, 1, 1)], per_device[(1, 8, 1)]
+  vision = sum(x.size * x.dtype.itemsize for module, leaves in
+               state.abstract.frozen.items() if module.startswith('vision')
+               for x in leaves.values())  # Replicated on purpose.
+  assert fsdp['trainable'] < data['trainable'] / 7.5  # 5.0 -> 0.63 GiB.
+  assert fsdp['frozen'] - vision < (data['frozen'] - vision) / 7.5
+  # Adam moments: ZeRO-1 already split them over 'data'; 'fsdp' does too.
+  assert fsdp['opt_state'] == pytest.approx(data['opt_state'], rel=0.02)
+  assert sum(fsdp.values()) < sum(data.values()) / 3  # 9.8 -> 3.0 GiB.
+
+
+def test_multislice_mesh_puts_data_across_slices():
+  devices = [types.SimpleNamespace(id=i, slice_index=i // 8, platform='cpu',
+                                   device_kind='cpu') for i in range(16)]
+  grid = sharding.device_grid(('data', 'fsdp', 'model'), (4, 2, 2), devices)
+  slice_of = np.vectorize(lambda d: d.slice_index)(grid)
+  assert grid.shape == (4, 2, 2)
+  # Each slice is a contiguous half of 'data'; fsdp and model stay inside.
+  assert (slice_of[:2] == 0).all() and (slice_of[2:] == 1).all()
+  with pytest.raises(ValueError, match='multiple of 2'):
+    sharding.device_grid(('data', 'fsdp', 'model'), (1, 8, 2), devices)
+
+
+def test_batch_axes_agree_with_the_models():
+  assert stacking.BATCH_AXES == sharding.BATCH_AXES
+
+
+def test_zero1_splits_moments_of_matrices_the_rules_name_fully(meshes,
+                                                               abstract):
+  """A [D_in, D_out] kernel with spec ('fsdp', 'model') on a mesh where both
+  are 1 still gets its moments split over 'data' (ZeRO-1)."""
+  mesh = meshes['data']  # (8, 1, 1).
+  trainable_sh, _ = optim.partition(
+      sharding.param_shardings(abstract, RULES, mesh),
+      optim.FLAMINGO_FREEZE_RULES)
+  trainable, _ = optim.partition(abstract, optim.FLAMINGO_FREEZE_RULES)
+  tx = optim.make_optimizer(optim.default_optim_config())
+  state_sh = sharding.optimizer_state_shardings(
+      jax.eval_shape(tx.init, trainable), trainable_sh, zero_axis='data')
+  adam = state_sh[1][0]
+  kernel = 'perceiver_resampler/layer_0/attention/query'
+  assert trainable_sh[kernel]['w'].spec == P('fsdp', 'model')
+  assert adam.mu[kernel]['w'].spec == P('data', 'model')
