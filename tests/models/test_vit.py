@@ -94,8 +94,8 @@ def test_bad_images_raise(shape, match):
 
 
 def test_bad_configuration_raises():
-  with pytest.raises(ValueError, match='H/14'):
-    _transformed('H/14').init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))
+  with pytest.raises(ValueError, match='X/99'):
+    _transformed('X/99').init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))
   with pytest.raises(ValueError, match='18'):
     _transformed(image_size=18).init(
         jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))
