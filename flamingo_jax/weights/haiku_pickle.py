@@ -45,6 +45,8 @@ def read(path: str) -> tensors_lib.TensorStore:
   arrays = {}
   for module, params in tree.items():
     for name, value in params.items():
+      if isinstance(value, np.generic):  # A numpy scalar, e.g. a skip gain.
+        value = np.asarray(value)
       if not isinstance(value, np.ndarray):
         raise ValueError(f'{path}: {module}/{name} is a '
                          f'{type(value).__name__}, not an array.')

@@ -166,7 +166,7 @@ def open_path(path: str, *, torch_backend: str = 'auto') -> TensorStore:
     return safetensors_file.read(path)
   if name.endswith('.bin.index.json'):
     return torch_file.read_index(path, backend=torch_backend)
-  if name.endswith('.npz') and haiku_pickle.is_pickle(path):
+  if name.endswith('.npz'):
     return haiku_pickle.read(path)
   if name.endswith(('.pt', '.pth', '.bin', '.ckpt')):
     return torch_file.read(path, backend=torch_backend)
