@@ -24,6 +24,7 @@ import os
 from typing import Any, Optional, Sequence
 
 from flamingo_jax.data import tokenizer as tokenizer_lib
+from flamingo_jax.data import tokenizer_backends
 
 FILE = 'tokenizer.json'
 # OpenFlamingo's spelling of the markers, in the order it adds them.
@@ -44,7 +45,7 @@ class Backend:
   kind = 'hf'
 
   def __init__(self, tokenizer_json: bytes | str,
-               markers: tokenizer_lib.Markers, source: str):
+               markers: tokenizer_backends.Markers, source: str):
     tokenizers = _tokenizers()
     text = (tokenizer_json.decode() if isinstance(tokenizer_json, bytes)
             else tokenizer_json)

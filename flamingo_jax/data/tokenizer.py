@@ -60,19 +60,21 @@ backend's file and `flamingo_tokenizer.json`, the spec), which
 `Tokenizer.load` takes.
 """
 
-from collections.abc import Iterable, Iterator, Sequence
-import dataclasses
+from collections.abc import Iterable, Iterator
 import io
 import json
 import os
 import posixpath
 import re
-from typing import Any, Optional, Protocol
+from typing import Any, Optional
 
 import numpy as np
 import sentencepiece as spm
 
-IMAGE = '<image>'
+from flamingo_jax.data import tokenizer_backends as backends
+from flamingo_jax.data.tokenizer_backends import Markers
+
+IMAGE = backends.IMAGE  # '<image>'
 EOC = '<EOC>'
 SPEC_FILE = 'flamingo_tokenizer.json'  # An imported tokenizer's spec.
 
@@ -88,109 +90,6 @@ _DEFAULT_OPTIONS = dict(
     normalization_rule_name='identity',
     minloglevel=2,  # SentencePiece's INFO logs are noise at our sizes.
 )
-
-
-@dataclasses.dataclass(frozen=True)
-class Markers:
-  """How a tokenizer spells the markers and which tokens are special.
-
-  Each field is a token as the backend spells it. `eoc=None` puts `<EOC>`
-  at the extra id `vocab_size` (our layout); `added` are tokens appended
-  after a SentencePiece model's pieces, in order (the ids a Hugging Face
-  `add_special_tokens` call gives them).
-  """
-  image: str = IMAGE
-  eoc: Optional[str] = None
-  bos: Optional[str] = '<s>'
-  eos: Optional[str] = '</s>'
-  pad: Optional[str] = '<pad>'
-  unk: Optional[str] = '<unk>'
-  added: tuple[str, ...] = ()
-
-  def to_json(self) -> dict[str, Any]:
-    return {**dataclasses.asdict(self), 'added': list(self.added)}
-
-  @classmethod
-  def from_json(cls, data: dict[str, Any]) -> 'Markers':
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - fields)
-    if unknown:
-      raise ValueError(f'Unknown tokenizer spec fields {unknown}; expected '
-                       f'{sorted(fields)}.')
-    return cls(**{**data, 'added': tuple(data.get('added', ()))})
-
-
-class Backend(Protocol):
-  """What a Tokenizer needs of a subword model (markers are not its job)."""
-  kind: str  # 'sentencepiece' or 'hf'.
-
-  def size(self) -> int: ...  # Ids it defines, [0, size).
-  def token_to_id(self, token: str) -> Optional[int]: ...
-  def id_to_token(self, token_id: int) -> str: ...
-  def encode(self, text: str) -> list[int]: ...  # Markers already split off.
-  def encode_plain(self, text: str) -> list[int]: ...  # Never a marker.
-  def decode(self, ids: list[int]) -> str: ...  # Special tokens -> ''.
-  def files(self) -> dict[str, bytes]: ...  # For save_dir.
-
-
-class _SentencePiece:
-  """A SentencePiece model plus `added` ids after its pieces."""
-  kind = 'sentencepiece'
-  file = 'tokenizer.model'
-
-  def __init__(self, model_proto: bytes, source: str,
-               added: Sequence[str] = (), markers: Sequence[str] = ()):
-    self.proto = bytes(model_proto)
-    try:
-      self.sp = spm.SentencePieceProcessor(model_proto=self.proto)
-    except RuntimeError as e:
-      raise ValueError(
-          f'{source} is not a valid SentencePiece model: {e}') from e
-    base = self.sp.vocab_size()
-    self.added = {token: base + i for i, token in enumerate(added)}
-    self.added_tokens = {i: t for t, i in self.added.items()}
-    # A marker that is a piece of the model (our `<image>`) is spelt with
-    # ordinary pieces in plain text: '<' then 'image>' (SentencePiece
-    # always matches a whole user-defined symbol).
-    self.literals = {m: self.sp.encode(m[:1]) + self.sp.encode(m[1:])
-                     for m in dict.fromkeys(markers) if m not in self.added}
-
-  def size(self) -> int:
-    return self.sp.vocab_size() + len(self.added)
-
-  def token_to_id(self, token: str) -> Optional[int]:
-    if token in self.added:
-      return self.added[token]
-    token_id = self.sp.piece_to_id(token)
-    if token_id == self.sp.unk_id() and token != self.sp.id_to_piece(
-        self.sp.unk_id()):
-      return None
-    return token_id
-
-  def id_to_token(self, token_id: int) -> str:
-    if token_id in self.added_tokens:
-      return self.added_tokens[token_id]
-    return self.sp.id_to_piece(token_id)
-
-  def encode(self, text: str) -> list[int]:
-    return self.sp.encode(text)
-
-  def encode_plain(self, text: str) -> list[int]:
-    if not self.literals:
-      return self.sp.encode(text)
-    pattern = '(' + '|'.join(map(re.escape, self.literals)) + ')'
-    ids = []
-    for part in re.split(pattern, text):
-      ids.extend(self.literals[part] if part in self.literals
-                 else self.sp.encode(part))
-    return ids
-
-  def decode(self, ids: list[int]) -> str:
-    # Added tokens are special (pad, markers): they render as ''.
-    return self.sp.decode([i for i in ids if i not in self.added_tokens])
-
-  def files(self) -> dict[str, bytes]:
-    return {self.file: self.proto}
 
 
 class Tokenizer:
@@ -211,12 +110,12 @@ class Tokenizer:
     """
     own_layout = markers is None
     markers = markers or Markers()
-    backend = _SentencePiece(model_proto, source, markers.added,
+    backend = backends.SentencePiece(model_proto, source, markers.added,
                              (IMAGE, markers.image))
     self._setup(backend, markers, source, own_layout)
 
   @classmethod
-  def from_backend(cls, backend: Backend, markers: Markers,
+  def from_backend(cls, backend: backends.Backend, markers: Markers,
                    source: str) -> 'Tokenizer':
     """A tokenizer over any Backend (e.g. `hf_tokenizer`'s)."""
     tokenizer = cls.__new__(cls)
@@ -230,7 +129,7 @@ class Tokenizer:
     a marker that is not one of its pieces goes in `markers.added`."""
     return cls(model_proto, source=source, markers=markers)
 
-  def _setup(self, backend: Backend, markers: Markers, source: str,
+  def _setup(self, backend: backends.Backend, markers: Markers, source: str,
              own_layout: bool) -> None:
     self._backend, self._markers, self._source = backend, markers, source
     self._own_layout = own_layout
@@ -380,7 +279,7 @@ class Tokenizer:
   @property
   def serialized_model(self) -> bytes:
     """The SentencePiece model (SentencePiece-based tokenizers only)."""
-    return self._backend.files()[_SentencePiece.file]
+    return self._backend.files()[backends.SentencePiece.file]
 
   @property
   def markers(self) -> Markers:
@@ -516,12 +415,13 @@ def load_dir(path: str) -> Tokenizer:
 
 def _from_files(kind: str, files: dict[str, bytes], markers: Markers,
                 own_layout: bool, source: str) -> Tokenizer:
-  if kind == _SentencePiece.kind:
-    proto = files[_SentencePiece.file]
+  if kind == backends.SentencePiece.kind:
+    proto = files[backends.SentencePiece.file]
     return Tokenizer(proto, source=source,
                      markers=None if own_layout else markers)
   if kind == 'hf':
-    from flamingo_jax.data import hf_tokenizer  # pylint: disable=g-import-not-at-top
+    # pylint: disable-next=g-import-not-at-top
+    from flamingo_jax.data import hf_tokenizer
     return Tokenizer.from_backend(
         hf_tokenizer.Backend(files[hf_tokenizer.FILE], markers, source),
         markers, source)

@@ -53,6 +53,7 @@ import time
 from typing import Any, Optional
 
 from absl import logging
+import jax
 import ml_dtypes
 import numpy as np
 
@@ -173,6 +174,11 @@ def write_workdir(converted: Converted, workdir: str, *, kind: str,
 
 
 def _save_params(params: mapping.Params, directory: str, step: int) -> None:
+  # Handed to orbax as device arrays, each numpy output freed as it moves:
+  # orbax would otherwise make its own copy of the whole tree.
+  for leaves in params.values():
+    for name in leaves:
+      leaves[name] = jax.device_put(leaves[name])
   state = {'step': np.asarray(step, np.int32), 'trainable': {},
            'frozen': params}
   checkpointer = checkpoint_lib.Checkpointer(directory, save_every=1, keep=1,

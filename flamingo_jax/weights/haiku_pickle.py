@@ -61,9 +61,9 @@ def _read_npz(path: str) -> tensors_lib.TensorStore:
     # The header gives shape and dtype without reading the data.
     with npz.zip.open(f'{name}.npy') as f:
       version = np.lib.format.read_magic(f)
-      shape, fortran, dtype = np.lib.format._read_array_header(  # pylint: disable=protected-access
-          f, version)
-      del fortran
+      read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                     else np.lib.format.read_array_header_2_0)
+      shape, _, dtype = read_header(f)
     infos[name] = tensors_lib.TensorInfo(tuple(shape), dtype, path)
   return tensors_lib.TensorStore(infos, npz.__getitem__,
                                  releasers={path: npz.close}, source=path)

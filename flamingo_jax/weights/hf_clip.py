@@ -99,14 +99,19 @@ def config_from(path: str, tensors: Optional[tensors_lib.TensorStore] = None,
   depth = len({n for n in tensors
                if n.startswith(f'{prefix}encoder.layers.')
                and n.endswith('.layer_norm1.weight')})
-  width = tensors.info(f'{prefix}embeddings.class_embedding').shape[0]
+  # Sizes from the shapes; heads and activation from the config, with
+  # transformers' CLIPVisionConfig defaults for what it leaves out.
+  width, _, patch, _ = tensors.info(f'{prefix}{_ANCHOR}').shape
+  rows = tensors.info(f'{prefix}embeddings.position_embedding.weight').shape[0]
+  grid = int(round((rows - 1) ** 0.5))
+  mlp_dim = tensors.info(
+      f'{prefix}encoder.layers.0.mlp.fc1.weight').shape[0]
   return vision.vit_config(
-      patch_size=config['patch_size'], width=width, depth=depth,
-      num_heads=config['num_attention_heads'],
-      mlp_dim=config['intermediate_size'],
+      patch_size=patch, width=width, depth=depth,
+      num_heads=config.get('num_attention_heads', 12), mlp_dim=mlp_dim,
       embed_dim=(tensors.info('visual_projection.weight').shape[0]
                  if projection else None),
-      image_size=config['image_size'], activation=activation, tokens=tokens,
+      image_size=grid * patch, activation=activation, tokens=tokens,
       keep_class_token=keep_class_token)
 
 

@@ -175,8 +175,8 @@ def write(path: str, arrays: dict[str, np.ndarray],
   offset = 0
   blobs = []
   for name, array in arrays.items():
-    array = np.ascontiguousarray(array)
-    blob = array.tobytes()
+    array = np.asarray(array)
+    blob = array.tobytes()  # C order, whatever the strides.
     header[name] = {'dtype': names[array.dtype], 'shape': list(array.shape),
                     'data_offsets': [offset, offset + len(blob)]}
     offset += len(blob)

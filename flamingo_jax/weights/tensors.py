@@ -81,6 +81,9 @@ class TensorStore(Mapping[str, np.ndarray]):
   def __iter__(self) -> Iterator[str]:
     return iter(self._infos)
 
+  def __contains__(self, name: object) -> bool:
+    return name in self._infos  # Mapping's default would read the tensor.
+
   def __len__(self) -> int:
     return len(self._infos)
 
