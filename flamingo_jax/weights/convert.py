@@ -23,7 +23,10 @@ load_params` and the other readers take it as it is):
   W/checkpoints/<step>/    the parameters as the frozen part of a train state
                            (`{'step', 'trainable': {}, 'frozen': params}`),
                            through `checkpoint.Checkpointer`;
-  W/tokenizer/             the source's tokenizer, when it has one.
+  W/tokenizer/             the source's tokenizer, when it has one
+                           (`Tokenizer.save_dir`; `config.data.tokenizer`
+                           names its flamingo_tokenizer.json, which
+                           `Tokenizer.load` and `flamingo_jax.load` read).
 Nothing is written half: the workdir is assembled under a temporary name
 beside W and renamed when complete; a checkpoint that does not fit (missing,
 extra or misshaped tensors, another family) stops before anything is
@@ -58,6 +61,7 @@ import ml_dtypes
 import numpy as np
 
 from flamingo_jax import checkpoint as checkpoint_lib
+from flamingo_jax.data import tokenizer as tokenizer_lib
 from flamingo_jax.weights import hf_clip
 from flamingo_jax.weights import mapping
 from flamingo_jax.weights import nfnet_npz
@@ -77,7 +81,7 @@ class Converted:
   """What a conversion produces, before anything is written."""
   model: dict[str, Any]  # The config.model part the source fills.
   params: mapping.Params
-  tokenizer_files: dict[str, bytes] = dataclasses.field(default_factory=dict)
+  tokenizer: Optional[tokenizer_lib.Tokenizer] = None
   inputs: list[str] = dataclasses.field(default_factory=list)
 
 
@@ -155,13 +159,12 @@ def write_workdir(converted: Converted, workdir: str, *, kind: str,
     config = {'task': 'import', 'model': converted.model,
               'weights': {'source': kind, 'inputs': converted.inputs,
                           'dtype': dtype, 'step': step}}
+    if converted.tokenizer is not None:
+      spec = converted.tokenizer.save_dir(os.path.join(partial, 'tokenizer'))
+      config['data'] = {'tokenizer': os.path.join(
+          workdir, 'tokenizer', os.path.basename(spec))}
     with open(os.path.join(partial, 'config.json'), 'w') as f:
       json.dump(config, f, indent=2)
-    if converted.tokenizer_files:
-      os.makedirs(os.path.join(partial, 'tokenizer'))
-      for name, data in converted.tokenizer_files.items():
-        with open(os.path.join(partial, 'tokenizer', name), 'wb') as f:
-          f.write(data)
     _say(f'Writing {workdir} ...')
     _save_params(converted.params, os.path.join(partial, 'checkpoints'), step)
     if os.path.exists(workdir):

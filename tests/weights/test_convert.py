@@ -111,3 +111,30 @@ def test_existing_workdir_needs_overwrite(workdir, capsys):
   assert convert.main(['hf_clip', fixtures.path('hf_clip'), '--workdir',
                        workdir]) == 1
   assert '--overwrite' in capsys.readouterr().err
+
+
+def test_workdir_with_a_tokenizer(tmp_path):
+  """A source with a tokenizer: saved beside, named by config.data."""
+  tokenizers = pytest.importorskip('tokenizers')
+  # pylint: disable-next=g-import-not-at-top
+  from flamingo_jax.data import hf_tokenizer
+  bpe = tokenizers.Tokenizer(tokenizers.models.BPE())
+  bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(
+      add_prefix_space=False)
+  bpe.train_from_iterator(['a red cube', 'two blue balls'] * 5,
+                          tokenizers.trainers.BpeTrainer(
+                              vocab_size=260, special_tokens=['<s>', '</s>']))
+  bpe.save(str(tmp_path / 'tokenizer.json'))
+  tok = hf_tokenizer.from_hf(str(tmp_path / 'tokenizer.json'), bos='<s>',
+                             eos='</s>')
+  params = {'vision_encoder': {'w': np.ones(2, np.float32)}}
+  workdir = convert.write_workdir(
+      convert.Converted(model={}, params=params, tokenizer=tok),
+      str(tmp_path / 'w'), kind='test', dtype='float32')
+  with open(os.path.join(workdir, 'config.json')) as f:
+    path = json.load(f)['data']['tokenizer']
+  loaded = convert.tokenizer_lib.Tokenizer.load(path)
+  prompt = '<image>a red cube<EOC>'
+  assert loaded.encode(prompt) == tok.encode(prompt)
+  # The markers come after the vocabulary: <|endofchunk|>, <image>, <PAD>.
+  assert loaded.eoc_id == tok.eoc_id == tok.vocab_size - 3
