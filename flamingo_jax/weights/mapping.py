@@ -24,7 +24,6 @@ import dataclasses
 import re
 from typing import Any, Optional, Union
 
-import jax
 import numpy as np
 
 from flamingo_jax.weights import tensors as tensors_lib
@@ -256,9 +255,3 @@ def _copy(store: tensors_lib.TensorStore, steps: list[_Step],
         outputs[target][step.layer] = out
   if current is not None:
     store.release(current)
-
-
-def abstract_params(init: Callable[..., Any], *args: Any
-                    ) -> dict[str, dict[str, jax.ShapeDtypeStruct]]:
-  """`jax.eval_shape(init, key, *args)`: the parameter tree, nothing run."""
-  return jax.eval_shape(init, jax.random.key(0), *args)
