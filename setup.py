@@ -12,6 +12,7 @@ INSTALL_REQUIRES = [
     'jax>=0.10.2',
     'matplotlib',
     'ml_collections',
+    'ml_dtypes',  # bfloat16/float8 numpy dtypes (flamingo_jax.weights).
     'numpy',
     'optax==0.2.8',
     'orbax-checkpoint>=0.12,<0.13',
@@ -27,8 +28,17 @@ EXTRAS_REQUIRE = {
     # pycocoevalcap: the reference CIDEr implementation the metric tests
     # compare against (pure Python; its tokenizer test also needs Java).
     # nbclient, nbformat, ipykernel: tests/test_notebook.py runs the notebook.
+    # tokenizers: tests/data/test_imported_tokenizers.py (the hf extra).
     'test': ['pytest', 'pytest-xdist', 'pycocoevalcap', 'nbclient', 'nbformat',
-             'ipykernel'],
+             'ipykernel', 'tokenizers'],
+    # A checkpoint's own Hugging Face tokenizer (data/hf_tokenizer.py).
+    'hf': ['tokenizers'],
+    # The reference implementations that tests/weights/make_fixtures.py
+    # builds the parity fixtures with, and the live parity tests (skipped
+    # without them). Never needed at run time: the importers read PyTorch
+    # files without torch. timm and open_clip need torchvision.
+    'parity': ['torch', 'torchvision', 'transformers', 'safetensors',
+               'tokenizers', 'timm', 'open_clip_torch', 'dill'],
 }
 
 setuptools.setup(

@@ -27,6 +27,10 @@ it, and matches the few-shot prompts (`<BOS><image>Output: ...<EOC><image>`,
 verbatim (put separators in the text); whitespace-only text is dropped.
 Document text is encoded with `parse_markers=False`, so a literal '<image>'
 in a web page is plain text and can never be a marker without an image.
+Only the tokenizer's ids are used (`bos_id`, `image_id`, `eoc_id`, ...), so
+an imported tokenizer (`data/tokenizer.py`: a checkpoint's Hugging Face or
+SentencePiece tokenizer, its markers added after the vocabulary) formats
+the same way.
 
 Training arrays (L = seq_len, N = max_media), for the full id stream S above
 cut to S' (see truncation): `tokens = S'[:-1]`, `targets = S'[1:]`, padded.

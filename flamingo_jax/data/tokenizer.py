@@ -43,20 +43,40 @@ paired datasets' random space prefix (`formatting.format_pair`) meaningful;
 with SentencePiece's defaults both would encode alike. Texts are encoded
 piecewise around `<EOC>`: a model with `add_dummy_prefix` (not ours) would
 give each piece its own `▁`.
+
+Imported tokenizers. A published model's own tokenizer -- a Hugging Face
+`tokenizer.json` (`data/hf_tokenizer.py`) or any SentencePiece `.model` --
+is a `Tokenizer` too, with a `Markers` spec that says how that checkpoint
+spells `<image>` and `<EOC>` (OpenFlamingo: `<image>` and `<|endofchunk|>`,
+two ids its tokenizer adds after the base vocabulary) and which tokens are
+`<BOS>`, `<EOS>` and `<pad>`. Prompts and documents keep writing `<image>`
+and `<EOC>`: `encode` maps both (and the checkpoint's own spellings) to the
+marker ids, `decode` renders them as `<image>` and `<EOC>`, and neither
+needs `<image>` to be a piece of the SentencePiece model. `vocab_size` is
+then the LM's embedding rows, markers included when the checkpoint has them
+(`eoc_id < vocab_size`); only in our own layout is `<EOC>` the extra id
+`vocab_size`. Such a tokenizer is saved as a directory (`save_dir`: the
+backend's file and `flamingo_tokenizer.json`, the spec), which
+`Tokenizer.load` takes.
 """
 
 from collections.abc import Iterable, Iterator
 import io
+import json
 import os
 import posixpath
 import re
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import sentencepiece as spm
 
-IMAGE = '<image>'
+from flamingo_jax.data import tokenizer_backends as backends
+from flamingo_jax.data.tokenizer_backends import Markers
+
+IMAGE = backends.IMAGE  # '<image>'
 EOC = '<EOC>'
+SPEC_FILE = 'flamingo_tokenizer.json'  # An imported tokenizer's spec.
 
 # Trainer options that fix the id layout above: not overridable.
 _FIXED_OPTIONS = dict(
@@ -73,37 +93,104 @@ _DEFAULT_OPTIONS = dict(
 
 
 class Tokenizer:
-  """A SentencePiece model plus `<EOC>` (id `vocab_size`).
+  """A subword model plus the `<image>` and `<EOC>` markers.
 
-  Build one with `Tokenizer.train(...)`, `Tokenizer.load(path)` or
-  `Tokenizer(serialized_model_bytes)`; pickles as its serialized model.
+  Build one with `Tokenizer.train(...)`, `Tokenizer.load(path)`,
+  `Tokenizer(serialized_model_bytes)` (our SentencePiece layout, see the
+  module docstring), `Tokenizer.from_sentencepiece(...)` (any SentencePiece
+  model, with a `Markers` spec) or `hf_tokenizer.from_hf(...)`; pickles as
+  its files and spec.
   """
 
-  def __init__(self, model_proto: bytes, *, source: str = '<bytes>'):
-    """Loads a serialized SentencePiece ModelProto (`source`: for errors)."""
-    self._proto = bytes(model_proto)
-    self._source = source
-    try:
-      self._sp = spm.SentencePieceProcessor(model_proto=self._proto)
-    except RuntimeError as e:
-      raise ValueError(
-          f'{source} is not a valid SentencePiece model: {e}') from e
-    self._check_specials()
-    # A literal '<image>' in plain text, spelt with ordinary pieces: '<' then
-    # 'image>' (SentencePiece always matches the whole user-defined symbol).
-    self._literal_image = self._sp.encode('<') + self._sp.encode('image>')
+  def __init__(self, model_proto: bytes, *, source: str = '<bytes>',
+               markers: Optional[Markers] = None):
+    """A serialized SentencePiece ModelProto (`source`: for errors).
 
-  def _check_specials(self) -> None:
-    sp = self._sp
+    Without `markers`, the model must have our layout (`Tokenizer.train`).
+    """
+    own_layout = markers is None
+    markers = markers or Markers()
+    backend = backends.SentencePiece(model_proto, source, markers.added,
+                             (IMAGE, markers.image))
+    self._setup(backend, markers, source, own_layout)
+
+  @classmethod
+  def from_backend(cls, backend: backends.Backend, markers: Markers,
+                   source: str) -> 'Tokenizer':
+    """A tokenizer over any Backend (e.g. `hf_tokenizer`'s)."""
+    tokenizer = cls.__new__(cls)
+    tokenizer._setup(backend, markers, source, own_layout=False)
+    return tokenizer
+
+  @classmethod
+  def from_sentencepiece(cls, model_proto: bytes, markers: Markers, *,
+                         source: str = '<bytes>') -> 'Tokenizer':
+    """Any SentencePiece model (e.g. LLaMA's), its markers per `markers`:
+    a marker that is not one of its pieces goes in `markers.added`."""
+    return cls(model_proto, source=source, markers=markers)
+
+  def _setup(self, backend: backends.Backend, markers: Markers, source: str,
+             own_layout: bool) -> None:
+    self._backend, self._markers, self._source = backend, markers, source
+    self._own_layout = own_layout
+    if own_layout:
+      self._check_own_layout()
+      sp = backend.sp
+      self._ids = dict(pad=sp.pad_id(), unk=sp.unk_id(), bos=sp.bos_id(),
+                       eos=sp.eos_id())
+    else:
+      self._ids = {name: self._special_id(name)
+                   for name in ('pad', 'unk', 'bos', 'eos')}
+    self._image_id = self._marker_id(markers.image, IMAGE)
+    self._eoc_id = (backend.size() if markers.eoc is None
+                    else self._marker_id(markers.eoc, EOC))
+    # Text -> marker id: the canonical spellings and the checkpoint's.
+    self._marker_ids = {IMAGE: self._image_id, EOC: self._eoc_id,
+                        markers.image: self._image_id}
+    if markers.eoc is not None:
+      self._marker_ids[markers.eoc] = self._eoc_id
+    spellings = sorted(self._marker_ids, key=len, reverse=True)
+    self._marker_pattern = re.compile(
+        '(' + '|'.join(map(re.escape, spellings)) + ')')
+
+  def _check_own_layout(self) -> None:
+    sp = self._backend.sp
     for name in ('pad', 'bos', 'eos'):
       if getattr(sp, f'{name}_id')() < 0:
         raise ValueError(f'SentencePiece model {self._source} defines no '
-                         f'{name} piece; train it with Tokenizer.train.')
+                         f'{name} piece; train it with Tokenizer.train, or '
+                         'load another model with '
+                         'Tokenizer.from_sentencepiece and a Markers spec.')
     if sp.encode(IMAGE) != [sp.piece_to_id(IMAGE)] or (
         sp.piece_to_id(IMAGE) == sp.unk_id()):
       raise ValueError(
           f'SentencePiece model {self._source} has no user-defined {IMAGE} '
-          'piece; train it with Tokenizer.train (user_defined_symbols).')
+          'piece; train it with Tokenizer.train (user_defined_symbols), or '
+          'load a model without one with Tokenizer.from_sentencepiece and '
+          "Markers(added=('<image>', ...)).")
+
+  def _special_id(self, name: str) -> int:
+    token = getattr(self._markers, name)
+    if token is None:
+      if name == 'unk':
+        return -1
+      raise ValueError(f'Tokenizer {self._source} has no {name} token: name '
+                       'one in its Markers (or add one, as OpenFlamingo adds '
+                       "'<PAD>').")
+    token_id = self._backend.token_to_id(token)
+    if token_id is None:
+      raise ValueError(f'Tokenizer {self._source}: its {name} token '
+                       f'{token!r} is not in the vocabulary.')
+    return token_id
+
+  def _marker_id(self, token: str, what: str) -> int:
+    token_id = self._backend.token_to_id(token)
+    if token_id is None:
+      raise ValueError(
+          f'Tokenizer {self._source}: the {what} marker {token!r} is not a '
+          'token of it; add it (Markers.added, or the Hugging Face '
+          "tokenizer's added tokens).")
+    return token_id
 
   # -- Construction ----------------------------------------------------------
 
@@ -157,53 +244,94 @@ class Tokenizer:
 
   @classmethod
   def load(cls, path: str) -> 'Tokenizer':
-    """Loads a `.model` file: a local path, or gs:// etc. via tf.io.gfile."""
+    """Loads a `.model` file (our layout), or an imported tokenizer's
+    `flamingo_tokenizer.json` (or its directory); local or gs:// etc."""
+    if path.endswith('.json') or (not _is_remote(path)
+                                  and os.path.isdir(path)):
+      return load_dir(path)
     return cls(_read_bytes(path), source=path)
 
   def save(self, path: str) -> None:
-    """Writes the serialized SentencePiece model to `path`."""
-    _write_bytes(path, self._proto)
+    """Writes the serialized SentencePiece model to `path` (our layout;
+    an imported tokenizer is saved with `save_dir`)."""
+    if not self._own_layout:
+      raise ValueError('An imported tokenizer is several files: use '
+                       'save_dir(directory).')
+    _write_bytes(path, self._backend.proto)
+
+  def save_dir(self, directory: str) -> str:
+    """Writes the backend's file(s) and the spec; returns the spec's path,
+    which `Tokenizer.load` takes."""
+    files = self._backend.files()
+    spec = {'backend': self._backend.kind, 'files': sorted(files),
+            'markers': self._markers.to_json(),
+            'own_layout': self._own_layout}
+    for name, data in files.items():
+      _write_bytes(posixpath.join(directory, name), data)
+    spec_path = posixpath.join(directory, SPEC_FILE)
+    _write_bytes(spec_path, json.dumps(spec, indent=1).encode())
+    return spec_path
+
+  def files(self) -> dict[str, bytes]:
+    """The backend's files, as `save_dir` writes them (without the spec)."""
+    return self._backend.files()
 
   @property
   def serialized_model(self) -> bytes:
-    return self._proto
+    """The SentencePiece model (SentencePiece-based tokenizers only)."""
+    return self._backend.files()[backends.SentencePiece.file]
+
+  @property
+  def markers(self) -> Markers:
+    return self._markers
 
   def __getstate__(self) -> dict[str, Any]:
-    return {'model_proto': self._proto, 'source': self._source}
+    return {'backend': self._backend.kind, 'files': self._backend.files(),
+            'markers': self._markers.to_json(), 'source': self._source,
+            'own_layout': self._own_layout}
 
   def __setstate__(self, state: dict[str, Any]) -> None:
-    self.__init__(state['model_proto'], source=state['source'])
+    restored = _from_files(state['backend'], state['files'],
+                           Markers.from_json(state['markers']),
+                           state['own_layout'], state['source'])
+    self.__dict__.update(restored.__dict__)
 
   # -- Ids -------------------------------------------------------------------
 
   @property
   def vocab_size(self) -> int:
-    """SentencePiece pieces; equals the LM's `vocab_size` (without `<EOC>`)."""
-    return self._sp.vocab_size()
+    """The LM's `vocab_size`: ids [0, vocab_size) are its embedding rows
+    (with our layout `<EOC>` is the extra id `vocab_size`)."""
+    return self._backend.size()
 
   @property
   def pad_id(self) -> int:
-    return self._sp.pad_id()
+    return self._ids['pad']
 
   @property
   def unk_id(self) -> int:
-    return self._sp.unk_id()
+    return self._ids['unk']
 
   @property
   def bos_id(self) -> int:
-    return self._sp.bos_id()
+    return self._ids['bos']
 
   @property
   def eos_id(self) -> int:
-    return self._sp.eos_id()
+    return self._ids['eos']
 
   @property
   def image_id(self) -> int:
-    return self._sp.piece_to_id(IMAGE)
+    return self._image_id
 
   @property
   def eoc_id(self) -> int:
-    return self.vocab_size
+    return self._eoc_id
+
+  @property
+  def num_ids(self) -> int:
+    """Ids `decode` accepts: [0, num_ids)."""
+    return max(self.vocab_size, self.eoc_id + 1)
 
   # -- Text ------------------------------------------------------------------
 
@@ -213,27 +341,27 @@ class Tokenizer:
     Args:
       text: the string to encode.
       parse_markers: if True, each '<image>' becomes `image_id` and each
-        '<EOC>' becomes `eoc_id`. If False, both are spelt with ordinary
-        text pieces, so a document's own text can never forge a marker.
+        '<EOC>' becomes `eoc_id` (so do the checkpoint's own spellings of
+        them). If False, both are spelt with ordinary text pieces, so a
+        document's own text can never forge a marker.
 
     Returns:
-      The ids, each in [0, vocab_size].
+      The ids, each in [0, num_ids).
     """
     if not parse_markers:
-      return self._encode_plain(text)
+      return self._backend.encode_plain(text)
+    if hasattr(self._backend, 'encode_with_markers') and self._markers.eoc:
+      # The backend knows both markers as tokens: it encodes the whole text
+      # as the original model did (see hf_tokenizer), in its spellings.
+      return self._backend.encode_with_markers(
+          text.replace(EOC, self._markers.eoc).replace(
+              IMAGE, self._markers.image))
     ids = []
-    for i, part in enumerate(text.split(EOC)):
-      if i:
-        ids.append(self.eoc_id)
-      ids.extend(self._sp.encode(part))
-    return ids
-
-  def _encode_plain(self, text: str) -> list[int]:
-    ids = []
-    for i, part in enumerate(text.split(IMAGE)):
-      if i:
-        ids.extend(self._literal_image)
-      ids.extend(self._sp.encode(part))
+    for part in self._marker_pattern.split(text):
+      if part in self._marker_ids:
+        ids.append(self._marker_ids[part])
+      elif part:
+        ids.extend(self._backend.encode(part))
     return ids
 
   def decode(self, ids: Iterable[int] | np.ndarray) -> str:
@@ -243,22 +371,61 @@ class Tokenizer:
     pieces `<pad>`, `<BOS>` and `<EOS>` render as ''.
     """
     ids = [int(i) for i in np.asarray(ids, dtype=np.int64).reshape(-1)]
-    bad = [i for i in ids if not 0 <= i <= self.eoc_id]
+    bad = [i for i in ids if not 0 <= i < self.num_ids]
     if bad:
-      raise ValueError(f'Token id {bad[0]} is outside [0, {self.eoc_id}] '
-                       f'(vocab_size={self.vocab_size}, plus <EOC>).')
+      raise ValueError(
+          f'Token id {bad[0]} is outside [0, {self.num_ids - 1}] '
+          f'(vocab_size={self.vocab_size}, eoc_id={self.eoc_id}).')
+    markers = {self.image_id: IMAGE, self.eoc_id: EOC}
     parts, current = [], []
     for i in ids:
-      if i == self.eoc_id:
-        parts.append(current)
+      if i in markers:
+        parts.append(self._backend.decode(current))
+        parts.append(markers[i])
         current = []
       else:
         current.append(i)
-    parts.append(current)
-    return EOC.join(self._sp.decode(part) for part in parts)
+    parts.append(self._backend.decode(current))
+    return ''.join(parts)
 
   def id_to_piece(self, token_id: int) -> str:
-    return EOC if token_id == self.eoc_id else self._sp.id_to_piece(token_id)
+    if token_id == self.eoc_id:
+      return EOC
+    if token_id == self.image_id:
+      return IMAGE
+    return self._backend.id_to_token(token_id)
+
+
+def load_dir(path: str) -> Tokenizer:
+  """An imported tokenizer saved by `save_dir`: its spec JSON or directory."""
+  spec_path = (path if path.endswith('.json')
+               else posixpath.join(path, SPEC_FILE))
+  directory = posixpath.dirname(spec_path)
+  try:
+    spec = json.loads(_read_bytes(spec_path).decode())
+    kind, names = spec['backend'], spec['files']
+    markers = Markers.from_json(spec['markers'])
+  except (KeyError, TypeError, ValueError) as e:
+    raise ValueError(f'{spec_path} is not a tokenizer spec: {e}') from e
+  files = {name: _read_bytes(posixpath.join(directory, name))
+           for name in names}
+  return _from_files(kind, files, markers, spec.get('own_layout', False),
+                     spec_path)
+
+
+def _from_files(kind: str, files: dict[str, bytes], markers: Markers,
+                own_layout: bool, source: str) -> Tokenizer:
+  if kind == backends.SentencePiece.kind:
+    proto = files[backends.SentencePiece.file]
+    return Tokenizer(proto, source=source,
+                     markers=None if own_layout else markers)
+  if kind == 'hf':
+    # pylint: disable-next=g-import-not-at-top
+    from flamingo_jax.data import hf_tokenizer
+    return Tokenizer.from_backend(
+        hf_tokenizer.Backend(files[hf_tokenizer.FILE], markers, source),
+        markers, source)
+  raise ValueError(f'{source}: unknown tokenizer backend {kind!r}.')
 
 
 class _Counter:

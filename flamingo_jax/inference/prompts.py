@@ -7,6 +7,11 @@ as training) and media frames; `collate` left-pads a batch of prompts so that
 every row's last prompt token sits in the last column, which is what cached
 decoding expects (see `models/decoding.py`).
 
+The markers are the tokenizer's: `<image>` and `<EOC>` are written so in any
+prompt, and a checkpoint's own tokenizer maps them to the ids it defines
+(`data/tokenizer.py`, e.g. OpenFlamingo's `<|endofchunk|>`), whether or not
+`<image>` is a piece of its SentencePiece model.
+
 Batch (numpy):
   tokens int32 [B, P]; valid bool [B, P]; media_index int32 [B, P];
   media uint8 [B, N, T, H, W, 3]; media_mask bool [B, N].

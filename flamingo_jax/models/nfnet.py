@@ -13,6 +13,16 @@ that each block is the identity on its shortcut path at initialisation.
 Flamingo uses the final conv's spatial grid as visual tokens (`tokens`) and
 its spatial mean (`pooled`) for the contrastive pretraining head.
 
+Numerics of published weights. The defaults are DeepMind's Haiku release
+(deepmind-research `nfnets/`): GELU with its tanh approximation
+(`jax.nn.gelu`), and a standardised kernel `(w - mean) / sqrt(max(fan_in *
+var, 1e-4)) * gain`. timm's `dm_nfnet_f*` port of those weights computes
+exact (erf) GELU and `(w - mean) / sqrt(fan_in * (var + 1e-5)) * gain`
+(`F.batch_norm` over the kernel); `gelu_approximate=False,
+weight_standardization='timm'` reproduces timm's outputs. Both read the same
+parameters (timm's padding, 'SAME' for every conv, and its average-pool
+shortcut match ours on the multiple-of-32 inputs this encoder takes).
+
 Data parallelism: XLA's SPMD partitioner does not split a grouped
 convolution (`feature_group_count > 1`) over a batch-sharded input; it
 all-gathers the input and runs the conv on the whole batch on every device.
@@ -155,9 +165,15 @@ def _log_unsplit_batch(batch: int) -> None:
         'all of them.', batch, _batch_devices(axes), axes)
 
 
-def scaled_gelu(x: jax.Array) -> jax.Array:
+def scaled_gelu(x: jax.Array, approximate: bool = True) -> jax.Array:
   """GELU times gamma, so that N(0, 1) inputs give unit-variance outputs."""
-  return jax.nn.gelu(x) * GELU_GAMMA
+  return jax.nn.gelu(x, approximate=approximate) * GELU_GAMMA
+
+
+# How the kernel's variance is guarded: DeepMind's floor on fan_in * var, or
+# timm's epsilon added to var (see the module docstring).
+WEIGHT_STANDARDIZATIONS = ('deepmind', 'timm')
+_TIMM_WS_EPS = 1e-5
 
 
 class WSConv2D(hk.Module):
@@ -175,14 +191,20 @@ class WSConv2D(hk.Module):
       stride: int = 1,
       feature_group_count: int = 1,
       eps: float = 1e-4,
+      weight_standardization: str = 'deepmind',
       name: Optional[str] = None,
   ):
     super().__init__(name=name)
+    if weight_standardization not in WEIGHT_STANDARDIZATIONS:
+      raise ValueError(
+          f'Unknown weight_standardization {weight_standardization!r}; '
+          f'expected one of {WEIGHT_STANDARDIZATIONS}.')
     self.output_channels = output_channels
     self.kernel_size = kernel_size
     self.stride = stride
     self.feature_group_count = feature_group_count
     self.eps = eps  # Floor on fan_in * var, guarding against a constant kernel.
+    self.weight_standardization = weight_standardization
 
   def standardized_kernel(self, in_channels: int,
                           dtype: jnp.dtype) -> jax.Array:
@@ -200,8 +222,12 @@ class WSConv2D(hk.Module):
     mean = jnp.mean(w, axis=(0, 1, 2), keepdims=True)  # [1, 1, 1, C']
     var = jnp.var(w, axis=(0, 1, 2), keepdims=True)  # [1, 1, 1, C']
     fan_in = np.prod(shape[:-1])
-    scale = jax.lax.rsqrt(
-        jnp.maximum(var * fan_in, self.eps)) * gain  # [1, 1, 1, C']
+    if self.weight_standardization == 'timm':
+      scale = jax.lax.rsqrt(
+          (var + _TIMM_WS_EPS) * fan_in) * gain  # [1, 1, 1, C']
+    else:
+      scale = jax.lax.rsqrt(
+          jnp.maximum(var * fan_in, self.eps)) * gain  # [1, 1, 1, C']
     return ((w - mean) * scale).astype(dtype)  # [k, k, Cin/g, C']
 
   def __call__(self, x: jax.Array) -> jax.Array:  # [B, Hs, Ws, Cin]
@@ -262,9 +288,14 @@ class NFBlock(hk.Module):
       alpha: float = ALPHA,
       group_width: int = 128,
       stochastic_depth_rate: float = 0.0,
+      gelu_approximate: bool = True,
+      weight_standardization: str = 'deepmind',
       name: Optional[str] = None,
   ):
     super().__init__(name=name)
+    self.act = functools.partial(scaled_gelu, approximate=gelu_approximate)
+    self.conv = functools.partial(
+        WSConv2D, weight_standardization=weight_standardization)
     self.output_channels = output_channels
     self.stride = stride
     self.beta = beta  # 1 / std of the block input expected at init.
@@ -289,20 +320,20 @@ class NFBlock(hk.Module):
       s = self.stride
       normed = hk.avg_pool(normed, (1, s, s, 1), (1, s, s, 1),
                            padding='SAME')  # [B, Hs/s, Ws/s, Cin]
-    return WSConv2D(self.output_channels, 1,
-                    name='conv_shortcut')(normed)  # [B, Hs/s, Ws/s, C']
+    return self.conv(self.output_channels, 1,
+                     name='conv_shortcut')(normed)  # [B, Hs/s, Ws/s, C']
 
   @hk.transparent
   def residual(self, normed: jax.Array) -> jax.Array:  # [B, Hs, Ws, Cin]
     """The residual branch, before stochastic depth and `skip_gain`."""
-    out = WSConv2D(self.width, 1, name='conv0')(normed)  # [B, Hs, Ws, G]
-    out = WSConv2D(self.width, 3, stride=self.stride,
-                   feature_group_count=self.groups,
-                   name='conv1')(scaled_gelu(out))  # [B, Hs/s, Ws/s, G]
-    out = WSConv2D(self.width, 3, feature_group_count=self.groups,
-                   name='conv1b')(scaled_gelu(out))  # [B, Hs/s, Ws/s, G]
-    out = WSConv2D(self.output_channels, 1,
-                   name='conv2')(scaled_gelu(out))  # [B, Hs/s, Ws/s, C']
+    out = self.conv(self.width, 1, name='conv0')(normed)  # [B, Hs, Ws, G]
+    out = self.conv(self.width, 3, stride=self.stride,
+                    feature_group_count=self.groups,
+                    name='conv1')(self.act(out))  # [B, Hs/s, Ws/s, G]
+    out = self.conv(self.width, 3, feature_group_count=self.groups,
+                    name='conv1b')(self.act(out))  # [B, Hs/s, Ws/s, G]
+    out = self.conv(self.output_channels, 1,
+                    name='conv2')(self.act(out))  # [B, Hs/s, Ws/s, C']
     hidden = int(self.output_channels * SE_RATIO)
     gates = SqueezeExcite(hidden)(out)  # [B, 1, 1, C']
     # Times 2 since the sigmoid gates start near 0.5, halving the variance.
@@ -310,7 +341,7 @@ class NFBlock(hk.Module):
 
   def __call__(self, x: jax.Array, *, is_training: bool) -> jax.Array:
     # [B, Hs, Ws, Cin] -> [B, Hs/s, Ws/s, C']
-    normed = scaled_gelu(x) * self.beta  # [B, Hs, Ws, Cin]
+    normed = self.act(x) * self.beta  # [B, Hs, Ws, Cin]
     shortcut = self.shortcut(x, normed)  # [B, Hs/s, Ws/s, C']
     out = self.residual(normed)  # [B, Hs/s, Ws/s, C']
     if is_training and self.stochastic_depth_rate > 0.0:
@@ -382,6 +413,8 @@ class NFNet(hk.Module):
       *,
       num_classes: Optional[int] = None,
       stochastic_depth_rate: float = 0.1,
+      gelu_approximate: bool = True,
+      weight_standardization: str = 'deepmind',
       name: str = 'nfnet',
   ):
     """Builds the encoder.
@@ -392,6 +425,9 @@ class NFNet(hk.Module):
         producing `logits`.
       stochastic_depth_rate: block i of n drops its residual branch with
         probability rate * i / n (per example), only when training.
+      gelu_approximate: tanh-approximated GELU (DeepMind's release) or the
+        exact one (timm's port); see the module docstring.
+      weight_standardization: 'deepmind' or 'timm' (module docstring).
       name: module name, the root of every parameter path.
     """
     super().__init__(name=name)
@@ -400,9 +436,16 @@ class NFNet(hk.Module):
       raise ValueError(
           f'stochastic_depth_rate must be in [0, 1); got '
           f'{stochastic_depth_rate}.')
+    if weight_standardization not in WEIGHT_STANDARDIZATIONS:
+      raise ValueError(
+          f'Unknown weight_standardization {weight_standardization!r}; '
+          f'expected one of {WEIGHT_STANDARDIZATIONS}.')
     self.variant = variant
     self.num_classes = num_classes
     self.stochastic_depth_rate = stochastic_depth_rate
+    self.numerics = dict(gelu_approximate=gelu_approximate,
+                         weight_standardization=weight_standardization)
+    self.act = functools.partial(scaled_gelu, approximate=gelu_approximate)
 
   @hk.transparent
   def _stem(self, images: jax.Array) -> jax.Array:  # [B, H, W, 3]
@@ -410,8 +453,10 @@ class NFNet(hk.Module):
     for i, (width, stride) in enumerate(
         zip(self.params['stem_widths'], STEM_STRIDES)):
       if i > 0:
-        out = scaled_gelu(out)  # [B, Hs, Ws, Cin]
+        out = self.act(out)  # [B, Hs, Ws, Cin]
       out = WSConv2D(width, 3, stride=stride,
+                     weight_standardization=self.numerics[
+                         'weight_standardization'],
                      name=f'stem_conv{i}')(out)  # [B, Hs, Ws, C']
     # No final activation: every block starts with one.
     return out  # [B, H/4, W/4, C']
@@ -447,10 +492,13 @@ class NFNet(hk.Module):
           spec.output_channels, stride=spec.stride, beta=spec.beta,
           group_width=self.params['group_width'],
           stochastic_depth_rate=spec.stochastic_depth_rate,
-          name=spec.name)(out, is_training=is_training)  # [B, Hs, Ws, C']
+          **self.numerics, name=spec.name)(
+              out, is_training=is_training)  # [B, Hs, Ws, C']
     width = FINAL_CONV_MULT * out.shape[-1]
-    out = scaled_gelu(
-        WSConv2D(width, 1, name='final_conv')(out))  # [B, h, w, C]
+    out = self.act(WSConv2D(
+        width, 1,
+        weight_standardization=self.numerics['weight_standardization'],
+        name='final_conv')(out))  # [B, h, w, C]
     outputs = {
         'tokens': out.reshape(out.shape[0], -1, width),  # [B, h*w, C]
         'pooled': jnp.mean(out, axis=(1, 2)),  # [B, C]

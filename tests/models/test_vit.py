@@ -94,8 +94,34 @@ def test_bad_images_raise(shape, match):
 
 
 def test_bad_configuration_raises():
-  with pytest.raises(ValueError, match='H/14'):
-    _transformed('H/14').init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))
+  with pytest.raises(ValueError, match='X/99'):
+    _transformed('X/99').init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))
   with pytest.raises(ValueError, match='18'):
     _transformed(image_size=18).init(
         jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))
+
+
+def test_h14_has_openclip_parameter_count():
+  f = _transformed('H/14', image_size=224)
+  images = jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32)
+  count = _param_count(jax.eval_shape(f.init, jax.random.PRNGKey(0), images))
+  assert 632e6 <= count <= 633e6, count  # OpenCLIP ViT-H-14's visual tower.
+
+
+def test_custom_sizes_and_options():
+  with pytest.raises(ValueError, match="'custom' needs every size"):
+    vit.sizes('custom', width=32)
+  for bad, message in ((dict(tokens='middle'), 'Unknown ViT tokens'),
+                       (dict(activation='relu'), 'Unknown ViT activation')):
+    with pytest.raises(ValueError, match=message):
+      hk.transform(lambda: vit.VisionTransformer('tiny', **bad)).init(None)
+  model = hk.transform(lambda x: vit.VisionTransformer(
+      'custom', image_size=16, patch_size=4, width=8, depth=2, num_heads=2,
+      mlp_dim=16, embed_dim=4, tokens='penultimate_block',
+      keep_class_token=True, projection=False)(x, is_training=False))
+  images = _images((2, 16, 16, 3))
+  params = model.init(jax.random.PRNGKey(0), images)
+  out = model.apply(params, None, images)
+  assert out['tokens'].shape == (2, 17, 8)  # Class token kept.
+  assert out['pooled'].shape == (2, 8)  # No projection.
+  assert not any('projection' in m for m in params)

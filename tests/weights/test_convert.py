@@ -1,0 +1,140 @@
+"""The convert CLI: --help, a workdir that init_from takes, nothing half."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flamingo_jax import checkpoint as checkpoint_lib
+from flamingo_jax.training import loop
+from flamingo_jax.training import train_step
+from flamingo_jax.weights import convert
+from flamingo_jax.weights import hf_clip
+from flamingo_jax.weights import safetensors_file
+from tests.weights import fixtures
+
+
+def test_help_lists_every_source(capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    convert.main(['--help'])
+  assert exit_info.value.code == 0
+  out = capsys.readouterr().out
+  for kind in ('hf_clip', 'open_clip', 'nfnet_npz', 'timm_nfnet'):
+    assert kind in out
+  with pytest.raises(SystemExit):
+    convert.main(['open_clip', '--help'])
+  out = capsys.readouterr().out
+  assert '--activation' in out and '--tokens' in out and '--workdir' in out
+
+
+def test_list_prints_the_tensors(capsys):
+  assert convert.main(['hf_clip', fixtures.path('hf_clip'), '--list']) == 0
+  out = capsys.readouterr().out
+  assert 'vision_model.embeddings.patch_embedding.weight\t[16, 3, 4, 4]' in out
+
+
+@pytest.fixture(name='workdir', scope='module')
+def _workdir(tmp_path_factory) -> str:
+  workdir = str(tmp_path_factory.mktemp('convert') / 'clip')
+  code = convert.main(['hf_clip', fixtures.path('hf_clip'), '--workdir',
+                       workdir, '--tokens=last_block', '--step=7'])
+  assert code == 0
+  return workdir
+
+
+def test_workdir_layout(workdir):
+  with open(os.path.join(workdir, 'config.json')) as f:
+    config = json.load(f)
+  assert config['task'] == 'import'
+  assert config['model']['vision']['tokens'] == 'last_block'
+  assert config['weights']['source'] == 'hf_clip'
+  assert checkpoint_lib.saved_steps(workdir) == [7]
+  assert not [n for n in os.listdir(os.path.dirname(workdir))
+              if 'partial' in n]
+
+
+def test_workdir_holds_the_imported_parameters(workdir):
+  store = hf_clip.read(fixtures.path('hf_clip'))
+  config = hf_clip.config_from(fixtures.path('hf_clip'), store,
+                               tokens='last_block')
+  expected = hf_clip.to_params(store, config)
+  loaded = checkpoint_lib.load_params(workdir)
+  assert jax.tree.structure(loaded) == jax.tree.structure(expected)
+  jax.tree.map(np.testing.assert_array_equal, loaded, expected)
+
+
+def test_workdir_initialises_a_run(workdir):
+  """training.loop's init_from takes the workdir as it is."""
+  loaded = checkpoint_lib.load_params(workdir)
+  frozen = jax.tree.map(jnp.zeros_like, loaded)
+  frozen['lm'] = {'w': jnp.ones(3)}  # A part the import does not touch.
+  state = train_step.TrainState(step=jnp.zeros([], jnp.int32), trainable={},
+                                frozen=frozen, opt_state=None, rng=None)
+  config = {'init_from': [{'workdir': workdir,
+                           'include': ['vision_encoder/.*']}]}
+  # pylint: disable-next=protected-access
+  state = loop._init_from(state, config, '/unused')
+  jax.tree.map(np.testing.assert_array_equal,
+               {k: v for k, v in state.frozen.items() if k != 'lm'}, loaded)
+  np.testing.assert_array_equal(state.frozen['lm']['w'], np.ones(3))
+
+
+def test_bfloat16_output(tmp_path):
+  workdir = str(tmp_path / 'bf16')
+  assert convert.main(['open_clip', fixtures.path('open_clip'), '--workdir',
+                       workdir, '--dtype=bfloat16']) == 0
+  leaves = jax.tree.leaves(checkpoint_lib.load_params(workdir))
+  assert {str(x.dtype) for x in leaves} == {'bfloat16'}
+
+
+def test_mismatch_writes_nothing(tmp_path, capsys):
+  directory = tmp_path / 'broken'
+  directory.mkdir()
+  store = hf_clip.read(fixtures.path('hf_clip'))
+  arrays = {n: np.asarray(store[n]) for n in store
+            if not n.endswith('layer_norm2.weight')}
+  safetensors_file.write(str(directory / 'model.safetensors'), arrays)
+  os.symlink(fixtures.path('hf_clip', 'config.json'),
+             directory / 'config.json')
+  workdir = tmp_path / 'out'
+  assert convert.main(['hf_clip', str(directory), '--workdir',
+                       str(workdir)]) == 1
+  err = capsys.readouterr().err
+  assert 'ln_2/scale (3, 16): no tensor fills it' in err
+  assert sorted(os.listdir(tmp_path)) == ['broken']
+
+
+def test_existing_workdir_needs_overwrite(workdir, capsys):
+  assert convert.main(['hf_clip', fixtures.path('hf_clip'), '--workdir',
+                       workdir]) == 1
+  assert '--overwrite' in capsys.readouterr().err
+
+
+def test_workdir_with_a_tokenizer(tmp_path):
+  """A source with a tokenizer: saved beside, named by config.data."""
+  tokenizers = pytest.importorskip('tokenizers')
+  # pylint: disable-next=g-import-not-at-top
+  from flamingo_jax.data import hf_tokenizer
+  bpe = tokenizers.Tokenizer(tokenizers.models.BPE())
+  bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(
+      add_prefix_space=False)
+  bpe.train_from_iterator(['a red cube', 'two blue balls'] * 5,
+                          tokenizers.trainers.BpeTrainer(
+                              vocab_size=260, special_tokens=['<s>', '</s>']))
+  bpe.save(str(tmp_path / 'tokenizer.json'))
+  tok = hf_tokenizer.from_hf(str(tmp_path / 'tokenizer.json'), bos='<s>',
+                             eos='</s>')
+  params = {'vision_encoder': {'w': np.ones(2, np.float32)}}
+  workdir = convert.write_workdir(
+      convert.Converted(model={}, params=params, tokenizer=tok),
+      str(tmp_path / 'w'), kind='test', dtype='float32')
+  with open(os.path.join(workdir, 'config.json')) as f:
+    path = json.load(f)['data']['tokenizer']
+  loaded = convert.tokenizer_lib.Tokenizer.load(path)
+  prompt = '<image>a red cube<EOC>'
+  assert loaded.encode(prompt) == tok.encode(prompt)
+  # The markers come after the vocabulary: <|endofchunk|>, <image>, <PAD>.
+  assert loaded.eoc_id == tok.eoc_id == tok.vocab_size - 3

@@ -1,0 +1,246 @@
+"""Parity: each importer against its reference implementation's outputs.
+
+CI mode (no torch): the references' weights and fp32 outputs are committed
+fixtures (testdata/, made by make_fixtures.py); the importers read the files
+as published, and our encoders must reproduce the outputs to max relative
+difference <= 1e-4. With torch and transformers installed, a fresh random
+Hugging Face CLIP is also compared live.
+"""
+
+import functools
+import os
+
+import haiku as hk
+import jax
+import numpy as np
+import pytest
+
+from flamingo_jax.models import flamingo
+from flamingo_jax.weights import hf_clip
+from flamingo_jax.weights import nfnet_npz
+from flamingo_jax.weights import open_clip
+from flamingo_jax.weights import safetensors_file
+from flamingo_jax.weights import timm_nfnet
+from tests.weights import fixtures
+
+TOLERANCE = 1e-4
+
+
+def relative_difference(ours, theirs) -> float:
+  """max |ours - theirs| / max |theirs|; printed (pytest -s shows it)."""
+  ours, theirs = np.asarray(ours, np.float64), np.asarray(theirs, np.float64)
+  assert ours.shape == theirs.shape, (ours.shape, theirs.shape)
+  difference = float(np.max(np.abs(ours - theirs)) / np.max(np.abs(theirs)))
+  print(f'parity {os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0]}: '
+        f'max relative difference {difference:.2e}')
+  return difference
+
+
+@functools.lru_cache(maxsize=None)
+def _encoder(config_items: tuple) -> callable:
+  config = dict(config_items)
+  model = hk.transform(
+      lambda x: flamingo.vision_encoder(config)(x, is_training=False))
+  return jax.jit(model.apply)
+
+
+def encode(config, params, images):
+  return _encoder(tuple(sorted(config.items())))(params, None, images)
+
+
+@pytest.mark.parametrize('tokens,keep_class,key', [
+    ('last_block', True, 'last_hidden_state'),
+    ('penultimate_block', True, 'penultimate'),
+    ('ln_post', True, 'post_ln'),
+    ('ln_post', False, 'post_ln'),
+])
+def test_hf_clip(tokens, keep_class, key):
+  path = fixtures.path('hf_clip')
+  store = hf_clip.read(path)
+  config = hf_clip.config_from(path, store, tokens=tokens,
+                               keep_class_token=keep_class)
+  assert config['activation'] == 'quick_gelu'
+  params = hf_clip.to_params(store, config)
+  images, expected = fixtures.expected('hf_clip', 16, seed=2)
+  out = encode(config, params, images)
+  want = expected[key] if keep_class else expected[key][:, 1:]
+  assert relative_difference(out['tokens'], want) <= TOLERANCE
+  assert relative_difference(out['pooled'],
+                             expected['image_embeds']) <= TOLERANCE
+
+
+def test_hf_clip_sharded(tmp_path):
+  """The same tower split over two shards and an index."""
+  store = hf_clip.read(fixtures.path('hf_clip'))
+  names = list(store)
+  halves = {'model-00001-of-00002.safetensors': names[::2],
+            'model-00002-of-00002.safetensors': names[1::2]}
+  weight_map = {}
+  for shard, shard_names in halves.items():
+    safetensors_file.write(str(tmp_path / shard),
+                           {n: np.asarray(store[n]) for n in shard_names})
+    weight_map.update({n: shard for n in shard_names})
+  (tmp_path / 'model.safetensors.index.json').write_text(
+      '{"metadata": {}, "weight_map": %s}' % str(weight_map).replace(
+          "'", '"'))
+  os.symlink(fixtures.path('hf_clip', 'config.json'),
+             tmp_path / 'config.json')
+  sharded = hf_clip.read(str(tmp_path))
+  assert sharded.groups() == [str(tmp_path / s) for s in sorted(halves)]
+  config = hf_clip.config_from(str(tmp_path), sharded, tokens='last_block')
+  params = hf_clip.to_params(sharded, config)
+  images, expected = fixtures.expected('hf_clip', 16, seed=2)
+  out = encode(config, params, images)
+  assert relative_difference(
+      out['tokens'], expected['last_hidden_state'][:, 1:]) <= TOLERANCE
+
+
+@pytest.mark.parametrize('file', ['open_clip_pytorch_model.bin', 'legacy.pt'])
+@pytest.mark.parametrize('tokens,key', [('ln_post', 'tokens'),
+                                        ('last_block', 'last_block')])
+def test_open_clip(file, tokens, key):
+  path = fixtures.path('open_clip', file)
+  store = open_clip.read(path)
+  config = open_clip.config_from(path, store, tokens=tokens)
+  assert config['activation'] == 'gelu'  # From open_clip_config.json.
+  params = open_clip.to_params(store, config)
+  images, expected = fixtures.expected('open_clip', 16, seed=4)
+  out = encode(config, params, images)
+  assert relative_difference(out['tokens'], expected[key]) <= TOLERANCE
+  assert relative_difference(out['pooled'], expected['pooled']) <= TOLERANCE
+
+
+def test_open_clip_needs_an_activation(tmp_path):
+  os.symlink(fixtures.path('open_clip', 'open_clip_pytorch_model.bin'),
+             tmp_path / 'weights.bin')
+  with pytest.raises(ValueError, match="activation='quick_gelu'"):
+    open_clip.config_from(str(tmp_path / 'weights.bin'))
+  with pytest.raises(ValueError, match='head_width 64'):
+    open_clip.config_from(str(tmp_path / 'weights.bin'), activation='gelu')
+  config = open_clip.config_from(str(tmp_path / 'weights.bin'),
+                                 activation='gelu', head_width=8)
+  assert (config['activation'], config['num_heads']) == ('gelu', 2)
+
+
+def test_deepmind_nfnet():
+  path = fixtures.path('nfnet_npz', 'parity_dm_haiku.npz')
+  store = nfnet_npz.read(path)
+  config = nfnet_npz.config_from(path, store)
+  assert config['variant'] == 'parity_dm'
+  params = nfnet_npz.to_params(store, config)
+  images, expected = fixtures.expected('nfnet_npz', 64, seed=5)
+  out = encode(config, params, images)
+  assert relative_difference(out['tokens'], expected['tokens']) <= TOLERANCE
+  assert relative_difference(out['pooled'], expected['pooled']) <= TOLERANCE
+
+
+def test_timm_nfnet():
+  path = fixtures.path('timm_nfnet', 'model.safetensors')
+  store = timm_nfnet.read(path)
+  config = timm_nfnet.config_from(path, store)
+  assert config['variant'] == 'parity_timm'
+  params = timm_nfnet.to_params(store, config)
+  images, expected = fixtures.expected('timm_nfnet', 64, seed=8)
+  out = encode(config, params, images)
+  assert relative_difference(out['tokens'], expected['tokens']) <= TOLERANCE
+  # DeepMind's numerics on the same weights are measurably different.
+  deepmind = dict(config, **timm_nfnet.NUMERICS['deepmind'])
+  other = np.asarray(encode(deepmind, params, images)['tokens'])
+  assert np.max(np.abs(other - expected['tokens'])) > 1e-3 * np.max(
+      np.abs(expected['tokens']))
+
+
+def test_nfnet_structure_is_read_from_the_shapes():
+  store = timm_nfnet.read(fixtures.path('timm_nfnet', 'model.safetensors'))
+  assert timm_nfnet.structure(store) == {
+      k: fixtures.NFNET_VARIANTS['parity_timm'][k]
+      for k in ('depths', 'widths', 'stem_widths', 'group_width')}
+
+
+def test_live_hf_clip_against_transformers():
+  """A fresh random CLIP tower from transformers, compared directly."""
+  torch = pytest.importorskip('torch')
+  transformers = pytest.importorskip('transformers')
+  torch.manual_seed(1)
+  config = transformers.CLIPVisionConfig(**{**fixtures.HF_CLIP,
+                                            'hidden_act': 'gelu'})
+  model = transformers.CLIPVisionModel(config).eval()
+  with torch.no_grad():
+    for param in model.parameters():
+      param.add_(0.05 * torch.randn_like(param))
+  arrays = {k: v.numpy() for k, v in model.state_dict().items()}
+  store = hf_clip.tensors_lib.from_arrays(arrays)
+  vision = {'encoder': 'vit', 'variant': 'custom', 'image_size': 16,
+            'activation': 'gelu', 'tokens': 'last_block',
+            'keep_class_token': True, 'projection': False,
+            'patch_size': 4, 'width': config.hidden_size,
+            'depth': config.num_hidden_layers,
+            'num_heads': config.num_attention_heads,
+            'mlp_dim': config.intermediate_size,
+            'embed_dim': config.hidden_size}
+  params = hf_clip.to_params(store, vision)
+  images = fixtures.images(16, seed=11)
+  with torch.no_grad():
+    theirs = model(pixel_values=torch.from_numpy(images).permute(0, 3, 1, 2))
+  out = encode(vision, params, images)
+  assert relative_difference(out['tokens'],
+                             theirs.last_hidden_state) <= TOLERANCE
+  assert relative_difference(out['pooled'], theirs.pooler_output) <= TOLERANCE
+
+
+def _state_store(module):
+  import torch  # pylint: disable=g-import-not-at-top
+  with torch.no_grad():
+    for name, param in module.named_parameters():
+      param.add_(0.1 * torch.randn_like(param))
+      if name.endswith('skipinit_gain'):
+        param.add_(0.6)
+  return hf_clip.tensors_lib.from_arrays(
+      {k: v.numpy() for k, v in module.state_dict().items()})
+
+
+def test_live_timm_nfnet():
+  torch = pytest.importorskip('torch')
+  timm_models = pytest.importorskip('timm.models.nfnet')
+  params = fixtures.NFNET_VARIANTS['parity_timm']
+  torch.manual_seed(2)
+  model = timm_models.NormFreeNet(timm_models.NfCfg(
+      depths=params['depths'], channels=params['widths'],
+      stem_type='deep_quad', stem_chs=params['stem_widths'][-1],
+      group_size=params['group_width'], bottle_ratio=0.5, extra_conv=True,
+      gamma_in_act=True, same_padding=True, skipinit=True,
+      num_features=2 * params['widths'][-1], act_layer='gelu',
+      attn_layer='se', attn_kwargs=dict(rd_ratio=0.5)), num_classes=3).eval()
+  store = _state_store(model)
+  config = timm_nfnet.config_from('live', store)
+  ours = timm_nfnet.to_params(store, config)
+  images = fixtures.images(64, seed=12)
+  with torch.no_grad():
+    theirs = model.forward_features(
+        torch.from_numpy(images).permute(0, 3, 1, 2)).flatten(2)
+  out = encode(config, ours, images)
+  assert relative_difference(out['tokens'],
+                             theirs.transpose(1, 2)) <= TOLERANCE
+
+
+def test_live_open_clip():
+  torch = pytest.importorskip('torch')
+  open_clip_lib = pytest.importorskip('open_clip')
+  torch.manual_seed(3)
+  model = open_clip_lib.model.CLIP(
+      fixtures.OPEN_CLIP_EMBED_DIM,
+      open_clip_lib.model.CLIPVisionCfg(**fixtures.OPEN_CLIP_VISION),
+      open_clip_lib.model.CLIPTextCfg(**fixtures.OPEN_CLIP_TEXT),
+      quick_gelu=True).eval()
+  store = _state_store(model)
+  config = open_clip.config_from(
+      'live', store, activation='quick_gelu',
+      head_width=fixtures.OPEN_CLIP_VISION['head_width'])
+  ours = open_clip.to_params(store, config)
+  images = fixtures.images(16, seed=13)
+  model.visual.output_tokens = True
+  with torch.no_grad():
+    pooled, tokens = model.visual(torch.from_numpy(images).permute(0, 3, 1, 2))
+  out = encode(config, ours, images)
+  assert relative_difference(out['tokens'], tokens) <= TOLERANCE
+  assert relative_difference(out['pooled'], pooled) <= TOLERANCE
