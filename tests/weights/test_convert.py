@@ -71,8 +71,8 @@ def test_workdir_initialises_a_run(workdir):
   loaded = checkpoint_lib.load_params(workdir)
   frozen = jax.tree.map(jnp.zeros_like, loaded)
   frozen['lm'] = {'w': jnp.ones(3)}  # A part the import does not touch.
-  state = train_step.TrainState(step=jnp.zeros([], jnp.int32), trainable={},
-                                frozen=frozen, opt_state=None, rng=None)
+  state = train_step.new_state(step=jnp.zeros([], jnp.int32), trainable={},
+                               frozen=frozen, opt_state=None, rng=None)
   config = {'init_from': [{'workdir': workdir,
                            'include': ['vision_encoder/.*']}]}
   # pylint: disable-next=protected-access
