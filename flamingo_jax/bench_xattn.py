@@ -12,7 +12,8 @@ N * R visual tokens, a mask keeps its image's) and in the per-image form
 image's R tokens), and prints the ratio dense / per-image. With one image
 the two forms score the same pairs; the model then uses the dense form
 (`xattn.attention_plan`). Medians of `--repeats` runs, compilation
-excluded; random weights and inputs.
+excluded; random weights and inputs. `--clock cpu` times this process's CPU
+seconds instead of wall seconds (steadier on a shared machine).
 """
 
 import statistics
@@ -42,15 +43,22 @@ _TOKENS = flags.DEFINE_integer('visual_tokens', 64,
 _GROUP = flags.DEFINE_integer('group_size', xattn.GROUP_SIZE,
                               'Slots per group of the per-image form (C).')
 _REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed repeats (median).')
+_CLOCK = flags.DEFINE_enum(
+    'clock', 'wall', ['wall', 'cpu'], "What to time: 'wall' seconds, or "
+    "'cpu' seconds of this process (steadier on a shared machine).")
+
+CLOCKS = {'wall': time.perf_counter, 'cpu': time.process_time}
 
 
-def _median_seconds(fn: Callable[[], Any], repeats: int) -> float:
+def _median_seconds(fn: Callable[[], Any], repeats: int,
+                    clock: str = 'wall') -> float:
   jax.block_until_ready(fn())  # Compiles.
+  now = CLOCKS[clock]
   times = []
   for _ in range(repeats):
-    start = time.perf_counter()
+    start = now()
     jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
+    times.append(now() - start)
   return statistics.median(times)
 
 
@@ -64,8 +72,10 @@ def _phi(batch: int, length: int, images: int) -> np.ndarray:  # [B, L]
 
 def bench_one(images: int, *, batch: int, length: int, width: int,
               heads: int, head_size: int, visual_tokens: int,
-              group_size: int, repeats: int) -> dict[str, float]:
-  """Seconds per forward + backward pass of both forms, and their ratios."""
+              group_size: int, repeats: int,
+              clock: str = 'wall') -> dict[str, float]:
+  """Seconds per forward + backward pass of both forms, their ratios, and
+  the largest difference between the two forms' block outputs."""
   keys = jax.random.split(jax.random.PRNGKey(images), 3)
   y = jax.random.normal(keys[0], [batch, length, width])  # [B, L, D]
   visual = jax.random.normal(
@@ -99,14 +109,18 @@ def bench_one(images: int, *, batch: int, length: int, width: int,
       out = layers.dot_product_attention(q, k, v, routing[:, None])  # [B, L, H, K]
     return jnp.sum(out ** 2)
 
+  apply = jax.jit(model.apply)
+  outputs = [apply(params, y, visual, routing)
+             for routing in forms.values()]  # [B, L, D] each
   block_grad = jax.jit(jax.grad(block_loss, argnums=(0, 1, 2)))
   attention_grad = jax.jit(jax.grad(attention_loss, argnums=(0, 1, 2)))
-  figures = {}
+  # Both forms compute the same function (tests/models/test_xattn.py).
+  figures = {'max_difference': float(jnp.abs(outputs[0] - outputs[1]).max())}
   for name, routing in forms.items():
     figures[f'block_{name}_s'] = _median_seconds(
-        lambda r=routing: block_grad(params, y, visual, r), repeats)
+        lambda r=routing: block_grad(params, y, visual, r), repeats, clock)
     figures[f'attention_{name}_s'] = _median_seconds(
-        lambda r=routing: attention_grad(q, kv, kv, r), repeats)
+        lambda r=routing: attention_grad(q, kv, kv, r), repeats, clock)
   for part in ('block', 'attention'):
     figures[f'{part}_ratio'] = (figures[f'{part}_dense_s']
                                 / figures[f'{part}_per_image_s'])
@@ -119,8 +133,8 @@ def bench_xattn(images: Sequence[int] = (1, 5, 10),
   print(f'xattn: batch {shapes["batch"]} x {shapes["length"]} tokens, width '
         f'{shapes["width"]}, {shapes["heads"]} heads x {shapes["head_size"]}, '
         f'R={shapes["visual_tokens"]}, C={shapes["group_size"]}; forward + '
-        f'backward, median of {shapes["repeats"]}, '
-        f'{jax.devices()[0].device_kind}')
+        f'backward, median of {shapes["repeats"]} ('
+        f'{shapes.get("clock", "wall")} time), {jax.devices()[0].device_kind}')
   print(f'  {"images":>6}  {"block dense":>11}  {"per image":>9}  '
         f'{"ratio":>5}  {"attn dense":>10}  {"per image":>9}  {"ratio":>5}')
   results = {}
@@ -142,7 +156,7 @@ def main(argv: Sequence[str]) -> None:
       [int(n) for n in _IMAGES.value], batch=_BATCH.value, length=_SEQ.value,
       width=_WIDTH.value, heads=_HEADS.value, head_size=_HEAD_SIZE.value,
       visual_tokens=_TOKENS.value, group_size=_GROUP.value,
-      repeats=_REPEATS.value)
+      repeats=_REPEATS.value, clock=_CLOCK.value)
 
 
 if __name__ == '__main__':
