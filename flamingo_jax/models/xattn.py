@@ -114,7 +114,7 @@ def route_by_image(
   A token sees image phi - 1 when phi >= 1 and that slot holds a medium; the
   others (`attends` False) get no slot and zero from cross-attention.
   """
-  batch, length = media_index.shape
+  length = media_index.shape[1]
   num_media = media_mask.shape[1]
   num_groups = length // group_size + min(num_media, length)  # G
   image = jnp.clip(media_index - 1, 0, num_media - 1)  # [B, L]
@@ -132,10 +132,9 @@ def route_by_image(
   start = jnp.take_along_axis(first_group, image, axis=1)  # [B, L]
   num_slots = num_groups * group_size  # P
   slot = jnp.where(attends, start * group_size + rank, num_slots)  # [B, L]
-  rows = jnp.arange(batch)[:, None]  # [B, 1]
-  source = jnp.full([batch, num_slots], length, jnp.int32).at[rows, slot].set(
-      jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), slot.shape),
-      mode='drop')  # [B, P]
+  # Per row (vmap), so that a batch split over devices stays split.
+  source = jax.vmap(lambda slot: jnp.full([num_slots], length, jnp.int32).at[
+      slot].set(jnp.arange(length, dtype=jnp.int32), mode='drop'))(slot)  # [B, P]
   # Group g attends to the image whose groups end first after g; trailing
   # groups (all slots empty) to the last image.
   image_of_group = (jnp.arange(num_groups)[None, :, None]
