@@ -116,7 +116,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.task = 'flamingo'  # Stage 'vision' is 'contrastive', 'lm' 'lm'.
   model = flamingo_config.apply_model_ablations(
       flamingo.model_config('tiny'), ablations, TINY_STANDINS)
-  model['lm']['remat_policy'] = 'none'  # 'full' | 'dots' trade time for memory.
+  # Per stack: 'full' | 'dots' trade time for memory (stacking.py).
+  model['lm']['remat_policy'] = 'none'
+  model['xattn']['remat_policy'] = 'none'
   config.model = model
 
   data_dir = os.path.join(os.path.expanduser('~'), '.cache', 'flamingo_jax',

@@ -151,6 +151,9 @@ class Flamingo:
     xattn = dict(config['xattn'])
     self.attend = xattn.pop('attend')
     every, placement = xattn.pop('every'), xattn.pop('placement')
+    # Configs written before the xattn stack had its own policy shared the
+    # LM's.
+    self.xattn_remat = xattn.pop('remat_policy', self.lm.remat_policy)
     self.xattn_kwargs = xattn
     self.positions = xattn_positions(self.lm.num_layers, every, placement,
                                      xattn['xattn_type'])
@@ -208,11 +211,11 @@ class Flamingo:
   ) -> jax.Array:  # [B, L, V]
     """The LM with cross-attention to already encoded media."""
     batch, num_media, num_tokens, width = visual.shape
-    mask = xattn_lib.cross_attention_mask(
-        media_index, media_mask, num_tokens, self.attend)  # [B, L, N*R]
+    routing = xattn_lib.attention_plan(
+        media_index, media_mask, num_tokens, self.attend)
     visual = visual.reshape(batch, num_media * num_tokens, width)  # [B, N*R, D]
     positions = lm_lib.default_positions(tokens)  # [B, L]
-    xattn_args = (visual, mask, positions)
+    xattn_args = (visual, routing, positions)
     # Created here, outside the LM's name scope; init only needs the shape.
     stream = jnp.zeros(tokens.shape + (self.lm.width,), visual.dtype)  # [B, L, D]
     xattn_stack, xattn_params = self._xattn(stream, *xattn_args)
@@ -237,7 +240,7 @@ class Flamingo:
       stack = stacking.Stack(
           lambda: xattn_lib.GatedXAttnDense(**self.xattn_kwargs, name='block'),
           len(self.positions), name='gated_xattn',
-          remat_policy=lm_lib.REMAT_POLICIES[self.lm.remat_policy])
+          remat_policy=stacking.remat_policy(self.xattn_remat))
       self._xattn_memo = stack, stack.params(*example_args)
     return self._xattn_memo
 
@@ -320,10 +323,10 @@ class Flamingo:
                        f'a cache of capacity {state.capacity}.')
     valid = valid.astype(bool)
     positions, view = decoding.begin_chunk(state, valid)  # [B, L]
-    mask = xattn_lib.cross_attention_mask(
-        media_index, state.media_mask, tokens_per_medium, self.attend)  # [B, L, M]
+    routing = xattn_lib.attention_plan(
+        media_index, state.media_mask, tokens_per_medium, self.attend)
     xattn_stack, xattn_params = self._xattn()  # Apply only: fetched.
-    xattn_args = (visual, mask, positions, view)
+    xattn_args = (visual, routing, positions, view)
     xattn_per_layer = {}
     if visual is None:
       xattn_per_layer['cross_kv'] = state.cross_kv
@@ -379,7 +382,7 @@ def model_config(size: str = '3B') -> dict[str, Any]:
       vision=dict(encoder='nfnet', variant=spec.get('vision', 'F6')),
       image_size=spec.get('image_size', 320),
       resampler=resampler,
-      lm=dict(lm_lib.LM_PARAMS[spec['lm']]),
+      lm=dict(lm_lib.LM_PARAMS[spec['lm']], remat_policy='none'),
       xattn=dict(
           every=spec['xattn_every'],
           placement='interleaved',
@@ -389,6 +392,7 @@ def model_config(size: str = '3B') -> dict[str, Any]:
           num_heads=spec['xattn_heads'],
           head_size=spec.get('xattn_head_size', 128),
           ffw_multiplier=4,
+          remat_policy='none',  # The xattn stack's own; see stacking.py.
       ),
       stop_vision_gradient=True,
   )

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flamingo_jax.models.layers import check_rank
+from flamingo_jax.models.layers import Dense
 from flamingo_jax.models.layers import FeedForward
 from flamingo_jax.models.layers import layer_norm
 from flamingo_jax.models.layers import MultiHeadAttention
@@ -107,7 +108,8 @@ def interpolate_time_embeddings(
 def _ffw_block(x: jax.Array, multiplier: int) -> jax.Array:  # [B, *, D]
   """Pre-norm residual Squared-ReLU feed-forward."""
   h = layer_norm('ffw_norm')(x)  # [B, *, D]
-  ffw = FeedForward(multiplier, activation='squared_relu', name='ffw')
+  ffw = FeedForward(multiplier, activation='squared_relu', linear=Dense,
+                    name='ffw')
   h = ffw(h)  # [B, *, D]
   return x + h  # [B, *, D]
 
@@ -123,8 +125,8 @@ def _cross_attention_block(
   features_normed = layer_norm('features_norm')(features)  # [B, N, D]
   # The latents also attend to themselves, so they can mix information.
   kv = jnp.concatenate([features_normed, latents_normed], axis=1)  # [B, N+R, D]
-  attended = MultiHeadAttention(num_heads, head_size, name='attention')(
-      latents_normed, kv)  # [B, R, D]
+  attended = MultiHeadAttention(num_heads, head_size, linear=Dense,
+                                name='attention')(latents_normed, kv)  # [B, R, D]
   return latents + attended  # [B, R, D]
 
 
@@ -135,7 +137,8 @@ def _self_attention_block(
 ) -> jax.Array:  # [B, N, D]
   """Pre-norm residual self-attention over all visual tokens."""
   h = layer_norm('attention_norm')(x)  # [B, N, D]
-  attention = MultiHeadAttention(num_heads, head_size, name='attention')
+  attention = MultiHeadAttention(num_heads, head_size, linear=Dense,
+                                 name='attention')
   h = attention(h, h)  # [B, N, D]
   return x + h  # [B, N, D]
 
@@ -185,7 +188,7 @@ class PerceiverResampler(hk.Module):
     """Brings the vision encoder's width to D (NFNet-F6's 3072 to 1536)."""
     if features.shape[-1] == self.width:
       return features  # [B, T, S, D]
-    projection = hk.Linear(self.width, name='input_projection')
+    projection = Dense(self.width, name='input_projection')
     return projection(features)  # [B, T, S, D]
 
   @hk.transparent

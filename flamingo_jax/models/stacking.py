@@ -15,6 +15,14 @@ input dimension (FSDP), XLA would otherwise be free to split the
 activations the same way instead and all-reduce the products -- every
 device then computes and stores the whole batch.
 
+Each stack has its own rematerialisation policy (`REMAT_POLICIES`: what a
+scanned layer keeps for the backward pass): 'none' keeps everything, 'full'
+keeps only the layer's input and recomputes its forward pass during the
+backward one, and 'dots' keeps the outputs of the matmuls without batch
+dimensions (the projections and feed-forward layers) and recomputes the rest:
+norms, activations and attention (whose score matrices, [B, H, L, S] per
+layer, are the largest activations and the cheapest to recompute).
+
 Glossary of shapes:
   B: batch size.
   L: sequence length.
@@ -32,6 +40,28 @@ import jax
 from flamingo_jax.models.layers import BATCH_AXES
 
 Params = Any  # A Haiku parameter tree, every leaf with a leading [N] axis.
+
+# Rematerialisation (activation checkpointing) of each scanned layer; see
+# the module docstring. None (old configs) means 'none'.
+REMAT_POLICIES = {
+    'none': None,
+    'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    'full': jax.checkpoint_policies.nothing_saveable,
+}
+
+
+def remat_policy(name: Optional[str]) -> Optional[Callable[..., bool]]:
+  """The `jax.checkpoint` policy called `name` (None: no remat).
+
+  Raises:
+    ValueError: for a name not in REMAT_POLICIES.
+  """
+  if name is None:
+    return None
+  if name not in REMAT_POLICIES:
+    raise ValueError(f'Unknown remat_policy {name!r}; expected one of '
+                     f'{sorted(REMAT_POLICIES)}.')
+  return REMAT_POLICIES[name]
 
 
 def constrain_batch(h: jax.Array) -> jax.Array:  # [B, ...] -> [B, ...]
@@ -99,9 +129,12 @@ class Stack:
 
   def apply_one(self, params: Params, h: jax.Array, *args: Any,
                 **kwargs: Any) -> Any:
-    """Applies one copy (parameters without the stack axis)."""
-    return self._layer.apply(params, None, constrain_batch(h), *args,
-                             **kwargs)
+    """Applies one copy (parameters without the stack axis), remat'd by the
+    stack's policy."""
+    apply = self._layer.apply
+    if self._remat_policy is not None:
+      apply = jax.checkpoint(apply, policy=self._remat_policy)
+    return apply(params, None, constrain_batch(h), *args, **kwargs)
 
   def scan(self, params: Params, h: jax.Array, *args: Any,
            per_layer: Optional[dict[str, Any]] = None) -> Any:
@@ -125,8 +158,6 @@ class Stack:
         layer_params, kwargs = xs
         return self.apply_one(layer_params, h, *args, **kwargs)
       return self.apply_one(xs, h, *args), None
-    if self._remat_policy is not None:
-      body = jax.checkpoint(body, policy=self._remat_policy)
     return body
 
 

@@ -27,16 +27,30 @@ Ablations of the block (paper Table 3):
       This project uses as many grafted layers as the interleaved variant
       with the same `xattn_every` would insert.
 
+Two forms of the same cross-attention (`attention_plan` picks one, once per
+forward pass, from phi and the shapes):
+  dense: every token scores all M = N * R visual tokens and a mask keeps its
+      image's (or, for `all_previous_images`, its images'). Its cost grows
+      with the number of images N.
+  per image (`attend='last_image'`, when cheaper): the tokens are sorted by
+      the image they see and packed into groups of C slots, each group
+      holding tokens of one image (`ImageRouting`); a group attends to that
+      image's R tokens only. The packing is exact for every phi (no order is
+      assumed; phi from `media_index` is non-decreasing apart from its 0s),
+      and it takes at most L // C + N groups, so the scores cost
+      (L + N * C) * R per head instead of L * N * R.
+
 Glossary of shapes:
   B: batch size.
   L: number of text tokens.
   N: number of media slots; R: visual tokens per medium; M = N * R.
   D: LM width; Dv: visual token width.
   H: number of heads; K: key size.
+  C: slots per group (GROUP_SIZE); G: number of groups; P = G * C slots.
 """
 
 import dataclasses
-from typing import Optional
+from typing import NamedTuple, Optional, Union
 
 import haiku as hk
 import jax
@@ -71,6 +85,131 @@ def cross_attention_mask(
   return jnp.repeat(visible, num_visual_tokens, axis=-1)  # [B, L, N*R]
 
 
+# Slots per group of the per-image form: groups pad each image's tokens to
+# a multiple of C, so a smaller C wastes fewer slots, a larger one gathers
+# fewer copies of the images' keys/values (`python -m flamingo_jax.bench_xattn`).
+GROUP_SIZE = 32
+
+
+class ImageRouting(NamedTuple):
+  """Tokens packed by image for the per-image cross-attention."""
+  slot: jax.Array  # [B, L] int32: the token's slot in [0, P).
+  source: jax.Array  # [B, P] int32: each slot's token; L for an empty slot.
+  image: jax.Array  # [B, G, N] bool: one-hot, the image of each group.
+  attends: jax.Array  # [B, L] bool: the token sees an image.
+
+
+# What an xattn layer receives: a mask [B, L, M] bool (dense form) or the
+# packing of the per-image form.
+Routing = Union[jax.Array, ImageRouting]
+
+
+def route_by_image(
+    media_index: jax.Array,  # [B, L] int, 1-based slot, 0 = none
+    media_mask: jax.Array,  # [B, N] bool
+    group_size: int = GROUP_SIZE,  # C
+) -> ImageRouting:
+  """Packs each row's tokens into groups of `group_size`, one image each.
+
+  A token sees image phi - 1 when phi >= 1 and that slot holds a medium; the
+  others (`attends` False) get no slot and zero from cross-attention.
+  """
+  length = media_index.shape[1]
+  num_media = media_mask.shape[1]
+  num_groups = length // group_size + min(num_media, length)  # G
+  image = jnp.clip(media_index - 1, 0, num_media - 1)  # [B, L]
+  attends = (media_index >= 1) & jnp.take_along_axis(
+      media_mask.astype(bool), image, axis=1)  # [B, L]
+  # Tokens that see no image form group N, which gets no slot.
+  group = jnp.where(attends, image, num_media)  # [B, L]
+  one_hot = group[:, :, None] == jnp.arange(num_media + 1)  # [B, L, N+1]
+  running = jnp.cumsum(one_hot, axis=1, dtype=jnp.int32)  # [B, L, N+1]
+  rank = jnp.take_along_axis(running, group[:, :, None], axis=2)[..., 0] - 1  # [B, L]
+  counts = running[:, -1, :num_media]  # [B, N]
+  groups = -(-counts // group_size)  # [B, N]: ceil
+  group_end = jnp.cumsum(groups, axis=1)  # [B, N]
+  first_group = group_end - groups  # [B, N]
+  start = jnp.take_along_axis(first_group, image, axis=1)  # [B, L]
+  num_slots = num_groups * group_size  # P
+  slot = jnp.where(attends, start * group_size + rank, num_slots)  # [B, L]
+  # Per row (vmap), so that a batch split over devices stays split.
+  source = jax.vmap(lambda slot: jnp.full([num_slots], length, jnp.int32).at[
+      slot].set(jnp.arange(length, dtype=jnp.int32), mode='drop'))(slot)  # [B, P]
+  # Group g attends to the image whose groups end first after g; trailing
+  # groups (all slots empty) to the last image.
+  image_of_group = (jnp.arange(num_groups)[None, :, None]
+                    >= group_end[:, None, :]).sum(-1)  # [B, G]
+  image_of_group = jnp.minimum(image_of_group, num_media - 1)  # [B, G]
+  return ImageRouting(
+      slot=jnp.minimum(slot, num_slots - 1).astype(jnp.int32),
+      source=source,
+      image=image_of_group[:, :, None] == jnp.arange(num_media),
+      attends=attends)
+
+
+def attend_per_image(
+    q: jax.Array,  # [B, L, H, K]
+    k: jax.Array,  # [B, M, H, K]
+    v: jax.Array,  # [B, M, H, K]
+    routing: ImageRouting,
+) -> jax.Array:  # [B, L, H, K]
+  """Each token's attention over its own image's R visual tokens only.
+
+  Plain einsums, the softmax in float32: per group the scores are only
+  [H, C, R], so a fused kernel would save little, and the keys/values are
+  selected per group already in the layout the scores read.
+  """
+  batch, _, heads, key_size = q.shape
+  _, num_groups, num_media = routing.image.shape  # G, N
+  group_size = routing.source.shape[1] // num_groups  # C
+  padded = jnp.concatenate([q, jnp.zeros_like(q[:, :1])], axis=1)  # [B, L+1, H, K]
+  grouped_q = jnp.take_along_axis(
+      padded, routing.source[:, :, None, None], axis=1)  # [B, P, H, K]
+  grouped_q = grouped_q.reshape(batch, num_groups, group_size, heads,
+                                key_size)  # [B, G, C, H, K]
+  image = jnp.argmax(routing.image, axis=-1)  # [B, G]
+
+  def per_group(x):  # [B, M, H, K] -> [B, G, H, R, K]
+    per_image = x.reshape(batch, num_media, -1, heads, key_size)  # [B, N, R, H, K]
+    # Transposed before the copies, so that it is done once per image.
+    per_image = jnp.swapaxes(per_image, 2, 3)  # [B, N, H, R, K]
+    return jnp.take_along_axis(
+        per_image, image[:, :, None, None, None], axis=1)  # [B, G, H, R, K]
+
+  logits = jnp.einsum('bgchk,bghrk->bghcr', grouped_q, per_group(k),
+                      preferred_element_type=jnp.float32)  # [B, G, H, C, R]
+  weights = jax.nn.softmax(logits * key_size**-0.5, axis=-1)  # [B, G, H, C, R]
+  out = jnp.einsum('bghcr,bghrk->bgchk', weights.astype(v.dtype),
+                   per_group(v))  # [B, G, C, H, K]
+  out = out.reshape(batch, num_groups * group_size, heads, key_size)  # [B, P, H, K]
+  out = jnp.take_along_axis(out, routing.slot[:, :, None, None], axis=1)  # [B, L, H, K]
+  return jnp.where(routing.attends[:, :, None, None], out,
+                   jnp.zeros([], out.dtype))  # [B, L, H, K]
+
+
+def attention_plan(
+    media_index: jax.Array,  # [B, L] int, 1-based slot, 0 = none
+    media_mask: jax.Array,  # [B, N] bool
+    num_visual_tokens: int,  # R
+    attend: str = 'last_image',
+    group_size: Optional[int] = None,  # C; None: GROUP_SIZE
+) -> Routing:
+  """The cross-attention's routing, computed once for every xattn layer.
+
+  The per-image form for 'last_image' when it scores fewer (query, key)
+  pairs than the dense form (several images and more than a few tokens:
+  not one-token decoding steps), else the dense form's mask.
+  """
+  group_size = group_size or GROUP_SIZE
+  length = media_index.shape[1]
+  num_media = media_mask.shape[1]
+  num_groups = length // group_size + min(num_media, length)
+  if attend == 'last_image' and num_groups * group_size < length * num_media:
+    return route_by_image(media_index, media_mask, group_size)
+  return cross_attention_mask(media_index, media_mask, num_visual_tokens,
+                              attend)  # [B, L, N*R]
+
+
 @dataclasses.dataclass
 class GatedXAttnDense(hk.Module):
   """One cross-attention block; see the module docstring for the variants."""
@@ -102,7 +241,7 @@ class GatedXAttnDense(hk.Module):
       self,
       y: jax.Array,  # [B, L, D]
       visual: Optional[jax.Array],  # [B, M, Dv]; None with `cross_kv`
-      mask: jax.Array,  # [B, L, M] bool
+      routing: Routing,  # `attention_plan`'s: a [B, L, M] mask or packing
       positions: jax.Array,  # [B, L] (used by the grafting self-attention)
       view: Optional[decoding.CacheView] = None,
       *,
@@ -133,9 +272,13 @@ class GatedXAttnDense(hk.Module):
       keys = layers.layer_norm('visual_norm')(visual)  # [B, M, Dv]
     attention = layers.MultiHeadAttention(self.num_heads, self.head_size,
                                           name='cross_attention')
+    if isinstance(routing, ImageRouting):
+      mask, attend = None, lambda q, k, v: attend_per_image(q, k, v, routing)
+    else:
+      mask, attend = routing[:, None], None  # [B, 1, L, M]
     attended, key_value = attention(
-        queries, keys, mask[:, None], key_value=cross_kv,
-        return_key_value=True)  # [B, L, D]
+        queries, keys, mask, key_value=cross_kv, return_key_value=True,
+        attend=attend)  # [B, L, D]
     if cross_kv is None:
       updates['cross_kv'] = decoding.KVCache(*key_value)  # [B, M, H, K]
     y = y + self._gate('attn_gate').astype(y.dtype) * attended  # [B, L, D]

@@ -61,6 +61,8 @@ from flamingo_jax.training import precision
 
 Batch = Mapping[str, jax.Array]
 DATASET_UPDATES = ('accumulate', 'round_robin')
+# Logits per chunk of the loss's float32 log-sum-exp (64 MiB); see _log_norm.
+LOSS_CHUNK_ELEMENTS = 2**24
 
 
 class TrainState(NamedTuple):
@@ -87,14 +89,86 @@ def new_state(step: Any, trainable: hk.Params, frozen: hk.Params,
                     consecutive_skips=zero)
 
 
+@jax.custom_vjp
+def _cross_entropy(
+    logits: jax.Array,  # [B, L, V]
+    targets: jax.Array,  # [B, L] int
+) -> jax.Array:  # [B, L] float32
+  """-log softmax(logits)[target], in float32 whatever the logits' dtype.
+
+  The gradient, softmax - one_hot(target), is formed in one elementwise pass
+  from the logits themselves and their log-sum-exp [B, L] (the only
+  residuals), and comes out in the logits' dtype: no float32 [B, L, V]
+  array is kept for the backward pass, and the forward one converts chunks
+  of the sequence (`_log_norm`). With 32k-vocabulary bf16 logits [8, 256,
+  V] the step's loss then needs 64 MiB of temporaries instead of 500 MiB
+  (autodiff of log_softmax keeps the float32 log-probs and scatters the
+  target's gradient into another float32 array).
+  """
+  return _cross_entropy_fwd(logits, targets)[0]
+
+
+def _log_norm(logits: jax.Array) -> jax.Array:  # [B, L, V] -> [B, L] float32
+  """log sum exp over the vocabulary, in float32, a chunk of rows at a time.
+
+  A backend may convert a whole operand to float32 before reducing it (XLA's
+  CPU backend does); chunks of the sequence bound that copy to
+  LOSS_CHUNK_ELEMENTS.
+  """
+  batch, length, vocab = logits.shape
+  rows = max([r for r in range(1, length + 1) if length % r == 0
+              and batch * r * vocab <= LOSS_CHUNK_ELEMENTS] or [1])
+
+  def chunk_log_norm(x):  # [B, r, V] -> [B, r]
+    return jax.nn.logsumexp(x.astype(jnp.float32), axis=-1)
+
+  if rows == length:
+    return chunk_log_norm(logits)
+
+  # The loop slices the logits' bits: XLA would otherwise move the float32
+  # conversion ahead of the slice and out of the loop, converting them all.
+  bits = jax.lax.bitcast_convert_type(
+      logits, jnp.dtype(f'uint{8 * logits.dtype.itemsize}'))  # [B, L, V]
+
+  def body(i, out):
+    chunk = jax.lax.dynamic_slice_in_dim(bits, i * rows, rows, axis=1)  # [B, r, V]
+    chunk = jax.lax.bitcast_convert_type(chunk, logits.dtype)  # [B, r, V]
+    return jax.lax.dynamic_update_slice_in_dim(
+        out, chunk_log_norm(chunk), i * rows, axis=1)  # [B, L]
+
+  return jax.lax.fori_loop(0, length // rows, body,
+                           jnp.zeros([batch, length], jnp.float32))
+
+
+def _cross_entropy_fwd(logits, targets):
+  log_norm = _log_norm(logits)  # [B, L]
+  target_logit = jnp.take_along_axis(
+      logits, targets[..., None], axis=-1)[..., 0]  # [B, L]
+  return log_norm - target_logit.astype(jnp.float32), (logits, targets,
+                                                       log_norm)
+
+
+def _cross_entropy_bwd(residuals, g):  # g: [B, L]
+  logits, targets, log_norm = residuals
+  probs = jnp.exp(logits.astype(jnp.float32) - log_norm[..., None])  # [B, L, V]
+  target = targets[..., None] == jnp.arange(logits.shape[-1])  # [B, L, V]
+  grad = (probs - target) * g[..., None]  # [B, L, V]
+  return grad.astype(logits.dtype), None
+
+
+_cross_entropy.defvjp(_cross_entropy_fwd, _cross_entropy_bwd)
+
+
 def token_nll(
     logits: jax.Array,  # [B, L, V]
     targets: jax.Array,  # [B, L] int
     loss_mask: jax.Array,  # [B, L] float
 ) -> tuple[jax.Array, jax.Array]:  # ([], [])
-  """Sum of next-token cross-entropy over supervised tokens, and their count."""
-  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))  # [B, L, V]
-  nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]  # [B, L]
+  """Sum of next-token cross-entropy over supervised tokens, and their count.
+
+  Computed in float32; see `_cross_entropy` for the memory it saves.
+  """
+  nll = _cross_entropy(logits, targets.astype(jnp.int32))  # [B, L]
   mask = loss_mask.astype(jnp.float32)  # [B, L]
   return (nll * mask).sum(), mask.sum()
 

@@ -120,3 +120,22 @@ def test_prompt_longer_than_capacity_is_an_error():
   params = _params(config)
   with pytest.raises(ValueError, match='capacity'):
     cached(params, None, *args)
+
+
+def test_per_image_cross_attention_equals_dense_and_decodes(monkeypatch):
+  """The full forward, and cached chunks, with the xattn's per-image form
+  (forced with 2-slot groups) equal the dense form's full forward."""
+  from flamingo_jax.models import xattn  # pylint: disable=g-import-not-at-top
+  config = _config()
+  params = _params(config)
+  tokens, _, media_mask, media_index = _inputs()
+  args = (tokens, _visual(config), media_mask, media_index)
+  dense = jax.jit(_decode(config).apply)(params, None, *args)  # [B, L, V]
+  monkeypatch.setattr(xattn, 'GROUP_SIZE', 2)
+  assert isinstance(xattn.attention_plan(jnp.asarray(media_index), media_mask,
+                                         4), xattn.ImageRouting)
+  routed = jax.jit(_decode(config).apply)(params, None, *args)
+  np.testing.assert_allclose(routed, dense, atol=2e-5, rtol=1e-5)
+  cached, cached_args = _cached(config, 3, 6)
+  logits = cached(params, None, *cached_args)  # [B, 3 + L, V]
+  np.testing.assert_allclose(logits[:, 3:], dense, atol=2e-5, rtol=1e-5)

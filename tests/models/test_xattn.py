@@ -147,3 +147,123 @@ def test_unknown_variant_raises():
         jax.random.PRNGKey(0), *_inputs()[:1],
         jnp.zeros([B, 4, DV]), jnp.ones([B, L, 4], bool),
         jnp.zeros([B, L], jnp.int32))
+
+
+# The per-image form (attend='last_image'): tokens packed by image.
+# Any phi: out of order, 0s, and slots without a medium (row 1's slot 2,
+# row 2's slots 1 and 4).
+ROUTED_PHI = np.array([[3, 3, 1, 0, 2, 2, 4, 1, 1, 1, 4, 0, 3],
+                       [0, 1, 1, 1, 2, 2, 3, 3, 3, 4, 4, 4, 4],
+                       [4, 1, 2, 2, 2, 2, 2, 3, 0, 0, 1, 2, 3]])
+ROUTED_MEDIA_MASK = np.array([[True, True, True, True],
+                              [True, False, True, True],
+                              [False, True, True, False]])
+
+
+def _routed_block_grads(routing, seed=0):
+  """Loss and gradients (params, queries, visual) of one opened block."""
+  batch, length = ROUTED_PHI.shape
+  num_media = ROUTED_MEDIA_MASK.shape[1]
+  k1, k2 = jax.random.split(jax.random.PRNGKey(seed))
+  y = jax.random.normal(k1, [batch, length, D])
+  visual = jax.random.normal(k2, [batch, num_media * R, DV])
+  positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
+  model = _block(gating='none')
+  params = model.init(jax.random.PRNGKey(0), y, visual,
+                      jnp.ones([batch, length, num_media * R], bool),
+                      positions)
+
+  def loss(params, y, visual):
+    out = model.apply(params, y, visual, routing, positions)
+    return jnp.sum(jnp.sin(out))
+
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(
+      params, y, visual)
+
+
+@pytest.mark.parametrize('group_size', [1, 3, 64])
+def test_per_image_form_equals_dense_in_value_and_gradient(group_size):
+  phi, media_mask = jnp.asarray(ROUTED_PHI), jnp.asarray(ROUTED_MEDIA_MASK)
+  dense = _routed_block_grads(xattn.cross_attention_mask(phi, media_mask, R))
+  routed = _routed_block_grads(
+      xattn.route_by_image(phi, media_mask, group_size))
+  np.testing.assert_allclose(routed[0], dense[0], rtol=1e-6)
+  for got, want in zip(jax.tree.leaves(routed[1]), jax.tree.leaves(dense[1])):
+    np.testing.assert_allclose(got, want, rtol=1e-5,
+                               atol=1e-5 * float(np.abs(want).max()))
+  # Tokens that see no image get nothing from it: no gradient either.
+  sees_nothing = ~np.take_along_axis(
+      ROUTED_MEDIA_MASK, np.clip(ROUTED_PHI - 1, 0, 3), 1) | (ROUTED_PHI == 0)
+  visual_grad = np.asarray(routed[1][2]).reshape(3, 4, R, DV)
+  np.testing.assert_array_equal(visual_grad[~ROUTED_MEDIA_MASK], 0.0)
+  assert sees_nothing.any()
+
+
+@pytest.mark.parametrize('group_size', [1, 3, 4])
+def test_routing_packs_each_group_with_tokens_of_one_image(group_size):
+  routing = jax.device_get(xattn.route_by_image(
+      jnp.asarray(ROUTED_PHI), jnp.asarray(ROUTED_MEDIA_MASK), group_size))
+  batch, length = ROUTED_PHI.shape
+  image_of_group = routing.image.argmax(-1)  # [B, G]
+  assert routing.image.sum(-1).max() == 1  # One-hot.
+  for b in range(batch):
+    sees = ROUTED_PHI[b] >= 1
+    sees &= ROUTED_MEDIA_MASK[b, np.clip(ROUTED_PHI[b] - 1, 0, None)]
+    np.testing.assert_array_equal(routing.attends[b], sees)
+    tokens = np.nonzero(sees)[0]
+    slots = routing.slot[b, tokens]
+    assert len(set(slots.tolist())) == len(tokens)  # No two share a slot.
+    np.testing.assert_array_equal(routing.source[b, slots], tokens)
+    filled = np.zeros(routing.source.shape[1], bool)
+    filled[slots] = True
+    np.testing.assert_array_equal(routing.source[b, ~filled], length)
+    np.testing.assert_array_equal(
+        image_of_group[b, slots // group_size], ROUTED_PHI[b, tokens] - 1)
+
+
+def test_routing_fits_the_worst_case():
+  """Every image with one token more than a multiple of the group size."""
+  group_size, num_media = 4, 3
+  phi = np.repeat(np.arange(1, num_media + 1), group_size + 1)[None]  # [1, 15]
+  routing = xattn.route_by_image(jnp.asarray(phi),
+                                 jnp.ones([1, num_media], bool), group_size)
+  assert routing.image.shape[1] == 15 // group_size + num_media
+  assert len(set(np.asarray(routing.slot[0]).tolist())) == 15
+
+
+def test_attention_plan_picks_the_cheaper_form():
+  media_mask = jnp.ones([2, 5], bool)
+  long_phi = jnp.ones([2, 256], jnp.int32)
+  plan = xattn.attention_plan(long_phi, media_mask, R, 'last_image')
+  assert isinstance(plan, xattn.ImageRouting)
+  dense = xattn.attention_plan(long_phi, media_mask, R, 'all_previous_images')
+  assert dense.shape == (2, 256, 5 * R)
+  one_token = xattn.attention_plan(long_phi[:, :1], media_mask, R)
+  assert one_token.shape == (2, 1, 5 * R)  # Decoding steps stay dense.
+  one_image = xattn.attention_plan(long_phi, media_mask[:, :1], R)
+  assert one_image.shape == (2, 256, R)
+
+
+def test_per_image_form_sharded_over_the_batch_equals_unsharded():
+  """8 fake devices, each holding one row: no row's tokens leave it."""
+  batch, length, num_media = 8, 24, 3
+  mesh = jax.make_mesh((8,), ('data',),
+                       axis_types=(jax.sharding.AxisType.Auto,))
+  rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
+  rng = np.random.default_rng(1)
+  phi = jnp.asarray(rng.integers(0, num_media + 1, (batch, length)),
+                    jnp.int32)
+  q = jnp.asarray(rng.normal(size=(batch, length, 2, 8)), jnp.float32)
+  kv = jnp.asarray(rng.normal(size=(batch, num_media * R, 2, 8)),
+                   jnp.float32)
+
+  def attend(q, k, v, phi):
+    routing = xattn.route_by_image(phi, jnp.ones([batch, num_media], bool), 4)
+    return xattn.attend_per_image(q, k, v, routing)
+
+  want = jax.jit(attend)(q, kv, kv, phi)
+  sharded = jax.jit(attend, in_shardings=rows, out_shardings=rows)
+  args = [jax.device_put(x, rows) for x in (q, kv, kv, phi)]
+  np.testing.assert_allclose(sharded(*args), want, atol=1e-6)
+  hlo = sharded.lower(*args).compile().as_text()
+  assert 'all-gather' not in hlo and 'all-to-all' not in hlo

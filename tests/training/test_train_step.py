@@ -23,6 +23,62 @@ def test_sequence_loss_masks_and_never_nans():
   assert loss == 0.0 and count == 0
 
 
+def _reference_nll(logits, targets, loss_mask):
+  """The loss as autodiff would take it: float32 log_softmax."""
+  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))
+  nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+  return (nll * loss_mask).sum()
+
+
+def _loss_inputs(dtype=jnp.float32, batch=3, length=8, vocab=37):
+  keys = jax.random.split(jax.random.PRNGKey(0), 3)
+  logits = (4 * jax.random.normal(keys[0], [batch, length, vocab])).astype(
+      dtype)
+  targets = jax.random.randint(keys[1], [batch, length], 0, vocab)
+  loss_mask = (jax.random.uniform(keys[2], [batch, length]) > 0.3).astype(
+      jnp.float32)
+  return logits, targets, loss_mask
+
+
+@pytest.mark.parametrize('chunk_elements', [2**24, 3 * 2 * 37])
+def test_token_nll_equals_log_softmax_in_value_and_gradient(
+    monkeypatch, chunk_elements):
+  # 3 * 2 * 37: two rows of the sequence per chunk (four chunks).
+  monkeypatch.setattr(train_step_lib, 'LOSS_CHUNK_ELEMENTS', chunk_elements)
+  logits, targets, loss_mask = _loss_inputs()
+  ours = lambda x: train_step_lib.token_nll(x, targets, loss_mask)[0]
+  reference = lambda x: _reference_nll(x, targets, loss_mask)
+  np.testing.assert_allclose(ours(logits), reference(logits), rtol=1e-6)
+  np.testing.assert_allclose(jax.jit(jax.grad(ours))(logits),
+                             jax.grad(reference)(logits), atol=1e-6)
+
+
+def test_token_nll_in_bf16_keeps_the_logits_dtype_and_float32_sums():
+  logits, targets, loss_mask = _loss_inputs(jnp.bfloat16)
+  ours = lambda x: train_step_lib.token_nll(x, targets, loss_mask)[0]
+  reference = lambda x: _reference_nll(x, targets, loss_mask)
+  assert ours(logits).dtype == jnp.float32
+  np.testing.assert_allclose(ours(logits), reference(logits), rtol=1e-6)
+  grad = jax.grad(ours)(logits)
+  assert grad.dtype == jnp.bfloat16
+  np.testing.assert_allclose(grad.astype(jnp.float32),
+                             jax.grad(reference)(logits).astype(jnp.float32),
+                             atol=1e-2)
+
+
+def test_token_nll_needs_one_chunk_of_float32_temporaries():
+  """bf16 logits [8, 256, 32001]: 500 MiB of temporaries through
+  log_softmax's autodiff; one 64-row float32 chunk (62.5 MiB) here."""
+  logits = jax.ShapeDtypeStruct((8, 256, 32001), jnp.bfloat16)
+  targets = jax.ShapeDtypeStruct((8, 256), jnp.int32)
+  loss_mask = jax.ShapeDtypeStruct((8, 256), jnp.float32)
+  grad = jax.jit(jax.grad(
+      lambda x, t, m: train_step_lib.token_nll(x, t, m)[0]))
+  temp = grad.lower(logits, targets, loss_mask).compile().memory_analysis(
+  ).temp_size_in_bytes
+  assert temp <= 4 * 2**24 * 1.01, temp / 2**20
+
+
 def _toy_step(weights, optimizer=None):
   """A 'model' whose logits are a trainable bias: one dataset each.
 
