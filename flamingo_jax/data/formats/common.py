@@ -54,11 +54,17 @@ _PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 
 
 class BadInput(Exception):
-  """A record that cannot become an example; `reason` is its counter name."""
+  """A record that cannot become an example; `reason` is its counter name.
 
-  def __init__(self, reason: str, message: str):
+  `counts` are further counters to add (e.g. the images a skipped document
+  had dropped before it was skipped).
+  """
+
+  def __init__(self, reason: str, message: str,
+               counts: Mapping[str, int] | None = None):
     super().__init__(message)
     self.reason = reason
+    self.counts = dict(counts or {})
 
 
 # --------------------------------------------------------------- images --
@@ -116,6 +122,9 @@ def load_image_file(path: str, max_size: int | None = None) -> bytes:
     data = files.read_bytes(path)
   except (tf.errors.NotFoundError, FileNotFoundError) as e:
     raise BadInput('missing_image', f'Image file {path} does not exist.') from e
+  except tf.errors.UnimplementedError as e:  # A scheme TF cannot read.
+    raise BadInput('missing_image', f'Image {path}: cannot read this kind of '
+                   f'path ({e.message}).') from e
   return load_image(data, path, max_size)
 
 
@@ -314,6 +323,7 @@ class FormatBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
           raise ValueError(f'{e} (on_error="raise"; pass on_error="skip" '
                            'to skip and count such records).') from e
         counts[f'skipped/{e.reason}'] += 1
+        counts.update(e.counts)
         self._log_skip(e, counts[f'skipped/{e.reason}'])
         continue
       counts['examples'] += 1

@@ -1,8 +1,7 @@
 """Reading sources with tf.io.gfile, so every path may be local or gs://."""
 
-from collections.abc import Iterator, Mapping
-import csv
-import gzip
+from collections.abc import Mapping
+import contextlib
 import io
 import json
 import os
@@ -27,6 +26,41 @@ def size(path: str) -> int:
 def read_bytes(path: str) -> bytes:
   with tf.io.gfile.GFile(path, 'rb') as f:
     return f.read()
+
+
+class _RawFile(io.RawIOBase):
+  """A GFile as a seekable raw stream (io, zipfile and pyarrow read it)."""
+
+  def __init__(self, f):
+    super().__init__()
+    self._f = f
+
+  def readable(self):
+    return True
+
+  def seekable(self):
+    return True
+
+  def readinto(self, buffer):
+    data = self._f.read(len(buffer))
+    buffer[:len(data)] = data
+    return len(data)
+
+  def seek(self, offset, whence=io.SEEK_SET):
+    if whence == io.SEEK_END:
+      offset, whence = self._f.size() + offset, io.SEEK_SET
+    self._f.seek(offset, whence)
+    return self._f.tell()
+
+  def tell(self):
+    return self._f.tell()
+
+
+@contextlib.contextmanager
+def open_binary(path: str):
+  """A buffered, seekable binary stream of a local or gs:// file."""
+  with tf.io.gfile.GFile(path, 'rb') as f:
+    yield io.BufferedReader(_RawFile(f), buffer_size=1 << 20)
 
 
 def read_json(path: str) -> Any:
@@ -74,32 +108,6 @@ def list_files(source: str, extensions: tuple[str, ...]) -> list[str]:
   if not files:
     raise FileNotFoundError(f'No {"/".join(extensions)} files at {source}.')
   return sorted(files)
-
-
-def read_table(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
-  """(line number, row) of a CSV (with a header) or JSONL (.gz) file.
-
-  Raises a ValueError naming the file and line of a malformed JSON line.
-  """
-  with tf.io.gfile.GFile(path, 'rb' if path.endswith('.gz') else 'r') as f:
-    text = (io.TextIOWrapper(gzip.GzipFile(fileobj=f), encoding='utf-8',
-                             newline='') if path.endswith('.gz') else f)
-    if re.search(r'\.csv(\.gz)?$', path):
-      reader = csv.DictReader(text)
-      for row in reader:
-        yield reader.line_num, row
-      return
-    for line_number, line in enumerate(text, start=1):
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f'{path}:{line_number}: not valid JSON ({e}).') from e
-      if not isinstance(row, dict):
-        raise ValueError(f'{path}:{line_number}: expected a JSON object; got '
-                         f'{type(row).__name__}.')
-      yield line_number, row
 
 
 def field(row: Mapping[str, Any], key: str, where: str) -> Any:

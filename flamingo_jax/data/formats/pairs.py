@@ -9,11 +9,16 @@ The image is the member with an image extension (.jpg, .jpeg, .png, .webp,
 ...); the caption is the .txt member, else the `caption_field` of the .json
 member.
 
-`table_pairs`: CSV (with a header) or JSONL (.gz) files, one pair a row,
-with columns `image_key` (a path, relative to `image_dir`, default the
-table's directory) and `caption_key`:
+`table_pairs`: tables, one pair a row (CSV, TSV, JSONL, .jsonl.zip,
+Parquet or a `datasets` save_to_disk folder, chosen by extension: see
+`tables`), with columns `image_key` and `caption_key`:
   image,caption                        {"image": "a.jpg", "caption": "..."}
   images/a.jpg,A dog on a beach.
+The image is a path (relative to `image_dir`, default the table's
+directory), bytes, a `datasets` Image value, or a URL found in the
+img2dataset output folder `img2dataset_dir` (URLs are never fetched: see
+`img2dataset`). LAION's metadata: image_key='URL', caption_key='TEXT'.
+CC3M's TSV has no header: columns=['caption', 'url'], image_key='url'.
 
 The example has the world's pair features: `image` (encoded as it was, see
 `common.load_image`) and `caption` (stripped).
@@ -21,7 +26,7 @@ The example has the world's pair features: `image` (encoded as it was, see
 Bad input (skipped and counted with on_error='skip', the default; an error
 naming the shard:key or file:line with 'raise'):
   empty_caption    blank or absent;
-  missing_image    no image member, or no such file;
+  missing_image    no image member, no such file, or a URL not downloaded;
   corrupt_image    an image Pillow cannot decode (16-bit images are scaled
                    to 8 bits, see `data.images.to_rgb`);
   bad_json         a .json member that is not a UTF-8 JSON object;
@@ -45,8 +50,8 @@ import tensorflow_datasets as tfds
 
 from flamingo_jax.data.formats import common
 from flamingo_jax.data.formats import files
-
-TABLE_EXTENSIONS = ('.csv', '.csv.gz', '.jsonl', '.jsonl.gz')
+from flamingo_jax.data.formats import img2dataset
+from flamingo_jax.data.formats import tables
 
 
 def _pair_features():
@@ -162,33 +167,44 @@ class WebDatasetPairs(common.FormatBuilder):
 
 @dataclasses.dataclass(eq=False)
 class TableConfig(common.FormatConfig):
-  """CSV/JSONL options.
+  """Table options.
 
   Attributes:
     image_dir: base of relative image paths; None: the table's directory.
-    image_key: the column (or JSON key) of the image path.
+    image_key: the column (or JSON key) of the image.
     caption_key: the column (or JSON key) of the caption.
+    columns: the column names of a CSV/TSV without a header row.
+    img2dataset_dir: img2dataset's output folder, for image URLs.
   """
   image_dir: str | None = None
   image_key: str = 'image'
   caption_key: str = 'caption'
+  columns: list[str] | None = None
+  img2dataset_dir: str | None = None
 
 
-def table_records(source: str, keys: tuple[str, ...], base: str | None):
-  """(file:line, {key: value}, base directory) of every row of the tables."""
-  for path in files.list_files(source, TABLE_EXTENSIONS):
-    for line, row in files.read_table(path):
-      where = f'{path}:{line}'
+def table_records(source: str, keys: tuple[str, ...], base: str | None,
+                  columns: list[str] | None = None):
+  """(file:row, {key: value}, base directory) of every row of the tables."""
+  for path in tables.list_tables(source):
+    for row_key, row in tables.read_rows(path, columns):
+      where = f'{path}:{row_key}'
       yield where, {key: files.field(row, key, where) for key in keys}, (
           base or os.path.dirname(path))
 
 
 class TablePairs(common.FormatBuilder):
-  """Image-text pairs from CSV/JSONL tables and an image folder."""
+  """Image-text pairs from tables and image files (or img2dataset)."""
 
   name = 'table_pairs'
   CONFIG_CLASS = TableConfig
-  DESCRIPTION = 'Image-text pairs from CSV/JSONL and image files.'
+  DESCRIPTION = 'Image-text pairs from tables and image files.'
+
+  def __init__(self, **kwargs):
+    super().__init__(**kwargs)
+    self._resolver = img2dataset.ImageResolver(
+        self.builder_config.img2dataset_dir,
+        self.builder_config.max_image_size)
 
   def features(self):
     return _pair_features()
@@ -196,16 +212,16 @@ class TablePairs(common.FormatBuilder):
   def split_records(self):
     config = self.builder_config
     keys = (config.image_key, config.caption_key)
-    return {split: table_records(source, keys, config.image_dir)
+    return {split: table_records(source, keys, config.image_dir,
+                                 config.columns)
             for split, source in self.split_sources().items()}
 
   def make_example(self, record):
     where, row, base = record
     config = self.builder_config
     caption = common.caption_text(row[config.caption_key], where)
-    path = files.resolve(str(row[config.image_key]), base)
     try:
-      image = common.load_image_file(path, config.max_image_size)
+      image = self._resolver.load(row[config.image_key], base)
     except common.BadInput as e:
       raise common.BadInput(e.reason, f'{where}: {e}') from e
     return where, {'image': image, 'caption': caption}

@@ -49,7 +49,8 @@ def source(tmp_path_factory):
 
 def test_documents_read_back_as_written(source, tmp_path):
   builder, stats = util.build('interleaved_jsonl', source, tmp_path,
-                              max_images=3, name='docs')
+                              max_images=3, name='docs',
+                              on_bad_image='skip_document')
   assert stats == {'train': {
       'examples': 2, 'skipped/missing_image': 1, 'skipped/corrupt_image': 1,
       'skipped/too_many_images': 1, 'skipped/no_text': 1,
@@ -77,13 +78,19 @@ def test_documents_read_back_as_written(source, tmp_path):
   assert builder.info.metadata['options']['max_images'] == 3
 
 
-def test_drop_image_keeps_the_document_and_counts(source, tmp_path):
-  _, stats = util.build('interleaved_jsonl', f'{source}/docs-0001.jsonl',
-                        tmp_path, on_bad_image='drop_image', max_images=3)
+def test_by_default_a_document_keeps_its_found_images(source, tmp_path):
+  builder, stats = util.build('interleaved_jsonl',
+                              f'{source}/docs-0001.jsonl', tmp_path,
+                              max_images=3)
   assert stats['train'] == {
-      'examples': 3, 'dropped_image/missing_image': 1,
-      'dropped_image/corrupt_image': 1, 'skipped/too_many_images': 1,
+      'examples': 4, 'dropped_image/missing_image': 1,
+      'dropped_image/corrupt_image': 1, 'dropped_image/too_many_images': 1,
       'skipped/no_text': 1, 'skipped/too_few_images': 1}
+  data = util.by_source(builder.as_data_source(split='train'))
+  lost = data[f'{source}/docs-0001.jsonl:2']  # 'gone.png' is missing.
+  assert [util.text(c) for c in lost['chunks']['text']] == ['Lost:', '']
+  many = data[f'{source}/docs-0001.jsonl:4']  # The first 3 of 4 images.
+  assert list(many['chunks']['image']) == [-1, 0, 1, 2]
 
 
 def test_malformed_line_names_file_and_line(tmp_path):
@@ -119,8 +126,9 @@ def test_truncated_image_shard_is_named_and_its_images_counted(tmp_path,
       for name in ('a.png', 'b.png', 'c.png')))
   caplog.set_level('WARNING')
   builder, stats = util.build('interleaved_jsonl', src, tmp_path / 'out')
-  assert stats == {'train': {'examples': 1, 'skipped/corrupt_image': 1,
-                             'skipped/missing_image': 1}}
+  assert stats == {'train': {'examples': 1, 'skipped/too_few_images': 2,
+                             'dropped_image/corrupt_image': 1,
+                             'dropped_image/missing_image': 1}}
   (example,) = builder.as_data_source(split='train')
   np.testing.assert_array_equal(example['images'][0], A)
   warnings = [r.getMessage() for r in caplog.records
