@@ -18,6 +18,7 @@ INSTALL_REQUIRES = [
     'orbax-checkpoint>=0.12,<0.13',
     'importlib_resources',  # tensorflow-datasets needs it on Python 3.11.
     'pillow==13.0.0',  # The world's fingerprint pins rendered pixels.
+    'pyarrow',  # Parquet and `datasets` folders in flamingo_jax.data.formats.
     'sentencepiece',
     'tensorboard',  # clu's metric writers import it.
     'tensorflow-cpu',

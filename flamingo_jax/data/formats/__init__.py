@@ -5,10 +5,10 @@ same features as the embedded world's dataset of the same kind, so the
 pipeline's READERS and the evaluation code read either unchanged:
 
   format             reads                                  world twin
-  interleaved_jsonl  OBELICS-like or MMC4 JSONL + images    world_documents
+  interleaved_jsonl  OBELICS-like or MMC4 tables + images   world_documents
   webdataset_pairs   WebDataset tar shards                  world_pairs
-  table_pairs        CSV/JSONL of image path, caption       world_pairs
-  video_pairs        CSV/JSONL of video (or frame dir), cap  world_video_pairs
+  table_pairs        tables of image, caption               world_pairs
+  video_pairs        tables of video (or frame dir), cap    world_video_pairs
   coco_karpathy      dataset_coco.json (Karpathy splits)    world_captions
   vqa                VQAv2 / OK-VQA question+annotation     world_vqa
   video_qa           MSVD-QA / MSRVTT-QA JSON               world_video_qa
@@ -16,6 +16,9 @@ pipeline's READERS and the evaluation code read either unchanged:
   image_folder       ImageNet-style class folders           world_classification
 
 Each module's docstring gives its exact schema, options and bad-input rules.
+Tables (`tables`) are JSONL (.gz, .zip), CSV, TSV (.gz), Parquet or Hugging
+Face `datasets` save_to_disk folders, read by extension; image URLs are
+never fetched, only found in an img2dataset output folder (`img2dataset`).
 Differences from the world: images keep their own size and encoding (the
 pipeline resizes them), and multi-reference texts (`captions`, `answers`)
 have as many entries as the source gives. Every example also has 'id'

@@ -15,10 +15,14 @@ from the container; a frame directory has them only when `frames_fps`
 spaced. Frames are stored as `frame_format` ('jpeg', quality 95, or 'png'),
 shrunk to `max_image_size` if given.
 
-`video_pairs`: CSV (with a header) or JSONL files with columns `video_key`
-(a path relative to `video_dir`, default the table's directory: a video
-file or a frame directory) and `caption_key`. The example has the world's
-video-pair features: `video` [num_frames, h, w, 3] and `caption`.
+`video_pairs`: tables (CSV, TSV, JSONL, Parquet, ...: see `tables`) with
+columns `video_key` (a path relative to `video_dir`, default the table's
+directory: a video file or a frame directory) and `caption_key`; or, with
+`video_path_format`, the path made from the row's columns, e.g. WebVid's
+CSV (videoid,contentUrl,duration,page_dir,name) with the videos saved as
+<page_dir>/<videoid>.mp4: video_path_format='{page_dir}/{videoid}.mp4',
+caption_key='name'. The example has the world's video-pair features:
+`video` [num_frames, h, w, 3] and `caption`.
 
 Bad input (skipped and counted with on_error='skip', the default; an error
 naming file:line with 'raise'): too_few_frames (fewer frames than
@@ -32,6 +36,7 @@ import dataclasses
 import io
 import os
 import re
+import string
 
 import numpy as np
 from PIL import Image
@@ -199,10 +204,13 @@ class VideoPairsConfig(VideoConfig):
     video_dir: base of relative video paths; None: the table's directory.
     video_key: the column (or JSON key) of the video path.
     caption_key: the column (or JSON key) of the caption.
+    video_path_format: makes the path from the row's columns instead
+      (str.format), e.g. '{page_dir}/{videoid}.mp4'.
   """
   video_dir: str | None = None
   video_key: str = 'video'
   caption_key: str = 'caption'
+  video_path_format: str | None = None
 
 
 class VideoPairs(common.FormatBuilder):
@@ -218,7 +226,12 @@ class VideoPairs(common.FormatBuilder):
 
   def split_records(self):
     config = self.builder_config
-    keys = (config.video_key, config.caption_key)
+    if config.video_path_format:
+      keys = tuple(dict.fromkeys(
+          [name for _, name, _, _ in string.Formatter().parse(
+              config.video_path_format) if name] + [config.caption_key]))
+    else:
+      keys = (config.video_key, config.caption_key)
     return {split: pairs.table_records(source, keys, config.video_dir)
             for split, source in self.split_sources().items()}
 
@@ -227,8 +240,9 @@ class VideoPairs(common.FormatBuilder):
     config = self.builder_config
     caption = common.caption_text(row[config.caption_key], where)
     try:
-      frames = load_video(files.resolve(str(row[config.video_key]), base),
-                          config)
+      path = (config.video_path_format.format(**row)
+              if config.video_path_format else str(row[config.video_key]))
+      frames = load_video(files.resolve(path, base), config)
     except common.BadInput as e:
       raise common.BadInput(e.reason, f'{where}: {e}') from e
     return where, {'video': frames, 'caption': caption}

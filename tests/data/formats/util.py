@@ -1,6 +1,7 @@
 """Helpers of the format tests: tiny images and videos in true formats."""
 
 import io
+import json
 import os
 import struct
 import tarfile
@@ -113,3 +114,84 @@ def ml_collections_spec(builder: str, split: str, data_dir) -> 'object':
   import ml_collections  # pylint: disable=g-import-not-at-top
   return ml_collections.ConfigDict(dict(builder=builder, split=split,
                                         data_dir=str(data_dir)))
+
+
+def write_parquet(path, columns: dict[str, list], types: dict | None = None
+                  ) -> str:
+  """A Parquet file of {column: values} (pyarrow infers unless typed)."""
+  import pyarrow as pa  # pylint: disable=g-import-not-at-top
+  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  types = types or {}
+  table = pa.table({name: pa.array(values, type=types.get(name))
+                    for name, values in columns.items()})
+  pq.write_table(table, str(path))
+  return str(path)
+
+
+def write_img2dataset(folder, samples: list[tuple[str, np.ndarray | None]],
+                      output_format: str = 'files', per_shard: int = 2,
+                      parquet_sidecars: bool = True) -> dict[str, str]:
+  """An img2dataset output folder of (url, image or None: a failed one).
+
+  As img2dataset writes it: keys '<shard:05d><index:04d>'; per shard the
+  images with their .txt and .json (url, key, status, ...) in
+  `<shard>/` (output_format 'files') or `<shard>.tar` ('webdataset'), the
+  `<shard>.parquet` sidecar (key, url, caption, status, error_message,
+  width, height) and `<shard>_stats.json`. Failed downloads have a sidecar
+  row and no files. Returns {url: key}.
+  """
+  keys = {}
+  for shard in range(0, len(samples), per_shard):
+    rows, members = [], {}
+    for index, (url, array) in enumerate(samples[shard:shard + per_shard]):
+      key = f'{shard // per_shard:05d}{index:04d}'
+      keys[url] = key
+      status = 'success' if array is not None else 'failed_to_download'
+      row = dict(key=key, url=url, caption=f'caption of {key}', status=status,
+                 error_message=None if array is not None else 'HTTP 404',
+                 width=None if array is None else array.shape[1],
+                 height=None if array is None else array.shape[0])
+      rows.append(row)
+      if array is not None:
+        members[f'{key}.jpg'] = encode(array, 'PNG')  # Lossless for tests.
+        members[f'{key}.txt'] = row['caption'].encode()
+        members[f'{key}.json'] = json.dumps(row).encode()
+    name = f'{shard // per_shard:05d}'
+    if output_format == 'webdataset':
+      write_tar(os.path.join(folder, f'{name}.tar'), members)
+    else:
+      os.makedirs(os.path.join(folder, name), exist_ok=True)
+      for member, data in members.items():
+        write(os.path.join(folder, name, member), data)
+    if parquet_sidecars:
+      write_parquet(os.path.join(folder, f'{name}.parquet'),
+                    {k: [r[k] for r in rows] for k in rows[0]})
+    write(os.path.join(folder, f'{name}_stats.json'), json.dumps(
+        {'count': len(rows), 'successes': len(members) // 3}))
+  return keys
+
+
+def write_hf_dataset(folder, columns: dict[str, list], types: dict | None = None
+                     ) -> str:
+  """A `datasets.Dataset.save_to_disk` folder, written with pyarrow alone.
+
+  Its layout: data-00000-of-00001.arrow (an Arrow IPC stream),
+  dataset_info.json and state.json (listing the data files).
+  """
+  import pyarrow as pa  # pylint: disable=g-import-not-at-top
+  os.makedirs(folder, exist_ok=True)
+  types = types or {}
+  table = pa.table({name: pa.array(values, type=types.get(name))
+                    for name, values in columns.items()})
+  name = 'data-00000-of-00001.arrow'
+  with pa.OSFile(os.path.join(folder, name), 'wb') as sink:
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+      writer.write_table(table)
+  write(os.path.join(folder, 'dataset_info.json'), json.dumps(
+      {'citation': '', 'description': '', 'features': {}}))
+  write(os.path.join(folder, 'state.json'), json.dumps({
+      '_data_files': [{'filename': name}], '_fingerprint': '0' * 16,
+      '_format_columns': None, '_format_kwargs': {}, '_format_type': None,
+      '_output_all_columns': False, '_split': None}))
+  return str(folder)
