@@ -5,7 +5,8 @@ Metric               | Reproduces                              | Scale
 `cider_d`            | pycocoevalcap CIDEr-D on PTB tokens     | raw; papers
 `cider_d_scores`     |   (COCO, Flickr30k, VATEX captioning)   | show x 100
 `vqa_accuracy`       | official VQAv2 accuracy (also OK-VQA,   | [0, 1]; papers
-`mean_vqa_accuracy`  |   VizWiz, TextVQA, ...)                 | show x 100
+`mean_vqa_accuracy`  |   VizWiz, TextVQA, ...); eval_version   | show x 100
+`accuracy_by_answer_type` | '2016' or '2021'; stem=True: OK-VQA | [0, 1]
 `exact_match`        | single-answer QA (MSRVTT-QA, MSVD-QA)   | bool
 `mean_exact_match`   |   after the VQA answer normalisation    | [0, 1]
 `top1_accuracy`      | classification, multiple choice (STAR)  | [0, 1]
@@ -13,7 +14,8 @@ Metric               | Reproduces                              | Scale
 
 Helpers: `ptb_tokenize` (pycocoevalcap's PTBTokenizer without Java, see
 `ptb.py`), `normalize_vqa_answer` (the official `processPunctuation` +
-`processDigitArticle`, see `vqa.py`). CIDEr-D is in `cider.py`.
+`processDigitArticle`, see `vqa.py`), `okvqa_stem`, `vqa_results` (the VQA
+evaluation server's results file). CIDEr-D is in `cider.py`.
 """
 
 from collections.abc import Hashable, Mapping, Sequence
@@ -30,6 +32,9 @@ cider_d_scores = cider.cider_d_scores
 normalize_vqa_answer = vqa.normalize_vqa_answer
 vqa_accuracy = vqa.vqa_accuracy
 mean_vqa_accuracy = vqa.mean_vqa_accuracy
+accuracy_by_answer_type = vqa.accuracy_by_answer_type
+okvqa_stem = vqa.okvqa_stem
+vqa_results = vqa.vqa_results
 
 
 def exact_match(prediction: str, answer: str) -> bool:

@@ -1,6 +1,7 @@
 """Metrics: PTB tokens, CIDEr-D, VQA accuracy, exact match, overall score."""
 
 import collections
+import json
 import math
 import os
 import shutil
@@ -218,8 +219,74 @@ def test_vqa_accuracy_answer_processing_is_official():
       'no'] * 9]) == pytest.approx((1.0 + 0.3) / 2)
 
 
+@pytest.mark.parametrize('prediction,answers,v2016,v2021', [
+    # All annotators agree: 2021 compares the stripped strings as they are.
+    ('Yes', ['yes'] * 10, 1.0, 0.0),
+    ('yes.', ['yes'] * 10, 1.0, 0.0),
+    ('Two', ['2'] * 10, 1.0, 0.0),
+    (' yes\n', ['yes'] * 10, 1.0, 1.0),
+    # They disagree: 2021 normalises the answers fully, 2016 only their
+    # punctuation.
+    ('dog', ['The Dog'] * 3 + ['cat'] * 7, 0.0, 0.9),
+    ('Two dogs', ['2 dogs'] * 4 + ['dogs'] * 6, 1.0, 1.0),
+    ('dog', ['dog.'] * 3 + ['cat'] * 7, 0.9, 0.9),
+])
+def test_vqa_eval_versions(prediction, answers, v2016, v2021):
+  assert metrics.vqa_accuracy(prediction, answers) == pytest.approx(v2016)
+  assert metrics.vqa_accuracy(prediction, answers,
+                              eval_version='2021') == pytest.approx(v2021)
+
+
+@pytest.mark.parametrize('word,stem', [
+    ('racing', 'race'), ('riding', 'ride'), ('swimming', 'swim'),
+    ('walking', 'walk'), ('skiing', 'ski'), ('creating', 'create'),
+    ('king', 'king'), ('dogs', 'dog'), ('berries', 'berry'),
+    ('glasses', 'glass'), ('tennis', 'tennis'), ('yes', 'yes'),
+    ('Surfing.', 'surf.'), ('two dogs', 'two dog')])
+def test_okvqa_stem(word, stem):
+  assert metrics.okvqa_stem(word) == stem
+
+
+def test_okvqa_scoring_stems_the_prediction():
+  assert metrics.vqa_accuracy('racing', ['race'] * 10, stem=True) == 1.0
+  assert metrics.vqa_accuracy('racing', ['race'] * 10) == 0.0
+  assert metrics.vqa_accuracy('Racing', ['race'] * 10, stem=True,
+                              eval_version='2021') == 1.0
+  # A raw answer of the question takes the dataset's own stem.
+  answers, raw = ['fli'] * 3 + ['bird'] * 7, ['flying'] * 3 + ['birds'] * 7
+  assert metrics.vqa_accuracy('Flying', answers, stem=True,
+                              raw_answers=raw) == 0.9
+  assert metrics.mean_vqa_accuracy(
+      ['flying', 'racing'], [answers, ['race'] * 10], stem=True,
+      raw_answers_lists=[raw, None]) == pytest.approx((0.9 + 1.0) / 2)
+
+
+def test_accuracy_by_answer_type():
+  scores = metrics.accuracy_by_answer_type(
+      ['yes', '2', 'red', 'blue'],
+      [['yes'] * 10, ['3'] * 10, ['red'] * 10, ['red'] * 10],
+      ['yes/no', 'number', 'other', 'other'])
+  assert scores == {'overall': 0.5, 'yes/no': 1.0, 'number': 0.0,
+                    'other': 0.5}
+
+
+def test_vqa_results_file(tmp_path):
+  results = metrics.vqa_results([3, 1], [' Two dogs\n', 'yes'],
+                                tmp_path / 'r.json')
+  assert results == [{'question_id': 3, 'answer': 'Two dogs'},
+                     {'question_id': 1, 'answer': 'yes'}]
+  assert json.loads((tmp_path / 'r.json').read_text()) == results
+  with pytest.raises(ValueError, match='duplicates'):
+    metrics.vqa_results([1, 1], ['a', 'b'])
+
+
 @pytest.mark.parametrize('call,match', [
     (lambda: metrics.vqa_accuracy('yes', []), 'answers is empty'),
+    (lambda: metrics.vqa_accuracy('yes', ['yes'], eval_version='2017'),
+     r"eval_version must be one of \('2016', '2021'\)"),
+    (lambda: metrics.vqa_accuracy('yes', ['yes'], stem=True,
+                                  raw_answers=['a', 'b']),
+     'raw_answers has 2 answers, answers 1'),
     (lambda: metrics.vqa_accuracy('yes', 'yes'), 'must be a list of str'),
     (lambda: metrics.mean_vqa_accuracy([], []), 'non-empty'),
     (lambda: metrics.mean_vqa_accuracy(['a'], [['a'], ['b']]),

@@ -20,17 +20,25 @@ mscoco_val2014_annotations.json). `subsets` maps our splits to them
 (default: support = train2014, query = val2014). Images are COCO's, in
 `image_dir` (default: source) as <subset>/COCO_<subset>_%012d.jpg,
 COCO_<subset>_%012d.jpg, <subset>/%012d.jpg or %012d.jpg (the first that
-exists). Features as the world's vqa: image, question, answer (the
-annotation's multiple_choice_answer, else the most frequent of its
-answers), answers (all annotator answers: 10 for both), question_type (the
-annotation's, e.g. 'what color is the'); 'id' is the question_id.
+exists); test-dev2015's are test2015's. Features as the world's vqa: image,
+question, answer (the annotation's multiple_choice_answer, else the most
+frequent of its answers), answers (all annotator answers: 10 for both; for
+OK-VQA its stemmed `answer`s), question_type (the annotation's, e.g. 'what
+color is the'); and raw_answers (OK-VQA's unstemmed `raw_answer`s, else the
+answers again: scoring stems predictions with them, see
+`evaluation.vqa`), answer_type ('yes/no', 'number', 'other': the server's
+breakdown); 'id' is the question_id. A test subset (VQAv2 test-dev2015,
+test2015: questions only, e.g. {'test': 'test-dev2015'}) has no annotation
+file: its answers are empty, for writing the server's results file
+(`evaluation.vqa.vqa_results`).
 
 Bad input: with on_error='raise' (the default: an evaluation set's score is
 only comparable when it is complete) a missing or corrupt image, or a
 record without any caption, stops the build with an error naming the file
 and record; with 'skip' they are counted. Blank references among others are
 dropped and counted ('dropped_caption/empty'). A missing annotation file,
-or a question without its annotation, is always an error.
+(except for a test subset), or a question without its annotation, is
+always an error.
 """
 
 import collections
@@ -167,7 +175,9 @@ class Vqa(common.FormatBuilder):
     return {'image': _image_feature(), 'question': tfds.features.Text(),
             'answer': tfds.features.Text(),
             'answers': tfds.features.Sequence(tfds.features.Text()),
-            'question_type': tfds.features.Text()}
+            'question_type': tfds.features.Text(),
+            'raw_answers': tfds.features.Sequence(tfds.features.Text()),
+            'answer_type': tfds.features.Text()}
 
   def split_records(self):
     config = self.builder_config
@@ -177,14 +187,22 @@ class Vqa(common.FormatBuilder):
 
   def _records(self, source, subset, image_dir):
     q_path = _one_file(source, f'{subset}_questions.json')
-    a_path = _one_file(source, f'{subset}_annotations.json')
     questions = files.field(files.read_json(q_path), 'questions', q_path)
-    annotations = {
-        a['question_id']: a for a in
-        files.field(files.read_json(a_path), 'annotations', a_path)}
+    if subset.startswith('test') and not tf.io.gfile.glob(
+        os.path.join(source, f'*{subset}_annotations.json')):
+      annotations = None  # Questions only: answers are the server's.
+    else:
+      a_path = _one_file(source, f'{subset}_annotations.json')
+      annotations = {
+          a['question_id']: a for a in
+          files.field(files.read_json(a_path), 'annotations', a_path)}
     for i, question in enumerate(questions):
       where = f'{q_path}[{i}]'
       question_id = files.field(question, 'question_id', where)
+      if annotations is None:
+        yield (f'{where} (question_id {question_id})', question, {},
+               subset, image_dir)
+        continue
       if question_id not in annotations:
         raise ValueError(f'{where}: question_id {question_id} has no '
                          f'annotation in {a_path}.')
@@ -194,13 +212,16 @@ class Vqa(common.FormatBuilder):
   def make_example(self, record):
     where, question, annotation, subset, image_dir = record
     image_id = int(files.field(question, 'image_id', where))
+    if subset.startswith('test'):
+      subset = 'test2015'  # test-dev2015 is a part of test2015's images.
     names = [f'{subset}/COCO_{subset}_{image_id:012d}.jpg',
              f'COCO_{subset}_{image_id:012d}.jpg',
              f'{subset}/{image_id:012d}.jpg', f'{image_id:012d}.jpg']
     paths = [os.path.join(image_dir, name) for name in names]
     path = next((p for p in paths if files.exists(p)), paths[0])
-    answers = [str(a['answer']) for a in
-               files.field(annotation, 'answers', where)]
+    given = files.field(annotation, 'answers', where) if annotation else []
+    answers = [str(a['answer']) for a in given]
+    raw_answers = [str(a.get('raw_answer', a['answer'])) for a in given]
     answer = annotation.get('multiple_choice_answer') or majority_answer(
         answers)
     return where, {
@@ -208,4 +229,6 @@ class Vqa(common.FormatBuilder):
         'question': str(files.field(question, 'question', where)),
         'answer': str(answer), 'answers': answers,
         'question_type': str(annotation.get('question_type', '')),
+        'raw_answers': raw_answers,
+        'answer_type': str(annotation.get('answer_type', '')),
         'id': int(question['question_id'])}

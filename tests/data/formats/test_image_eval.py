@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from flamingo_jax.data.formats import image_eval
+from flamingo_jax.evaluation import vqa
 from tests.data.formats import util
 
 IMAGES = [util.image(seed, 16, 16) for seed in range(8)]
@@ -96,6 +97,51 @@ def test_vqa_missing_image_is_an_error_by_default(tmp_path):
                      r'70\): Image file .*COCO_val2014_000000000007\.jpg '
                      r'does not exist'):
     util.build('vqa', src, tmp_path / 'out', subsets={'query': 'val2014'})
+
+
+def test_okvqa_keeps_raw_answers_and_vqav2_test_dev_has_questions_only(
+    tmp_path):
+  src = tmp_path / 'vqa'
+  raw = ['racing'] * 6 + ['races', 'race', 'drag racing', 'speed']
+  stemmed = ['race'] * 8 + ['drag race', 'speed']
+  util.write(src / 'OpenEnded_mscoco_val2014_questions.json', json.dumps(
+      {'questions': [{'image_id': 5, 'question': 'What sport?',
+                      'question_id': 51}]}))
+  util.write(src / 'mscoco_val2014_annotations.json', json.dumps(
+      {'annotations': [{
+          'question_id': 51, 'image_id': 5, 'question_type': 'eight',
+          'answer_type': 'other', 'confidence': 2,
+          'answers': [{'answer_id': k + 1, 'raw_answer': r, 'answer': a,
+                       'answer_confidence': 'yes'}
+                      for k, (r, a) in enumerate(zip(raw, stemmed))]}]}))
+  util.write(src / 'val2014' / 'COCO_val2014_000000000005.jpg',
+             util.encode(IMAGES[5]))
+  # VQAv2 test-dev: a questions file, images in test2015, no annotations.
+  util.write(src / 'v2_OpenEnded_mscoco_test-dev2015_questions.json',
+             json.dumps({'questions': [{'image_id': 6, 'question': 'Why?',
+                                        'question_id': 60}]}))
+  util.write(src / 'test2015' / 'COCO_test2015_000000000006.jpg',
+             util.encode(IMAGES[6]))
+  builder, stats = util.build('vqa', src, tmp_path / 'out', subsets={
+      'query': 'val2014', 'test': 'test-dev2015'})
+  assert stats == {'query': {'examples': 1}, 'test': {'examples': 1}}
+  (example,) = builder.as_data_source(split='query')
+  answers = [util.text(a) for a in example['answers']]
+  raw_answers = [util.text(a) for a in example['raw_answers']]
+  assert (answers, raw_answers) == (stemmed, raw)
+  assert util.text(example['answer_type']) == 'other'
+  assert vqa.vqa_accuracy('racing', answers, stem=True,
+                          raw_answers=raw_answers) == 1.0
+  assert vqa.vqa_accuracy('drag racing', answers, stem=True,
+                          raw_answers=raw_answers) == 0.3
+  assert vqa.vqa_accuracy('racing', answers) == 0.0  # Unstemmed: no match.
+  (test,) = builder.as_data_source(split='test')
+  assert (test['id'], list(test['answers'])) == (60, [])
+  np.testing.assert_array_equal(test['image'], IMAGES[6])
+  results = vqa.vqa_results([int(test['id'])], ['Because.\n'],
+                            tmp_path / 'results.json')
+  assert json.loads((tmp_path / 'results.json').read_text()) == results == [
+      {'question_id': 60, 'answer': 'Because.'}]
 
 
 def test_majority_answer_prefers_the_first_of_ties():
