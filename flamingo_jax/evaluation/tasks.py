@@ -14,6 +14,7 @@ A task of `config.eval.tasks` names a dataset, its kind and its metric:
   metric         reproduces                    score (all x 100)
   cider          CIDEr-D (COCO, VATEX)         metrics.cider_d
   vqa_accuracy   VQAv2 accuracy                metrics.mean_vqa_accuracy
+  okvqa_accuracy OK-VQA (prediction stemmed)   ... stem=True, raw answers
   exact_match    MSRVTT-QA accuracy            metrics.mean_exact_match
   top1           ImageNet top-1                metrics.top1_accuracy
 
@@ -83,8 +84,12 @@ def _cider(predictions, targets):
   return 100.0 * metrics.cider_d(predictions, targets)
 
 
-def _vqa(predictions, targets):
-  return 100.0 * metrics.mean_vqa_accuracy(predictions, targets)
+def _vqa(predictions, targets, **options):
+  return 100.0 * metrics.mean_vqa_accuracy(predictions, targets, **options)
+
+
+def _okvqa(predictions, targets, **options):
+  return _vqa(predictions, targets, stem=True, **options)
 
 
 def _exact(predictions, targets):
@@ -99,9 +104,11 @@ def _top1(predictions, targets):
 METRICS: dict[str, Callable[[Sequence[Any], Sequence[Any]], float]] = {
     'cider': _cider,
     'vqa_accuracy': _vqa,
+    'okvqa_accuracy': _okvqa,
     'exact_match': _exact,
     'top1': _top1,
 }
+VQA_METRICS = ('vqa_accuracy', 'okvqa_accuracy')  # Take eval_version.
 
 
 @dataclasses.dataclass
@@ -118,6 +125,7 @@ class Example:
     choices: a close-ended query's own candidate answers (the nonce
       episode's words); empty: the task's `class_names`.
     choice_format: the continuation scored for a candidate ('{}': it).
+    raw_answers: a VQA query's unstemmed answers (OK-VQA), else None.
   """
   medium: Any
   shot: str
@@ -126,6 +134,7 @@ class Example:
   support: list['Example'] | None = None
   choices: tuple[str, ...] = ()
   choice_format: str = ' {}' + tokenizer_lib.EOC
+  raw_answers: tuple[str, ...] | None = None
 
 
 @dataclasses.dataclass
@@ -140,6 +149,7 @@ class Task:
   support: list[Example]  # Empty for the nonce task (episodes carry theirs).
   class_names: tuple[str, ...] = ()  # Classification only.
   max_new_tokens: int | None = None  # Overrides the eval decoding's.
+  vqa_eval_version: str = '2016'  # VQA metrics: '2016' or '2021'.
 
   @property
   def scored(self) -> bool:
@@ -155,7 +165,12 @@ class Task:
 
   def score(self, predictions: Sequence[Any]) -> float:
     """The task's metric (x 100) of predictions for its first queries."""
-    targets = [q.target for q in self.queries[:len(predictions)]]
+    queries = self.queries[:len(predictions)]
+    targets = [q.target for q in queries]
+    if self.metric in VQA_METRICS:
+      return METRICS[self.metric](
+          list(predictions), targets, eval_version=self.vqa_eval_version,
+          raw_answers_lists=[q.raw_answers for q in queries])
     return METRICS[self.metric](list(predictions), targets)
 
 
@@ -171,6 +186,10 @@ def check_spec(name: str, spec: Mapping[str, Any]) -> None:
                      f'of {sorted(METRICS)}.')
   if not spec.get('dataset'):
     raise ValueError(f'Task {name!r} names no dataset.')
+  version = spec.get('vqa_eval_version', '2016')
+  if version not in metrics.vqa.EVAL_VERSIONS:
+    raise ValueError(f'Task {name!r}: vqa_eval_version must be one of '
+                     f'{metrics.vqa.EVAL_VERSIONS}; got {version!r}.')
   if KINDS[kind].episodic and not spec['dataset'].startswith('world_nonce'):
     raise ValueError(f'Task {name!r}: kind {kind} reads world_nonce episodes; '
                      f'got dataset {spec["dataset"]!r}.')
@@ -203,8 +222,11 @@ def make_example(kind: str, raw: Mapping[str, Any]) -> Example:
     question, answer = _text(raw['question']), _text(raw['answer'])
     target = ([_text(a) for a in raw['answers']] if kind == 'vqa'
               else answer)
+    raw_answers = [_text(a) for a in raw.get('raw_answers', [])]
     return Example(medium, formatting.vqa_prompt(question, answer),
-                   formatting.vqa_prompt(question), target)
+                   formatting.vqa_prompt(question), target,
+                   raw_answers=(tuple(raw_answers) if kind == 'vqa' and
+                                raw_answers else None))
   if kind == 'classification':
     name = _text(raw['label_name'])
     return Example(medium, formatting.caption_prompt(name),
@@ -332,14 +354,17 @@ def load_task(name: str, spec: Mapping[str, Any], *, data_dir: str,
   return Task(name=name, dataset=dataset, kind=kind,
               metric=spec.get('metric') or KINDS[kind].metric, frames=frames,
               queries=queries, support=support, class_names=class_names,
-              max_new_tokens=spec.get('max_new_tokens'))
+              max_new_tokens=spec.get('max_new_tokens'),
+              vqa_eval_version=spec.get('vqa_eval_version', '2016'))
 
 
 def default_tasks(frames: int = 4) -> dict[str, dict[str, Any]]:
   """One task per embedded-world evaluation dataset (as Table 1's kinds).
 
   A task may also set `metric`, `max_new_tokens` (a different value costs a
-  compilation of its own), `support_size`, `data_dir` and `class_names`.
+  compilation of its own), `support_size`, `data_dir`, `class_names` and
+  `vqa_eval_version` ('2016', the default, or '2021': see evaluation/vqa.py;
+  an OK-VQA task sets metric='okvqa_accuracy').
   """
   return dict(
       captions=dict(dataset='world_captions', kind='captioning'),

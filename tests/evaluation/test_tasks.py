@@ -79,6 +79,25 @@ def test_metrics_are_on_the_papers_scale():
   assert tasks.METRICS['cider'](['a red circle'], [['a red circle']]) >= 0
 
 
+def test_okvqa_task_scores_stemmed_with_its_raw_answers():
+  raw = {'question': b'What sport?', 'answer': b'race', 'image': IMAGE,
+         'answers': [b'race'] * 9 + [b'fli'],
+         'raw_answers': [b'racing'] * 9 + [b'flying']}
+  query = tasks.make_example('vqa', raw)
+  assert query.raw_answers == ('racing',) * 9 + ('flying',)
+  task = tasks.Task(name='okvqa', dataset='vqa/okvqa', kind='vqa',
+                    metric='okvqa_accuracy', frames=1, queries=[query] * 2,
+                    support=[])
+  assert task.score(['Racing', 'flying']) == pytest.approx((100 + 30) / 2)
+  task.metric = 'vqa_accuracy'
+  assert task.score(['racing']) == 0.0
+  task.vqa_eval_version = '2021'
+  assert task.score(['race']) == 100.0
+  with pytest.raises(ValueError, match="vqa_eval_version must be one of"):
+    tasks.check_spec('t', {'dataset': 'world_vqa', 'kind': 'vqa',
+                           'vqa_eval_version': 'latest'})
+
+
 def test_default_eval_config_covers_every_kind():
   config = tasks.default_eval_config('/data', reference={'vqa': 10.0})
   assert {spec['kind'] for spec in config.tasks.values()} == set(tasks.KINDS)
