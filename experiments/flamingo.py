@@ -30,7 +30,8 @@ encoder, and `data.tokenizer` the LM's SentencePiece model.
 The paper's values (App. B.1.2 unless noted), each a config field:
   data.datasets: M3W, ALIGN, LTIP, VTP with lambda 1.0 / 0.2 / 0.2 / 0.03;
     batch sizes 256 / 512 / 512 / 64 (the small-scale setting of the
-    ablations); M3W: 256 tokens, up to 5 images, p_next = 0.5 (§2.4, A.3);
+    ablations); M3W: a random window of 256 tokens of each page per step,
+    up to the first 5 images in it, p_next = 0.5 (§2.4, A.3);
     pairs: 32 tokens; VTP: 8 frames at 1 FPS; images 320 x 320.
   optim: AdamW (b1 0.9, b2 0.999), lr warmed up linearly 0 -> 1e-4 over
     5,000 steps then constant, global-norm clipping 1.0, weight decay 0.1
@@ -441,8 +442,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       tokenizer=TOKENIZER,
       vocab_size=model['lm']['vocab_size'],
       datasets=dict(
+          # A random 256-token window of each page per step (App. A.3).
           m3w=_dataset('interleaved_jsonl/m3w', 'documents', 1.0, 256, 256,
-                       5, 1, image, p_next=0.5),
+                       5, 1, image, p_next=0.5, random_window=True),
           align=_dataset('webdataset_pairs/align', 'pairs', 0.2, 512, 32, 1,
                          1, image),
           ltip=_dataset('webdataset_pairs/ltip', 'pairs', 0.2, 512, 32, 1, 1,

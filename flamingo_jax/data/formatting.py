@@ -57,7 +57,18 @@ Truncation. S' is S cut at the first of
      and cutting before the next marker means no marker lacks its image;
   2. L + 1 ids: L inputs, the last with its true next id as target.
 Only images whose marker is among `tokens` are kept (`kept_media`), so every
-marker has its image and every kept image its marker. Nothing is reported
+marker has its image and every kept image its marker.
+
+Random window (App. A.3: "we sample a random subsequence of L = 256 tokens
+and take up to the first N = 5 images included in it"). With `window_rng`,
+a document longer than L + 1 ids is first cut to a window of them, drawn
+uniformly: <BOS> followed by S[o + 1 : o + 1 + L] for an offset o in
+[0, len(S) - L - 1] (o = 0 is the cut above); then truncation 1 applies
+within the window. Text before the window's first marker attends to no
+image (phi = 0), as text before a document's first image does. The
+pipeline draws o from the example's own generator of (seed, dataset,
+global position), so every step sees another window of a document and a
+resumed run the same ones. Nothing is reported
 half-written: a malformed example raises `ValueError`; an example with
 nothing to learn returns `Skip(reason)` for the pipeline to count.
 
@@ -99,6 +110,7 @@ def format_document(
     max_media: int = 5,
     p_next: float = 0.0,
     rng: np.random.Generator | None = None,
+    window_rng: np.random.Generator | None = None,
 ) -> Example | Skip:
   """Formats one interleaved document (see the module docstring).
 
@@ -111,6 +123,8 @@ def format_document(
     rng: draws the p_next coin, once per call (before any skip, so the
       number of draws does not depend on the content); needed only when
       0 < p_next < 1.
+    window_rng: draws the offset of a random window of L + 1 ids (one draw,
+      only for a document longer than that); None: its beginning.
 
   Returns:
     A dict `tokens`, `targets` int32 [L], `loss_mask` float32 [L],
@@ -127,6 +141,10 @@ def format_document(
   if stream is None:
     return Skip(NO_TEXT, 'the document has no non-blank text')
   ids, source, is_text = stream
+  if window_rng is not None and len(ids) > seq_len + 1:
+    offset = int(window_rng.integers(0, len(ids) - seq_len))
+    keep = np.r_[0, offset + 1:offset + 1 + seq_len]  # <BOS>, the window.
+    ids, source, is_text = ids[keep], source[keep], is_text[keep]
   end = _cut(source, seq_len, max_media)
   if not is_text[1:end].any():
     return Skip(NO_TEXT_KEPT, f'no text left with seq_len={seq_len}, '

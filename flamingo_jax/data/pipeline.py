@@ -7,7 +7,8 @@ function of (seed, dataset, s, r):
   global position g = s * B + r                     (B: global batch size)
   example index      = permutation_e(g mod n)       (e = g // n: the epoch)
   randomness         = default_rng([seed, dataset, g])  (p_next, space; crop
-                       and flip, when on, from a stream of their own)
+                       and flip, and a document's random window, when on,
+                       from streams of their own)
 
 Resuming at step s therefore only needs s (saved with the checkpoint), and
 each process reads just its own rows [p * B/P, (p+1) * B/P) of every step.
@@ -171,7 +172,7 @@ class ExampleLoader:
     raw = self._source[self._example_index(position)]
     chunks, media = READERS[spec.kind](raw)
     try:
-      example = self._format(chunks, rng)
+      example = self._format(chunks, rng, position)
       if isinstance(example, formatting.Skip):
         return self._skip(example.reason)
       media_out = self._empty_media()  # [N, T, H, W, 3]
@@ -191,12 +192,17 @@ class ExampleLoader:
       return self._skip(CORRUPT_MEDIA)
     return self._batch_row(example, media_out)
 
-  def _format(self, chunks, rng):
+  def _format(self, chunks, rng, position):
     spec = self._spec
     if spec.kind in ('documents', 'text'):
+      # App. A.3: a random window of seq_len tokens of the document.
+      window_rng = (np.random.default_rng(
+          [self._seed, self._index, position, 3])
+                    if spec.get('random_window', False) else None)
       return formatting.format_document(
           chunks, self._tokenizer, seq_len=spec.seq_len,
-          max_media=spec.max_media, p_next=spec.p_next, rng=rng)
+          max_media=spec.max_media, p_next=spec.p_next, rng=rng,
+          window_rng=window_rng)
     return formatting.format_pair(
         _text(chunks[1]['text']), self._tokenizer, seq_len=spec.seq_len,
         rng=rng)

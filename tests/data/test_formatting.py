@@ -220,6 +220,56 @@ def test_truncation_keeps_markers_and_images_consistent(tok):
   assert checked > 150
 
 
+def _long_document():
+  chunks = []
+  for i in range(8):
+    chunks += [{'image': i}, {'text': f' Part {i}: the dog sat on a red mat '
+                              f'and looked at picture {i} for a while.'}]
+  return chunks
+
+
+def test_random_window_is_a_window_of_the_document(tok):
+  chunks, seq_len, max_media = _long_document(), 24, 2
+  full = formatting.format_document(chunks, tok, seq_len=1000, max_media=100)
+  stream = list(_valid(full['tokens'])) + [EOS]  # S without the padding.
+  assert len(stream) > 4 * seq_len
+  offsets = set()
+  for seed in range(60):
+    ex = formatting.format_document(
+        chunks, tok, seq_len=seq_len, max_media=max_media,
+        window_rng=np.random.default_rng(seed))
+    tokens = list(_valid(ex['tokens']))
+    assert tokens[0] == BOS
+    # <BOS> then a contiguous run of S: find where it starts.
+    body = tokens[1:]
+    starts = [o for o in range(1, len(stream)) if
+              stream[o:o + len(body)] == body]
+    assert starts, body
+    offsets.add(starts[0])
+    # Up to max_media markers, each with the image it stands for.
+    num_media = int(ex['num_media'])
+    assert tokens.count(IMAGE) == num_media <= max_media
+    ordinals = [stream[:o].count(IMAGE)  # Which image of the document.
+                for o in range(starts[0], starts[0] + len(body))
+                if stream[o] == IMAGE]
+    np.testing.assert_array_equal(ex['kept_media'][:num_media],
+                                  full['kept_media'][ordinals])
+    np.testing.assert_array_equal(ex['media_index'][:len(tokens)],
+                                  np.cumsum(np.array(tokens) == IMAGE))
+    # The same generator state gives the same window.
+    again = formatting.format_document(
+        chunks, tok, seq_len=seq_len, max_media=max_media,
+        window_rng=np.random.default_rng(seed))
+    np.testing.assert_array_equal(again['tokens'], ex['tokens'])
+  assert len(offsets) > 20 and max(offsets) > len(stream) - 2 * seq_len
+  # A document that fits is taken whole, window or not.
+  short = formatting.format_document(FIG7, tok, seq_len=64, max_media=5)
+  windowed = formatting.format_document(FIG7, tok, seq_len=64, max_media=5,
+                                        window_rng=np.random.default_rng(0))
+  for key in short:
+    np.testing.assert_array_equal(short[key], windowed[key])
+
+
 def test_literal_image_text_is_not_a_marker(tok):
   chunks = [{'image': 0}, {'text': 'a <image> tag and an <EOC> in text'}]
   ex = formatting.format_document(chunks, tok, seq_len=64)

@@ -107,6 +107,39 @@ def test_corrupt_image_is_skipped_and_counted(config):
   assert media[:40].min() == 200 and media[40:].max() == 0
 
 
+def test_random_window_differs_by_step_and_resumes(config):
+  tokenizer = tokenizer_lib.Tokenizer.load(config.data.tokenizer)
+  spec = ml_collections.ConfigDict(dict(
+      config.data.datasets.documents.to_dict(), name='documents',
+      random_window=True, seq_len=16, max_media=2))
+  texts, image = [], []
+  for i in range(6):
+    texts += ['', f' Part {i}: a red circle is next to a blue square.']
+    image += [i, -1]
+  document = {'chunks': {'text': texts, 'image': image},
+              'images': [_png(np.full([8, 8, 3], 40 * i, np.uint8))
+                         for i in range(6)]}
+  loader = pipeline.ExampleLoader([document], spec, tokenizer, seed=0,
+                                  dataset_index=0)
+  # One example: position g (= step * B + row) is step g's read of it.
+  rows = [loader(g) for g in range(8)]
+  assert len({r['tokens'].tobytes() for r in rows}) > 4
+  resumed = pipeline.ExampleLoader([document], spec, tokenizer, seed=0,
+                                   dataset_index=0)
+  for key in pipeline.BATCH_KEYS:
+    np.testing.assert_array_equal(resumed(5)[key], rows[5][key])
+  # The media follow the window: consecutive images of the document.
+  for row in rows:
+    values = [int(row['media'][slot, 0, 0, 0, 0])
+              for slot in range(int(row['media_mask'].sum()))]
+    assert values == list(range(values[0], values[0] + 40 * len(values),
+                                40)) if values else True
+  spec.random_window = False
+  start = pipeline.ExampleLoader([document], spec, tokenizer, seed=0,
+                                 dataset_index=0)
+  assert len({start(g)['tokens'].tobytes() for g in range(4)}) == 1
+
+
 def test_short_video_is_an_error():
   with pytest.raises(pipeline.MediaError, match='at least 4 frames; got 2'):
     pipeline.media_array(np.zeros([2, 8, 8, 3], np.uint8), 4, 8)
