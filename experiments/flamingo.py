@@ -450,9 +450,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
           ltip=_dataset('webdataset_pairs/ltip', 'pairs', 0.2, 512, 32, 1, 1,
                         image),
           # fps: the rate the frames were sampled at when the dataset was
-          # prepared (`--option fps=1`); training reads the frames as stored.
+          # prepared (`--option fps=1 --option max_frames=64`: every frame
+          # at 1 FPS); random_clip: 8 consecutive stored frames (8 s at
+          # 1 FPS) from a random start, drawn anew at every step.
           vtp=_dataset('video_pairs/vtp', 'video_pairs', 0.03, 64, 32, 1, 8,
-                       image, fps=1.0),
+                       image, fps=1.0, random_clip=True),
       ))
   substitutes = dict(
       image_text=('laion', _dataset('webdataset_pairs/laion400m', 'pairs',

@@ -85,12 +85,17 @@ def fit_image(image: np.ndarray, size: int) -> np.ndarray:  # -> [size, size, 3]
 
 
 def media_array(medium: Any, frames: int, size: int,
-                augment: Optional[augment_lib.Augment] = None) -> np.ndarray:
+                augment: Optional[augment_lib.Augment] = None,
+                clip_rng: Optional[np.random.Generator] = None
+                ) -> np.ndarray:
   """An image or a video (sequence of frames) -> [frames, size, size, 3].
 
   An image fills frame 0 (T=1 is the image case); a video must have at least
-  `frames` frames, of which evenly spaced ones are taken. `augment` (see
-  `augment.py`) transforms every decoded frame before it is fitted.
+  `frames` frames, of which evenly spaced ones are taken, or with
+  `clip_rng`, `frames` consecutive ones from a random start (a video stored
+  at 1 FPS gives the paper's clips: 8 frames at 1 FPS from a random start).
+  `augment` (see `augment.py`) transforms every decoded frame before it is
+  fitted.
   """
   augment = augment or (lambda image: image)
   if isinstance(medium, (bytes, np.bytes_)) or np.ndim(medium) == 3:
@@ -101,7 +106,11 @@ def media_array(medium: Any, frames: int, size: int,
   if len(video) < frames:
     raise MediaError(f'A video needs at least {frames} frames; got '
                      f'{len(video)}.')
-  picks = np.linspace(0, len(video) - 1, frames).round().astype(int)
+  if clip_rng is not None:
+    start = int(clip_rng.integers(0, len(video) - frames + 1))
+    picks = np.arange(start, start + frames)
+  else:
+    picks = np.linspace(0, len(video) - 1, frames).round().astype(int)
   return np.stack([fit_image(augment(decode_image(video[i])), size)
                    for i in picks])
 
@@ -179,13 +188,15 @@ class ExampleLoader:
       # Its own stream, so that turning augmentation on changes nothing else.
       augment_rng = np.random.default_rng([self._seed, self._index, position,
                                            2])
+      clip_rng = (np.random.default_rng([self._seed, self._index, position, 4])
+                  if spec.get('random_clip', False) else None)
       for slot, source_index in enumerate(example['kept_media']):
         if source_index >= 0:
           augment = augment_lib.make_augment(
               augment_rng, crop_min_area=spec.get('crop_min_area', 1.0),
               flip_p=spec.get('flip_p', 0.0))
           media_out[slot] = media_array(media[source_index], spec.frames,
-                                        spec.image_size, augment)
+                                        spec.image_size, augment, clip_rng)
     except MediaError as e:
       logging.log_every_n(logging.WARNING, 'Skipping an example of %s: %s',
                           100, spec.name, e)

@@ -140,6 +140,26 @@ def test_random_window_differs_by_step_and_resumes(config):
   assert len({start(g)['tokens'].tobytes() for g in range(4)}) == 1
 
 
+def test_random_clip_differs_by_step_and_resumes(config):
+  tokenizer = tokenizer_lib.Tokenizer.load(config.data.tokenizer)
+  spec = ml_collections.ConfigDict(dict(
+      config.data.datasets.video_pairs.to_dict(), name='video_pairs',
+      random_clip=True))
+  frames = [_png(np.full([8, 8, 3], 10 * i, np.uint8)) for i in range(12)]
+  source = [{'video': frames, 'caption': b'a red circle moves'}]
+  loader = pipeline.ExampleLoader(source, spec, tokenizer, seed=0,
+                                  dataset_index=0)
+  firsts = []
+  for g in range(8):  # One example: position g is step g's read of it.
+    clip = loader(g)['media'][0, :, 0, 0, 0]  # [T] each frame's value.
+    np.testing.assert_array_equal(np.diff(clip.astype(int)), 10)  # In a row.
+    firsts.append(int(clip[0]))
+  assert len(set(firsts)) > 3
+  resumed = pipeline.ExampleLoader(source, spec, tokenizer, seed=0,
+                                   dataset_index=0)
+  assert int(resumed(6)['media'][0, 0, 0, 0, 0]) == firsts[6]
+
+
 def test_short_video_is_an_error():
   with pytest.raises(pipeline.MediaError, match='at least 4 frames; got 2'):
     pipeline.media_array(np.zeros([2, 8, 8, 3], np.uint8), 4, 8)

@@ -15,6 +15,12 @@ from the container; a frame directory has them only when `frames_fps`
 spaced. Frames are stored as `frame_format` ('jpeg', quality 95, or 'png'),
 shrunk to `max_image_size` if given.
 
+With `max_frames`, a video stores all its frames at `fps` (the centred
+window grown to as many as the video holds, up to max_frames, and at least
+num_frames) instead of one fixed clip, so that training draws a new clip
+of T consecutive stored frames (T at `fps`) from a random start at every
+step (a dataset spec's `random_clip`, see `data.pipeline.media_array`).
+
 `video_pairs`: tables (CSV, TSV, JSONL, Parquet, ...: see `tables`) with
 columns `video_key` (a path relative to `video_dir`, default the table's
 directory: a video file or a frame directory) and `caption_key`; or, with
@@ -63,16 +69,22 @@ class VideoConfig(common.FormatConfig):
     frames_fps: the rate frame directories were extracted at (None: unknown,
       their frames are evenly spaced).
     frame_format: 'jpeg' or 'png'.
+    max_frames: store up to this many frames at `fps` (at least
+      num_frames), for clips drawn at training time; None: num_frames.
   """
   num_frames: int = 8
   fps: float | None = 1.0
   frames_fps: float | None = None
   frame_format: str = 'jpeg'
+  max_frames: int | None = None
 
   def __post_init__(self):
     super().__post_init__()
     if self.num_frames < 1:
       raise ValueError(f'num_frames must be >= 1; got {self.num_frames}.')
+    if self.max_frames is not None and self.max_frames < self.num_frames:
+      raise ValueError(f'max_frames must be >= num_frames '
+                       f'({self.num_frames}); got {self.max_frames}.')
     if self.frame_format not in FRAME_FORMATS:
       raise ValueError(f'frame_format must be one of {FRAME_FORMATS}; got '
                        f'{self.frame_format!r}.')
@@ -83,13 +95,19 @@ class VideoConfig(common.FormatConfig):
 
 
 def video_feature(config: VideoConfig) -> tfds.features.Video:
-  return tfds.features.Video(shape=(config.num_frames, None, None, 3),
+  length = None if config.max_frames else config.num_frames
+  return tfds.features.Video(shape=(length, None, None, 3),
                              encoding_format=config.frame_format)
 
 
 def select_frames(times: np.ndarray | None, count: int, num_frames: int,
-                  fps: float | None, where: str) -> list[int]:
-  """Indices of the sampled frames among `count` (times: [count] seconds)."""
+                  fps: float | None, where: str,
+                  max_frames: int | None = None) -> list[int]:
+  """Indices of the sampled frames among `count` (times: [count] seconds).
+
+  With max_frames (and times and fps), as many frames at fps as the video
+  holds, from num_frames up to max_frames.
+  """
   if count < num_frames:
     raise common.BadInput('too_few_frames', f'{where}: {count} frames, fewer '
                           f'than num_frames={num_frames}.')
@@ -97,6 +115,9 @@ def select_frames(times: np.ndarray | None, count: int, num_frames: int,
   if times is None or fps is None:
     return evenly.tolist()
   times = np.asarray(times, np.float64) - times[0]  # [count]
+  if max_frames:
+    held = int(np.floor(times[-1] * fps + 1e-6)) + 1  # Frames at fps.
+    num_frames = max(num_frames, min(max_frames, held))
   window = (num_frames - 1) / fps
   if times[-1] < window:
     return evenly.tolist()
@@ -134,7 +155,8 @@ def decode_video(path: str, config: VideoConfig) -> list[bytes]:
                    if p.pts is not None and p.size)
       times = np.array(pts, np.float64) * float(stream.time_base or 0)
     picks = select_frames(times if len(pts) else None, len(pts),
-                          config.num_frames, config.fps, path)
+                          config.num_frames, config.fps, path,
+                          config.max_frames)
     wanted = set(picks)
     frames = {}
     with tf.io.gfile.GFile(path, 'rb') as f, av.open(f) as container:
@@ -174,7 +196,7 @@ def read_frames(directory: str, config: VideoConfig) -> list[bytes]:
   times = (np.arange(len(paths)) / config.frames_fps
            if config.frames_fps and paths else None)
   picks = select_frames(times, len(paths), config.num_frames, config.fps,
-                        directory)
+                        directory, config.max_frames)
   frames = []
   for i in picks:
     try:

@@ -60,6 +60,28 @@ def test_video_pairs_read_back_as_written(tmp_path):
   np.testing.assert_array_equal(media[4], FRAMES[5])
 
 
+def test_max_frames_stores_the_video_at_fps_for_clips_per_step(tmp_path):
+  util.write_video(tmp_path / 'src' / 'walk.mov', FRAMES, fps=4)  # 3 s.
+  util.write(tmp_path / 'src' / 'v.csv', 'video,caption\nwalk.mov,A walk.\n')
+  builder, _ = util.build('video_pairs', tmp_path / 'src' / 'v.csv',
+                          tmp_path / 'out', num_frames=2, fps=2.0,
+                          max_frames=10, frame_format='png')
+  (example,) = builder.as_data_source(split='train')
+  stored = np.stack(example['video'])  # All 6 frames at 2 FPS, centred.
+  np.testing.assert_array_equal(stored, np.stack(FRAMES[0:12:2]))
+  # Training: T consecutive stored frames (T at 2 FPS) from a random start.
+  starts = set()
+  for seed in range(50):
+    clip = pipeline.media_array(list(example['video']), 2, 16,
+                                clip_rng=np.random.default_rng(seed))
+    start = [i for i in range(5) if (stored[i] == clip[0]).all()][0]
+    np.testing.assert_array_equal(clip[1], stored[start + 1])
+    starts.add(start)
+  assert starts == {0, 1, 2, 3, 4}
+  with pytest.raises(ValueError, match='max_frames must be >= num_frames'):
+    video.VideoConfig(name='x', source='y', num_frames=4, max_frames=3)
+
+
 def test_jpeg_frames_and_resizing(tmp_path):
   util.write_video(tmp_path / 'src' / 'walk.mov', FRAMES, fps=4)
   util.write(tmp_path / 'src' / 'v.jsonl',
