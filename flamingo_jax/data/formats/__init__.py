@@ -57,7 +57,7 @@ Images deeper than 8 bits (16-bit PNG/TIFF, integer and float) are scaled
 to 8 bits, not clipped (`data.images.to_rgb`).
 """
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 import dataclasses
 import hashlib
 import json
@@ -176,10 +176,15 @@ def build(format_name: str, source: str | Mapping[str, str],
           data_dir: str | os.PathLike, *, name: str | None = None,
           num_workers: int | None = None,
           log: Callable[[str], None] = logging.info,
+          beam_runner: Any = None, beam_args: Sequence[str] | None = None,
           **options) -> common.FormatBuilder:
   """Prepares (or reuses) a dataset; see `make_builder` for the arguments.
 
-  Progress and per-split statistics go to `log`.
+  Progress and per-split statistics go to `log`. With `beam_runner` (a
+  Beam runner or its name, e.g. 'DirectRunner', 'DataflowRunner'), the
+  build is an Apache Beam pipeline (see `distributed`) with the pipeline
+  options `beam_args` (e.g. ['--direct_num_workers=8',
+  '--direct_running_mode=multi_processing']); it writes the same dataset.
 
   Returns:
     The prepared builder: `builder.as_data_source(split)`, and its
@@ -193,10 +198,16 @@ def build(format_name: str, source: str | Mapping[str, str],
   else:
     log(f'Building {format_name}/{builder.builder_config.name} from '
         f'{builder.builder_config.source}.')
+    beam_options = None
+    if beam_runner is not None:
+      from apache_beam.options import pipeline_options  # pylint: disable=g-import-not-at-top
+      builder.beam = True
+      beam_options = pipeline_options.PipelineOptions(list(beam_args or []))
     builder.download_and_prepare(
         file_format='array_record',
         download_config=tfds.download.DownloadConfig(
-            compute_stats=tfds.download.ComputeStatsMode.SKIP))
+            compute_stats=tfds.download.ComputeStatsMode.SKIP,
+            beam_runner=beam_runner, beam_options=beam_options))
   for split, counts in sorted(statistics(builder).items()):
     log(f'  {split}: ' + ', '.join(f'{k} {v}' for k, v in
                                    sorted(counts.items())))

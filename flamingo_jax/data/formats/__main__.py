@@ -2,6 +2,7 @@ r"""Builds a TFDS dataset from data in one of the formats of this package.
 
   python -m flamingo_jax.data.formats --format FORMAT --source PATH \
       --data_dir DIR [--name NAME] [--option KEY=VALUE ...] [--num_workers N]
+      [--beam_runner RUNNER --beam_arg=--OPTION=VALUE ...]
 
 `--source` is a path (local or gs://), or, repeated, SPLIT=PATH for the
 training formats. `--option` sets a format option (see each module's
@@ -35,6 +36,14 @@ _NAME = flags.DEFINE_string('name', None, 'Dataset (config) name; default: '
 _OPTION = flags.DEFINE_multi_string('option', [], 'KEY=VALUE (repeatable).')
 _NUM_WORKERS = flags.DEFINE_integer('num_workers', None,
                                     'Reader threads (default: the CPUs).')
+_BEAM_RUNNER = flags.DEFINE_string(
+    'beam_runner', None, 'Build with Apache Beam on this runner '
+    '(DirectRunner, DataflowRunner, FlinkRunner, SparkRunner, ...); '
+    'default: one process.')
+_BEAM_ARG = flags.DEFINE_multi_string(
+    'beam_arg', [], 'A Beam pipeline option (repeatable), e.g. '
+    '--beam_arg=--direct_num_workers=8 '
+    '--beam_arg=--direct_running_mode=multi_processing.')
 
 
 def parse_source(values: list[str]) -> str | dict[str, str]:
@@ -72,6 +81,7 @@ def main(argv):
   formats.build(_FORMAT.value, parse_source(_SOURCE.value), _DATA_DIR.value,
                 name=_NAME.value, num_workers=_NUM_WORKERS.value,
                 log=lambda line: print(line, flush=True),
+                beam_runner=_BEAM_RUNNER.value, beam_args=_BEAM_ARG.value,
                 **parse_options(_OPTION.value))
 
 

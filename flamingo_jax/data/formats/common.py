@@ -66,6 +66,9 @@ class BadInput(Exception):
     self.reason = reason
     self.counts = dict(counts or {})
 
+  def __reduce__(self):  # Records travel between Beam workers.
+    return BadInput, (self.reason, str(self), self.counts)
+
 
 # --------------------------------------------------------------- images --
 
@@ -160,6 +163,9 @@ class TruncatedTar(BadInput):
     super().__init__('truncated_tar', message)
     self.cut_member = cut_member
 
+  def __reduce__(self):
+    return TruncatedTar, (str(self), self.cut_member)
+
 
 def tar_members(path: str, *, read_data: bool
                 ) -> Iterator[tuple[tarfile.TarInfo, bytes | None]]:
@@ -253,6 +259,7 @@ class FormatBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   DESCRIPTION: ClassVar[str] = ''
 
   num_workers: int | None = None  # Threads; None: the CPUs, up to 16.
+  beam: bool = False  # Build with Apache Beam (download_config's runner).
   log: Callable[[str], None] = staticmethod(logging.info)
 
   @tfds.core.utils.classproperty
@@ -269,8 +276,33 @@ class FormatBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     A record may be a BadInput (damage found while listing, e.g. a
     truncated shard): it is counted, or raised, like make_example's.
+    Default: `source_records` of each of `split_sources`.
     """
+    return {split: self.source_records(source)
+            for split, source in self.split_sources().items()}
+
+  def source_files(self, source: str) -> list[str] | None:
+    """The files of a training source, which a distributed build reads in
+    parallel; None: a split is read as one part (the evaluation sets)."""
+    del source
+    return None
+
+  def source_records(self, source: str) -> Iterable[Any]:
+    """The records of a source, or of one of its `source_files`."""
     raise NotImplementedError
+
+  def split_units(self) -> dict[str, list[Any]]:
+    """{split: parts read in parallel}: files, or [None] (the whole split)."""
+    if type(self).source_files is FormatBuilder.source_files:
+      return {split: [None] for split in self.split_records()}
+    return {split: self.source_files(source)
+            for split, source in self.split_sources().items()}
+
+  def unit_records(self, split: str, unit: Any) -> Iterable[Any]:
+    """The records of one of `split_units`, in order."""
+    if unit is None:
+      return self.split_records()[split]
+    return self.source_records(unit)
 
   def make_example(self, record: Any) -> tuple[str, dict[str, Any]]:
     """(unique source key, example) or raises BadInput.
@@ -307,8 +339,23 @@ class FormatBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _split_generators(self, dl_manager):
     del dl_manager  # Everything is local (or on gs://).
+    if self.beam:  # pylint: disable=g-import-not-at-top
+      from flamingo_jax.data.formats import distributed
+      return {split: distributed.examples(self, split, units)
+              for split, units in self.split_units().items()}
     return {split: self._generate_examples(split, records)
             for split, records in self.split_records().items()}
+
+  def _process_pipeline_result(self, pipeline_result):
+    from flamingo_jax.data.formats import distributed  # pylint: disable=g-import-not-at-top
+    for split, counts in distributed.statistics(pipeline_result).items():
+      self.log(f'{self.name}/{self.builder_config.name} {split} (Beam): ' +
+               ', '.join(f'{k} {v}' for k, v in sorted(counts.items())))
+      if not counts.get('examples'):
+        raise ValueError(f'Split {split!r} of {self.name} from '
+                         f'{self.builder_config.source} has no usable '
+                         f'example (statistics: {counts}).')
+      self.info.metadata['statistics'][split] = counts
 
   def _generate_examples(self, split: str, records: Iterable[Any]):
     counts = collections.Counter()
@@ -343,6 +390,23 @@ class FormatBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     if isinstance(record, BadInput):  # Damage the source found itself.
       raise record
     return self.make_example(record)
+
+  def example_or_skip(self, index: int, record: Any
+                      ) -> tuple[str | None, dict[str, Any] | None,
+                                 dict[str, int]]:
+    """(key, example, counts) of a record, or (None, None, counts) when it
+    is skipped (on_error='skip'); the counts are the statistics it adds."""
+    try:
+      key, example = self._make_example(record)
+    except BadInput as e:
+      if self.builder_config.on_error == 'raise':
+        raise ValueError(f'{e} (on_error="raise"; pass on_error="skip" '
+                         'to skip and count such records).') from e
+      logging.warning('Skipping (%s): %s', e.reason, e)
+      return None, None, {f'skipped/{e.reason}': 1, **e.counts}
+    counts = {'examples': 1, **(example.pop('_counts', None) or {})}
+    return key, {**example, 'id': example.get('id', index),
+                 'source': key}, counts
 
   def _log_skip(self, error: BadInput, count: int):
     if count <= LOGGED_SKIPS:

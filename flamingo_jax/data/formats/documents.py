@@ -212,11 +212,10 @@ class InterleavedJsonl(common.FormatBuilder):
                                           'image': np.int32}),
     }
 
-  def split_records(self):
-    return {split: self._records(source)
-            for split, source in self.split_sources().items()}
+  def source_files(self, source):
+    return tables.list_tables(source)
 
-  def _records(self, source):
+  def source_records(self, source):
     for path in tables.list_tables(source):
       for row_key, row in tables.read_rows(path):
         yield path, row_key, parse_document(row, f'{path}:{row_key}')

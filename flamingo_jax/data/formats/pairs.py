@@ -122,11 +122,10 @@ class WebDatasetPairs(common.FormatBuilder):
   def features(self):
     return _pair_features()
 
-  def split_records(self):
-    return {split: self._records(source)
-            for split, source in self.split_sources().items()}
+  def source_files(self, source):
+    return files.list_files(source, ('.tar',))
 
-  def _records(self, source):
+  def source_records(self, source):
     for path in files.list_files(source, ('.tar',)):
       try:
         for key, sample in read_samples(path):
@@ -209,12 +208,13 @@ class TablePairs(common.FormatBuilder):
   def features(self):
     return _pair_features()
 
-  def split_records(self):
+  def source_files(self, source):
+    return tables.list_tables(source)
+
+  def source_records(self, source):
     config = self.builder_config
-    keys = (config.image_key, config.caption_key)
-    return {split: table_records(source, keys, config.image_dir,
-                                 config.columns)
-            for split, source in self.split_sources().items()}
+    return table_records(source, (config.image_key, config.caption_key),
+                         config.image_dir, config.columns)
 
   def make_example(self, record):
     where, row, base = record

@@ -53,6 +53,7 @@ from flamingo_jax.data import images
 from flamingo_jax.data.formats import common
 from flamingo_jax.data.formats import files
 from flamingo_jax.data.formats import pairs
+from flamingo_jax.data.formats import tables
 
 VIDEO_EXTENSIONS = ('.mp4', '.webm', '.avi', '.mkv', '.mov', '.m4v', '.mpg',
                     '.mpeg', '.flv', '.ogv', '.3gp', '.gif')
@@ -246,7 +247,10 @@ class VideoPairs(common.FormatBuilder):
     return {'video': video_feature(self.builder_config),
             'caption': tfds.features.Text()}
 
-  def split_records(self):
+  def source_files(self, source):
+    return tables.list_tables(source)
+
+  def source_records(self, source):
     config = self.builder_config
     if config.video_path_format:
       keys = tuple(dict.fromkeys(
@@ -254,8 +258,7 @@ class VideoPairs(common.FormatBuilder):
               config.video_path_format) if name] + [config.caption_key]))
     else:
       keys = (config.video_key, config.caption_key)
-    return {split: pairs.table_records(source, keys, config.video_dir)
-            for split, source in self.split_sources().items()}
+    return pairs.table_records(source, keys, config.video_dir)
 
   def make_example(self, record):
     where, row, base = record

@@ -16,7 +16,6 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from flamingo_jax.data import pipeline
 from flamingo_jax.data.formats import common
 from flamingo_jax.data.formats import img2dataset
 from flamingo_jax.data.formats import tables
