@@ -19,6 +19,9 @@ Each module's docstring gives its exact schema, options and bad-input rules.
 Tables (`tables`) are JSONL (.gz, .zip), CSV, TSV (.gz), Parquet or Hugging
 Face `datasets` save_to_disk folders, read by extension; image URLs are
 never fetched, only found in an img2dataset output folder (`img2dataset`).
+With a Beam runner (`build(..., beam_runner=...)`, `--beam_runner`) a
+dataset is built by an Apache Beam pipeline instead of one process, with
+the same result (`distributed`).
 Differences from the world: images keep their own size and encoding (the
 pipeline resizes them), and multi-reference texts (`captions`, `answers`)
 have as many entries as the source gives. Every example also has 'id'
