@@ -127,6 +127,11 @@ class WebDatasetPairs(common.FormatBuilder):
 
   def source_records(self, source):
     for path in files.list_files(source, ('.tar',)):
+      kind = None if path.endswith('.tar') else tables.sniff(path)
+      if kind:
+        raise ValueError(f'{path}: expected WebDataset .tar shards, but the '
+                         f'file is {kind}; a table of URLs and captions is '
+                         '--format table_pairs (with img2dataset_dir).')
       try:
         for key, sample in read_samples(path):
           yield f'{path}:{key}', sample

@@ -161,6 +161,9 @@ def test_laion_parquet_and_img2dataset_webdataset(tmp_path):
   data = util.by_source(builder.as_data_source(split='train'))
   np.testing.assert_array_equal(
       data[f'{src}/part-00000.parquet:3']['image'], IMAGES[3])
+  with pytest.raises(ValueError, match=r'part-00000\.parquet: expected '
+                     r'WebDataset \.tar shards, but the file is a Parquet'):
+    util.build('webdataset_pairs', src / 'part-00000.parquet', tmp_path / 'w')
   # The img2dataset shards themselves are WebDataset pairs.
   _, stats = util.build('webdataset_pairs', src / 'shards', tmp_path / 'wds')
   assert stats == {'train': {'examples': 3}}
