@@ -11,8 +11,10 @@ visual tokens, computed once) and `decode_step` extends them chunk by chunk
 (`models/decoding.py`; `inference/generate.py` drives them). A GATED XATTN-DENSE block is inserted before LM block i for each
 i with i % xattn_every == 0 (3B: every layer, 9B: every 4th, 80B: every 7th,
 starting at the first); `placement='single_in_middle'` inserts one block
-before layer num_layers // 2 (Table 3 v); `xattn_type='grafting'` stacks the
-new layers on top of the LM instead (Table 3 iv).
+before layer num_layers // 2 (Table 3 v); `xattn_type='vanilla_xattn'` puts
+a plain cross-attention inside those LM blocks, between their self-attention
+and feed-forward layers, and `xattn_type='grafting'` stacks the new layers on
+top of the LM instead (Table 3 iv).
 
 Top-level parameter paths (the API for freezing, sharding and importers):
   vision_encoder/...        frozen NFNet (or ViT)
@@ -227,7 +229,8 @@ class Flamingo:
       return stacking.interleave(
           x, main=lm_blocks, main_params=lm_params, main_args=(positions,),
           inserted=xattn_stack, inserted_params=xattn_params,
-          inserted_args=xattn_args, positions=self.positions)  # [B, L, D]
+          inserted_args=xattn_args, positions=self.positions,
+          inside=self._inside)  # [B, L, D]
 
     return self.lm(tokens, trunk=trunk)  # [B, L, V]
 
@@ -247,6 +250,11 @@ class Flamingo:
   @property
   def _grafting(self) -> bool:
     return self.xattn_kwargs['xattn_type'] == 'grafting'
+
+  @property
+  def _inside(self) -> bool:
+    """The xattn layer runs inside its LM block (vanilla_xattn)."""
+    return self.xattn_kwargs['xattn_type'] == 'vanilla_xattn'
 
   def prefill(
       self,
@@ -346,7 +354,7 @@ class Flamingo:
           main_args=(positions, view), main_per_layer=main_per_layer,
           inserted=xattn_stack, inserted_params=xattn_params,
           inserted_args=xattn_args, inserted_per_layer=xattn_per_layer,
-          positions=self.positions)  # [B, L, D]
+          positions=self.positions, inside=self._inside)  # [B, L, D]
       return x, (lm_chunk, updates)
 
     logits, (lm_chunk, updates) = self.lm(tokens, trunk=trunk,
