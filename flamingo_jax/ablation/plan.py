@@ -180,14 +180,33 @@ def commands(run: Run, config_file: str, overrides: Sequence[str],
   return out
 
 
+def _stage_view(stage: ml_collections.ConfigDict) -> dict[str, Any]:
+  """What a stage trains with: an LM stage (task 'lm') carries Flamingo's
+  whole model config but builds only its LM (`flamingo.transform_lm`)."""
+  view = stage.to_dict()
+  if view.get('task') == 'lm':
+    view['model'] = {'lm': view['model']['lm']}
+  return view
+
+
+def row_changes(baseline: ml_collections.ConfigDict,
+                config: ml_collections.ConfigDict) -> list[str]:
+  """`config_diff`, with each recipe stage seen as what it trains with."""
+  def view(c):
+    d = c.to_dict()
+    for name, stage in (c.get('stages', None) or {}).items():
+      d['stages'][name] = _stage_view(stage)
+    return d
+  return config_diff(view(baseline), view(config))
+
+
 def shared_stages(config: ml_collections.ConfigDict,
                   baseline: ml_collections.ConfigDict) -> list[str]:
   """The recipe stages a row can take from the baseline (same config)."""
   mine = config.get('stages', None) or {}
   theirs = baseline.get('stages', None) or {}
-  return sorted(name for name in mine
-                if name in theirs and not config_diff(mine[name],
-                                                      theirs[name]))
+  return sorted(name for name in mine if name in theirs and not config_diff(
+      _stage_view(mine[name]), _stage_view(theirs[name])))
 
 
 def link_stages(run: Run, names: Sequence[str], workdir: str) -> list[str]:
@@ -230,9 +249,9 @@ def read_sweep(workdir: str) -> Optional[dict[str, Any]]:
 def parameter_count(config: ml_collections.ConfigDict) -> int:
   """Total parameters of a config's model (`jax.eval_shape`: seconds)."""
   # pylint: disable=g-import-not-at-top
-  from flamingo_jax import summarize
+  import jax
+  import numpy as np
   from flamingo_jax.models import flamingo
   # pylint: enable=g-import-not-at-top
   params = flamingo.abstract_params(config.model)
-  return summarize.count_by_component(params)['total']
-
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
