@@ -181,8 +181,10 @@ def to_markdown(table: Mapping[str, Any]) -> str:
              f'{r["params"] / 1e6:.2f}M',
              _fmt(*r['step_time'], digits=3)]
     cells += [_fmt(*r['scores'][t]) for t in tasks]
+    direction = ('no (unchanged)' if r.get('delta') == 0 else
+                 _yes_no(r.get('agrees')))
     cells += [_fmt(*r['overall']), paper_text,
-              _yes_no(r.get('agrees')), _yes_no(r.get('above_spread')),
+              direction, _yes_no(r.get('above_spread')),
               str(r['seeds'])]
     lines.append('| ' + ' | '.join(cells) + ' |')
   shots = sorted({s for r in table['rows'] for s in r['shots']})
