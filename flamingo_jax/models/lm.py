@@ -193,7 +193,12 @@ class DecoderBlock(hk.Module):
       view: Optional[decoding.CacheView] = None,
       *,
       cache: Optional[decoding.KVCache] = None,
+      between: Optional[Callable[[jax.Array], jax.Array]] = None,
   ):  # -> [B, L, D], or ([B, L, D], KVCache of the chunk) with a cache
+    """`between` (optional): a layer run on the residual stream after the
+    self-attention and before the feed-forward layer (Flamingo's
+    `vanilla_xattn` ablation). It returns x, or (x, aux), and then the block
+    returns aux last."""
     h = hk.RMSNorm(axis=-1, name='attention_norm')(x)  # [B, L, D]
     attention = RelativeSelfAttention(self.num_heads, self.head_size,
                                       self.contiguous, name='self_attention')
@@ -202,10 +207,17 @@ class DecoderBlock(hk.Module):
     else:
       attended, chunk = attention(h, positions, view, cache=cache)  # [B, L, D]
     x = x + attended  # [B, L, D]
+    aux = ()
+    if between is not None:
+      x = between(x)  # [B, L, D], or ([B, L, D], aux)
+      if isinstance(x, tuple):
+        x, aux = x[0], x[1:]
     h = hk.RMSNorm(axis=-1, name='ffw_norm')(x)  # [B, L, D]
     ffw = layers.FeedForward(self.ffw_multiplier, self.activation, name='ffw')
     x = x + ffw(h)  # [B, L, D]
-    return x if cache is None else (x, chunk)
+    if cache is not None:
+      aux = (chunk, *aux)
+    return (x, *aux) if aux else x
 
 
 @dataclasses.dataclass

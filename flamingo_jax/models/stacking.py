@@ -31,6 +31,7 @@ Glossary of shapes:
 """
 
 from collections.abc import Callable, Sequence
+import functools
 import math
 from typing import Any, Optional
 
@@ -131,7 +132,10 @@ class Stack:
                 **kwargs: Any) -> Any:
     """Applies one copy (parameters without the stack axis), remat'd by the
     stack's policy."""
-    apply = self._layer.apply
+    # Callables (a layer run inside this one) are bound here, not traced.
+    apply = functools.partial(self._layer.apply, **{
+        k: v for k, v in kwargs.items() if callable(v)})
+    kwargs = {k: v for k, v in kwargs.items() if not callable(v)}
     if self._remat_policy is not None:
       apply = jax.checkpoint(apply, policy=self._remat_policy)
     return apply(params, None, constrain_batch(h), *args, **kwargs)
@@ -179,8 +183,13 @@ def interleave(
     positions: Sequence[int],
     main_per_layer: Optional[dict[str, Any]] = None,  # [num_main, ...]
     inserted_per_layer: Optional[dict[str, Any]] = None,  # [len(positions), ...]
+    inside: bool = False,
 ) -> Any:  # [B, L, D], or (h, main outs, inserted outs)
   """Runs `main`, with inserted layer j placed before main layer positions[j].
+
+  With `inside`, inserted layer j runs inside main layer positions[j]
+  instead: the main layer takes it as its `between` keyword (see
+  `lm.DecoderBlock`) and returns its outputs last.
 
   Consecutive groups (one inserted layer, then the main layers up to the next
   insertion) of equal length are scanned together; a regular placement such as
@@ -210,12 +219,33 @@ def interleave(
 
   def group(h, xs):
     (ins_params, ins_kwargs), layer_xs = xs
+    if inside:
+      return inside_group(h, ins_params, ins_kwargs, layer_xs)
     if stateful:
       h, ins_out = inserted.apply_one(ins_params, h, *inserted_args,
                                       **ins_kwargs)  # [B, L, D]
     else:
       h, ins_out = inserted.apply_one(ins_params, h, *inserted_args), None
     h, main_out = run_main(h, layer_xs)  # [B, L, D]
+    return h, (ins_out, main_out)
+
+  def inside_group(h, ins_params, ins_kwargs, layer_xs):
+    """Main layer 0 of the group with the inserted layer in it, then the
+    rest of the group."""
+    between = lambda y: inserted.apply_one(ins_params, y, *inserted_args,
+                                           **ins_kwargs)
+    first_params, first_kwargs = jax.tree.map(lambda x: x[0], layer_xs)
+    out = main.apply_one(first_params, h, *main_args, between=between,
+                         **first_kwargs)
+    if stateful:
+      h, first_out, ins_out = out  # [B, L, D], main layer 0's, inserted's
+    else:
+      h, first_out, ins_out = out, None, None
+    h, rest_out = run_main(h, tree_slice(layer_xs, 1, None))  # [B, L, D]
+    main_out = None
+    if stateful:
+      main_out = _tree_concat([jax.tree.map(lambda x: x[None], first_out),
+                               rest_out])
     return h, (ins_out, main_out)
 
   h, out = run_main(h, tree_slice(main_xs, 0, first))  # [B, L, D]

@@ -28,6 +28,12 @@ options). Weight decay 0.1 is decoupled as in optax (the update is
     recipes). The paper says only "0.1 for the other trainable parameters";
     this is the conventional reading for 1-d and embedding parameters.
 
+Learning-rate multipliers (`config.optim.lr_multipliers`, `[(regex,
+float)]`, first match wins, unmatched parameters 1.0; empty by default)
+scale the final update of the parameters they match, so both the Adam step
+and the weight decay run at that fraction of the learning rate. The paper's
+LM co-trained on text (arXiv v1 §4.4.3, Table 10 (vi)) uses 0.1 on the LM.
+
 `config.optim` also says how the train step turns the datasets' gradients
 into updates (`dataset_updates`: 'accumulate', the paper's, or
 'round_robin', Table 3 (ii)) and into how many micro-batches it splits each
@@ -151,7 +157,34 @@ def default_optim_config() -> ml_collections.ConfigDict:
   # Split each dataset's batch into this many micro-batches whose gradients
   # are summed (memory, not maths: the step equals the full-batch one).
   config.microbatches = 1
+  # [(regex, multiplier)] of the learning rate; unmatched: 1 (see above).
+  config.lr_multipliers = []
   return config
+
+
+def lr_multipliers(params: hk.Params, rules: training.Rules) -> hk.Params:
+  """Each parameter's learning-rate multiplier (1.0 where no rule matches)."""
+  rules = [tuple(rule) for rule in rules]
+  bad = [rule for rule in rules
+         if not isinstance(rule[1], (int, float)) or rule[1] < 0]
+  if bad:
+    raise ValueError('optim.lr_multipliers must map a regex to a number >= '
+                     f'0; got {bad}.')
+  return _labels(params, rules + [('.*', 1.0)], 'Learning-rate multiplier')
+
+
+def scale_by_lr_multipliers(
+    rules: training.Rules) -> optax.GradientTransformation:
+  """Multiplies each update by its parameter's `lr_multipliers` value."""
+
+  def update(updates, state, params=None):
+    del params  # The paths of `updates` decide.
+    factors = lr_multipliers(updates, rules)
+    return jax.tree.map(lambda u, f: u * jnp.asarray(f, u.dtype), updates,
+                        factors), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(),
+                                      update)
 
 
 def _after_warmup(config: ml_collections.ConfigDict) -> optax.Schedule:
@@ -232,6 +265,9 @@ def make_optimizer(config: ml_collections.ConfigDict,
       weight_decay=config.weight_decay,
       mask=functools.partial(weight_decay_mask,
                              rules=tuple(config.weight_decay_rules)))
-  if not config.clip_norm:
-    return adamw
-  return optax.chain(optax.clip_by_global_norm(config.clip_norm), adamw)
+  parts = [adamw]
+  if config.get('lr_multipliers'):
+    parts.append(scale_by_lr_multipliers(tuple(config.lr_multipliers)))
+  if config.clip_norm:
+    parts.insert(0, optax.clip_by_global_norm(config.clip_norm))
+  return parts[0] if len(parts) == 1 else optax.chain(*parts)

@@ -160,8 +160,8 @@ def test_training_ablation_changes_what_it_says(name):
   }.get(name, ['documents', 'pairs', 'pairs', 'video_pairs'])
   assert config.optim.dataset_updates == (
       'round_robin' if name == 'round_robin' else 'accumulate')
-  assert config.data.datasets.get('m3w', {}).get('p_next', 0.5) == (
-      0.0 if name == 'p_next_0' else 0.5)
+  assert config.data.datasets.get('m3w', {}).get('p_next', 0.5) == {
+      'p_next_0': 0.0, 'p_next_1': 1.0}.get(name, 0.5)
 
 
 @pytest.mark.parametrize('arg,message', [

@@ -267,3 +267,16 @@ def test_per_image_form_sharded_over_the_batch_equals_unsharded():
   np.testing.assert_allclose(sharded(*args), want, atol=1e-6)
   hlo = sharded.lower(*args).compile().as_text()
   assert 'all-gather' not in hlo and 'all-to-all' not in hlo
+
+
+def test_vanilla_xattn_keeps_its_tanh_gate():
+  """Table 3 (iv) keeps the 0-initialised gate (arXiv v1 §4.4.2); only
+  gating='none' drops it."""
+  y, visual, positions = _inputs()
+  mask = jnp.ones([B, L, N * R], bool)
+  model = _block(xattn_type='vanilla_xattn')
+  params = model.init(jax.random.PRNGKey(0), y, visual.reshape(B, N * R, DV),
+                      mask, positions)
+  assert set(params['block']) == {'attn_gate'}  # No ffw_gate: no dense.
+  np.testing.assert_array_equal(_run(model, params, y, visual), y)
+  assert np.abs(_run(model, _opened(params), y, visual) - y).max() > 1e-3

@@ -94,6 +94,33 @@ def test_learning_rate_schedule(schedule, expected):
                                err_msg=f'{schedule} at step {step}')
 
 
+def test_lr_multipliers_scale_the_update_of_what_they_match():
+  """lm_cotrain_text's 0.1 on the LM (arXiv v1 §4.4.3): the LM's update is a
+  tenth of what it would be; other parameters are unchanged."""
+  params = {'lm/blocks': {'w': jnp.full([3], 2.0)},
+            'lm/eoc': {'w': jnp.full([3], 2.0)},
+            'gated_xattn': {'w': jnp.full([3], 2.0)}}
+  grads = jax.tree.map(lambda x: jnp.asarray([1.0, -2.0, 0.5]), params)
+  config = optim.default_optim_config()
+  config.warmup_steps = 0
+
+  def first_update(multipliers):
+    config.lr_multipliers = multipliers
+    optimizer = optim.make_optimizer(config)
+    updates, _ = optimizer.update(grads, optimizer.init(params), params)
+    return updates
+
+  plain = first_update([])
+  scaled = first_update([('lm/eoc/.*', 1.0), ('lm/.*', 0.1)])
+  np.testing.assert_allclose(scaled['lm/blocks']['w'],
+                             0.1 * plain['lm/blocks']['w'], rtol=1e-6)
+  for module in ('lm/eoc', 'gated_xattn'):
+    np.testing.assert_array_equal(scaled[module]['w'], plain[module]['w'])
+  assert np.abs(plain['lm/blocks']['w']).min() > 0
+  with pytest.raises(ValueError, match='lr_multipliers'):
+    first_update([('lm/.*', 'slow')])
+
+
 def test_paper_defaults():
   config = optim.default_optim_config()
   assert (config.b1, config.b2, config.eps) == (0.9, 0.999, 1e-8)

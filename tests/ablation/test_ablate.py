@@ -1,0 +1,140 @@
+"""The sweep CLI: --dry-run lists every run, --collect tabulates finished
+workdirs (faked here, as the recipe and evaluation write them) and runs
+nothing."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from flamingo_jax.ablation import plan
+from flamingo_jax.ablation import table
+
+# ml_collections loads config files with the deprecated load_module.
+pytestmark = pytest.mark.filterwarnings(
+    'ignore:the load_module:DeprecationWarning')
+CONFIG = 'experiments/tiny.py:smoke'
+ROOT = os.path.join(os.path.dirname(__file__), '..', '..')
+# row -> per seed, {task: 2-shot score}; smoke evaluates at 0 and 2 shots.
+SCORES = {
+    'baseline': [{'captions': 60.0, 'vqa': 50.0},
+                 {'captions': 62.0, 'vqa': 50.0}],
+    'no_m3w': [{'captions': 30.0, 'vqa': 40.0},
+               {'captions': 32.0, 'vqa': 42.0}],
+    'vanilla_xattn': [{'captions': 61.0, 'vqa': 51.0},
+                      {'captions': 61.0, 'vqa': 49.0}],
+}
+
+
+def _ablate(*args):
+  return subprocess.run(
+      [sys.executable, '-m', 'flamingo_jax.ablate', *args], cwd=ROOT,
+      capture_output=True, text=True, check=False,
+      env=dict(os.environ, PYTHONPATH=os.path.abspath(ROOT)))
+
+
+def _fake_run(run_dir, scores, steps_per_sec):
+  """What a finished run leaves: marker, metrics and few-shot results."""
+  os.makedirs(os.path.join(run_dir, 'eval'))
+  with open(os.path.join(run_dir, 'finished.json'), 'w') as f:
+    json.dump({'step': 6}, f)
+  with open(os.path.join(run_dir, 'metrics.jsonl'), 'w') as f:
+    for step, rate in enumerate(steps_per_sec, 1):
+      f.write(json.dumps({'step': 2 * step, 'loss': 1.0,
+                          'steps_per_sec': rate}) + '\n')
+  results = dict(
+      scores={t: {'0': s / 2, '2': s} for t, s in scores.items()},
+      overall={}, overall_score=None,
+      metadata=dict(step=6, overall_shots=4, shots=[0, 2]))
+  with open(os.path.join(run_dir, 'eval', 'results.json'), 'w') as f:
+    json.dump(results, f)
+
+
+@pytest.fixture(scope='module')
+def sweep(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('sweep'))
+  for row, per_seed in SCORES.items():
+    for seed, scores in enumerate(per_seed):
+      _fake_run(os.path.join(workdir, row, f'seed{seed}'), scores,
+                [2.0, 4.0, 4.0])
+  return workdir
+
+
+def test_dry_run_lists_every_row_and_seed(tmp_path):
+  done = _ablate('--config', CONFIG, '--rows', 'table3,table10,laion_pairs+p_next_1',
+                 '--seeds', '2', '--workdir', str(tmp_path), '--dry-run')
+  assert done.returncode == 0, done.stderr
+  lines = [l for l in done.stdout.splitlines() if not l.startswith('#')]
+  rows = plan.expand_rows(['table3', 'table10']) + ['laion_pairs+p_next_1']
+  assert len(rows) == 26 and len(lines) == 2 * (len(rows) + 1)
+  assert 'seed0 ' in lines[0] and 'ln -s' not in lines[0]  # Baseline first.
+  for row in ['baseline'] + rows:
+    arg = plan.config_arg(CONFIG, row)
+    for seed in range(2):
+      matches = [l for l in lines
+                 if f'--config={arg} ' in l and f'/{row}/seed{seed} ' in l
+                 and f'--config.seed={seed}' in l]
+      assert len(matches) == 1, (row, seed)
+      # smoke does not evaluate at the end: the sweep evaluates.
+      assert 'flamingo_jax.evaluate' in matches[0]
+  # The ViT stand-in trains its own vision stage, and reuses the LM's.
+  vit = next(l for l in lines if '/vision_clip_vit_l14/seed0 ' in l)
+  assert 'seed0/lm ' in vit and 'seed0/vision ' not in vit
+  assert not os.listdir(tmp_path)  # Nothing written, nothing run.
+
+
+@pytest.mark.parametrize('rows,message', [
+    ('no_m3w,bogus', "Unknown row(s) ['bogus']"),
+    ('no_m3w+p_next_1', "row 'no_m3w+p_next_1' on experiments/tiny.py:smoke: "
+     'p_next applies to interleaved documents')])
+def test_bad_rows_are_named(tmp_path, rows, message):
+  done = _ablate('--config', CONFIG, '--rows', rows,
+                 '--workdir', str(tmp_path), '--dry-run')
+  assert done.returncode != 0 and message in done.stderr, done.stderr
+  assert 'Traceback' not in done.stderr
+
+
+def test_collect_builds_the_table_from_finished_runs(sweep):
+  before = sorted(os.walk(sweep))
+  done = _ablate('--config', CONFIG, '--rows', 'no_m3w,vanilla_xattn',
+                 '--seeds', '2', '--workdir', sweep, '--collect')
+  assert done.returncode == 0, done.stderr
+  assert 'Direction of the overall score as the paper\'s: 1 of 2' in (
+      done.stdout)
+  for ext in ('md', 'csv', 'png'):
+    assert os.path.getsize(os.path.join(sweep, f'ablations.{ext}')) > 0
+  after = [(d, s, [f for f in fs if not f.startswith('ablations.')])
+           for d, s, fs in sorted(os.walk(sweep))]
+  assert after == before  # Read only: no run was touched.
+  with open(os.path.join(sweep, 'ablations.csv')) as f:
+    rows = {r['row']: r for r in csv.DictReader(f)}
+  assert list(rows) == ['baseline', 'no_m3w', 'vanilla_xattn']
+  assert rows['no_m3w']['changed'] == 'data.datasets.documents'
+  assert rows['vanilla_xattn']['changed'] == 'model.xattn.xattn_type'
+  assert float(rows['no_m3w']['paper_overall']) == 53.4
+  np.testing.assert_allclose(float(rows['baseline']['step_time_s']), 0.25)
+  with open(os.path.join(sweep, 'ablations.md')) as f:
+    text = f.read()
+  assert '| `no_m3w` | Table 3 (i) w/o M3W |' in text
+
+
+def test_overall_spread_and_direction(sweep):
+  configs = {row: plan.load_config(CONFIG, row) for row in SCORES}
+  data = table.build(sweep, ['no_m3w', 'vanilla_xattn'], 2, configs)
+  base, no_m3w, vanilla = data['rows']
+  assert data['tasks'] == ['captions', 'vqa'] and base['shots'] == [2]
+  # Per seed: mean over tasks of score / the baseline's mean (61, 50).
+  seeds = [100 * np.mean([30 / 61, 40 / 50]), 100 * np.mean([32 / 61, 42 / 50])]
+  np.testing.assert_allclose(no_m3w['overall'][0], np.mean(seeds))
+  np.testing.assert_allclose(no_m3w['overall'][1], np.std(seeds, ddof=1))
+  np.testing.assert_allclose(base['overall'][0], 100.0)
+  np.testing.assert_allclose(no_m3w['scores']['captions'], (31.0, np.sqrt(2)))
+  assert (no_m3w['agrees'], no_m3w['above_spread']) == (True, True)
+  # Unchanged on average: not the paper's drop, and within the spread.
+  assert (vanilla['agrees'], vanilla['above_spread']) == (False, False)
+  assert base['params'] == no_m3w['params'] != vanilla['params']
+  np.testing.assert_allclose(no_m3w['paper_relative'], 100 * 53.4 / 70.7)
