@@ -38,7 +38,6 @@ does, when it runs).
 """
 
 import json
-import os
 import platform
 import statistics
 import sys
@@ -55,6 +54,7 @@ from ml_collections import config_flags
 import numpy as np
 
 from flamingo_jax import cli
+from flamingo_jax import fs
 from flamingo_jax.inference import generate
 from flamingo_jax.models import flamingo
 from flamingo_jax.models import media_index
@@ -184,9 +184,8 @@ def _compiled_memory(compiled) -> dict[str, int]:
 def _write_json(figures: dict[str, Any]) -> None:
   if not _JSON.value:
     return
-  directory = os.path.dirname(os.path.abspath(_JSON.value))
-  os.makedirs(directory, exist_ok=True)
-  with open(_JSON.value, 'w') as f:
+  fs.makedirs(fs.dirname(fs.absolute(_JSON.value)))
+  with fs.open_file(_JSON.value, 'w') as f:
     json.dump(figures, f, indent=2, sort_keys=True, default=_jsonable)
   print(f'  wrote {_JSON.value}')
 
