@@ -60,6 +60,7 @@ from flamingo_jax.models import flamingo
 from flamingo_jax.models import media_index
 from flamingo_jax.training import flops as flops_lib
 from flamingo_jax.training import loop
+from flamingo_jax.training import memory as memory_lib
 from flamingo_jax.training import metrics as metrics_lib
 from flamingo_jax.training import optim
 from flamingo_jax.training import sharding
@@ -439,7 +440,9 @@ def bench_train(config: ml_collections.ConfigDict) -> dict[str, Any]:
           'batch_size', 'seq_len', 'max_media', 'frames', 'image_size')}
                 for name, spec in config.data.datasets.items()},
       compute_dtype=config.get('compute_dtype', None),
-      remat_policy=config.model.lm.get('remat_policy', None),
+      # Each stack's own (memory.remat_policies: xattn defaults to the LM's).
+      remat_policy=memory_lib.remat_policies(config)[0],
+      xattn_remat_policy=memory_lib.remat_policies(config)[1],
       compile_only=_COMPILE_ONLY.value, warmup_steps=_WARMUP.value,
       timed_steps=len(times), step_times_s=times, step_s=step_s,
       step_s_min=min(times) if times else None,
@@ -471,7 +474,8 @@ def _print_train(f: dict[str, Any]) -> None:
       f'{s["frames"]} media {s["image_size"]}px'
       for name, s in f['datasets'].items())
   print(f'train: {shapes}; {f["device_count"]} x {f["device_kind"]}, mesh '
-        f'{f["mesh"]}; {f["compute_dtype"]}, remat {f["remat_policy"]}')
+        f'{f["mesh"]}; {f["compute_dtype"]}, remat lm {f["remat_policy"]} '
+        f'xattn {f["xattn_remat_policy"]}')
   print(f'  lower {f["lower_s"]:.1f} s, compile {f["compile_s"]:.1f} s')
   if f['model_tflop_per_step'] is not None:
     print(f'  model FLOPs: {f["model_tflop_per_step"]:.4g} TFLOP/step '
