@@ -100,21 +100,39 @@ def _epath(path: str) -> epath.Path:
   return epath.Path(path)
 
 
+@contextlib.contextmanager
+def _naming(path: str) -> Iterator[None]:
+  """An ImportError of epath's backend (gs:// needs TensorFlow's tf.io.gfile,
+  or fsspec) names the path that needed it."""
+  try:
+    yield
+  except ImportError as e:
+    raise ImportError(f'Reading or writing {path} needs TensorFlow '
+                      f'(tf.io.gfile, through etils.epath): {e}') from e
+
+
 def exists(path: PathLike) -> bool:
   path = os.fspath(path)
-  return _epath(path).exists() if is_url(path) else os.path.exists(path)
+  if is_url(path):
+    with _naming(path):
+      return _epath(path).exists()
+  return os.path.exists(path)
 
 
 def isdir(path: PathLike) -> bool:
   path = os.fspath(path)
-  return _epath(path).is_dir() if is_url(path) else os.path.isdir(path)
+  if is_url(path):
+    with _naming(path):
+      return _epath(path).is_dir()
+  return os.path.isdir(path)
 
 
 def isfile(path: PathLike) -> bool:
   path = os.fspath(path)
   if is_url(path):
-    p = _epath(path)
-    return p.exists() and not p.is_dir()
+    with _naming(path):
+      p = _epath(path)
+      return p.exists() and not p.is_dir()
   return os.path.isfile(path)
 
 
@@ -122,7 +140,8 @@ def listdir(path: PathLike) -> list[str]:
   """The names in a directory (a URL: under its prefix), in no set order."""
   path = os.fspath(path)
   if is_url(path):
-    return [p.name for p in _epath(path).iterdir()]
+    with _naming(path):
+      return [p.name for p in _epath(path).iterdir()]
   return os.listdir(path)
 
 
@@ -130,7 +149,8 @@ def makedirs(path: PathLike) -> None:
   """Creates `path` and its parents if missing (exist_ok)."""
   path = os.fspath(path)
   if is_url(path):
-    _epath(path).mkdir(parents=True, exist_ok=True)
+    with _naming(path):
+      _epath(path).mkdir(parents=True, exist_ok=True)
   else:
     os.makedirs(path, exist_ok=True)
 
@@ -164,7 +184,9 @@ def open_file(path: PathLike, mode: str = 'r') -> Iterator[IO]:  # pylint: disab
   """`open(path, mode)`; on a URL an object written when the file closes."""
   path = os.fspath(path)
   if is_url(path):
-    with _epath(path).open(mode) as f:
+    with _naming(path):
+      f = _epath(path).open(mode)
+    with f:
       yield f
   else:
     with open(path, mode) as f:

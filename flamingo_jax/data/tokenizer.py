@@ -246,7 +246,8 @@ class Tokenizer:
   def load(cls, path: str) -> 'Tokenizer':
     """Loads a `.model` file (our layout), or an imported tokenizer's
     `flamingo_tokenizer.json` (or its directory); local or gs:// etc."""
-    if path.endswith('.json') or fs.isdir(path):
+    if path.endswith('.json') or (not fs.is_url(path)
+                                  and fs.isdir(path)):
       return load_dir(path)
     return cls(_read_bytes(path), source=path)
 
@@ -465,7 +466,8 @@ def _training_error(e: RuntimeError, vocab_size: int,
 
 
 def _read_bytes(path: str) -> bytes:
-  if not fs.isfile(path):
+  # A URL is an object (gs:// has no directories to tell apart).
+  if not (fs.exists(path) if fs.is_url(path) else fs.isfile(path)):
     raise FileNotFoundError(f'SentencePiece model file not found: {path}')
   return fs.read_bytes(path)
 
