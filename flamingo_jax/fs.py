@@ -184,9 +184,9 @@ def open_file(path: PathLike, mode: str = 'r') -> Iterator[IO]:  # pylint: disab
   """`open(path, mode)`; on a URL an object written when the file closes."""
   path = os.fspath(path)
   if is_url(path):
-    with _naming(path):
-      f = _epath(path).open(mode)
-    with f:
+    with contextlib.ExitStack() as stack:
+      with _naming(path):  # tf.io.gfile is imported on entering.
+        f = stack.enter_context(_epath(path).open(mode))
       yield f
   else:
     with open(path, mode) as f:
