@@ -57,10 +57,10 @@ would only replicate them, the devices go to its 'fsdp' axis instead.
 from collections.abc import Mapping, Sequence
 import contextlib
 import dataclasses
+import io
 import json
 import math
 import os
-import pathlib
 from typing import Any, Optional
 
 from absl import logging
@@ -72,6 +72,7 @@ import numpy as np
 from PIL import Image
 
 from flamingo_jax import checkpoint as checkpoint_lib
+from flamingo_jax import fs
 from flamingo_jax.data import formatting
 from flamingo_jax.data import images
 from flamingo_jax.data import pipeline
@@ -107,22 +108,22 @@ class _Location:
 
 def _locate(path: PathLike, step: Optional[int]) -> _Location:
   """A workdir, W/checkpoints or W/checkpoints/<step> -> where things are."""
-  path = os.path.abspath(os.fspath(path))
-  if not os.path.exists(path):
+  path = fs.absolute(path)
+  if not fs.exists(path):
     raise FileNotFoundError(
         f'{path} does not exist: give a training workdir (with config.json '
         'and checkpoints/), its checkpoints/ folder or one checkpoints/<step>.')
-  name, parent = os.path.basename(path), os.path.dirname(path)
-  if os.path.isdir(os.path.join(path, 'checkpoints')):
-    location = _Location(path, os.path.join(path, 'checkpoints'), step)
-  elif name.isdigit() and os.path.basename(parent) == 'checkpoints':
+  name, parent = fs.basename(path), fs.dirname(path)
+  if fs.isdir(fs.join(path, 'checkpoints')):
+    location = _Location(path, fs.join(path, 'checkpoints'), step)
+  elif name.isdigit() and fs.basename(parent) == 'checkpoints':
     if step is not None and step != int(name):
       raise ValueError(f'{path} is the checkpoint of step {name}, but '
                        f'step={step} was asked for.')
-    location = _Location(os.path.dirname(parent), parent, int(name))
+    location = _Location(fs.dirname(parent), parent, int(name))
   elif name == 'checkpoints':
     location = _Location(parent, path, step)
-  elif os.path.isfile(os.path.join(path, 'config.json')):
+  elif fs.isfile(fs.join(path, 'config.json')):
     raise FileNotFoundError(
         f'No checkpoint in {path}: it has a config.json but no checkpoints/ '
         'folder (has the run saved its first checkpoint yet?).')
@@ -134,13 +135,12 @@ def _locate(path: PathLike, step: Optional[int]) -> _Location:
 
 
 def _read_config(location: _Location) -> ml_collections.ConfigDict:
-  path = os.path.join(location.workdir, 'config.json')
-  if not os.path.isfile(path):
+  path = fs.join(location.workdir, 'config.json')
+  if not fs.isfile(path):
     raise FileNotFoundError(
         f'No config.json in {location.workdir}: load() reads the model config '
         'that training writes there (or pass config=...).')
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  return ml_collections.ConfigDict(json.loads(fs.read_text(path)))
 
 
 def _param_bytes(params: hk.Params) -> int:
@@ -261,7 +261,7 @@ def _load_tokenizer(config: ml_collections.ConfigDict,
   if not path:
     raise ValueError('The config names no tokenizer (config.data.tokenizer); '
                      'pass tokenizer=PATH to load().')
-  if '://' not in path and not os.path.isfile(path):
+  if not fs.isfile(path):
     raise FileNotFoundError(
         f'The tokenizer file {path} (config.data.tokenizer) does not exist. '
         'Training creates it (flamingo_jax.data.prepare.ensure_data); on '
@@ -276,11 +276,12 @@ def _image_array(image: Any, what: str) -> Any:
   """A PIL image or path -> uint8 [h, w, 3]; arrays and bytes pass through
   (`prompts.as_frames` checks them)."""
   if isinstance(image, (str, os.PathLike)):
-    path = pathlib.Path(image)
-    if not path.is_file():
+    path = os.fspath(image)
+    if not fs.isfile(path):
       raise FileNotFoundError(f'{what}: no image file at {path}.')
+    source = io.BytesIO(fs.read_bytes(path)) if fs.is_url(path) else path
     try:
-      with Image.open(path) as pil:
+      with Image.open(source) as pil:
         return _pil_array(pil)
     except OSError as e:
       raise ValueError(f'{what}: cannot decode {path} as an image: {e}') from e

@@ -38,7 +38,6 @@ does, when it runs).
 """
 
 import json
-import os
 import platform
 import statistics
 import sys
@@ -55,11 +54,13 @@ from ml_collections import config_flags
 import numpy as np
 
 from flamingo_jax import cli
+from flamingo_jax import fs
 from flamingo_jax.inference import generate
 from flamingo_jax.models import flamingo
 from flamingo_jax.models import media_index
 from flamingo_jax.training import flops as flops_lib
 from flamingo_jax.training import loop
+from flamingo_jax.training import memory as memory_lib
 from flamingo_jax.training import metrics as metrics_lib
 from flamingo_jax.training import optim
 from flamingo_jax.training import sharding
@@ -184,9 +185,8 @@ def _compiled_memory(compiled) -> dict[str, int]:
 def _write_json(figures: dict[str, Any]) -> None:
   if not _JSON.value:
     return
-  directory = os.path.dirname(os.path.abspath(_JSON.value))
-  os.makedirs(directory, exist_ok=True)
-  with open(_JSON.value, 'w') as f:
+  fs.makedirs(fs.dirname(fs.absolute(_JSON.value)))
+  with fs.open_file(_JSON.value, 'w') as f:
     json.dump(figures, f, indent=2, sort_keys=True, default=_jsonable)
   print(f'  wrote {_JSON.value}')
 
@@ -440,7 +440,9 @@ def bench_train(config: ml_collections.ConfigDict) -> dict[str, Any]:
           'batch_size', 'seq_len', 'max_media', 'frames', 'image_size')}
                 for name, spec in config.data.datasets.items()},
       compute_dtype=config.get('compute_dtype', None),
-      remat_policy=config.model.lm.get('remat_policy', None),
+      # Each stack's own (memory.remat_policies: xattn defaults to the LM's).
+      remat_policy=memory_lib.remat_policies(config)[0],
+      xattn_remat_policy=memory_lib.remat_policies(config)[1],
       compile_only=_COMPILE_ONLY.value, warmup_steps=_WARMUP.value,
       timed_steps=len(times), step_times_s=times, step_s=step_s,
       step_s_min=min(times) if times else None,
@@ -472,7 +474,8 @@ def _print_train(f: dict[str, Any]) -> None:
       f'{s["frames"]} media {s["image_size"]}px'
       for name, s in f['datasets'].items())
   print(f'train: {shapes}; {f["device_count"]} x {f["device_kind"]}, mesh '
-        f'{f["mesh"]}; {f["compute_dtype"]}, remat {f["remat_policy"]}')
+        f'{f["mesh"]}; {f["compute_dtype"]}, remat lm {f["remat_policy"]} '
+        f'xattn {f["xattn_remat_policy"]}')
   print(f'  lower {f["lower_s"]:.1f} s, compile {f["compile_s"]:.1f} s')
   if f['model_tflop_per_step'] is not None:
     print(f'  model FLOPs: {f["model_tflop_per_step"]:.4g} TFLOP/step '

@@ -41,6 +41,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from flamingo_jax import checkpoint_integrity as integrity
+from flamingo_jax import fs
 
 PyTree = Any
 DAMAGED_SUFFIX = '.damaged'  # <workdir>/checkpoints.damaged/<step>
@@ -69,7 +70,7 @@ class Checkpointer:
     if keep < 1:
       raise ValueError(f'keep={keep}: must be >= 1 (the number of '
                        'checkpoints kept).')
-    self.directory = os.path.abspath(directory)
+    self.directory = fs.absolute(directory)
     save_policy = ocp.checkpoint_managers.AnySavePolicy([
         ocp.checkpoint_managers.FixedIntervalPolicy(save_every),
         ocp.checkpoint_managers.PreemptionCheckpointingPolicy(),
@@ -152,7 +153,7 @@ class Checkpointer:
           f'{self.all_steps()}.')
     fields = (abstract_state._asdict() if hasattr(abstract_state, '_asdict')
               else dict(abstract_state))
-    step_dir = os.path.join(self.directory, str(step))
+    step_dir = fs.join(self.directory, str(step))
 
     def metadata():
       integrity.check_files(step_dir)
@@ -234,15 +235,14 @@ class Checkpointer:
 
   def _set_aside(self, step: int) -> None:
     """Moves a damaged step out of orbax's sight (process 0; all wait)."""
-    target = os.path.join(self.directory + DAMAGED_SUFFIX, str(step))
+    target = fs.join(self.directory + DAMAGED_SUFFIX, str(step))
     if jax.process_index() == 0:
-      os.makedirs(os.path.dirname(target), exist_ok=True)
+      fs.makedirs(fs.dirname(target))
       suffix = 1
       while integrity.exists(target):
-        target = os.path.join(self.directory + DAMAGED_SUFFIX,
-                              f'{step}-{suffix}')
+        target = fs.join(self.directory + DAMAGED_SUFFIX, f'{step}-{suffix}')
         suffix += 1
-      os.replace(os.path.join(self.directory, str(step)), target)
+      fs.replace(fs.join(self.directory, str(step)), target)
       logging.warning('Moved the damaged step %d to %s (kept for inspection: '
                       'delete it when done).', step, target)
     if jax.process_count() > 1:
@@ -270,12 +270,17 @@ PARAM_PARTS = ('trainable', 'frozen')  # The train state's parameter items.
 
 def checkpoints_dir(path: str) -> str:
   """A workdir or its `checkpoints/` folder -> the `checkpoints/` folder."""
-  path = os.path.abspath(os.fspath(path))
-  if os.path.isdir(os.path.join(path, 'checkpoints')):
-    path = os.path.join(path, 'checkpoints')
-  if not os.path.isdir(path):
+  path = fs.absolute(path)
+  if fs.isdir(fs.join(path, 'checkpoints')):
+    path = fs.join(path, 'checkpoints')
+  if not fs.isdir(path):
     raise FileNotFoundError(f'No checkpoint directory at {path!r}.')
   return path
+
+
+def _directory(manager: ocp.CheckpointManager) -> str:
+  """The manager's directory as a path string (a URL stays one)."""
+  return os.fspath(manager.directory)
 
 
 def _reader(directory: str) -> ocp.CheckpointManager:
@@ -337,7 +342,7 @@ def _split_like(params: PyTree, state: Mapping[str, Any]) -> dict:
 
 def _state_metadata(manager: ocp.CheckpointManager, step: int) -> Mapping:
   """The state's metadata tree (integrity.Damage if a file is missing)."""
-  integrity.check_files(os.path.join(str(manager.directory), str(step)))
+  integrity.check_files(fs.join(_directory(manager), str(step)))
   with integrity.muted():
     tree = manager.item_metadata(step)['state']
   tree = getattr(tree, 'tree', tree)
@@ -416,7 +421,7 @@ def load_params_and_step(
         abstract, placement)
     target = _split_like(placed, tree)
     has_checksums = integrity.has_checksums(
-        os.path.join(str(manager.directory), str(step)))
+        fs.join(_directory(manager), str(step)))
     items = dict(state=ocp.args.PyTreeRestore(
         item=target,
         restore_args=ocp.checkpoint_utils.construct_restore_args(target),

@@ -21,7 +21,6 @@ import gc
 import hashlib
 import json
 import logging as py_logging
-import os
 import re
 import sys
 from typing import Any, Optional
@@ -30,6 +29,8 @@ from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from flamingo_jax import fs
 
 PyTree = Any
 # The files a step's items must have (orbax's own, besides the arrays').
@@ -138,7 +139,7 @@ class NonFiniteStateError(FloatingPointError):
 
 
 def exists(path: str) -> bool:
-  return os.path.exists(path)
+  return fs.exists(path)
 
 
 def describe(error: BaseException) -> str:
@@ -164,11 +165,11 @@ def describe(error: BaseException) -> str:
 def check_files(step_dir: str) -> None:
   """Raises Damage naming a missing folder or metadata file of a step."""
   for item in ('state', 'data'):
-    if not exists(os.path.join(step_dir, item)):
+    if not exists(fs.join(step_dir, item)):
       raise Damage(f'its {item}/ folder is missing')
   for name in METADATA_FILES:
-    folder = os.path.dirname(os.path.join(step_dir, name))
-    if exists(folder) and not exists(os.path.join(step_dir, name)):
+    folder = fs.dirname(fs.join(step_dir, name))
+    if exists(folder) and not exists(fs.join(step_dir, name)):
       raise Damage(f'its metadata file {name} is missing')
 
 
@@ -258,7 +259,7 @@ def read_guarded(directory: str, step: int, read: Callable[[], Any]) -> Any:
 
 
 def has_checksums(step_dir: str) -> bool:
-  if exists(os.path.join(step_dir, 'checksums')):
+  if exists(fs.join(step_dir, 'checksums')):
     return True
   logging.warning('Checkpoint %s has no checksums (saved by an older '
                   'version): its values are not verified.', step_dir)

@@ -32,6 +32,7 @@ import ml_collections
 from ml_collections import config_flags
 
 from flamingo_jax import cli
+from flamingo_jax import fs
 
 _WORKDIR = flags.DEFINE_string(
     'workdir', None, 'The training workdir: W/config.json and '
@@ -62,12 +63,11 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   if _CONFIG.value is not None:
     config = _CONFIG.value
   else:
-    path = os.path.join(workdir, 'config.json')
-    if not os.path.exists(path):
+    path = fs.join(workdir, 'config.json')
+    if not fs.exists(path):
       raise FileNotFoundError(f'No {path}: pass --config, or a workdir made '
                               'by flamingo_jax.train.')
-    with open(path) as f:
-      config = ml_collections.ConfigDict(json.load(f))
+    config = ml_collections.ConfigDict(json.loads(fs.read_text(path)))
   if config.get('task', 'flamingo') != 'flamingo':
     raise ValueError(f'{workdir} trained a {config.task!r} model; evaluate a '
                      'Flamingo workdir (the recipe\'s top-level W).')
@@ -107,7 +107,7 @@ def main(argv: list[str]) -> None:
   logging.info('Evaluating %s at step %d.', workdir, step)
   params = checkpoint.load_params(workdir, step)
   tokenizer = tokenizer_lib.Tokenizer.load(config.data.tokenizer)
-  out_dir = _OUT.value or os.path.join(workdir, 'eval')
+  out_dir = _OUT.value or fs.join(workdir, 'eval')
   shots = [int(s) for s in _SHOTS.value] if _SHOTS.value else None
   results = runner.evaluate(
       config.eval, params, config.model, tokenizer, out_dir=out_dir,
@@ -119,7 +119,7 @@ def main(argv: list[str]) -> None:
   if results['overall_score'] is not None:
     print(f'overall score ({results["metadata"]["overall_shots"]}-shot, '
           f'vs config.eval.reference): {100 * results["overall_score"]:.1f}%')
-  logging.info('Wrote %s', os.path.join(out_dir, 'results.json'))
+  logging.info('Wrote %s', fs.join(out_dir, 'results.json'))
 
 
 if __name__ == '__main__':

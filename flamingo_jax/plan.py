@@ -105,7 +105,9 @@ def report(config, slice_: slices.Slice, chosen, tried) -> str:
     lines.append('Train with: ' + ' '.join(overrides))
   if not chosen:
     lines.append('To fit: a larger slice, --config.optim.microbatches, '
-                 '--config.model.lm.remat_policy=full, or smaller batches.')
+                 '--config.model.lm.remat_policy=full and '
+                 '--config.model.xattn.remat_policy=full, or smaller '
+                 'batches.')
   return '\n'.join(lines)
 
 

@@ -7,8 +7,8 @@ Writes, from `W/metrics.jsonl`:
 The training loop writes them at the end of every run too.
 """
 
+import io
 import json
-import os
 
 from absl import app
 from absl import flags
@@ -18,6 +18,8 @@ import matplotlib
 matplotlib.use('Agg')  # No display needed.
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from flamingo_jax import fs  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 
 def read_metrics(workdir: str) -> list[dict[str, float]]:
   """The rows of `<workdir>/metrics.jsonl`, in order.
@@ -25,11 +27,11 @@ def read_metrics(workdir: str) -> list[dict[str, float]]:
   A damaged line (e.g. torn by a kill mid-write) is skipped with a warning
   that names it, rather than failing every later reader.
   """
-  path = os.path.join(workdir, 'metrics.jsonl')
-  if not os.path.exists(path):
+  path = fs.join(workdir, 'metrics.jsonl')
+  if not fs.exists(path):
     raise FileNotFoundError(f'No metrics in {workdir!r}: {path} is missing.')
   rows, damaged = [], []
-  with open(path) as f:
+  with fs.open_file(path) as f:
     for number, line in enumerate(f, start=1):
       if not line.strip():
         continue
@@ -45,6 +47,16 @@ def read_metrics(workdir: str) -> list[dict[str, float]]:
     logging.warning('%s: skipped %d damaged line(s): %s.', path, len(damaged),
                     ', '.join(map(str, damaged[:10])))
   return rows
+
+
+def save_figure(fig, path: str) -> None:
+  """`fig.savefig(path)`, local or gs:// (a PNG at 100 dpi)."""
+  if fs.is_url(path):
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format='png', dpi=100)
+    fs.write_bytes(path, buffer.getvalue())
+  else:
+    fig.savefig(path, dpi=100)
 
 
 def _series(rows, key):
@@ -64,7 +76,7 @@ def plot_losses(rows, path: str) -> None:
   ax.legend()
   ax.grid(alpha=0.3)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  save_figure(fig, path)
   plt.close(fig)
 
 
@@ -81,19 +93,19 @@ def plot_gates(rows, path: str) -> None:
     ax.grid(alpha=0.3)
   axes[0].legend(fontsize='small')
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  save_figure(fig, path)
   plt.close(fig)
 
 
 def write_plots(workdir: str) -> list[str]:
   """Writes the plots of `workdir`; returns their paths."""
   rows = read_metrics(workdir)
-  out = os.path.join(workdir, 'plots')
-  os.makedirs(out, exist_ok=True)
-  paths = [os.path.join(out, 'loss.png')]
+  out = fs.join(workdir, 'plots')
+  fs.makedirs(out)
+  paths = [fs.join(out, 'loss.png')]
   plot_losses(rows, paths[0])
   if any(k.startswith('gates/') for r in rows for k in r):
-    paths.append(os.path.join(out, 'gates.png'))
+    paths.append(fs.join(out, 'gates.png'))
     plot_gates(rows, paths[1])
   return paths
 

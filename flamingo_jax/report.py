@@ -11,13 +11,13 @@ from what the run left on disk, so the report can be rebuilt at any time.
 
 from collections.abc import Mapping, Sequence
 import json
-import os
 import time
 from typing import Any
 
 from absl import app
 from absl import flags
 
+from flamingo_jax import fs
 from flamingo_jax import plot
 
 # Metrics shown per stage when present (first -> last logged value).
@@ -26,9 +26,9 @@ HEADLINE_PREFIXES = ('loss', 'i2t_accuracy', 't2i_accuracy')
 
 def _started(directory: str) -> float:
   for name in ('config.json', 'metrics.jsonl'):
-    path = os.path.join(directory, name)
-    if os.path.exists(path):
-      return os.path.getmtime(path)
+    path = fs.join(directory, name)
+    if fs.exists(path):
+      return fs.getmtime(path)
   return 0.0
 
 
@@ -37,11 +37,11 @@ def _stage_dirs(workdir: str) -> list[tuple[str, str]]:
   # In the order they ran: by when each began (its config.json is written
   # first).
   stages = sorted(
-      (name for name in os.listdir(workdir)
-       if os.path.exists(os.path.join(workdir, name, 'metrics.jsonl'))),
-      key=lambda name: _started(os.path.join(workdir, name)))
-  found = [(name, os.path.join(workdir, name)) for name in stages]
-  if os.path.exists(os.path.join(workdir, 'metrics.jsonl')):
+      (name for name in fs.listdir(workdir)
+       if fs.exists(fs.join(workdir, name, 'metrics.jsonl'))),
+      key=lambda name: _started(fs.join(workdir, name)))
+  found = [(name, fs.join(workdir, name)) for name in stages]
+  if fs.exists(fs.join(workdir, 'metrics.jsonl')):
     found.append(('main (Flamingo)', workdir))
   return found
 
@@ -61,30 +61,28 @@ def _stage_section(name: str, directory: str, workdir: str) -> list[str]:
   lines = [f'## Stage: {name}', '']
   if not rows:
     return lines + ['No metrics logged.', '']
-  metrics_path = os.path.relpath(os.path.join(directory, 'metrics.jsonl'),
-                                 workdir)
+  metrics_path = fs.relpath(fs.join(directory, 'metrics.jsonl'), workdir)
   lines.append(f'{rows[-1]["step"]} steps, logged in `{metrics_path}`.')
   lines += ['', '| metric | first logged | last logged |', '|---|---|---|']
   for key, first, last in _headline(rows):
     lines.append(f'| {key} | {first:.4g} | {last:.4g} |')
   lines.append('')
-  plots = os.path.join(directory, 'plots')
-  if os.path.isdir(plots):
-    for png in sorted(p for p in os.listdir(plots) if p.endswith('.png')):
-      rel = os.path.relpath(os.path.join(plots, png), workdir)
+  plots = fs.join(directory, 'plots')
+  if fs.isdir(plots):
+    for png in sorted(p for p in fs.listdir(plots) if p.endswith('.png')):
+      rel = fs.relpath(fs.join(plots, png), workdir)
       lines.append(f'![{name} {png}]({rel})')
     lines.append('')
   return lines
 
 
 def _eval_section(workdir: str) -> list[str]:
-  path = os.path.join(workdir, 'eval', 'results.json')
-  if not os.path.exists(path):
+  path = fs.join(workdir, 'eval', 'results.json')
+  if not fs.exists(path):
     return ['## Few-shot evaluation', '',
             'Not run yet: `python -m flamingo_jax.evaluate --workdir '
             f'{workdir}`.', '']
-  with open(path) as f:
-    results = json.load(f)
+  results = json.loads(fs.read_text(path))
   scores = results['scores']
   shots = sorted({int(s) for by in scores.values() for s in by})
   metrics = results.get('metadata', {}).get('metrics', {})
@@ -102,17 +100,17 @@ def _eval_section(workdir: str) -> list[str]:
   if results.get('overall_score') is not None:
     lines += ['', f'Overall score (mean of score / reference, as Table 3): '
               f'{100 * results["overall_score"]:.1f}%.']
-  if os.path.exists(os.path.join(workdir, 'eval', 'scores.png')):
+  if fs.exists(fs.join(workdir, 'eval', 'scores.png')):
     lines += ['', '![scores vs shots](eval/scores.png)']
   return lines + ['']
 
 
 def write_report(workdir: str) -> str:
   """Writes W/report.md from what the run left; returns its path."""
-  if not os.path.isdir(workdir):
+  if not fs.isdir(workdir):
     raise FileNotFoundError(f'No workdir {workdir!r}.')
   lines = ['# Flamingo run report', '',
-           f'Workdir `{os.path.abspath(workdir)}`, written '
+           f'Workdir `{fs.absolute(workdir)}`, written '
            f'{time.strftime("%Y-%m-%d %H:%M:%S")}. Config: `config.json` '
            '(each stage has its own).', '']
   stages = _stage_dirs(workdir)
@@ -121,8 +119,8 @@ def write_report(workdir: str) -> str:
   for name, directory in stages:
     lines += _stage_section(name, directory, workdir)
   lines += _eval_section(workdir)
-  path = os.path.join(workdir, 'report.md')
-  with open(path, 'w') as f:
+  path = fs.join(workdir, 'report.md')
+  with fs.open_file(path, 'w') as f:
     f.write('\n'.join(lines))
   return path
 

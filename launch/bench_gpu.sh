@@ -12,10 +12,12 @@
 # Runs (each under `timeout`, each tolerant of the others' failure):
 #   1. smoke       tiny config, a few steps: does the stack work (seconds)
 #   2. train_3b_remat_none   3B train step, M3W shapes: 8 x 256 tokens + 5
-#                  images at 320 px, bf16 compute, remat off (the MFU figure)
+#                  images at 320 px, bf16 compute, remat off in both stacks
+#                  (LM and cross-attention; the MFU figure)
 #   3. generate_3b 3B cached vs uncached greedy decoding, 64 new tokens
-#   4. train_3b_remat_dots, 5. train_3b_remat_full: the remat sweep, fewer
-#                  timed steps
+#   4. train_3b_remat_dots, 5. train_3b_remat_full: the remat sweep (the LM's
+#                  and the cross-attention's policy set alike), fewer timed
+#                  steps
 # If the smoke run fails, the 3B runs are skipped (they would fail the same
 # way). A run is skipped when the budget (BENCH_BUDGET_S, default 330 s from
 # the first run) has less than 45 s left; each gets at most what is left.
@@ -148,14 +150,16 @@ if ((!DRY_RUN)) && [[ "$(tail -n 1 "$STATUS" | cut -f2)" != 0 ]]; then
   BUDGET_S=0
 fi
 run train_3b_remat_none 200 "${BENCH[@]}" train --config "$CONFIG" \
-  "${SHAPES[@]}" --config.model.lm.remat_policy=none --warmup 2 --steps 20 \
+  "${SHAPES[@]}" --config.model.lm.remat_policy=none \
+  --config.model.xattn.remat_policy=none --warmup 2 --steps 20 \
   --json "$OUT/train_3b_remat_none.json" ${EXTRA[@]+"${EXTRA[@]}"}
 run generate_3b 200 "${BENCH[@]}" generate --config "$CONFIG" \
   --batch "$BATCH" --prompt_len "$SEQ" --images "$IMAGES" --new_tokens 64 \
   --repeats 1 --json "$OUT/generate_3b.json" ${EXTRA[@]+"${EXTRA[@]}"}
 for policy in dots full; do
   run "train_3b_remat_$policy" 150 "${BENCH[@]}" train --config "$CONFIG" \
-    "${SHAPES[@]}" "--config.model.lm.remat_policy=$policy" --warmup 1 \
+    "${SHAPES[@]}" "--config.model.lm.remat_policy=$policy" \
+    "--config.model.xattn.remat_policy=$policy" --warmup 1 \
     --steps 8 --json "$OUT/train_3b_remat_$policy.json" \
     ${EXTRA[@]+"${EXTRA[@]}"}
 done
@@ -175,7 +179,7 @@ def fmt(value, scale=1.0, digits=1, suffix=''):
   if value is None:
     return '-'
   return f'{value * scale:.{digits}f}{suffix}'
-print(f'{"run":22s} {"status":8s} {"step ms":>8s} {"tokens/s":>9s} '
+print(f'{"run":22s} {"status":8s} {"remat":>10s} {"step ms":>8s} {"tokens/s":>9s} '
       f'{"TFLOP/st":>8s} {"TFLOP/s":>8s} {"MFU":>6s} {"peak GiB":>8s} '
       f'{"compile s":>9s}')
 for name, (rc, seconds) in status.items():
@@ -187,7 +191,9 @@ for name, (rc, seconds) in status.items():
   if not figures:
     print(f'{name:22s} {state:8s}')
   elif figures['command'] == 'train':
-    print(f'{name:22s} {state:8s} {fmt(figures["step_s"], 1e3):>8s} '
+    remat = (f'{figures.get("remat_policy")}/'
+             f'{figures.get("xattn_remat_policy")}')
+    print(f'{name:22s} {state:8s} {remat:>10s} {fmt(figures["step_s"], 1e3):>8s} '
           f'{fmt(figures["tokens_per_s"], digits=0):>9s} '
           f'{fmt(figures["model_tflop_per_step"], digits=2):>8s} '
           f'{fmt(figures["achieved_tflop_per_s"]):>8s} '

@@ -57,6 +57,8 @@ def test_train_without_tensorflow_writes_every_figure(tmp_path):
       batch_size=4, seq_len=16, max_media=1, frames=1, image_size=64)}
   assert figures['timed_steps'] == 3 and len(figures['step_times_s']) == 3
   assert figures['compile_s'] > 0 and figures['step_s'] > 0
+  assert (figures['remat_policy'], figures['xattn_remat_policy']) == (
+      'none', 'none')  # experiments/tiny.py sets both stacks'.
   assert figures['tokens_per_s'] == pytest.approx(4 * 16 / figures['step_s'])
   # The analytic count of the GLOBAL batch, over the peak of BOTH devices.
   config = tiny.get_config('smoke')
@@ -126,6 +128,7 @@ def test_gpu_script_plans_its_runs_by_importance(tmp_path):
   for policy in ('none', 'dots', 'full'):
     command = commands[f'train_3b_remat_{policy}']
     assert f'--config.model.lm.remat_policy={policy}' in command
+    assert f'--config.model.xattn.remat_policy={policy}' in command
     for flag in ('--datasets m3w', '--batch 8', '--seq 256', '--images 5',
                  '--image_size 320', '--config.compute_dtype=bfloat16'):
       assert flag in command, (flag, command)

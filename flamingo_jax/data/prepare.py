@@ -6,12 +6,12 @@ prepared by their own builders; a missing one is reported, not guessed.
 """
 
 from collections.abc import Iterator
-import os
 
 from absl import logging
 import ml_collections
 import numpy as np
 
+from flamingo_jax import fs
 from flamingo_jax.data import tokenizer as tokenizer_lib
 
 # The embedded world's version (`world.builders.VERSION` is made from it).
@@ -56,7 +56,7 @@ def world_corpus(num_scenes: int = 5000, num_videos: int = 2000,
 def world_tokenizer_path(data_dir: str) -> str:
   """Where the world's tokenizer lives: one file per world version, since
   the corpus it is trained on changes with the world."""
-  return os.path.join(data_dir, f'tokenizer-{WORLD_VERSION}.model')
+  return fs.join(data_dir, f'tokenizer-{WORLD_VERSION}.model')
 
 
 def _world_datasets(config: ml_collections.ConfigDict) -> dict[str, int]:
@@ -77,9 +77,9 @@ def ensure_data(config: ml_collections.ConfigDict) -> None:
                    name, data.sizes, data.data_dir)
       world.build_all(data.data_dir, data.sizes, datasets=[name],
                       image_size=image_size, log=logging.info)
-  if not os.path.exists(data.tokenizer):
+  if not fs.exists(data.tokenizer):
     logging.info('Training a %d-piece tokenizer on the world corpus -> %s.',
                  data.vocab_size, data.tokenizer)
-    os.makedirs(os.path.dirname(data.tokenizer) or '.', exist_ok=True)
+    fs.makedirs(fs.dirname(data.tokenizer) or '.')
     tokenizer_lib.Tokenizer.train(world_corpus(), data.vocab_size,
                                   path=data.tokenizer)

@@ -63,7 +63,6 @@ backend's file and `flamingo_tokenizer.json`, the spec), which
 from collections.abc import Iterable, Iterator
 import io
 import json
-import os
 import posixpath
 import re
 from typing import Any, Optional
@@ -71,6 +70,7 @@ from typing import Any, Optional
 import numpy as np
 import sentencepiece as spm
 
+from flamingo_jax import fs
 from flamingo_jax.data import tokenizer_backends as backends
 from flamingo_jax.data.tokenizer_backends import Markers
 
@@ -246,8 +246,8 @@ class Tokenizer:
   def load(cls, path: str) -> 'Tokenizer':
     """Loads a `.model` file (our layout), or an imported tokenizer's
     `flamingo_tokenizer.json` (or its directory); local or gs:// etc."""
-    if path.endswith('.json') or (not _is_remote(path)
-                                  and os.path.isdir(path)):
+    if path.endswith('.json') or (not fs.is_url(path)
+                                  and fs.isdir(path)):
       return load_dir(path)
     return cls(_read_bytes(path), source=path)
 
@@ -465,43 +465,16 @@ def _training_error(e: RuntimeError, vocab_size: int,
   return ValueError(f'SentencePiece training failed: {message}')
 
 
-def _is_remote(path: str) -> bool:
-  return '://' in path
-
-
-def _gfile(path: str) -> Any:
-  """tf.io.gfile, imported only for remote paths (TensorFlow loads slowly)."""
-  try:
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise ImportError(
-        f'Reading {path} needs TensorFlow (tf.io.gfile); install it or copy '
-        'the model to a local path.') from e
-  return tf.io.gfile
-
-
 def _read_bytes(path: str) -> bytes:
-  if _is_remote(path):
-    gfile = _gfile(path)
-    if not gfile.exists(path):
-      raise FileNotFoundError(f'SentencePiece model file not found: {path}')
-    with gfile.GFile(path, 'rb') as f:
-      return f.read()
-  if not os.path.isfile(path):
+  # A URL is an object (gs:// has no directories to tell apart).
+  if not (fs.exists(path) if fs.is_url(path) else fs.isfile(path)):
     raise FileNotFoundError(f'SentencePiece model file not found: {path}')
-  with open(path, 'rb') as f:
-    return f.read()
+  return fs.read_bytes(path)
 
 
 def _write_bytes(path: str, data: bytes) -> None:
-  if _is_remote(path):
-    gfile = _gfile(path)
-    gfile.makedirs(posixpath.dirname(path))
-    with gfile.GFile(path, 'wb') as f:
-      f.write(data)
-    return
-  directory = os.path.dirname(path)
+  directory = fs.dirname(path)
   if directory:
-    os.makedirs(directory, exist_ok=True)
-  with open(path, 'wb') as f:
+    fs.makedirs(directory)
+  with fs.open_file(path, 'wb') as f:
     f.write(data)

@@ -9,6 +9,8 @@ import matplotlib
 matplotlib.use('Agg')  # No display needed.
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from flamingo_jax import plot  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 
 def plot_scores(results: Mapping[str, Any], path: str) -> None:
   """Writes a PNG of each task's score against the number of shots.
@@ -41,5 +43,5 @@ def plot_scores(results: Mapping[str, Any], path: str) -> None:
     title += ', RICES)' if metadata.get('rices') else ')'
   fig.suptitle(title)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  plot.save_figure(fig, path)
   plt.close(fig)

@@ -24,6 +24,7 @@ Glossary of shapes:
 
 from collections.abc import Callable, Mapping, Sequence
 import hashlib
+import io
 import json
 import os
 from typing import Any
@@ -33,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flamingo_jax import fs
 from flamingo_jax.models import flamingo
 from flamingo_jax.training import precision
 
@@ -99,10 +101,15 @@ def cache_key(**fields: Any) -> str:
 
 def cached(path: str | None, compute: Callable[[], np.ndarray]) -> np.ndarray:
   """np.load(path) if it exists, else compute() (saved to path if given)."""
-  if path and os.path.exists(path):
-    return np.load(path)
+  if path and fs.exists(path):
+    return (np.load(io.BytesIO(fs.read_bytes(path))) if fs.is_url(path)
+            else np.load(path))
   value = compute()
-  if path:
+  if path and fs.is_url(path):  # One upload: whole or absent.
+    buffer = io.BytesIO()
+    np.save(buffer, value)
+    fs.write_bytes(path, buffer.getvalue())
+  elif path:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f'{path}.tmp.{os.getpid()}.npy'
     np.save(tmp, value)

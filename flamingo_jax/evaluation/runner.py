@@ -50,7 +50,6 @@ import functools
 import hashlib
 import itertools
 import json
-import os
 import time
 from typing import Any
 
@@ -60,6 +59,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flamingo_jax import fs
 from flamingo_jax.data import pipeline
 from flamingo_jax.data import tokenizer as tokenizer_lib
 from flamingo_jax.evaluation import metrics
@@ -293,7 +293,7 @@ class Retriever:
         params=self._fingerprint)
     # Named by dataset: tasks on one dataset (nonce, nonce_choice) share it.
     name = task.dataset.replace('/', '_')
-    path = (os.path.join(self._cache_dir, f'{name}_{split}_{key}.npy')
+    path = (fs.join(self._cache_dir, f'{name}_{split}_{key}.npy')
             if self._cache_dir else None)
 
     def compute():
@@ -669,7 +669,7 @@ def evaluate(eval_config: Mapping[str, Any], params: hk.Params,
             for name in names]
   for task in loaded:  # Fail before any work on impossible shots.
     check_shots(task, settings.shots)
-  cache_dir = os.path.join(out_dir, 'cache') if out_dir else None
+  cache_dir = fs.join(out_dir, 'cache') if out_dir else None
   evaluator = Evaluator(params, model_config, tokenizer, settings,
                         image_size=eval_config['image_size'],
                         compute_dtype=compute_dtype, cache_dir=cache_dir,
@@ -722,20 +722,20 @@ def evaluate(eval_config: Mapping[str, Any], params: hk.Params,
           overall_shots=int(overall_shots),
           reference={t.name: reference.get(t.name) for t in loaded}))
   if out_dir:
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, 'results.json'), 'w') as f:
+    fs.makedirs(out_dir)
+    with fs.open_file(fs.join(out_dir, 'results.json'), 'w') as f:
       json.dump(_jsonable(results), f, indent=2)
     # pylint: disable-next=g-import-not-at-top
     from flamingo_jax.evaluation import plots
-    plots.plot_scores(results, os.path.join(out_dir, 'scores.png'))
+    plots.plot_scores(results, fs.join(out_dir, 'scores.png'))
   return results
 
 
 def _write_records(out_dir: str, task: str, shots: int,
                    records: Sequence[Mapping[str, Any]]) -> None:
-  directory = os.path.join(out_dir, 'predictions')
-  os.makedirs(directory, exist_ok=True)
-  with open(os.path.join(directory, f'{task}_{shots}shot.jsonl'), 'w') as f:
+  directory = fs.join(out_dir, 'predictions')
+  fs.makedirs(directory)
+  with fs.open_file(fs.join(directory, f'{task}_{shots}shot.jsonl'), 'w') as f:
     for record in records:
       f.write(json.dumps(_jsonable(record)) + '\n')
 

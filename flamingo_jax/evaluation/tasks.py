@@ -54,6 +54,7 @@ from absl import logging
 import ml_collections
 import numpy as np
 
+from flamingo_jax import fs
 from flamingo_jax.data import formatting
 from flamingo_jax.data import pipeline
 from flamingo_jax.data import tokenizer as tokenizer_lib
@@ -273,10 +274,9 @@ def _class_names(dataset: str, data_dir: str,
   from flamingo_jax.data import formats  # pylint: disable=g-import-not-at-top
   builder = formats.load_builder(dataset, data_dir)
   names = (builder.info.metadata or {}).get('label_names')
-  path = os.path.join(builder.data_dir, 'metadata.json')
-  if not names and os.path.exists(path):
-    with open(path) as f:
-      names = json.load(f).get('label_names')
+  path = fs.join(os.fspath(builder.data_dir), 'metadata.json')
+  if not names and fs.exists(path):
+    names = json.loads(fs.read_text(path)).get('label_names')
   if names:
     return tuple(str(n) for n in names)
   logging.warning('%s stores no label_names; using the names of the loaded '

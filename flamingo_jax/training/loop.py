@@ -24,7 +24,6 @@ N's batches, to test exactly that from outside the process.
 """
 
 from collections.abc import Callable, Iterator, Mapping
-import os
 import re
 from typing import Any, NamedTuple, Optional
 
@@ -35,6 +34,7 @@ import ml_collections
 import numpy as np
 
 from flamingo_jax import checkpoint as checkpoint_lib
+from flamingo_jax import fs
 from flamingo_jax import plot
 from flamingo_jax.models import contrastive as contrastive_model
 from flamingo_jax.models import flamingo
@@ -187,8 +187,7 @@ def _init_from(state: TrainState, config, workdir: str) -> TrainState:
   trainable, frozen = state.trainable, state.frozen
   for source in config.get('init_from', None) or []:
     path = source['workdir']
-    if '://' not in path:  # gs://... is absolute too.
-      path = os.path.join(workdir, path)
+    path = fs.join(workdir, path)  # Absolute paths and URLs stay.
     # A recipe stage's final step (never an older one in its place).
     loaded = checkpoint_lib.load_params(path, workdir_lib.finished_step(path))
     include = [re.compile(r) for r in source.get('include', ['.*'])]
@@ -345,7 +344,7 @@ def _check_skips(state: TrainState, step: int, limit: int,
 def _save_final(config, workdir, state) -> None:
   """Saves `state` as the final step unless it is saved already."""
   checkpointer = checkpoint_lib.Checkpointer(
-      os.path.join(workdir, 'checkpoints'),
+      fs.join(workdir, 'checkpoints'),
       save_every=config.checkpoint.every, keep=config.checkpoint.keep)
   try:
     checkpointer.save(config.total_steps, state,
@@ -360,7 +359,7 @@ def _train(config, workdir, mesh, make_data) -> TrainState:
   model = task_of(config).transform(config.model)
   optimizer = make_optimizer(config)
   checkpointer = checkpoint_lib.Checkpointer(
-      os.path.join(workdir, 'checkpoints'),
+      fs.join(workdir, 'checkpoints'),
       save_every=config.checkpoint.every, keep=config.checkpoint.keep)
   try:
     state, shardings, data_position = _restore_or_create(
@@ -423,6 +422,7 @@ def _train(config, workdir, mesh, make_data) -> TrainState:
         _check_skips(state, done, max_skips, checkpointer)
       if save:
         checkpointer.save(done, state, {'next_step': done}, force=True)
+        logger.flush()  # The rows up to a checkpoint outlive a crash.
       if stop:
         checkpointer.wait_until_finished()
         logging.warning('Preempted: saved step %d; exiting.', done)

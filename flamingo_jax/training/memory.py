@@ -19,14 +19,15 @@ the train step on `mesh` (sizes of 'data', 'fsdp', 'model'):
                        the largest working set on top (`working`)
 
 Saved activations per example follow from the layer shapes and each stack's
-rematerialisation policy (`model.lm.remat_policy`: 'none' / 'dots' /
-'full'). The counts (e.g. a frozen LM block without remat keeps five
-[L, 4D] arrays of its GELU, ten [L, D] fp32 arrays of its two RMSNorms,
-q, k, v and the fp32 and compute-dtype attention weights) are those JAX's
-autodiff saves for this code; tests/test_plan.py checks them against the
-residuals of the traced backward pass. Cross-attention layers inserted
-between LM blocks are not rematerialised (`stacking.interleave` applies
-the remat policy to the LM blocks only); grafted ones follow the LM's policy.
+rematerialisation policy ('none' / 'dots' / 'full'): the LM blocks follow
+`model.lm.remat_policy`, the cross-attention layers (GATED XATTN-DENSE or
+grafted) `model.xattn.remat_policy` (`stacking.REMAT_POLICIES`; a config
+without it shares the LM's, as `models/flamingo.py` does). The counts (e.g.
+a frozen LM block without remat keeps five [L, 4D] arrays of its GELU, ten
+[L, D] fp32 arrays of its two RMSNorms, q, k, v and the fp32 and
+compute-dtype attention weights) are those JAX's autodiff saves for this
+code; tests/test_plan.py checks them against the residuals of the traced
+backward pass for each pair of policies.
 Under model parallelism the head, feed-forward and vocabulary dimensions
 split over 'model'; widths D do not.
 
@@ -170,8 +171,15 @@ def xattn_block_saved(d: ModelDims, length: int, visual: int, policy: str,
   """Bytes one GATED XATTN-DENSE block saves per example (`visual`: M)."""
   hk = d.xattn_heads * d.xattn_head_size
   dv = d.resampler_width
-  if d.grafting and policy == 'full':
+  if policy == 'full':  # Its input; the rest is recomputed.
     return c * length * d.width
+  if policy == 'dots':  # q, attention output, feed-forward in and out; the
+    # images' keys and values.
+    saved = c * (length * (hk / m + d.xattn_ffw / m + 2 * d.width)
+                 + visual * 2 * hk / m)
+    if d.grafting:  # Plus a self-attention's q, k, v and output.
+      saved += c * length * (3 * d.heads * d.head_size / m + d.width)
+    return saved
   saved = (length * (6 * F32 * d.width + 5 * c * d.width
                      + (2 * c + 1) * d.xattn_ffw / m + c * hk / m
                      + 2 * F32 * d.xattn_heads / m)
@@ -200,16 +208,20 @@ def resampler_saved(d: ModelDims, frames: int, c: int, m: int) -> float:
 def head_saved(d: ModelDims, length: int, visual: int, c: int,
                m: int) -> float:
   """Loss, final norm and cross-attention masks, per example."""
-  return (F32 * length * d.vocab / m + (5 * F32 + c) * length * d.width
+  return (c * length * d.vocab / m + (5 * F32 + c) * length * d.width
           + (2 + 2 * F32) * d.xattn_heads * length * visual / m)
 
 
 def working_set(d: ModelDims, spec: Mapping[str, Any], policy: str, c: int,
-                m: int) -> float:
+                m: int, xattn_policy: Optional[str] = None,
+                visual: int = 0) -> float:
   """Peak bytes per example on top of the saved activations."""
   length, images = spec['seq_len'], spec['max_media'] * spec['frames']
-  layer = (lm_block_saved(d, length, 'none', c, m)
-           if policy != 'none' else 0.0)
+  xattn_policy = policy if xattn_policy is None else xattn_policy
+  layer = max(  # One layer recomputed for its backward pass.
+      lm_block_saved(d, length, 'none', c, m) if policy != 'none' else 0.0,
+      (xattn_block_saved(d, length, visual, 'none', c, m)
+       if xattn_policy != 'none' and d.xattn_layers else 0.0))
   gradients = 3 * F32 * length * d.width  # The residual stream's.
   loss = (c + 2 * F32) * length * d.vocab / m
   vision = images * (3 * c * d.vision_peak + F32 * 3 * spec['image_size']**2)
@@ -221,16 +233,26 @@ def activation_bytes(config: ml_collections.ConfigDict, spec: Mapping[str, Any],
   """(saved, working) activation bytes of one dataset's `batch` examples."""
   d = ModelDims.from_config(config.model)
   c = _itemsize(config.get('compute_dtype', 'bfloat16'))
-  policy = config.model.lm.get('remat_policy', None) or 'none'
+  policy, xattn_policy = remat_policies(config)
   length = spec['seq_len']
   visual = spec['max_media'] * (d.latents if d.perceiver else
                                 spec['frames'] * d.vision_tokens)
   per_example = (
       d.lm_layers * lm_block_saved(d, length, policy, c, m)
-      + d.xattn_layers * xattn_block_saved(d, length, visual, policy, c, m)
+      + d.xattn_layers * xattn_block_saved(d, length, visual, xattn_policy,
+                                           c, m)
       + spec['max_media'] * resampler_saved(d, spec['frames'], c, m)
       + head_saved(d, length, visual, c, m))
-  return batch * per_example, batch * working_set(d, spec, policy, c, m)
+  return batch * per_example, batch * working_set(
+      d, spec, policy, c, m, xattn_policy, visual)
+
+
+def remat_policies(config: ml_collections.ConfigDict) -> tuple[str, str]:
+  """(LM's, cross-attention's) remat policy names; a config without the
+  xattn stack's own shares the LM's (as models/flamingo.py does)."""
+  lm = config.model.lm.get('remat_policy', None) or 'none'
+  xattn = config.model.get('xattn', {})
+  return lm, (xattn.get('remat_policy', lm) or 'none')
 
 
 def batch_bytes(spec: Mapping[str, Any], batch: int) -> int:

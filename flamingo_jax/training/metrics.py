@@ -15,13 +15,14 @@ file never repeats a step; a torn last line goes with them.
 
 from collections.abc import Mapping
 import json
-import os
 import time
 from typing import Any, Optional
 
 from absl import logging
 import jax
 import numpy as np
+
+from flamingo_jax import fs
 
 # Dense bf16 peak FLOP/s per chip, for MFU, by `device_kind` prefix (the
 # longest matching prefix wins). CPUs have no meaningful peak.
@@ -96,10 +97,9 @@ def format_duration(seconds: float) -> str:
 def drop_rows_after(path: str, step: int) -> None:
   """Rewrites the JSONL file `path` without its rows past `step` and its
   unreadable lines (each dropped line counted in the log)."""
-  if not os.path.exists(path):
+  if not fs.exists(path):
     return
-  with open(path) as f:
-    lines = f.read().splitlines()
+  lines = fs.read_text(path).splitlines()
   kept, damaged = [], 0
   for line in lines:
     try:
@@ -115,10 +115,38 @@ def drop_rows_after(path: str, step: int) -> None:
   logging.info('%s: dropped %d rows logged after step %d (they are logged '
                'again) and %d damaged lines.', path,
                len(lines) - len(kept) - damaged, step, damaged)
-  partial = f'{path}.partial'
-  with open(partial, 'w') as f:
-    f.write(''.join(line + '\n' for line in kept))
-  os.replace(partial, path)
+  fs.write_text(path, ''.join(line + '\n' for line in kept))
+
+
+class _ObjectLines:
+  """metrics.jsonl on an object store, which cannot append: the lines are
+  kept here and the whole object is uploaded (one atomic write, so never a
+  torn line) at most every UPLOAD_SECONDS, at each checkpoint and at the
+  end."""
+
+  UPLOAD_SECONDS = 30.0
+
+  def __init__(self, path: str):
+    self.path = path
+    text = fs.read_text(path) if fs.exists(path) else ''
+    self._lines = [line + '\n' for line in text.splitlines()]
+    self._uploaded, self._pending = time.monotonic(), False
+
+  def write(self, text: str) -> None:
+    self._lines.append(text)
+    self._pending = True
+
+  def flush(self) -> None:
+    if time.monotonic() - self._uploaded >= self.UPLOAD_SECONDS:
+      self.upload()
+
+  def upload(self) -> None:
+    if self._pending:
+      fs.write_text(self.path, ''.join(self._lines))
+      self._uploaded, self._pending = time.monotonic(), False
+
+  def close(self) -> None:
+    self.upload()
 
 
 class MetricLogger:
@@ -128,12 +156,14 @@ class MetricLogger:
     from clu import metric_writers  # pylint: disable=g-import-not-at-top
     self.is_main = jax.process_index() == 0
     self.total_steps = total_steps
+    # TensorFlow writes the events itself (gs:// included).
     self._writer = metric_writers.create_default_writer(
-        os.path.join(workdir, 'tensorboard'), just_logging=not self.is_main)
-    path = os.path.join(workdir, 'metrics.jsonl')
+        fs.join(workdir, 'tensorboard'), just_logging=not self.is_main)
+    path = fs.join(workdir, 'metrics.jsonl')
+    self._jsonl = None
     if self.is_main:
       drop_rows_after(path, first_step)
-    self._jsonl = open(path, 'a') if self.is_main else None
+      self._jsonl = _ObjectLines(path) if fs.is_url(path) else open(path, 'a')
     self._last_step, self._last_time = first_step, time.time()
 
   def timing(self, step: int) -> dict[str, float]:
@@ -160,6 +190,13 @@ class MetricLogger:
     logging.info('step %d/%d (%.0f%%) loss %.4f | %.2f steps/s | ETA %s',
                  step, self.total_steps, fraction, scalars.get('loss', np.nan),
                  rate, eta_text)
+
+  def flush(self) -> None:
+    """Makes every row written so far durable (e.g. at a checkpoint)."""
+    if isinstance(self._jsonl, _ObjectLines):
+      self._jsonl.upload()
+    elif self._jsonl is not None:
+      self._jsonl.flush()
 
   def write_text(self, step: int, texts: Mapping[str, str]) -> None:
     self._writer.write_texts(step, dict(texts))

@@ -16,12 +16,12 @@ is validated before the first one trains, and the recipe holds W's lock
 (W/trainer.lock) throughout.
 """
 
-import os
 
 from absl import logging
 import ml_collections
 
 from flamingo_jax import checkpoint
+from flamingo_jax import fs
 from flamingo_jax import report
 from flamingo_jax.training import loop
 from flamingo_jax.training import validation
@@ -39,7 +39,7 @@ def _finished(stage: ml_collections.ConfigDict, workdir: str) -> bool:
   step = workdir_lib.finished_step(workdir)
   if step is None or step < stage.total_steps:
     return False
-  if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
+  if not fs.isdir(fs.join(workdir, 'checkpoints')):
     return False
   return step in checkpoint.saved_steps(workdir)
 
@@ -61,17 +61,16 @@ def stage_order(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
     ValueError: if stages read each other's checkpoints in a cycle.
   """
   stages = config.get('stages', None) or {}
-  stage_dirs = {os.path.normpath(os.path.join(workdir, name)): name
+  stage_dirs = {fs.normpath(fs.join(workdir, name)): name
                 for name in stages}
 
   def reads(cfg, cfg_dir):
     """The stages whose workdirs `cfg`'s init_from sources name, in order."""
     for source in cfg.get('init_from', None) or []:
       path = source['workdir']
-      if '://' not in path:  # gs://... is never a stage of this recipe.
-        name = stage_dirs.get(os.path.normpath(os.path.join(cfg_dir, path)))
-        if name is not None:
-          yield name
+      name = stage_dirs.get(fs.normpath(fs.join(cfg_dir, path)))
+      if name is not None:
+        yield name
 
   order, visiting = [], []
 
@@ -82,7 +81,7 @@ def stage_order(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
       raise ValueError(f'Stages read each other\'s checkpoints in a cycle: '
                        f'{" -> ".join(visiting + [name])}.')
     visiting.append(name)
-    for dependency in reads(stages[name], os.path.join(workdir, name)):
+    for dependency in reads(stages[name], fs.join(workdir, name)):
       visit(dependency)
     visiting.pop()
     order.append(name)
@@ -122,7 +121,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> bool:
 def _run_stages(config, workdir, stages) -> None:
   """Each unfinished stage in order, then the main stage."""
   for name, stage in stages.items():
-    stage_dir = os.path.join(workdir, name)
+    stage_dir = fs.join(workdir, name)
     if _finished(stage, stage_dir):
       logging.info('Stage %r already done in %s.', name, stage_dir)
       continue
@@ -145,11 +144,11 @@ def evaluate_final(config: ml_collections.ConfigDict, workdir: str) -> None:
   from flamingo_jax.evaluation import runner
   # pylint: enable=g-import-not-at-top
   step = checkpoint.latest_step(workdir)
-  out_dir = os.path.join(workdir, 'eval')
-  results_path = os.path.join(out_dir, 'results.json')
-  if os.path.exists(results_path):
-    with open(results_path) as f:
-      if json.load(f).get('metadata', {}).get('step') == step:
+  out_dir = fs.join(workdir, 'eval')
+  results_path = fs.join(out_dir, 'results.json')
+  if fs.exists(results_path):
+    if json.loads(fs.read_text(results_path)).get('metadata', {}).get(
+        'step') == step:
         logging.info('Few-shot results of step %d already in %s.', step,
                      results_path)
         return

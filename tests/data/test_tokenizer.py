@@ -3,13 +3,13 @@
 import pickle
 import random
 import sys
-import types
 
 import numpy as np
 import pytest
 import sentencepiece as spm
 
 from flamingo_jax.data import tokenizer as tokenizer_lib
+from tests import fake_gcs
 
 VOCAB_SIZE = 512
 
@@ -134,42 +134,22 @@ def test_not_a_model_names_the_path(tmp_path):
     tokenizer_lib.Tokenizer.load(str(path))
 
 
-def _fake_tensorflow(files: dict[str, bytes]) -> types.ModuleType:
-  """A stand-in for tf.io.gfile over a dict (real TF takes seconds to load)."""
-
-  class GFile:
-
-    def __init__(self, path, mode):
-      self._path, self._mode = path, mode
-
-    def __enter__(self):
-      return self
-
-    def __exit__(self, *exc):
-      del exc
-
-    def read(self):
-      return files[self._path]
-
-    def write(self, data):
-      files[self._path] = data
-
-  gfile = types.SimpleNamespace(exists=lambda path: path in files,
-                                makedirs=lambda path: None, GFile=GFile)
-  module = types.ModuleType('tensorflow')
-  module.io = types.SimpleNamespace(gfile=gfile)
-  return module
-
-
-def test_remote_paths_go_through_gfile(tok, monkeypatch):
-  files = {}
-  monkeypatch.setitem(sys.modules, 'tensorflow', _fake_tensorflow(files))
-  tok.save('gs://bucket/tok/tiny.model')
-  assert files == {'gs://bucket/tok/tiny.model': tok.serialized_model}
-  loaded = tokenizer_lib.Tokenizer.load('gs://bucket/tok/tiny.model')
-  assert loaded.encode('my dog') == tok.encode('my dog')
-  with pytest.raises(FileNotFoundError, match='gs://bucket/tok/other.model'):
-    tokenizer_lib.Tokenizer.load('gs://bucket/tok/other.model')
+def test_remote_paths_go_through_the_filesystem_layer(tok):
+  # flamingo_jax.fs -> etils.epath; its gs:// backend (tf.io.gfile on a pod)
+  # is tests/fake_gcs.py's in-memory bucket here.
+  fake = fake_gcs.FakeGcs()
+  try:
+    with fake_gcs.install_epath_backend(fake.backend):
+      tok.save('gs://bucket/tok/tiny.model')
+      assert fake.store.get('bucket', 'tok/tiny.model')[0] == (
+          tok.serialized_model)
+      loaded = tokenizer_lib.Tokenizer.load('gs://bucket/tok/tiny.model')
+      assert loaded.encode('my dog') == tok.encode('my dog')
+      with pytest.raises(FileNotFoundError,
+                         match='gs://bucket/tok/other.model'):
+        tokenizer_lib.Tokenizer.load('gs://bucket/tok/other.model')
+  finally:
+    fake.close()
 
 
 def test_remote_path_without_tensorflow(monkeypatch):

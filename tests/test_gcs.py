@@ -1,0 +1,206 @@
+"""A gs:// workdir end to end, on a fake Cloud Storage (tests/fake_gcs.py).
+
+The smoke config's model trains 2 steps in `gs://bucket/run`, then
+`flamingo_jax.load` reads it back; the path string stays `gs://...` through
+flamingo_jax.fs, orbax and tensorstore (which uploads over HTTP to the fake),
+and nothing may land on the local disk. Before flamingo_jax.fs the
+checkpointer made `<cwd>/gs:/bucket/run/checkpoints` of it and orbax
+raised `ValueError: Invalid file path`.
+"""
+
+import json
+import os
+import time
+
+from clu import metric_writers
+import jax
+import numpy as np
+import pytest
+
+import flamingo_jax
+from experiments import tiny
+from flamingo_jax import checkpoint as checkpoint_lib
+from flamingo_jax import fs
+from flamingo_jax import report
+from flamingo_jax.data import prepare
+from flamingo_jax.data import tokenizer as tokenizer_lib
+from flamingo_jax.training import loop
+from flamingo_jax.training import metrics as metrics_lib
+from flamingo_jax.training import optim
+from flamingo_jax.training import workdir as workdir_lib
+from tests import fake_gcs
+
+RUN = 'gs://bucket/run'
+
+
+@pytest.fixture(scope='module')
+def gcs():
+  """The fake, reached as a pod reaches GCS (see fake_gcs's docstring).
+
+  TensorBoard's writer is the one thing swapped: TensorFlow writes its event
+  files with its own C++ GCS client, which only real GCS (TLS) serves; the
+  test records that it was handed the gs:// path.
+  """
+  fake = fake_gcs.FakeGcs()
+  fake.tensorboard_dirs = []
+  create = metric_writers.create_default_writer
+
+  def create_writer(logdir, **kwargs):
+    fake.tensorboard_dirs.append(logdir)
+    return create(None, **{**kwargs, 'just_logging': True})
+
+  with pytest.MonkeyPatch.context() as monkeypatch:
+    for key, value in fake.environment().items():
+      monkeypatch.setenv(key, value)
+    monkeypatch.setattr(metric_writers, 'create_default_writer', create_writer)
+    with fake_gcs.install_epath_backend(fake.backend):
+      yield fake
+  fake.close()
+
+
+class _Data:
+  """Batches of the config's shapes, a pure function of the step."""
+
+  def __init__(self, config, start_step):
+    self.config, self.step = config, start_step
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    batches = {}
+    for index, (name, spec) in enumerate(sorted(
+        self.config.data.datasets.items())):
+      rng = np.random.default_rng([self.step, index])
+      b, l, n = spec.batch_size, spec.seq_len, spec.max_media
+      tokens = rng.integers(3, 64, [b, l]).astype(np.int32)
+      batches[name] = dict(
+          tokens=tokens, targets=np.roll(tokens, -1, axis=1),
+          loss_mask=np.ones([b, l], np.float32),
+          media=rng.integers(0, 255, [b, n, spec.frames, spec.image_size,
+                                      spec.image_size, 3]).astype(np.uint8),
+          media_mask=np.ones([b, n], bool),
+          media_index=np.ones([b, l], np.int32))
+    self.step += 1
+    return batches
+
+
+def test_paths_keep_their_scheme():
+  assert fs.absolute('gs://b/w/') == 'gs://b/w'
+  assert fs.join('gs://b/w', 'checkpoints', '3') == 'gs://b/w/checkpoints/3'
+  assert fs.join('gs://b/w', 'gs://c/x') == 'gs://c/x'
+  assert fs.join('/local/w', 'gs://c/x') == 'gs://c/x'
+  assert fs.dirname('gs://b/w/checkpoints') == 'gs://b/w'
+  assert fs.basename('gs://b/w/checkpoints/') == 'checkpoints'
+  assert fs.normpath('gs://b/w/lm/../vision') == 'gs://b/w/vision'
+  assert fs.relpath('gs://b/w/lm/metrics.jsonl', 'gs://b/w') == (
+      'lm/metrics.jsonl')
+  assert fs.absolute('rel') == os.path.abspath('rel')
+
+
+def test_files_on_the_bucket(gcs):
+  base = 'gs://bucket/files'
+  fs.write_text(f'{base}/a/x.json', '{"step": 1}')
+  assert fs.exists(f'{base}/a') and fs.isdir(f'{base}/a')
+  assert fs.isfile(f'{base}/a/x.json') and not fs.isfile(f'{base}/a')
+  assert fs.listdir(base) == ['a']
+  fs.replace(f'{base}/a', f'{base}/b')
+  assert not fs.exists(f'{base}/a')
+  assert fs.read_text(f'{base}/b/x.json') == '{"step": 1}'
+  assert not any(name.endswith('.partial') for name in gcs.files(base))
+
+
+def test_metrics_on_the_bucket_drop_later_and_torn_rows(gcs):
+  path = 'gs://bucket/metrics/metrics.jsonl'
+  fs.write_text(path, '{"step": 1}\n{"step": 2}\n{"step": 3}\n{"st')
+  metrics_lib.drop_rows_after(path, 2)
+  assert fs.read_text(path) == '{"step": 1}\n{"step": 2}\n'
+  lines = metrics_lib._ObjectLines(path)  # pylint: disable=protected-access
+  lines.write('{"step": 3}\n')
+  lines.close()
+  assert fs.read_text(path).splitlines()[-1] == '{"step": 3}'
+
+
+def _lock_object(workdir, **fields):
+  held = {'holder': 'pid 1 on host elsewhere', 'host': 'elsewhere', 'pid': 1,
+          'token': 'theirs', 'renewed': time.time(), **fields}
+  fs.write_text(fs.join(workdir, workdir_lib.LOCK_FILE), json.dumps(held))
+
+
+def test_a_live_lock_object_refuses_a_second_trainer(gcs):
+  workdir = 'gs://bucket/locked'
+  _lock_object(workdir)
+  with pytest.raises(workdir_lib.WorkdirLockedError,
+                     match='pid 1 on host elsewhere'):
+    with workdir_lib.lock(workdir):
+      pass
+
+
+@pytest.mark.parametrize('fields', [
+    {'renewed': 0.0},  # Not renewed for ages: its holder is gone.
+    {'host': os.uname().nodename, 'pid': 2**22 + 17},  # A dead pid here.
+], ids=['stale', 'dead_pid'])
+def test_an_abandoned_lock_object_is_taken_over_and_released(gcs, fields):
+  workdir = f'gs://bucket/abandoned-{len(fields)}'
+  _lock_object(workdir, **fields)
+  lock = fs.join(workdir, workdir_lib.LOCK_FILE)
+  with workdir_lib.lock(workdir):
+    held = json.loads(fs.read_text(lock))
+    assert held['pid'] == os.getpid() and held['token'] != 'theirs'
+    with workdir_lib.lock(workdir):  # Re-entrant in a process.
+      pass
+    assert fs.exists(lock)
+  assert not fs.exists(lock)
+
+
+def _config(tokenizer: str):
+  """The smoke model, one dataset, 2 steps, a checkpoint at each."""
+  config = tiny.get_config('smoke')
+  config.stages, config.init_from = {}, []
+  config.data.datasets = {'pairs': config.data.datasets.pairs}
+  config.data.datasets.pairs.batch_size = 8
+  config.data.tokenizer = tokenizer
+  config.total_steps, config.log_every = 2, 1
+  config.checkpoint.every = 1
+  return config
+
+
+def test_a_run_and_load_on_a_gs_workdir(gcs, tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)  # Where '<cwd>/gs:/...' would appear.
+  tokenizer = 'gs://bucket/data/tokenizer.model'
+  config = _config(tokenizer)
+  tokenizer_lib.Tokenizer.train(
+      prepare.world_corpus(num_scenes=200, num_videos=50, num_documents=50),
+      config.data.vocab_size, path=tokenizer)
+
+  state = loop.train_and_evaluate(config, RUN, _Data)
+
+  files = set(gcs.files(RUN))
+  for name in ('config.json', 'metrics.jsonl', 'finished.json',
+               'plots/loss.png', 'checkpoints/1/commit_success.txt',
+               'checkpoints/2/commit_success.txt',
+               'checkpoints/2/state/manifest.ocdbt'):
+    assert name in files, sorted(files)
+  assert workdir_lib.LOCK_FILE not in files  # Released.
+  assert os.listdir(tmp_path) == []  # Nothing local.
+  assert gcs.tensorboard_dirs == [f'{RUN}/tensorboard']
+  # The arrays went through tensorstore's gcs driver, over HTTP.
+  assert any(r.startswith('POST /upload/storage/v1/b/bucket/o')
+             and 'checkpoints%2F2%2Fstate' in r for r in gcs.store.requests)
+  assert [r['step'] for r in loop.read_metrics(RUN)] == [1, 2]
+  assert workdir_lib.finished_step(RUN) == 2
+  assert workdir_lib.saved_config(RUN)['data']['tokenizer'] == tokenizer
+  assert checkpoint_lib.saved_steps(RUN) == [1, 2]
+
+  model = flamingo_jax.load(RUN)
+  assert model.step == 2 and model.workdir == RUN
+  trained = jax.tree.map(np.asarray, optim.merge(state.trainable,
+                                                 state.frozen))
+  jax.tree.map(np.testing.assert_array_equal, trained,
+               jax.tree.map(np.asarray, model.params))
+  assert flamingo_jax.load(f'{RUN}/checkpoints/1').step == 1
+
+  path = report.write_report(RUN)
+  assert path == f'{RUN}/report.md'
+  assert '![main (Flamingo) loss.png](plots/loss.png)' in fs.read_text(path)
+  assert os.listdir(tmp_path) == []
