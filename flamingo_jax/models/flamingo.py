@@ -278,7 +278,7 @@ class Flamingo:
           len(self.positions), batch, capacity, self.xattn_kwargs['num_heads'],
           self.xattn_kwargs['head_size'], visual.dtype)
     state = decoding.DecodeState(
-        lm=decoding.empty_kv(lm.num_layers, batch, capacity, lm.num_heads,
+        lm=decoding.empty_kv(lm.num_layers, batch, capacity, lm.kv_heads,
                              lm.head_size, visual.dtype),
         grafted=grafted,
         cross_kv=None,  # Computed by the prompt's chunk.
