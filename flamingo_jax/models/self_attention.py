@@ -26,7 +26,6 @@ from typing import Optional
 
 import haiku as hk
 import jax
-import jax.numpy as jnp
 
 from flamingo_jax.models import decoding
 from flamingo_jax.models import layers

@@ -232,3 +232,9 @@ def test_convert_cli_fits_the_rows_to_the_tokenizer(saved, tmp_path):
   table = np.asarray(params['lm/embed']['embeddings'])
   theirs = reference.transformer.wte.weight.detach().numpy()
   np.testing.assert_array_equal(table, theirs[:VOCAB - 3])  # Rows kept/cut.
+  # Generation stops at <|endoftext|> although it is also BOS, and never
+  # picks the LM's own <EOC> logit (id vocab_size): <EOC> is a row here.
+  from flamingo_jax.inference import generate  # pylint: disable=g-import-not-at-top
+  stop_ids, banned_ids = generate.special_ids(tok, tok.vocab_size)
+  assert stop_ids == (tok.eoc_id, 0)
+  assert set(banned_ids) == {tok.pad_id, tok.image_id, tok.vocab_size}
