@@ -52,7 +52,9 @@ def apply_rotary(
 
   Angles are computed in float32 whatever the input dtype.
   """
-  inv_freq = 1.0 / (base ** (np.arange(0, dims, 2, dtype=np.float64) / dims))  # [R/2]
+  # The frequencies in float32, as Hugging Face computes them.
+  exponents = np.arange(0, dims, 2).astype(np.float32) / np.float32(dims)
+  inv_freq = np.float32(1.0) / np.power(np.float32(base), exponents)  # [R/2]
   angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(
       inv_freq, jnp.float32)  # [B, L, R/2]
   angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B, L, 1, R]
