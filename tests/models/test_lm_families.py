@@ -33,15 +33,32 @@ def _flamingo_config(lm_config):
   return config
 
 
+def _random_params(config, *inputs):
+  """Random values of the decoder's parameter shapes (no init to compile):
+  norm scales near 1, gates open (0.5), the rest N(0, 0.1^2)."""
+  shapes = jax.eval_shape(test_decoding._decode(config).init,  # pylint: disable=protected-access
+                          jax.random.PRNGKey(0), *inputs)
+  rng = np.random.default_rng(0)
+
+  def value(path, shape):
+    name = jax.tree_util.keystr(path)
+    if name.endswith("_gate']"):
+      return np.full(shape.shape, 0.5, np.float32)
+    noise = rng.normal(0.0, 0.1, shape.shape).astype(np.float32)
+    return noise + 1.0 if name.endswith("['scale']") else noise
+
+  return jax.tree_util.tree_map_with_path(value, shapes)
+
+
 @pytest.mark.parametrize('family', sorted(FAMILY_CONFIGS))
 def test_cached_decoding_equals_full_forward(family):
   """Flamingo with each LM family (xattn between its blocks, gates open):
   a left-padded prompt decoded in two cached chunks gives the full forward
   pass's logits."""
   config = _flamingo_config(FAMILY_CONFIGS[family])
-  params = test_decoding._params(config)  # pylint: disable=protected-access
   tokens, _, media_mask, media_index = test_decoding._inputs()  # pylint: disable=protected-access
   visual = test_decoding._visual(config)  # pylint: disable=protected-access
+  params = _random_params(config, tokens, visual, media_mask, media_index)
   full = jax.jit(test_decoding._decode(config).apply)(  # pylint: disable=protected-access
       params, None, tokens, visual, media_mask, media_index)  # [B, L, V]
   assert np.isfinite(np.asarray(full)).all()
@@ -84,7 +101,7 @@ def test_tied_embeddings_read_the_table():
   model = hk.without_apply_rng(hk.transform(
       lambda t: lm.DecoderLM(**config)(t)))
   tokens = jnp.arange(8)[None] + 7
-  params = model.init(jax.random.PRNGKey(0), tokens)
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), tokens)
   apply = jax.jit(model.apply)
   base = apply(params, tokens)
   table = params['lm/embed']['embeddings']

@@ -313,9 +313,11 @@ def test_hf_lm_greedy_generation_in_flamingo():
     return flamingo.Flamingo(model_config).decode(
         tokens, visual, ones, np.ones(tokens.shape, np.int32))
 
-  params = jax.jit(hk.transform(decode).init)(jax.random.key(0), prompt,
-                                              visual)
-  params = {**params, **lm_params}
+  # Closed gates: the xattn layers' other parameters never count (zeros).
+  shapes = jax.eval_shape(hk.transform(decode).init, jax.random.key(0),
+                          prompt, visual)
+  params = {**jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes),
+            **lm_params}
   logits, state = jax.jit(hk.transform(prefill).apply)(params, None, prompt,
                                                        visual)
   step = jax.jit(hk.transform(step).apply)
