@@ -158,3 +158,43 @@ def test_bad_layouts_are_named():
     config = FAMILY_CONFIGS['gpt2']
     model = hk.transform(lambda t: lm.DecoderLM(**config)(t))
     model.init(jax.random.PRNGKey(0), jnp.zeros([1, 41], jnp.int32))
+
+
+def test_openflamingo_variant_with_mpt():
+  """OpenFlamingo-3B's shape in small: MPT, xattn before every 2nd block
+  counting from the 2nd, GELU feed-forwards, no norm on the visual tokens;
+  cached decoding still equals the full forward pass."""
+  config = flamingo.with_variant(
+      _flamingo_config(FAMILY_CONFIGS['mpt']), 'openflamingo')
+  config['xattn']['every'] = 2
+  assert flamingo.xattn_positions(4, 2, 'openflamingo',
+                                  'gated_xattn_dense') == (1, 3)
+  assert flamingo.xattn_positions(4, 2, 'interleaved',
+                                  'gated_xattn_dense') == (0, 2)
+  tokens, _, media_mask, media_index = test_decoding._inputs()  # pylint: disable=protected-access
+  visual = test_decoding._visual(config)  # pylint: disable=protected-access
+  params = _random_params(config, tokens, visual, media_mask, media_index)
+  assert not any('visual_norm' in m for m in params)
+  assert params['gated_xattn/block']['attn_gate'].shape == (1,)  # One block.
+  decode = jax.jit(test_decoding._decode(config).apply)  # pylint: disable=protected-access
+  full = decode(params, None, tokens, visual, media_mask, media_index)
+  cached, args = test_decoding._cached(config, 3, 6)  # pylint: disable=protected-access
+  np.testing.assert_allclose(cached(params, None, *args)[:, 3:], full,
+                             atol=2e-5, rtol=1e-5)
+  # Without the visual norm, the visual tokens' scale reaches the text.
+  scaled = decode(params, None, tokens, 2 * visual, media_mask, media_index)
+  assert np.abs(np.asarray(scaled - full)).max() > 1e-3
+  paper = _flamingo_config(FAMILY_CONFIGS['mpt'])
+  paper_params = _random_params(paper, tokens, visual, media_mask,
+                                media_index)
+  paper_decode = jax.jit(test_decoding._decode(paper).apply)  # pylint: disable=protected-access
+  np.testing.assert_allclose(
+      paper_decode(paper_params, None, tokens, 2 * visual, media_mask,
+                   media_index),
+      paper_decode(paper_params, None, tokens, visual, media_mask,
+                   media_index), atol=1e-4)
+
+
+def test_variant_errors():
+  with pytest.raises(ValueError, match="Unknown Flamingo variant 'idefics'"):
+    flamingo.with_variant(flamingo.model_config('tiny'), 'idefics')
