@@ -25,6 +25,14 @@ embeddings add 2 x 32k x D. This reproduces the 3B and 80B LMs; the paper's
 feed-forward layer (that alone is ~8B), so we keep Table 4's shape and report
 the count that results. Numbers from `python -m flamingo_jax.summarize`.
 
+The same decoder takes the layouts of the published LMs that Flamingo-style
+checkpoints use (LLaMA, GPT-NeoX, MPT, GPT-2: rotary, ALiBi or learned
+positions, LayerNorm, SwiGLU, biases, parallel residual, tied embeddings,
+grouped-query attention) as fields of `DecoderLM`, i.e. of
+`config.model.lm`: see `models/lm_layout.py` (their attention is
+`models/self_attention.py`, their positions `models/positions.py`). Every
+layout keeps the module tree, the scanned stack and the cached decoding.
+
 Glossary of shapes:
   B: batch size.
   L: number of query tokens; S: number of key tokens (S = L without a cache).

@@ -100,10 +100,6 @@ class Layout:
           'no grouped-query attention; use_bias and num_kv_heads need '
           "positions 'rotary', 'alibi', 'learned' or 'none'.")
 
-  @property
-  def is_default(self) -> bool:
-    return self == Layout()
-
 
 def family_config(family: str, **sizes: Any) -> dict[str, Any]:
   """The `config.model.lm` of `family` (FAMILIES) with the given sizes."""
