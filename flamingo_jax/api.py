@@ -421,9 +421,8 @@ class Model:
     self.decoder = generate_lib.Decoder(
         self.model_config,
         compute_dtype=jnp.dtype(config.get('compute_dtype', 'float32')))
-    tok = tokenizer
-    self.stop_ids = (tok.eoc_id, tok.eos_id)
-    self.banned_ids = (tok.pad_id, tok.bos_id, tok.image_id)
+    self.stop_ids, self.banned_ids = generate_lib.special_ids(
+        tokenizer, self.model_config['lm']['vocab_size'])
 
   def __repr__(self) -> str:
     count = sum(math.prod(x.shape) for x in jax.tree.leaves(self.params))

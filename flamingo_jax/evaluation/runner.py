@@ -430,11 +430,11 @@ class Evaluator:
     self.progress = Progress(0, settings.log_every_secs, log)
 
   def _options(self, task: tasks_lib.Task) -> generate.Options:
-    tok = self.tokenizer
+    stop_ids, banned_ids = generate.special_ids(
+        self.tokenizer, self.model_config['lm']['vocab_size'])
     return generate.Options(
         max_new_tokens=task.max_new_tokens or self.settings.max_new_tokens,
-        stop_ids=(tok.eoc_id, tok.eos_id),
-        banned_ids=(tok.pad_id, tok.bos_id, tok.image_id),
+        stop_ids=stop_ids, banned_ids=banned_ids,
         beam_size=self.settings.beam_size,
         length_penalty=self.settings.length_penalty,
         min_new_tokens=self.settings.min_new_tokens)

@@ -65,6 +65,26 @@ class Options:
       raise ValueError(f'beam_size must be >= 1; got {self.beam_size}.')
 
 
+def special_ids(tokenizer: Any, vocab_size: int
+                ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """(stop_ids, banned_ids) of a tokenizer for an LM of `vocab_size`.
+
+  Stops at `<EOC>` and `<EOS>`; bans `<pad>`, `<BOS>` and `<image>`, except
+  a token that is also a stop (GPT-NeoX's and MPT's `<|endoftext|>` is
+  both BOS and EOS; GPT-2 users often pad with EOS), and, when the
+  tokenizer's `<EOC>` is one of its own tokens (an imported tokenizer, e.g.
+  OpenFlamingo's `<|endofchunk|>`), the LM's extra `<EOC>` logit (id
+  `vocab_size`), which is then never trained to mean anything.
+  """
+  stop_ids = tuple(dict.fromkeys((tokenizer.eoc_id, tokenizer.eos_id)))
+  banned = [tokenizer.pad_id, tokenizer.bos_id, tokenizer.image_id]
+  if tokenizer.eoc_id != vocab_size:
+    banned.append(vocab_size)
+  banned_ids = tuple(i for i in dict.fromkeys(banned)
+                     if i not in stop_ids and i >= 0)
+  return stop_ids, banned_ids
+
+
 class Result(NamedTuple):
   tokens: jax.Array  # [B, T] int32; after a stop token: 0.
   lengths: jax.Array  # [B] int32: tokens up to and including the stop.

@@ -14,7 +14,25 @@ starting at the first); `placement='single_in_middle'` inserts one block
 before layer num_layers // 2 (Table 3 v); `xattn_type='vanilla_xattn'` puts
 a plain cross-attention inside those LM blocks, between their self-attention
 and feed-forward layers, and `xattn_type='grafting'` stacks the new layers on
-top of the LM instead (Table 3 iv).
+top of the LM instead (Table 3 iv); `placement='openflamingo'` inserts them
+as OpenFlamingo does (below).
+
+Variants of published checkpoints (`VARIANTS`, `with_variant`), where they
+differ from the paper:
+  'openflamingo' (Awadalla et al., 2023; its `Flamingo` with
+      `cross_attn_every_n_layers` = our xattn `every`):
+    - placement: a block before LM block i for each i with (i + 1) % every
+      == 0 (the paper's start at the first block);
+    - xattn: GELU (exact) feed-forward instead of Squared ReLU, and no
+      LayerNorm on the visual tokens (`visual_norm=False`);
+    - resampler: GELU feed-forward; OpenFlamingo's released models have no
+      `frame_embs` / `media_time_embs`, so an import sets our
+      `time_embeddings` to zero (`frame_embs`, when present, are those
+      rows; `media_time_embs`, per medium of a sample, are not supported);
+    - `only_attend_immediate_media=True` is our `attend='last_image'`
+      (the `<image>` token itself sees its image in both); False is
+      'all_previous_images', except that OpenFlamingo then gives the tokens
+      before the first image a uniform average of all media, ours zero.
 
 Top-level parameter paths (the API for freezing, sharding and importers):
   vision_encoder/...        frozen NFNet (or ViT)
@@ -66,7 +84,7 @@ from flamingo_jax.models import stacking
 from flamingo_jax.models import vit
 from flamingo_jax.models import xattn as xattn_lib
 
-PLACEMENTS = ('interleaved', 'single_in_middle')
+PLACEMENTS = ('interleaved', 'single_in_middle', 'openflamingo')
 
 # Per-channel statistics the vision encoders were pretrained with.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -88,6 +106,8 @@ def xattn_positions(num_layers: int, every: int, placement: str,
     raise ValueError(f'xattn every must be >= 1; got {every}.')
   if placement == 'single_in_middle':
     positions = (num_layers // 2,)
+  elif placement == 'openflamingo':
+    positions = tuple(range(every - 1, num_layers, every))
   else:
     positions = tuple(range(0, num_layers, every))
   if xattn_type == 'grafting':
@@ -291,7 +311,7 @@ class Flamingo:
           len(self.positions), batch, capacity, self.xattn_kwargs['num_heads'],
           self.xattn_kwargs['head_size'], visual.dtype)
     state = decoding.DecodeState(
-        lm=decoding.empty_kv(lm.num_layers, batch, capacity, lm.num_heads,
+        lm=decoding.empty_kv(lm.num_layers, batch, capacity, lm.kv_heads,
                              lm.head_size, visual.dtype),
         grafted=grafted,
         cross_kv=None,  # Computed by the prompt's chunk.
@@ -410,6 +430,28 @@ def model_config(size: str = '3B') -> dict[str, Any]:
       ),
       stop_vision_gradient=True,
   )
+
+
+# Named Flamingo-level variants (see the module docstring): the config
+# fields each one sets.
+VARIANTS = {
+    'paper': {},
+    'openflamingo': dict(
+        resampler=dict(ffw_activation='gelu_exact'),
+        xattn=dict(placement='openflamingo', ffw_activation='gelu_exact',
+                   visual_norm=False)),
+}
+
+
+def with_variant(config: Mapping[str, Any], variant: str) -> dict[str, Any]:
+  """The model `config` (a copy) with the fields of VARIANTS[variant]."""
+  if variant not in VARIANTS:
+    raise ValueError(f'Unknown Flamingo variant {variant!r}; expected one of '
+                     f'{sorted(VARIANTS)}.')
+  config = _as_dict(config)
+  for section, fields in VARIANTS[variant].items():
+    config[section] = dict(config[section], **fields)
+  return config
 
 
 def transform(config: Mapping[str, Any]) -> hk.Transformed:

@@ -29,6 +29,10 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     'gelu': jax.nn.gelu,
     'squared_relu': squared_relu,
     'relu': jax.nn.relu,
+    # The published LM families' (models/lm_layout.py); 'gelu' above is the
+    # tanh approximation (GPT-2's gelu_new), this one the exact erf form.
+    'gelu_exact': lambda x: jax.nn.gelu(x, approximate=False),
+    'silu': jax.nn.silu,
 }
 
 

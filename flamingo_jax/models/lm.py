@@ -25,6 +25,14 @@ embeddings add 2 x 32k x D. This reproduces the 3B and 80B LMs; the paper's
 feed-forward layer (that alone is ~8B), so we keep Table 4's shape and report
 the count that results. Numbers from `python -m flamingo_jax.summarize`.
 
+The same decoder takes the layouts of the published LMs that Flamingo-style
+checkpoints use (LLaMA, GPT-NeoX, MPT, GPT-2: rotary, ALiBi or learned
+positions, LayerNorm, SwiGLU, biases, parallel residual, tied embeddings,
+grouped-query attention) as fields of `DecoderLM`, i.e. of
+`config.model.lm`: see `models/lm_layout.py` (their attention is
+`models/self_attention.py`, their positions `models/positions.py`). Every
+layout keeps the module tree, the scanned stack and the cached decoding.
+
 Glossary of shapes:
   B: batch size.
   L: number of query tokens; S: number of key tokens (S = L without a cache).
@@ -46,6 +54,8 @@ import numpy as np
 
 from flamingo_jax.models import decoding
 from flamingo_jax.models import layers
+from flamingo_jax.models import lm_layout
+from flamingo_jax.models import self_attention
 from flamingo_jax.models import stacking
 
 # (x [B, L, D], blocks, block params [N, ...], positions [B, L]) -> x [B, L, D]
@@ -177,13 +187,19 @@ class RelativeSelfAttention(hk.Module):
 
 @dataclasses.dataclass
 class DecoderBlock(hk.Module):
-  """Pre-norm Transformer block: x += attn(norm(x)); x += ffw(norm(x))."""
+  """Pre-norm Transformer block: x += attn(norm(x)); x += ffw(norm(x)).
+
+  `layout` (models/lm_layout.py) picks the norms, the attention's position
+  encoding, the feed-forward layer and the parallel residual of the
+  published families; the default is Chinchilla's.
+  """
 
   num_heads: int
   head_size: int
   ffw_multiplier: int = 4
   activation: str = 'gelu'
   contiguous: bool = False  # See RelativeSelfAttention.
+  layout: lm_layout.Layout = lm_layout.Layout()
   name: Optional[str] = None
 
   def __call__(
@@ -199,9 +215,15 @@ class DecoderBlock(hk.Module):
     self-attention and before the feed-forward layer (Flamingo's
     `vanilla_xattn` ablation). It returns x, or (x, aux), and then the block
     returns aux last."""
-    h = hk.RMSNorm(axis=-1, name='attention_norm')(x)  # [B, L, D]
-    attention = RelativeSelfAttention(self.num_heads, self.head_size,
-                                      self.contiguous, name='self_attention')
+    if self.layout.parallel_residual:
+      if between is not None:
+        raise ValueError(
+            'a layer between self-attention and feed-forward (the '
+            'vanilla_xattn ablation) needs a sequential block; this LM '
+            'layout has a parallel residual (GPT-NeoX).')
+      return self._parallel(x, positions, view, cache)
+    h = self._norm('attention_norm')(x)  # [B, L, D]
+    attention = self._attention()
     if cache is None:
       attended, chunk = attention(h, positions), None  # [B, L, D]
     else:
@@ -212,12 +234,55 @@ class DecoderBlock(hk.Module):
       x = between(x)  # [B, L, D], or ([B, L, D], aux)
       if isinstance(x, tuple):
         x, aux = x[0], x[1:]
-    h = hk.RMSNorm(axis=-1, name='ffw_norm')(x)  # [B, L, D]
-    ffw = layers.FeedForward(self.ffw_multiplier, self.activation, name='ffw')
-    x = x + ffw(h)  # [B, L, D]
+    h = self._norm('ffw_norm')(x)  # [B, L, D]
+    x = x + self._ffw()(h)  # [B, L, D]
     if cache is not None:
       aux = (chunk, *aux)
     return (x, *aux) if aux else x
+
+  # The layout's parts (Chinchilla's unless `layout` says otherwise).
+
+  @hk.transparent
+  def _norm(self, name: str) -> hk.Module:
+    return lm_layout.norm(self.layout, name)  # Default: RMSNorm, eps 1e-5.
+
+  @hk.transparent
+  def _attention(self) -> hk.Module:
+    layout = self.layout
+    if layout.positions == 'relative':
+      return RelativeSelfAttention(self.num_heads, self.head_size,
+                                   self.contiguous, name='self_attention')
+    return self_attention.SelfAttention(
+        self.num_heads, self.head_size, layout.num_kv_heads,
+        # Learned absolute positions are added to the embeddings.
+        'none' if layout.positions in ('learned', 'none') else
+        layout.positions, layout.rotary_fraction, layout.rotary_base,
+        layout.alibi_bias_max, layout.use_bias, self.contiguous,
+        name='self_attention')
+
+  @hk.transparent
+  def _ffw(self) -> hk.Module:
+    layout = self.layout
+    if layout.ffw == 'mlp' and not layout.use_bias and (
+        layout.ffw_hidden is None):
+      return layers.FeedForward(self.ffw_multiplier, self.activation,
+                                name='ffw')
+    return lm_layout.FamilyFeedForward(
+        layout.ffw_hidden, self.ffw_multiplier, self.activation,
+        layout.ffw == 'gated', layout.use_bias, name='ffw')
+
+  @hk.transparent
+  def _parallel(self, x, positions, view, cache):
+    """GPT-NeoX's parallel residual: x + attn(norm1(x)) + ffw(norm2(x))."""
+    attention = self._attention()
+    h = self._norm('attention_norm')(x)  # [B, L, D]
+    if cache is None:
+      attended, chunk = attention(h, positions), None  # [B, L, D]
+    else:
+      attended, chunk = attention(h, positions, view, cache=cache)  # [B, L, D]
+    dense = self._ffw()(self._norm('ffw_norm')(x))  # [B, L, D]
+    x = x + attended + dense  # [B, L, D]
+    return x if cache is None else (x, chunk)
 
 
 @dataclasses.dataclass
@@ -229,6 +294,11 @@ class DecoderLM(hk.Module):
     lm/blocks/block/...                 [N, ...]          frozen, stacked
     lm/final_norm/scale                 [D]               frozen
     lm/unembed/w                        [D, vocab_size]   frozen
+
+  The fields after `remat_policy` choose the layout of a published family
+  (models/lm_layout.py: rotary/ALiBi/learned positions, LayerNorm, SwiGLU,
+  biases, parallel residual, tied embeddings, grouped-query attention);
+  their defaults are Chinchilla's, whose parameter paths are the ones above.
   """
 
   num_layers: int
@@ -239,7 +309,36 @@ class DecoderLM(hk.Module):
   ffw_multiplier: int = 4
   activation: str = 'gelu'
   remat_policy: Optional[str] = None  # stacking.REMAT_POLICIES; None = 'none'.
+  # The layout (models/lm_layout.py's table); the defaults are Chinchilla's.
+  positions: str = 'relative'
+  rotary_fraction: float = 1.0
+  rotary_base: float = 10000.0
+  alibi_bias_max: float = 8.0
+  max_positions: int = 2048  # Rows of the 'learned' position table.
+  norm: str = 'rms'
+  norm_bias: bool = True
+  norm_eps: float = 1e-5
+  ffw: str = 'mlp'
+  ffw_hidden: Optional[int] = None
+  use_bias: bool = False
+  parallel_residual: bool = False
+  tied_embeddings: bool = False
+  num_kv_heads: Optional[int] = None
   name: Optional[str] = 'lm'
+
+  @property
+  def layout(self) -> lm_layout.Layout:
+    """The block-level fields, checked."""
+    fields = {f.name: getattr(self, f.name)
+              for f in dataclasses.fields(lm_layout.Layout)}
+    layout = lm_layout.Layout(**fields)
+    layout.check(self.num_heads)
+    return layout
+
+  @property
+  def kv_heads(self) -> int:
+    """Key/value heads per layer (the self-attention caches' H)."""
+    return self.num_kv_heads or self.num_heads
 
   @property
   def eoc_id(self) -> int:
@@ -252,6 +351,7 @@ class DecoderLM(hk.Module):
   def embed(self, tokens: jax.Array) -> jax.Array:  # [B, L] -> [B, L, D]
     self._validate_tokens(tokens)
     table = hk.Embed(self.vocab_size, self.width, name='embed')
+    self._table = table  # Read by unembed when tied_embeddings.
     eoc_row = hk.get_parameter('eoc_embedding', [self.width],
                                init=hk.initializers.TruncatedNormal(1.0))  # [D]
     x = table(jnp.clip(tokens, 0, self.vocab_size - 1))  # [B, L, D]
@@ -260,8 +360,11 @@ class DecoderLM(hk.Module):
 
   @hk.transparent
   def unembed(self, x: jax.Array) -> jax.Array:  # [B, L, D] -> [B, L, V]
-    x = hk.RMSNorm(axis=-1, name='final_norm')(x)  # [B, L, D]
-    logits = hk.Linear(self.vocab_size, with_bias=False, name='unembed')(x)  # [B, L, V-1]
+    x = lm_layout.norm(self.layout, 'final_norm')(x)  # [B, L, D]
+    if self.tied_embeddings:
+      logits = self._tied_unembed(x)  # [B, L, V-1]
+    else:
+      logits = hk.Linear(self.vocab_size, with_bias=False, name='unembed')(x)  # [B, L, V-1]
     eoc_out = hk.get_parameter(
         'eoc_unembedding', [self.width],
         init=hk.initializers.TruncatedNormal(self.width**-0.5))  # [D]
@@ -277,7 +380,7 @@ class DecoderLM(hk.Module):
     return stacking.Stack(
         lambda: DecoderBlock(self.num_heads, self.head_size,
                              self.ffw_multiplier, self.activation,
-                             contiguous, name='block'),
+                             contiguous, self.layout, name='block'),
         self.num_layers, name='blocks', remat_policy=policy)
 
   @hk.transparent
@@ -311,6 +414,8 @@ class DecoderLM(hk.Module):
     contiguous = positions is None
     if contiguous:
       positions = default_positions(tokens)  # [B, L]
+    if self.positions == 'learned':
+      x = self._add_learned_positions(x, positions)  # [B, L, D]
     params = self.block_params(x, positions)
     blocks = self.blocks(contiguous)
     aux = None
@@ -322,6 +427,32 @@ class DecoderLM(hk.Module):
         x, aux = x
     logits = self.unembed(x)  # [B, L, V]
     return logits if aux is None else (logits, aux)
+
+
+  @hk.transparent
+  def _tied_unembed(self, x: jax.Array) -> jax.Array:  # [B, L, D] -> [B, L, V-1]
+    """Logits through the embedding table (GPT-2, MPT)."""
+    table = self._table.embeddings  # [V-1, D]
+    return jnp.einsum('bld,vd->blv', x, table.astype(x.dtype))  # [B, L, V-1]
+
+  @hk.transparent
+  def _add_learned_positions(self, x: jax.Array,  # [B, L, D]
+                             positions: jax.Array  # [B, L]
+                             ) -> jax.Array:  # [B, L, D]
+    """GPT-2's absolute position table, `lm/position_embed/embeddings`.
+
+    Positions past the table are an error where they are known (eagerly).
+    """
+    if not isinstance(positions, jax.core.Tracer):
+      most = int(np.max(np.asarray(positions), initial=0))
+      if most >= self.max_positions:
+        raise ValueError(f'Position {most} is past the {self.max_positions} '
+                         'rows of the learned position table '
+                         '(max_positions).')
+    table = hk.Embed(self.max_positions, self.width, name='position_embed')
+    # Padding tokens (position -1) are masked out as keys; any row will do.
+    return x + table(jnp.clip(positions, 0, self.max_positions - 1)).astype(
+        x.dtype)  # [B, L, D]
 
 
 def default_positions(tokens: jax.Array) -> jax.Array:

@@ -115,10 +115,11 @@ def interpolate_time_embeddings(
   return (1 - frac) * table[lower] + frac * table[upper]  # [T, D]
 
 
-def _ffw_block(x: jax.Array, multiplier: int) -> jax.Array:  # [B, *, D]
-  """Pre-norm residual Squared-ReLU feed-forward."""
+def _ffw_block(x: jax.Array, multiplier: int,
+               activation: str = 'squared_relu') -> jax.Array:  # [B, *, D]
+  """Pre-norm residual feed-forward (Squared ReLU; OpenFlamingo: GELU)."""
   h = layer_norm('ffw_norm')(x)  # [B, *, D]
-  ffw = FeedForward(multiplier, activation='squared_relu', linear=Dense,
+  ffw = FeedForward(multiplier, activation=activation, linear=Dense,
                     name='ffw')
   h = ffw(h)  # [B, *, D]
   return x + h  # [B, *, D]
@@ -170,6 +171,8 @@ class PerceiverResampler(hk.Module):
   max_frames: int = 8  # F; longer videos interpolate the temporal table.
   ffw_multiplier: int = 4  # FFW hidden width is D * ffw_multiplier.
   resampler_type: str = 'perceiver'  # One of RESAMPLER_TYPES.
+  # The paper's Squared ReLU; OpenFlamingo's resampler: 'gelu_exact'.
+  ffw_activation: str = 'squared_relu'
   name: Optional[str] = 'perceiver_resampler'
 
   def __post_init__(self):
@@ -220,7 +223,8 @@ class PerceiverResampler(hk.Module):
       with hk.name_scope(f'layer_{i}'):
         latents = _cross_attention_block(
             latents, features, self.num_heads, self.head_size)  # [B, R, D]
-        latents = _ffw_block(latents, self.ffw_multiplier)  # [B, R, D]
+        latents = _ffw_block(latents, self.ffw_multiplier,
+                             self.ffw_activation)  # [B, R, D]
     return latents  # [B, R, D]
 
   @hk.transparent
@@ -231,5 +235,6 @@ class PerceiverResampler(hk.Module):
         if self.resampler_type == 'transformer':
           x = _self_attention_block(
               x, self.num_heads, self.head_size)  # [B, N, D]
-        x = _ffw_block(x, self.ffw_multiplier)  # [B, N, D]
+        x = _ffw_block(x, self.ffw_multiplier,
+                       self.ffw_activation)  # [B, N, D]
     return x  # [B, N, D]

@@ -231,6 +231,10 @@ class GatedXAttnDense(hk.Module):
   ffw_multiplier: int = 4
   xattn_type: str = 'gated_xattn_dense'
   gating: str = 'tanh'
+  # OpenFlamingo's variant (see `flamingo.VARIANTS`): GELU feed-forward and
+  # no LayerNorm on the visual tokens (its resampler's output is normed).
+  ffw_activation: str = 'squared_relu'
+  visual_norm: bool = True
   name: Optional[str] = None
 
   def _check_options(self):
@@ -281,7 +285,9 @@ class GatedXAttnDense(hk.Module):
     queries = layers.layer_norm('query_norm')(y)  # [B, L, D]
     keys = None
     if cross_kv is None:
-      keys = layers.layer_norm('visual_norm')(visual)  # [B, M, Dv]
+      keys = visual  # [B, M, Dv]
+      if self.visual_norm:
+        keys = layers.layer_norm('visual_norm')(visual)  # [B, M, Dv]
     attention = layers.MultiHeadAttention(self.num_heads, self.head_size,
                                           name='cross_attention')
     if isinstance(routing, ImageRouting):
@@ -295,7 +301,8 @@ class GatedXAttnDense(hk.Module):
       updates['cross_kv'] = decoding.KVCache(*key_value)  # [B, M, H, K]
     y = y + self._gate('attn_gate').astype(y.dtype) * attended  # [B, L, D]
     if self.xattn_type != 'vanilla_xattn':
-      ffw = layers.FeedForward(self.ffw_multiplier, 'squared_relu', name='ffw')
+      ffw = layers.FeedForward(self.ffw_multiplier, self.ffw_activation,
+                               name='ffw')
       dense = ffw(layers.layer_norm('ffw_norm')(y))  # [B, L, D]
       y = y + self._gate('ffw_gate').astype(y.dtype) * dense  # [B, L, D]
     return y if view is None else (y, updates)

@@ -271,14 +271,23 @@ def _relative_attention(t: _Tally, module: str, batch: int, length: int,
 
 
 def _lm_block(t: _Tally, batch: int, length: int, live: bool) -> bool:
+  """One LM block, Chinchilla's or a published family's (models/lm_layout.py:
+  plain self-attention, grouped-query through the key shapes, SwiGLU's
+  gate; the parallel residual counts the same)."""
   block = 'lm/blocks/block'
   h = _norm(t, f'{block}/attention_norm', live)
-  attended = _relative_attention(t, f'{block}/self_attention', batch, length,
-                                 h)
+  if t.has(f'{block}/self_attention/relative_key'):
+    attended = _relative_attention(t, f'{block}/self_attention', batch,
+                                   length, h)
+  else:
+    attended = _attention(t, f'{block}/self_attention', batch, length, length,
+                          h, h)
   live = live or attended
   h = _norm(t, f'{block}/ffw_norm', live)
-  h = _linear(t, f'{block}/ffw/hidden', batch * length, h)
-  return _linear(t, f'{block}/ffw/output', batch * length, h) or live
+  hidden = _linear(t, f'{block}/ffw/hidden', batch * length, h)
+  if t.has(f'{block}/ffw/gate'):
+    hidden = _linear(t, f'{block}/ffw/gate', batch * length, h) or hidden
+  return _linear(t, f'{block}/ffw/output', batch * length, hidden) or live
 
 
 def _xattn_block(t: _Tally, batch: int, length: int, visual_tokens: int,
@@ -305,7 +314,12 @@ def _xattn_block(t: _Tally, batch: int, length: int, visual_tokens: int,
 
 def _unembed(t: _Tally, batch: int, length: int, live: bool) -> None:
   h = _norm(t, 'lm/final_norm', live)
-  _linear(t, 'lm/unembed', batch * length, h)
+  if t.has('lm/unembed'):
+    _linear(t, 'lm/unembed', batch * length, h)
+  else:  # Tied: the embedding table, [V, D].
+    vocab, width = t.shape('lm/embed', 'embeddings')
+    t.add(2.0 * batch * length * vocab * width, input_grads=h,
+          weight_grads=t.trains('lm/embed'))
   width, = t.shape('lm', 'eoc_unembedding')
   t.add(2.0 * batch * length * width, input_grads=h,
         weight_grads=t.trains('lm', 'eoc_unembedding'))

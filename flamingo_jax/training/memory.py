@@ -118,7 +118,7 @@ class ModelDims:
     return cls(
         lm_layers=lm['num_layers'], width=lm['width'], heads=lm['num_heads'],
         head_size=lm.get('head_size', 128),
-        ffw=lm.get('ffw_multiplier', 4) * lm['width'],
+        ffw=lm.get('ffw_hidden') or lm.get('ffw_multiplier', 4) * lm['width'],
         vocab=lm.get('vocab_size', 32000) + 1,
         xattn_layers=len(positions), xattn_heads=xattn['num_heads'],
         xattn_head_size=xattn['head_size'],
@@ -429,7 +429,10 @@ def model_degrees(config: ml_collections.ConfigDict, devices: int) -> list[int]:
   """Model-parallel sizes to try: the config's first, then the others that
   split every head count evenly, smallest first."""
   model = config.model
-  heads = [model.lm.num_heads, model.xattn.num_heads]
+  # Grouped-query attention: the key/value heads split too.
+  heads = [model.lm.num_heads,
+           model.lm.get('num_kv_heads', None) or model.lm.num_heads,
+           model.xattn.num_heads]
   configured = dict(config.mesh).get('model', 1)
   options = [m for m in _divisors(devices)
              if all(h % m == 0 for h in heads)]

@@ -78,7 +78,7 @@ FLAMINGO_PARAM_RULES = (
     (rf'{_STACKED}/(self|cross)_attention/output/w', (None, 'model', 'fsdp')),
     (rf'{_STACKED}/self_attention/(content|position)_bias',
      (None, 'model', None)),  # [N, H, K]: heads, as the query columns.
-    (rf'{_STACKED}/ffw/hidden/w', (None, 'fsdp', 'model')),
+    (rf'{_STACKED}/ffw/(hidden|gate)/w', (None, 'fsdp', 'model')),
     (rf'{_STACKED}/ffw/output/w', (None, 'model', 'fsdp')),
     # Embeddings split over the vocabulary.
     (r'lm/embed/embeddings', ('model', 'fsdp')),  # [V, D]
@@ -98,6 +98,7 @@ FLAMINGO_PARAM_RULES = (
     (r'.*_gate', ()),
     (r'.*/(b|bias)', ()),
     (r'lm/eoc_(un)?embedding', ()),
+    (r'lm/position_embed/embeddings', ()),  # GPT-2's learned positions.
     (r'perceiver_resampler/(latents|time_embeddings)', ()),
 )
 

@@ -350,3 +350,28 @@ def test_mfu_divides_the_global_count_by_the_peak_of_every_device():
   assert metrics_lib.mfu(400e12, 1.0, 100e12, 8) == pytest.approx(0.5)
   assert metrics_lib.mfu(None, 1.0, 100e12, 8) is None
   assert metrics_lib.mfu(400e12, 1.0, None, 8) is None
+
+
+def test_forward_count_equals_xla_for_a_published_lm_layout():
+  """LLaMA's layout (grouped-query attention, SwiGLU), with tied
+  embeddings: the count follows the parameters that are there."""
+  from flamingo_jax.models import lm_layout  # pylint: disable=g-import-not-at-top
+  config = _config()
+  lm = config.model.lm
+  config.model.lm = lm_layout.family_config(
+      'llama', num_layers=2, width=lm.width, num_heads=lm.num_heads,
+      head_size=lm.head_size, vocab_size=lm.vocab_size, num_kv_heads=2,
+      ffw_hidden=3 * lm.width, tied_embeddings=True, remat_policy='none')
+  model = loop.task_of(config).transform(config.model)
+  params = flops_lib.abstract_params(config)
+  assert 'lm/unembed' not in params and 'lm/blocks/block/ffw/gate' in params
+  batch = _batches(config)['documents']
+
+  def forward(params, batch):
+    return model.apply(params, None, batch['tokens'], batch['media'],
+                       batch['media_mask'], batch['media_index'])
+
+  hlo = _compile_unscanned(forward, params, batch).as_text()
+  analytic = flops_lib.total(flops_lib.step_flops(config, params))
+  np.testing.assert_allclose(analytic.forward, contraction_flops(hlo),
+                             rtol=5e-3)

@@ -105,6 +105,20 @@ def test_default_rules_cover_every_parameter(meshes, abstract, caplog):
   assert 'No sharding rule' not in caplog.text
 
 
+@pytest.mark.parametrize('family', ['llama', 'gpt_neox', 'mpt', 'gpt2'])
+def test_default_rules_cover_the_published_lm_layouts(meshes, family,
+                                                       caplog):
+  from flamingo_jax.models import lm_layout  # pylint: disable=g-import-not-at-top
+  config = dict(TINY, lm=lm_layout.family_config(
+      family, **dict(TINY['lm'], num_kv_heads=2 if family == 'llama' else None)))
+  with caplog.at_level(logging.WARNING):
+    specs = sharding.param_specs(flamingo.abstract_params(config), RULES,
+                                 meshes['mixed'])
+  assert 'No sharding rule' not in caplog.text
+  if family == 'llama':
+    assert specs['lm/blocks/block/ffw/gate']['w'] == P(None, 'fsdp', 'model')
+
+
 def test_unmatched_params_are_replicated_with_a_warning(meshes, abstract,
                                                         caplog):
   rules = [rule for rule in RULES if not rule[0].startswith('vision')]

@@ -44,6 +44,44 @@ NFNET_VARIANTS = {
 NFNET_IMAGE_SIZE = 64
 
 
+# Hugging Face causal LMs (transformers): (config class, model class,
+# config), stored as BF16 safetensors by save_pretrained (LLaMA in shards,
+# with model.safetensors.index.json). `expected.npz` holds the tokens, the
+# reference's fp32 logits on them and its greedy continuation of
+# `tokens[0, :LM_PROMPT]`.
+LM_VOCAB = 96
+LM_PROMPT, LM_STEPS = 6, 8
+HF_LMS = {
+    'hf_llama': ('LlamaConfig', 'LlamaForCausalLM', dict(
+        vocab_size=LM_VOCAB, hidden_size=32, intermediate_size=40,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        rope_theta=500.0, rms_norm_eps=1e-6, bos_token_id=1,
+        eos_token_id=2)),
+    'hf_gpt_neox': ('GPTNeoXConfig', 'GPTNeoXForCausalLM', dict(
+        vocab_size=LM_VOCAB, hidden_size=32, intermediate_size=48,
+        num_hidden_layers=2, num_attention_heads=4, rotary_pct=0.5,
+        bos_token_id=0, eos_token_id=0)),
+    # 6 heads: ALiBi's slopes of a head count that is not a power of two.
+    'hf_mpt': ('MptConfig', 'MptForCausalLM', dict(
+        vocab_size=LM_VOCAB, d_model=24, n_layers=2, n_heads=6,
+        max_seq_len=64)),
+    'hf_gpt2': ('GPT2Config', 'GPT2LMHeadModel', dict(
+        vocab_size=LM_VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=40,
+        bos_token_id=0, eos_token_id=0)),
+}
+
+
+def lm_tokens(seed: int) -> np.ndarray:
+  """[BATCH, 11] int64 token ids made from `seed`."""
+  return np.random.default_rng(seed).integers(0, LM_VOCAB, (BATCH, 11))
+
+
+def expected_lm(name: str) -> dict[str, np.ndarray]:
+  """tokens, logits [BATCH, 11, LM_VOCAB], greedy [LM_STEPS] of `name`."""
+  with np.load(path(name, 'expected.npz'), allow_pickle=False) as data:
+    return dict(data)
+
+
 def images(size: int, seed: int) -> np.ndarray:
   """[BATCH, size, size, 3] float32 normalised images, made from `seed`
   (not stored: `expected.npz` keeps their sum to catch a changed stream)."""

@@ -8,7 +8,9 @@ on fixed images. CI then checks the importers against these files without
 torch (tests/weights/test_parity.py).
 
 Needs the `[parity]` extra (torch, transformers, timm, open_clip_torch,
-dill; timm and open_clip need torchvision) and, for DeepMind's NFNet, a
+dill; timm and open_clip need torchvision; the Hugging Face LMs,
+`--only hf_llama,hf_gpt_neox,hf_mpt,hf_gpt2`, need torch and transformers
+only) and, for DeepMind's NFNet, a
 checkout of github.com/google-deepmind/deepmind-research (its `nfnets/`
 code is the reference; it is imported from there, never copied):
 
@@ -30,7 +32,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fixtures  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-FAMILIES = ('hf_clip', 'open_clip', 'nfnet_npz', 'timm_nfnet')
+FAMILIES = ('hf_clip', 'open_clip', 'nfnet_npz', 'timm_nfnet',
+            *fixtures.HF_LMS)
 
 
 def _fresh(name: str) -> str:
@@ -211,6 +214,35 @@ def make_timm_nfnet() -> None:
   _save_expected(directory, images, tokens=tokens, pooled=tokens.mean(1))
 
 
+def make_hf_lm(name: str) -> None:
+  """A tiny random Hugging Face causal LM of fixtures.HF_LMS[name]."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  directory = _fresh(name)
+  config_class, model_class, kwargs = fixtures.HF_LMS[name]
+  torch.manual_seed(0)
+  model = getattr(transformers, model_class)(
+      getattr(transformers, config_class)(**kwargs)).eval()
+  _randomise_torch(model, 9, torch.bfloat16)
+  model.to(torch.bfloat16).save_pretrained(
+      directory, max_shard_size='20KB' if name == 'hf_llama' else '50MB')
+  for extra in ('generation_config.json',):
+    if os.path.exists(os.path.join(directory, extra)):
+      os.remove(os.path.join(directory, extra))
+  model.to(torch.float32)
+  tokens = fixtures.lm_tokens(seed=10)
+  prompt = torch.from_numpy(tokens[:1, :fixtures.LM_PROMPT])
+  with torch.no_grad():
+    logits = model(torch.from_numpy(tokens)).logits
+    greedy = model.generate(
+        prompt, max_new_tokens=fixtures.LM_STEPS,
+        min_new_tokens=fixtures.LM_STEPS, do_sample=False, eos_token_id=None,
+        pad_token_id=0)[0, fixtures.LM_PROMPT:]
+  np.savez_compressed(os.path.join(directory, 'expected.npz'), tokens=tokens,
+                      logits=logits.numpy().astype(np.float32),
+                      greedy=greedy.numpy())
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--deepmind_research', default=None,
@@ -223,6 +255,8 @@ def main() -> None:
       if not args.deepmind_research:
         raise SystemExit('nfnet_npz needs --deepmind_research=PATH.')
       make_nfnet_npz(args.deepmind_research)
+    elif family in fixtures.HF_LMS:
+      make_hf_lm(family)
     else:
       globals()[f'make_{family}']()
     print(f'wrote {fixtures.path(family)}')

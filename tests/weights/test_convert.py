@@ -22,7 +22,8 @@ def test_help_lists_every_source(capsys):
     convert.main(['--help'])
   assert exit_info.value.code == 0
   out = capsys.readouterr().out
-  for kind in ('hf_clip', 'open_clip', 'nfnet_npz', 'timm_nfnet'):
+  for kind in ('hf_clip', 'open_clip', 'nfnet_npz', 'timm_nfnet', 'hf_llama',
+               'hf_gpt_neox', 'hf_mpt', 'hf_gpt2'):
     assert kind in out
   with pytest.raises(SystemExit):
     convert.main(['open_clip', '--help'])
@@ -138,3 +139,24 @@ def test_workdir_with_a_tokenizer(tmp_path):
   assert loaded.encode(prompt) == tok.encode(prompt)
   # The markers come after the vocabulary: <|endofchunk|>, <image>, <PAD>.
   assert loaded.eoc_id == tok.eoc_id == tok.vocab_size - 3
+
+
+def test_lm_workdir(tmp_path):
+  """An LM import: model.lm in config.json, lm/... in the checkpoint."""
+  # pylint: disable-next=g-import-not-at-top
+  from flamingo_jax.weights import hf_gpt_neox
+  source = fixtures.path('hf_gpt_neox')
+  workdir = str(tmp_path / 'neox')
+  assert convert.main(['hf_gpt_neox', source, '--workdir', workdir,
+                       '--dtype=bfloat16']) == 0
+  with open(os.path.join(workdir, 'config.json')) as f:
+    config = json.load(f)
+  store = hf_gpt_neox.read(source)
+  expected_config = hf_gpt_neox.config_from(source, store)
+  assert config['model'] == {'lm': expected_config}
+  assert 'data' not in config  # The fixture has no tokenizer.json.
+  expected = hf_gpt_neox.to_params(store, expected_config,
+                                   dtype=convert.DTYPES['bfloat16'])
+  loaded = checkpoint_lib.load_params(workdir)
+  assert jax.tree.structure(loaded) == jax.tree.structure(expected)
+  jax.tree.map(np.testing.assert_array_equal, loaded, expected)

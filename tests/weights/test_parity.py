@@ -2,9 +2,10 @@
 
 CI mode (no torch): the references' weights and fp32 outputs are committed
 fixtures (testdata/, made by make_fixtures.py); the importers read the files
-as published, and our encoders must reproduce the outputs to max relative
-difference <= 1e-4. With torch and transformers installed, a fresh random
-Hugging Face CLIP is also compared live.
+as published, and our encoders and LMs must reproduce the outputs to max
+relative difference <= 1e-4 (the LMs' greedy tokens exactly). With torch
+and transformers installed, a fresh random Hugging Face CLIP is also
+compared live here, and fresh random LMs in test_hf_lm.py.
 """
 
 import functools
@@ -16,7 +17,12 @@ import numpy as np
 import pytest
 
 from flamingo_jax.models import flamingo
+from flamingo_jax.models import lm
 from flamingo_jax.weights import hf_clip
+from flamingo_jax.weights import hf_gpt2
+from flamingo_jax.weights import hf_gpt_neox
+from flamingo_jax.weights import hf_llama
+from flamingo_jax.weights import hf_mpt
 from flamingo_jax.weights import nfnet_npz
 from flamingo_jax.weights import open_clip
 from flamingo_jax.weights import safetensors_file
@@ -244,3 +250,80 @@ def test_live_open_clip():
   out = encode(config, ours, images)
   assert relative_difference(out['tokens'], tokens) <= TOLERANCE
   assert relative_difference(out['pooled'], pooled) <= TOLERANCE
+
+
+# -- Hugging Face causal LMs (fixtures.HF_LMS) ---------------------------------
+
+HF_LM_SOURCES = {'hf_llama': hf_llama, 'hf_gpt_neox': hf_gpt_neox,
+                 'hf_mpt': hf_mpt, 'hf_gpt2': hf_gpt2}
+
+
+def lm_logits(config, params, tokens):
+  model = hk.without_apply_rng(hk.transform(
+      lambda t: lm.DecoderLM(**config)(t)))
+  return jax.jit(model.apply)(params, tokens)
+
+
+def _import_lm(name):
+  source = HF_LM_SOURCES[name]
+  store = source.read(fixtures.path(name))
+  config = source.config_from(fixtures.path(name), store)
+  return config, source.to_params(store, config), store
+
+
+@pytest.mark.parametrize('name', sorted(HF_LM_SOURCES))
+def test_hf_lm(name):
+  config, params, store = _import_lm(name)
+  expected = fixtures.expected_lm(name)
+  logits = lm_logits(config, params, expected['tokens'])
+  vocab = fixtures.LM_VOCAB
+  assert logits.shape[-1] == vocab + 1  # + our <EOC>, unused here.
+  assert relative_difference(logits[..., :vocab],
+                             expected['logits']) <= TOLERANCE
+  if name == 'hf_llama':
+    assert len(store.groups()) == 3  # Shards, through the index.
+
+
+def test_hf_lm_greedy_generation_in_flamingo():
+  """The imported LLaMA (GQA) inside Flamingo (gates closed: exactly the
+  LM), decoded greedily through the cached path (`Flamingo.prefill`, one
+  `decode_step` per token), gives transformers' greedy tokens."""
+  config, lm_params, _ = _import_lm('hf_llama')
+  expected = fixtures.expected_lm('hf_llama')
+  model_config = flamingo.model_config('tiny')
+  model_config['lm'] = config
+  resampler = model_config['resampler']
+  visual = np.ones([1, 1, resampler['num_latents'], resampler['width']],
+                   np.float32)
+  prompt = expected['tokens'][:1, :fixtures.LM_PROMPT].astype(np.int32)
+  steps = fixtures.LM_STEPS
+  ones = np.ones([1, 1], bool)
+
+  def prefill(tokens, visual):
+    valid = np.ones(tokens.shape, bool)
+    return flamingo.Flamingo(model_config).prefill(
+        tokens, valid, valid.astype(np.int32), visual, ones,
+        tokens.shape[1] + steps)  # [1, P, V], state
+
+  def step(token, state):  # [1, 1] -> [1, 1, V], state
+    return flamingo.Flamingo(model_config).decode_step(
+        token, ones, ones.astype(np.int32), state)
+
+  def decode(tokens, visual):  # Creates the xattn parameters.
+    return flamingo.Flamingo(model_config).decode(
+        tokens, visual, ones, np.ones(tokens.shape, np.int32))
+
+  # Closed gates: the xattn layers' other parameters never count (zeros).
+  shapes = jax.eval_shape(hk.transform(decode).init, jax.random.key(0),
+                          prompt, visual)
+  params = {**jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes),
+            **lm_params}
+  logits, state = jax.jit(hk.transform(prefill).apply)(params, None, prompt,
+                                                       visual)
+  step = jax.jit(hk.transform(step).apply)
+  tokens = []
+  for _ in range(steps):
+    token = np.argmax(logits[:, -1, :fixtures.LM_VOCAB], axis=-1)[:, None]
+    tokens.append(int(token[0, 0]))
+    logits, state = step(params, None, token.astype(np.int32), state)
+  assert tokens == expected['greedy'].tolist()

@@ -1,0 +1,114 @@
+"""Hugging Face MPT (`MptForCausalLM`, `model_type: mpt`): MPT-1B/7B
+(OpenFlamingo-3B/9B's LMs in their Hugging Face form); safetensors
+(sharded) or .bin, with config.json.
+
+Tensor layout (`P` = `transformer.` or nothing; i = layer):
+
+  P wte.weight [V, D]                    -> lm/embed/embeddings (tied: also
+                                            the output projection)
+  P blocks.i.norm_1.weight               -> block/attention_norm/scale
+  P blocks.i.attn.Wqkv.weight [3D, D]    -> block/self_attention/
+                                            {query,key,value}/w (q, k, v whole)
+  P blocks.i.attn.out_proj.weight        -> block/self_attention/output/w
+  P blocks.i.norm_2.weight               -> block/ffw_norm/scale
+  P blocks.i.ffn.up_proj / down_proj     -> block/ffw/hidden / output
+  P norm_f.weight                        -> lm/final_norm/scale
+
+ALiBi (`attn_config.alibi`, `alibi_bias_max`), LayerNorms without bias and
+linears without bias (`no_bias`), exact GELU, tied embeddings. Refused:
+`clip_qkv`, `qk_ln`, a `softmax_scale` other than 1/sqrt(head size),
+`logit_scale`, learned positions instead of ALiBi, `embedding_fraction` != 1.
+MosaicML's own remote-code checkpoints (`mosaicml/mpt-7b`) use the same
+names; the older MosaicGPT layout of `mpt-1b-redpajama-200b` (`ln_1`,
+`mlp.mlp_up`, ...) is not read here.
+"""
+
+import math
+from typing import Any
+
+from flamingo_jax.models import lm_layout
+from flamingo_jax.weights import hf_lm
+from flamingo_jax.weights import mapping
+from flamingo_jax.weights import tensors as tensors_lib
+
+
+class Mpt(hf_lm.Family):
+  """Hugging Face MPT."""
+  KIND = 'hf_mpt'
+  SUMMARY = ('Hugging Face MptForCausalLM (MPT-1B/7B): safetensors '
+             '(sharded) + config.json [+ tokenizer.json]')
+  FAMILY = 'MPT'
+  MODEL_TYPES = ('mpt',)
+  ANCHOR = 'wte.weight'
+
+  def lm_config(self, config, tensors: tensors_lib.TensorStore, prefix: str,
+                source: str) -> dict[str, Any]:
+    attn = dict(config.get('attn_config') or {})
+    width, heads = config['d_model'], config['n_heads']
+    head_size = width // heads
+    hf_lm.unsupported(
+        {**config, **{f'attn_config.{k}': v for k, v in attn.items()}},
+        source,
+        {'attn_config.alibi': (True, lambda v: v is True),
+         'attn_config.clip_qkv': (None, lambda v: v is None),
+         'attn_config.qk_ln': (False, lambda v: not v),
+         'attn_config.softmax_scale': (None, lambda v: v is None or math.isclose(
+             v, head_size**-0.5)),
+         'logit_scale': (None, lambda v: v is None),
+         'embedding_fraction': (1.0, lambda v: v == 1.0)})
+    layers = hf_lm.num_layers(
+        tensors, rf'{prefix}blocks\.(?P<layer>\d+)\.norm_1\.weight')
+    hidden = tensors.info(f'{prefix}blocks.0.ffn.up_proj.weight').shape[0]
+    no_bias = bool(config.get('no_bias', True))
+    return lm_layout.family_config(
+        'mpt', num_layers=layers, width=width, num_heads=heads,
+        head_size=head_size, ffw_hidden=hidden,
+        alibi_bias_max=float(attn.get('alibi_bias_max', 8)),
+        norm_eps=config.get('layer_norm_epsilon', 1e-5),
+        norm_bias=not no_bias, use_bias=not no_bias,
+        tied_embeddings=bool(config.get('tie_word_embeddings', True)))
+
+  def rules(self, prefix, lm_config, rows):
+    p = prefix.replace('.', r'\.')
+    layer = rf'{p}blocks\.(?P<layer>\d+)\.'
+    block = hf_lm.BLOCK
+    bias = lm_config['use_bias']
+    attention = f'{block}/self_attention'
+    table = [mapping.Rule(rf'{p}wte\.weight', 'lm/embed/embeddings',
+                          hf_lm.fit_rows(rows)),
+             mapping.Rule(rf'{layer}attn\.Wqkv\.weight',
+                          tuple(f'{attention}/{t}/w'
+                                for t in ('query', 'key', 'value')),
+                          mapping.split_rows(3, mapping.transpose))]
+    if bias:
+      table.append(mapping.Rule(
+          rf'{layer}attn\.Wqkv\.bias',
+          tuple(f'{attention}/{t}/b' for t in ('query', 'key', 'value')),
+          mapping.split_rows(3)))
+    table += hf_lm.linear(rf'{layer}attn\.out_proj', f'{attention}/output',
+                          bias)
+    table += hf_lm.linear(rf'{layer}ffn\.up_proj', f'{block}/ffw/hidden', bias)
+    table += hf_lm.linear(rf'{layer}ffn\.down_proj', f'{block}/ffw/output',
+                          bias)
+    norm_bias = lm_config['norm_bias']
+    table += hf_lm.norm(f'{layer}norm_1', f'{block}/attention_norm',
+                        norm_bias)
+    table += hf_lm.norm(f'{layer}norm_2', f'{block}/ffw_norm', norm_bias)
+    table += hf_lm.norm(f'{p}norm_f', 'lm/final_norm', norm_bias)
+    ignore = []
+    if lm_config['tied_embeddings']:
+      ignore.append(r'lm_head\.weight')
+    else:
+      table.append(mapping.Rule(r'lm_head\.weight', 'lm/unembed/w',
+                                hf_lm.fit_rows_then_transpose(rows)))
+    return table, ignore
+
+
+_FAMILY = Mpt()
+KIND = _FAMILY.KIND
+SUMMARY = _FAMILY.SUMMARY
+read = _FAMILY.read
+add_arguments = _FAMILY.add_arguments
+config_from = _FAMILY.config_from
+to_params = _FAMILY.to_params
+convert = _FAMILY.convert
