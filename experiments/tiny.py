@@ -24,6 +24,13 @@ the variant, comma-separated, and runs at this scale, e.g.
 
 The world stands in for what it lacks: TINY_STANDINS below, and
 `_substitutes` for the datasets some ablations add.
+
+`get_config('icl')` is the in-context-learning testbed (issue 12; see
+ICL_EPISODES_WEIGHT): bursty nonce episodes in the Flamingo stage and their
+text in the LM stage, the binding probe in the metrics, and nonce_choice and
+the rest evaluated at 0/2/4/8 shots on 256 queries:
+
+  python -m flamingo_jax.train --config experiments/tiny.py:icl --workdir /tmp/w
 """
 
 import os
@@ -78,7 +85,7 @@ REFERENCE = {'captions': 60.96, 'classification': 4.69, 'nonce_choice': 32.81,
 # It trains longer, logs the binding probe and evaluates nonce_choice and
 # the rest at 0/2/4/8 shots on ICL_QUERIES queries.
 ICL_EPISODES_WEIGHT = 1.0
-ICL_LM_STEPS = 3000
+ICL_LM_STEPS = 1500
 ICL_STEPS = 2000
 ICL_QUERIES = 256
 
