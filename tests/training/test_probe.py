@@ -103,3 +103,23 @@ def test_bad_probe_arguments_raise(setup):
     probe_data.probe_batch(tokenizer, ways=1)
   with pytest.raises(ValueError, match='raise it'):
     probe_data.probe_batch(tokenizer, num_episodes=1, seq_len=24)
+
+
+def test_probe_is_plotted_and_linked_from_the_report(tmp_path):
+  # pylint: disable=g-import-not-at-top
+  from flamingo_jax import plot
+  from flamingo_jax import report
+  # pylint: enable=g-import-not-at-top
+  rows = [{'step': 0, 'probe/binding_margin': 0.0,
+           'probe/binding_accuracy': 1 / 3},
+          {'step': 10, 'loss': 2.0},
+          {'step': 10, 'probe/binding_margin': 0.5,
+           'probe/binding_accuracy': 0.5}]
+  (tmp_path / 'metrics.jsonl').write_text(
+      ''.join(json.dumps(r) + '\n' for r in rows))
+  paths = plot.write_plots(str(tmp_path))
+  assert str(tmp_path / 'plots' / 'probe.png') in paths
+  with open(report.write_report(str(tmp_path))) as f:
+    text = f.read()
+  assert '](plots/probe.png)' in text
+  assert '| probe/binding_margin | 0 | 0.5 |' in text
