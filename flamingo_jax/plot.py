@@ -3,7 +3,9 @@ r"""Plots a run's metrics: python -m flamingo_jax.plot --workdir W.
 Writes, from `W/metrics.jsonl`:
   W/plots/loss.png    the weighted total loss and each dataset's loss;
   W/plots/gates.png   |tanh(alpha)| of every cross-attention gate per layer
-                      over training (the paper's Fig. 6).
+                      over training (the paper's Fig. 6);
+  W/plots/probe.png   the binding probe (training/probe.py): margin and
+                      accuracy over training, when the run logged it.
 The training loop writes them at the end of every run too.
 """
 
@@ -97,6 +99,21 @@ def plot_gates(rows, path: str) -> None:
   plt.close(fig)
 
 
+def plot_probe(rows, path: str) -> None:
+  fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+  for ax, key, title in (
+      (axes[0], 'probe/binding_margin', 'binding margin (nats; blind = 0)'),
+      (axes[1], 'probe/binding_accuracy', 'binding accuracy')):
+    ax.plot(*_series(rows, key), marker='.')
+    ax.set_title(title)
+    ax.set_xlabel('step')
+    ax.grid(alpha=0.3)
+  axes[0].axhline(0.0, color='grey', lw=1)
+  fig.tight_layout()
+  save_figure(fig, path)
+  plt.close(fig)
+
+
 def write_plots(workdir: str) -> list[str]:
   """Writes the plots of `workdir`; returns their paths."""
   rows = read_metrics(workdir)
@@ -106,7 +123,10 @@ def write_plots(workdir: str) -> list[str]:
   plot_losses(rows, paths[0])
   if any(k.startswith('gates/') for r in rows for k in r):
     paths.append(fs.join(out, 'gates.png'))
-    plot_gates(rows, paths[1])
+    plot_gates(rows, paths[-1])
+  if any('probe/binding_margin' in r for r in rows):
+    paths.append(fs.join(out, 'probe.png'))
+    plot_probe(rows, paths[-1])
   return paths
 
 

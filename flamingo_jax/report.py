@@ -21,7 +21,7 @@ from flamingo_jax import fs
 from flamingo_jax import plot
 
 # Metrics shown per stage when present (first -> last logged value).
-HEADLINE_PREFIXES = ('loss', 'i2t_accuracy', 't2i_accuracy')
+HEADLINE_PREFIXES = ('loss', 'i2t_accuracy', 't2i_accuracy', 'probe')
 
 
 def _started(directory: str) -> float:

@@ -10,6 +10,8 @@
   write W/config.json (only now: a run that cannot resume leaves it)
   for step: batches -> global arrays -> train_step -> metrics / checkpoint
   after the final step is saved: W/finished.json
+  config.probe (optional): the binding probe (probe.py) before the first step
+      and every config.probe.every steps, into the metrics
 
 A run killed at any point resumes from its last checkpoint and continues
 bit-exactly: the step rng is fold_in(rng, step), the data position and the
@@ -44,6 +46,7 @@ from flamingo_jax.training import metrics as metrics_lib
 from flamingo_jax.training import optim
 from flamingo_jax.training import precision
 from flamingo_jax.training import preemption
+from flamingo_jax.training import probe as probe_lib
 from flamingo_jax.training import sharding
 from flamingo_jax.training import train_step as train_step_lib
 from flamingo_jax.training import validation
@@ -380,6 +383,9 @@ def _train(config, workdir, mesh, make_data) -> TrainState:
                    out_shardings=(shardings, None), donate_argnums=0)
 
   logger = metrics_lib.MetricLogger(workdir, config.total_steps, first_step)
+  probe, probe_every = _make_probe(config, model)
+  if probe is not None and first_step == 0:
+    logger.write(0, probe(optim.merge(state.trainable, state.frozen)))
   preempted = preemption.PreemptionFlag().install()
   compiled, flops = None, None
   peak = metrics_lib.peak_flops_per_device()
@@ -415,6 +421,9 @@ def _train(config, workdir, mesh, make_data) -> TrainState:
         if hasattr(data, 'stats'):
           timing.update(data.stats())
         logger.write(done, {**scalars, **timing})
+      if probe is not None and done % probe_every == 0:
+        probe_row = probe(optim.merge(state.trainable, state.frozen))
+        logger.write(done, probe_row)
       stop = preempted.is_set() or checkpointer.reached_preemption(done)
       save = (stop or done == config.total_steps
               or checkpointer.should_save(done))
@@ -446,6 +455,29 @@ def _train(config, workdir, mesh, make_data) -> TrainState:
   if stopped_at is not None:  # Preempted at the final step: done, but exit.
     raise Preempted(workdir, stopped_at)
   return state
+
+
+def _make_probe(config, model):
+  """(params -> probe scalars, every) for `config.probe`; (None, 0) if off.
+
+  config.probe: every (steps), episodes, seed, ways, shots, seq_len; the
+  episodes are `data.world.probe`'s, in the run's tokenizer and image size.
+  """
+  spec = config.get('probe', None)
+  if not spec or config.get('task', 'flamingo') != 'flamingo':
+    return None, 0
+  # pylint: disable=g-import-not-at-top
+  from flamingo_jax.data import tokenizer as tokenizer_lib
+  from flamingo_jax.data.world import probe as probe_data
+  # pylint: enable=g-import-not-at-top
+  batch = probe_data.probe_batch(
+      tokenizer_lib.Tokenizer.load(config.data.tokenizer),
+      num_episodes=spec.episodes, seed=spec.seed, ways=spec.ways,
+      shots=spec.shots, image_size=config.model.image_size,
+      seq_len=spec.seq_len)
+  apply_fn = precision.with_compute_dtype(
+      model, jnp.dtype(config.compute_dtype)).apply
+  return probe_lib.make_probe_fn(apply_fn, batch), spec.every
 
 
 def read_metrics(workdir: str) -> list[dict[str, float]]:

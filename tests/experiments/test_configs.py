@@ -192,6 +192,24 @@ def test_tiny_recipe_takes_every_ablation(name):
   assert set(config.stages) == {'lm', 'vision'} - {dropped.get(name)}
 
 
+def test_tiny_icl_variant_adds_what_it_says():
+  default, icl = tiny.get_config('default'), tiny.get_config('icl')
+  _check_data_section(icl)
+  assert set(icl.data.datasets) == set(default.data.datasets) | {'episodes'}
+  episodes = icl.data.datasets.episodes
+  assert (episodes.builder, episodes.kind, episodes.p_next) == (
+      'world_episodes', 'documents', 0.0)  # The evaluation's layout.
+  assert episodes.max_media >= 9  # 8 shots and the query.
+  assert set(icl.stages.lm.data.datasets) == {'text', 'episode_text'}
+  assert icl.probe.every % icl.log_every == 0
+  assert list(icl.eval.shots) == [0, 2, 4, 8]
+  assert icl.eval.num_queries >= 256
+  assert 'probe' not in default  # The default recipe is unchanged.
+  assert default.total_steps == 800 and default.stages.lm.total_steps == 1500
+  # Ablations follow the variant.
+  assert tiny.get_config('icl,lm_unfrozen').data.datasets.episodes
+
+
 def test_tiny_vit_standin_matches_its_pretraining_stage():
   config = tiny.get_config('smoke,vision_clip_vit_l14')
   assert config.model.vision.encoder == 'vit'

@@ -80,6 +80,16 @@ DOCUMENTS (documents.py; M3W-like)
   pretraining text. Its made-up words recur within a page and nowhere
   else, so predicting them teaches a small LM to copy from its context.
 
+EPISODES (nonce.py; Chan et al. 2022's bursty sequences)
+  2-4 fresh made-up words bound to shapes or colours, 4-9 one-object
+  pictures in the few-shot format ('<image>This is a dax.<EOC>'), every
+  word shown at least twice: after its first showing a word is known only
+  from the earlier picture of the same value. Words come from the 'train'
+  half of the word space, world_nonce's from the 'eval' half
+  (`nonce.word_half`), so no evaluation word is ever trained on.
+  world_episode_text: the same episodes for the LM alone, each picture
+  replaced by what it shows: '(small red striped circle) This is a dax.'
+
 DATASETS (`builders.DATASETS`; splits: default / tiny; 'id' = index)
   world_pairs           train 50_000/32, validation 1_000/8
                         image, caption
@@ -89,6 +99,10 @@ DATASETS (`builders.DATASETS`; splits: default / tiny; 'id' = index)
                         images [N, 64, 64, 3], chunks {text, image (-1: text)}
   world_text            train 50_000/16, validation 500/4
                         text
+  world_episodes        train 20_000/16, validation 500/4
+                        images, chunks (bursty nonce episodes, below)
+  world_episode_text    train 50_000/16, validation 500/4
+                        text (the episodes, pictures put in words)
   world_captions        support 2_000/8, query 500/4
                         image, captions [5]
   world_vqa             support 5_000/8, query 1_000/4

@@ -58,6 +58,9 @@ RELEASE_NOTES = {
     '1.0.0': 'First release of the embedded world.',
     '1.1.0': 'Documents: quiz, gallery and word-learning pages.',
     '1.2.0': 'world_text: text-only pages for the LM stage.',
+    '1.3.0': ('world_episodes and world_episode_text: bursty nonce episodes '
+              'for training; world_nonce draws its words from the eval half '
+              'of the word space.'),
 }
 SIZES = ('default', 'tiny')
 DEFAULT_IMAGE_SIZE = scenes.DEFAULT_IMAGE_SIZE
@@ -309,6 +312,42 @@ class WorldText(WorldBuilder):
     return tasks.text_example(rng)
 
 
+class WorldEpisodes(WorldBuilder):
+  """Bursty nonce episodes as documents (in-context binding to learn)."""
+  name = 'world_episodes'
+  DESCRIPTION = ('Documents of one-object pictures, each named by a made-up '
+                 'word fresh for the document and shown again later '
+                 '(nonce.episode); chunks as world_documents.')
+  SPLITS = {'default': {'train': 20_000, 'validation': 500},
+            'tiny': {'train': 16, 'validation': 4}}
+
+  features = WorldDocuments.features
+
+  @staticmethod
+  def make_example(rng, params):
+    ex = tasks.episode_example(rng, params.image_size)
+    return {'images': [encode_png(image) for image in ex['images']],
+            'chunks': [{'text': c.get('text', ''), 'image': c.get('image', -1)}
+                       for c in ex['chunks']]}
+
+
+class WorldEpisodeText(WorldBuilder):
+  """Bursty nonce episodes in words alone, for the LM stage."""
+  name = 'world_episode_text'
+  DESCRIPTION = ('Bursty nonce episodes with each picture replaced by the '
+                 'words of what it shows (nonce.episode_text).')
+  SPLITS = {'default': {'train': 50_000, 'validation': 500},
+            'tiny': {'train': 16, 'validation': 4}}
+  PARALLEL_MIN_EXAMPLES = 4096
+
+  features = WorldText.features
+
+  @staticmethod
+  def make_example(rng, params):
+    del params  # No media.
+    return tasks.episode_text_example(rng)
+
+
 # ----------------------------------------------------------- evaluation --
 
 
@@ -445,7 +484,8 @@ class WorldNonce(WorldBuilder):
 
 _BUILDERS: dict[str, type[WorldBuilder]] = {
     cls.name: cls for cls in (WorldPairs, WorldVideoPairs, WorldDocuments,
-                              WorldText, WorldCaptions, WorldVqa, WorldVideoQa,
+                              WorldText, WorldEpisodes, WorldEpisodeText,
+                              WorldCaptions, WorldVqa, WorldVideoQa,
                               WorldVideoCaptions, WorldClassification,
                               WorldNonce)}
 DATASETS = tuple(_BUILDERS)

@@ -8,10 +8,26 @@ episode of the nonce task (`tasks.nonce_episode`) and for every word-learning
 page of the documents (`documents.py`), so the word of a picture can only be
 known from earlier pictures of the same episode or page: it is never
 memorised.
+
+Word halves. Every made-up word belongs to one of two halves of the word
+space (`word_half`, a fixed hash of its spelling): the evaluation's nonce
+episodes draw from the 'eval' half and the bursty training episodes
+(`episode`) from the 'train' half, so that no word of an evaluation episode
+ever occurs in them (the documents' word pages draw from both).
+
+Bursty training episodes (Chan et al. 2022, "Data distributional properties
+drive emergent in-context learning in transformers"): a document made only
+of a few objects, each bound to a word fresh for the document, shown again
+and again in the evaluation's format ('<image>This is a dax.<EOC><image>This
+is a blicket.<EOC><image>This is a' dax): after its first showing, a word can
+be predicted only by looking back at the earlier picture of the same shape or
+colour. `episode_text` is the same episode for an LM alone, each picture
+replaced by the words of what it shows ('(small red striped circle)').
 """
 
 from collections.abc import Sequence
 import dataclasses
+import zlib
 
 import numpy as np
 
@@ -40,17 +56,33 @@ def _vocabulary() -> frozenset[str]:
 _VOCABULARY = _vocabulary()
 
 
-def word(rng: np.random.Generator) -> str:
+WORD_HALVES = ('train', 'eval')
+
+
+def word_half(made_up: str) -> str:
+  """'train' or 'eval': the half of the word space `made_up` belongs to."""
+  return WORD_HALVES[zlib.crc32(made_up.encode('utf-8')) % 2]
+
+
+def word(rng: np.random.Generator, half: str | None = None) -> str:
   """A pronounceable made-up word of 2-3 syllables, not in the grammar.
 
   One syllable would too often make an English word ('lot', 'flash').
+
+  Args:
+    rng: the generator.
+    half: None (any word), or 'train' / 'eval': a word of that half.
   """
+  if half is not None and half not in WORD_HALVES:
+    raise ValueError(f'Unknown word half {half!r}; expected one of '
+                     f'{WORD_HALVES} or None.')
   while True:
     num = int(rng.choice([2, 3], p=[0.8, 0.2]))
     made_up = ''.join(language.pick(rng, _ONSETS) +
                       language.pick(rng, _NUCLEI) +
                       language.pick(rng, _CODAS) for _ in range(num))
-    if len(made_up) >= 3 and made_up not in _VOCABULARY:
+    if (len(made_up) >= 3 and made_up not in _VOCABULARY and
+        (half is None or word_half(made_up) == half)):
       return made_up
 
 
@@ -63,13 +95,14 @@ class Binding:
 
 
 def bind(rng: np.random.Generator, ways: int,
-         attribute: str | None = None) -> Binding:
+         attribute: str | None = None, half: str | None = None) -> Binding:
   """Fresh words for `ways` distinct values of a (random) attribute.
 
   Args:
     rng: the episode's or page's generator.
     ways: words to bind, in [1, 8].
     attribute: 'shape' or 'colour'; None draws one.
+    half: the words' half of the word space (`word`); None: any.
 
   Returns:
     The binding.
@@ -82,7 +115,7 @@ def bind(rng: np.random.Generator, ways: int,
                                             size=ways, replace=False))
   words: list[str] = []
   while len(words) < ways:
-    made_up = word(rng)
+    made_up = word(rng, half)
     if made_up not in words:
       words.append(made_up)
   return Binding(attribute, values, tuple(words))
@@ -102,3 +135,73 @@ def ways_order(rng: np.random.Generator, ways: int, repeats: int
   """`repeats` of each way in 0..ways-1, in random order."""
   return [int(w) for w in rng.permutation(np.repeat(np.arange(ways),
                                                     repeats))]
+
+
+# Bursty training episodes: words bound per episode, and images per episode
+# (each word is shown at least twice when there is room).
+EPISODE_WAYS = (2, 3, 4)
+EPISODE_WAYS_P = (0.3, 0.5, 0.2)
+EPISODE_MIN_IMAGES = 4
+EPISODE_MAX_IMAGES = 9  # The evaluation's 8 shots and its query.
+
+
+@dataclasses.dataclass(frozen=True)
+class Episode:
+  """A bursty episode: `order[i]` is the way (word) of picture i."""
+  binding: Binding
+  template: str  # One of TEMPLATES[binding.attribute].
+  order: tuple[int, ...]
+  scenes: tuple[scenes.Scene, ...]
+
+  def texts(self) -> list[str]:
+    """The line after each picture ('This is a dax.')."""
+    return [self.template.format(self.binding.words[w]) for w in self.order]
+
+
+def episode(rng: np.random.Generator, *, ways: int | None = None,
+            num_images: int | None = None,
+            half: str = 'train') -> Episode:
+  """A bursty training episode: few objects, each named again and again.
+
+  Args:
+    rng: the episode's generator.
+    ways: words bound (None: drawn from EPISODE_WAYS).
+    num_images: pictures (None: drawn in [max(EPISODE_MIN_IMAGES,
+      2 * ways), EPISODE_MAX_IMAGES]).
+    half: the words' half of the word space (the evaluation's is 'eval').
+
+  Returns:
+    The episode; every way is shown at least once, twice when
+    num_images >= 2 * ways.
+  """
+  if ways is None:
+    ways = int(rng.choice(EPISODE_WAYS, p=EPISODE_WAYS_P))
+  if num_images is None:
+    low = max(EPISODE_MIN_IMAGES, 2 * ways)
+    num_images = int(rng.integers(low, max(low, EPISODE_MAX_IMAGES) + 1))
+  if num_images < ways:
+    raise ValueError(f'An episode needs at least one picture per word: '
+                     f'{num_images} pictures for {ways} words.')
+  binding = bind(rng, ways, half=half)
+  template = language.pick(rng, TEMPLATES[binding.attribute])
+  shown = 2 if num_images >= 2 * ways else 1
+  order = np.concatenate([np.repeat(np.arange(ways), shown),
+                          rng.integers(ways, size=num_images - shown * ways)])
+  order = tuple(int(w) for w in rng.permutation(order))
+  episode_scenes = tuple(scene(rng, binding.attribute, binding.values[w])
+                         for w in order)
+  return Episode(binding, template, order, episode_scenes)
+
+
+def describe_object(obj: scenes.Obj) -> str:
+  """What a one-object picture shows, in words: 'small red striped circle'."""
+  return f'{obj.size} {obj.colour} {obj.texture} {obj.shape}'
+
+
+def episode_text(ep: Episode) -> str:
+  """The episode for an LM alone: each picture as the words it shows.
+
+  '(small red plain circle) This is a dax. (large blue dotted circle) ...'
+  """
+  return ' '.join(f'({describe_object(s.objects[0])}) {text}'
+                  for s, text in zip(ep.scenes, ep.texts()))

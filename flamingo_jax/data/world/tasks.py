@@ -86,6 +86,22 @@ def text_example(rng: np.random.Generator) -> Example:
                            if 'text' in c)}
 
 
+def episode_example(rng: np.random.Generator, image_size: int) -> Example:
+  """A bursty nonce episode (`nonce.episode`) as a document: its images
+  [N, H, W, 3] and chunks, each picture followed by its line."""
+  ep = nonce.episode(rng)
+  chunks = []
+  for i, text in enumerate(ep.texts()):
+    chunks += [{'image': i}, {'text': text}]
+  return {'images': np.stack([_render(s, image_size) for s in ep.scenes]),
+          'chunks': chunks}
+
+
+def episode_text_example(rng: np.random.Generator) -> Example:
+  """A bursty nonce episode for the LM alone (`nonce.episode_text`)."""
+  return {'text': nonce.episode_text(nonce.episode(rng))}
+
+
 # -------------------------------------------------------------- evaluation --
 
 
@@ -156,7 +172,7 @@ def nonce_episode(rng: np.random.Generator, image_size: int, *,
   if shots < 1 or queries < 1:
     raise ValueError(f'shots and queries must be >= 1; got {shots}, '
                      f'{queries}.')
-  binding = nonce.bind(rng, ways)
+  binding = nonce.bind(rng, ways, half='eval')  # Never a training word.
   template = language.pick(rng, nonce.TEMPLATES[binding.attribute])
 
   def item(way: int) -> dict[str, Any]:

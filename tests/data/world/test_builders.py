@@ -25,6 +25,8 @@ EXPECTED = {
     'world_video_pairs': ({'train', 'validation'}, {'video', 'caption'}),
     'world_documents': ({'train', 'validation'}, {'images', 'chunks'}),
     'world_text': ({'train', 'validation'}, {'text'}),
+    'world_episodes': ({'train', 'validation'}, {'images', 'chunks'}),
+    'world_episode_text': ({'train', 'validation'}, {'text'}),
     'world_captions': ({'support', 'query'}, {'image', 'captions'}),
     'world_vqa': ({'support', 'query'},
                   {'image', 'question', 'answer', 'answers',

@@ -1,0 +1,116 @@
+"""Held-out episodes for the binding probe, as model inputs.
+
+The probe (`flamingo_jax.training.probe`, logged while training) asks: at
+the query position of an episode, how much more likely is the word bound to
+the query's picture than the episode's other words? Each probe episode binds
+`ways` made-up words (from the 'eval' half of the word space: never trained
+on) to shapes or colours through `shots` support pictures per word, in the
+few-shot format, and asks one query per word. Every query is continued by
+every word of the episode, one row each:
+
+  <BOS><image>This is a dax.<EOC> ... <image>This is a blicket.<EOC>
+      <image>This is a| dax.<EOC>        (row: query q, candidate c)
+
+`score_mask` marks the targets of the continuation after '|' (the word, the
+rest of the line and <EOC>). The rows of one episode share their support,
+and the text of a query's prompt does not depend on which picture it shows:
+a model blind to the pictures gives every query the same candidate scores,
+so its margin, averaged over the episode's queries, is exactly 0.
+
+Glossary of shapes:
+  E: probe episodes.
+  Q: queries per episode (= ways, one per word); C: candidates (= ways).
+  R: rows, E * Q * C, in that order (the correct candidate of query q is
+    c = q).
+  L: sequence length.
+  N: media slots, ways * shots support pictures + 1 query.
+  H, W: image side.
+"""
+
+from typing import Any
+
+import numpy as np
+
+from flamingo_jax.data import formatting
+from flamingo_jax.data.world import language
+from flamingo_jax.data.world import nonce
+from flamingo_jax.data.world import scenes
+
+PROBE_NAME = 'binding_probe'  # Its episodes' generator name (held out).
+
+
+def _continuation_start(tokenizer, line: str, prefix: str) -> int:
+  """How many ids of `line` are the prompt's `prefix` (the rest is scored)."""
+  line_ids = list(tokenizer.encode(line, parse_markers=False))
+  prefix_ids = list(tokenizer.encode(prefix, parse_markers=False))
+  if line_ids[:len(prefix_ids)] != prefix_ids or len(line_ids) == len(
+      prefix_ids):
+    raise ValueError(f'The probe line {line!r} does not tokenize as its '
+                     f'prompt {prefix!r} followed by the word.')
+  return len(prefix_ids)
+
+
+def probe_batch(tokenizer: Any, *, num_episodes: int = 16, seed: int = 0,
+                ways: int = 3, shots: int = 2, image_size: int = 64,
+                seq_len: int = 128) -> dict[str, np.ndarray]:
+  """The probe's rows (see the module docstring).
+
+  Args:
+    tokenizer: the run's tokenizer (`encode`, and the marker ids).
+    num_episodes: E.
+    seed: which held-out episodes.
+    ways: words per episode (Q = C).
+    shots: support pictures per word.
+    image_size: H = W.
+    seq_len: L; must hold the longest row.
+
+  Returns:
+    tokens, targets int32 [R, L]; score_mask float32 [R, L]; media uint8
+    [R, N, 1, H, W, 3]; media_mask bool [R, N]; media_index int32 [R, L];
+    ways int32 [] (Q = C).
+  """
+  if num_episodes < 1 or ways < 2 or shots < 1:
+    raise ValueError(f'The probe needs num_episodes >= 1, ways >= 2 and '
+                     f'shots >= 1; got {num_episodes}, {ways}, {shots}.')
+  num_support = ways * shots
+  rows = []
+  for e in range(num_episodes):
+    rng = scenes.example_rng(PROBE_NAME, str(seed), e)
+    binding = nonce.bind(rng, ways, half='eval')
+    template = language.pick(rng, nonce.TEMPLATES[binding.attribute])
+    prefix = template.split('{}')[0].rstrip()
+    attribute, values, words = (binding.attribute, binding.values,
+                                binding.words)
+    order = nonce.ways_order(rng, ways, shots)
+    support = [scenes.render_scene(nonce.scene(rng, attribute, values[w]),
+                                   image_size) for w in order]
+    chunks = []
+    for i, w in enumerate(order):
+      chunks += [{'image': i}, {'text': template.format(words[w])}]
+    for q in range(ways):
+      query = scenes.render_scene(nonce.scene(rng, attribute, values[q]),
+                                  image_size)
+      media = np.stack(support + [query])[:, None]  # [N, 1, H, W, 3]
+      for c in range(ways):
+        line = template.format(words[c])
+        out = formatting.format_document(
+            chunks + [{'image': num_support}, {'text': line}], tokenizer,
+            seq_len=seq_len, max_media=num_support + 1)
+        if (isinstance(out, formatting.Skip) or
+            out['num_media'] != num_support + 1 or
+            out['targets'][out['loss_mask'] > 0][-1] != tokenizer.eos_id):
+          raise ValueError(f'seq_len={seq_len} does not hold a probe '
+                           'episode; raise it.')
+        start = _continuation_start(tokenizer, line, prefix)
+        last_image = int(np.nonzero(out['tokens'] == tokenizer.image_id)[0]
+                         [-1])
+        end = int(np.nonzero(out['targets'] == tokenizer.eoc_id)[0][-1])
+        score_mask = np.zeros(seq_len, np.float32)
+        score_mask[last_image + start:end + 1] = 1.0
+        rows.append(dict(tokens=out['tokens'], targets=out['targets'],
+                         score_mask=score_mask, media=media,
+                         media_mask=out['media_mask'],
+                         media_index=out['media_index']))
+  batch = {key: np.stack([row[key] for row in rows]) for key in rows[0]}
+  batch['ways'] = np.int32(ways)
+  return batch

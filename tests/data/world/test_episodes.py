@@ -1,0 +1,116 @@
+"""Bursty nonce episodes (training): structure, fresh words, disjointness."""
+
+import collections
+
+import numpy as np
+import pytest
+
+from flamingo_jax.data import formatting
+from flamingo_jax.data.world import nonce
+from flamingo_jax.data.world import scenes
+from flamingo_jax.data.world import tasks
+
+
+def _rng(index, name='test_episodes'):
+  return scenes.example_rng(name, 'train', index)
+
+
+def _episodes(num):
+  return [nonce.episode(_rng(i)) for i in range(num)]
+
+
+def test_every_picture_is_named_by_the_word_of_its_value():
+  for ep in _episodes(40):
+    binding = ep.binding
+    assert len(set(binding.words)) == len(binding.words)
+    assert len(set(binding.values)) == len(binding.values)
+    assert len(ep.order) == len(ep.scenes) == len(ep.texts())
+    assert ep.template in nonce.TEMPLATES[binding.attribute]
+    for way, scene, text in zip(ep.order, ep.scenes, ep.texts()):
+      (obj,) = scene.objects
+      assert getattr(obj, binding.attribute) == binding.values[way]
+      assert text == ep.template.format(binding.words[way])
+
+
+def test_episodes_are_bursty():
+  sizes, ways = set(), set()
+  for ep in _episodes(60):
+    n, k = len(ep.order), len(ep.binding.words)
+    sizes.add(n)
+    ways.add(k)
+    assert nonce.EPISODE_MIN_IMAGES <= n <= nonce.EPISODE_MAX_IMAGES
+    counts = collections.Counter(ep.order)
+    # Every word is shown, and shown again: after its first showing it can
+    # only be predicted from the earlier picture of the same value.
+    assert set(counts) == set(range(k))
+    assert min(counts.values()) >= 2
+  assert ways == set(nonce.EPISODE_WAYS)
+  assert len(sizes) >= 4
+
+
+def test_fresh_words_per_episode():
+  words = [w for ep in _episodes(200) for w in ep.binding.words]
+  assert len(set(words)) == len(words)
+
+
+def test_training_and_evaluation_words_are_disjoint():
+  train = {w for ep in _episodes(300) for w in ep.binding.words}
+  evaluation = set()
+  for i in range(300):
+    episode = tasks.nonce_episode(scenes.example_rng('world_nonce', 'query',
+                                                     i), 16)
+    evaluation.update(episode['words'])
+  assert {nonce.word_half(w) for w in train} == {'train'}
+  assert {nonce.word_half(w) for w in evaluation} == {'eval'}
+  assert not train & evaluation
+  # The halves split the word space about evenly.
+  rng = np.random.default_rng(0)
+  halves = collections.Counter(nonce.word_half(nonce.word(rng))
+                               for _ in range(400))
+  assert 150 < halves['eval'] < 250
+
+
+def test_episode_document_is_the_evaluation_format():
+  """'<image>This is a dax.<EOC><image>...': the few-shot prompt's layout."""
+  example = tasks.episode_example(_rng(3), 16)
+  chunks = example['chunks']
+  n = len(example['images'])
+  assert example['images'].shape == (n, 16, 16, 3)
+  assert [c.get('image') for c in chunks[::2]] == list(range(n))
+  texts = [c['text'] for c in chunks[1::2]]
+  assert len(texts) == n and all(t.endswith(('.', '!')) for t in texts)
+
+  class Ids:  # A character tokenizer with the markers' ids.
+    bos_id, eos_id, image_id, eoc_id, pad_id = 1, 2, 3, 4, 0
+
+    def encode(self, text, parse_markers=False):
+      del parse_markers
+      return [100 + ord(c) for c in text]
+
+  out = formatting.format_document(chunks, Ids(), seq_len=512, max_media=n)
+  ids = out['tokens'][out['tokens'] > 0]
+  assert ids[0] == Ids.bos_id and ids[1] == Ids.image_id
+  assert (ids == Ids.image_id).sum() == n
+  # Every image but the first follows an <EOC>.
+  before = ids[np.nonzero(ids == Ids.image_id)[0][1:] - 1]
+  assert (before == Ids.eoc_id).all()
+
+
+def test_episode_text_puts_words_for_pictures():
+  ep = nonce.episode(_rng(5))
+  text = nonce.episode_text(ep)
+  pieces = text.split('(')[1:]
+  assert len(pieces) == len(ep.scenes)
+  for piece, scene, line in zip(pieces, ep.scenes, ep.texts()):
+    (obj,) = scene.objects
+    seen, said = piece.split(') ')
+    assert seen.split() == [obj.size, obj.colour, obj.texture, obj.shape]
+    assert said.strip() == line
+  assert tasks.episode_text_example(_rng(5)) == {'text': text}
+
+
+def test_bad_episode_arguments_raise():
+  with pytest.raises(ValueError, match='one picture per word'):
+    nonce.episode(_rng(0), ways=3, num_images=2)
+  with pytest.raises(ValueError, match='word half'):
+    nonce.word(_rng(0), half='test')
