@@ -190,7 +190,7 @@ def _plan(store: tensors_lib.TensorStore, rules: Sequence[Rule],
         problems.append(f'tensor {name} has shape {info.shape} (-> '
                         f'{tuple(out.shape)}) but {target} needs '
                         f'{tuple(want)}' +
-                        (f' per layer' if layer is not None else '') + '.')
+                        (' per layer' if layer is not None else '') + '.')
         ok = False
         continue
       fills.setdefault((target, layer), []).append(name)

@@ -32,7 +32,6 @@ import zlib
 
 from absl import logging
 from etils import epath
-import numpy as np
 from PIL import Image
 import tensorflow as tf
 import tensorflow_datasets as tfds
