@@ -198,3 +198,15 @@ def test_openflamingo_variant_with_mpt():
 def test_variant_errors():
   with pytest.raises(ValueError, match="Unknown Flamingo variant 'idefics'"):
     flamingo.with_variant(flamingo.model_config('tiny'), 'idefics')
+
+
+def test_vanilla_xattn_needs_a_sequential_block():
+  """Table 3's vanilla_xattn sits between self-attention and feed-forward,
+  which a parallel residual (GPT-NeoX) does not have: a named error."""
+  config = _flamingo_config(FAMILY_CONFIGS['gpt_neox'])
+  config['xattn']['xattn_type'] = 'vanilla_xattn'
+  tokens, _, media_mask, media_index = test_decoding._inputs()  # pylint: disable=protected-access
+  visual = test_decoding._visual(config)  # pylint: disable=protected-access
+  with pytest.raises(ValueError, match='parallel residual'):
+    jax.eval_shape(test_decoding._decode(config).init, jax.random.PRNGKey(0),  # pylint: disable=protected-access
+                   tokens, visual, media_mask, media_index)
