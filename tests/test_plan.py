@@ -34,9 +34,9 @@ import numpy as np
 import pytest
 
 from experiments import flamingo as flamingo_config
+from flamingo_jax.models import precision
 from flamingo_jax.training import loop
 from flamingo_jax.training import memory
-from flamingo_jax.training import precision
 from flamingo_jax.training import sharding
 from flamingo_jax.training import slices
 from flamingo_jax.training import train_step as train_step_lib

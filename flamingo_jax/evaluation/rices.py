@@ -36,7 +36,7 @@ import numpy as np
 
 from flamingo_jax import fs
 from flamingo_jax.models import flamingo
-from flamingo_jax.training import precision
+from flamingo_jax.models import precision
 
 
 def feature_fn(model_config: Mapping[str, Any], *,

@@ -36,7 +36,7 @@ import numpy as np
 
 from flamingo_jax.models import decoding
 from flamingo_jax.models import flamingo
-from flamingo_jax.training import precision
+from flamingo_jax.models import precision
 
 Batch = Mapping[str, Any]  # As from prompts.collate.
 NEG_INF = -1e9  # Finite, so that sums of impossible scores stay ordered.

@@ -1,7 +1,8 @@
-"""Training: freezing and the optimizer, sharding, mixed precision.
+"""Training: freezing and the optimizer, sharding, the loop.
 
-Which parameters train (`optim`), where they live (`sharding`) and in which
-dtypes (`precision`). Freezing, weight decay and sharding are all declared as
+Which parameters train (`optim`) and where they live (`sharding`); the dtypes
+they are stored and computed in are `flamingo_jax.models.precision`'s, shared
+with inference. Freezing, weight decay and sharding are all declared as
 ordered `[(regex, value)]` rules over parameter path strings such as
 'lm/blocks/block/ffw/hidden/w' (Haiku's 'module/param', see
 `flamingo_jax/models/flamingo.py`). The two helpers here are the one place

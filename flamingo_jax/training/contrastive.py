@@ -34,8 +34,8 @@ import jax.numpy as jnp
 import optax
 
 from flamingo_jax.models import contrastive as contrastive_model
+from flamingo_jax.models import precision
 from flamingo_jax.training import optim
-from flamingo_jax.training import precision
 from flamingo_jax.training import train_step as train_step_lib
 
 Batch = Mapping[str, jax.Array]

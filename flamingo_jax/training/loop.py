@@ -40,11 +40,11 @@ from flamingo_jax import fs
 from flamingo_jax import plot
 from flamingo_jax.models import contrastive as contrastive_model
 from flamingo_jax.models import flamingo
+from flamingo_jax.models import precision
 from flamingo_jax.training import contrastive
 from flamingo_jax.training import flops as flops_lib
 from flamingo_jax.training import metrics as metrics_lib
 from flamingo_jax.training import optim
-from flamingo_jax.training import precision
 from flamingo_jax.training import preemption
 from flamingo_jax.training import probe as probe_lib
 from flamingo_jax.training import sharding

@@ -57,7 +57,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from flamingo_jax.training import precision
+from flamingo_jax.models import precision
 
 Batch = Mapping[str, jax.Array]
 DATASET_UPDATES = ('accumulate', 'round_robin')

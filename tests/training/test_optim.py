@@ -9,8 +9,8 @@ import pytest
 from experiments import flamingo as flamingo_config
 from flamingo_jax import summarize
 from flamingo_jax.models import flamingo
+from flamingo_jax.models import precision
 from flamingo_jax.training import optim
-from flamingo_jax.training import precision
 from tests import training as training_tests
 
 TINY = flamingo.model_config('tiny')

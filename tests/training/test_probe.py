@@ -11,7 +11,7 @@ from flamingo_jax import checkpoint
 from flamingo_jax.data import tokenizer as tokenizer_lib
 from flamingo_jax.data.world import probe as probe_data
 from flamingo_jax.models import flamingo
-from flamingo_jax.training import precision
+from flamingo_jax.models import precision
 from flamingo_jax.training import probe
 
 EPISODES, WAYS, SHOTS = 2, 3, 2

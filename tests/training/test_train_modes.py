@@ -18,9 +18,9 @@ import pytest
 
 from experiments import tiny
 from flamingo_jax.models import flamingo
+from flamingo_jax.models import precision
 from flamingo_jax.training import loop
 from flamingo_jax.training import optim
-from flamingo_jax.training import precision
 from flamingo_jax.training import train_step as train_step_lib
 from tests import training as training_tests
 from tests.training import multiprocess_worker as synthetic

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from flamingo_jax.models import flamingo
+from flamingo_jax.models import precision
 from flamingo_jax.training import optim
-from flamingo_jax.training import precision
 from tests import training as training_tests
 
 TINY = flamingo.model_config('tiny')

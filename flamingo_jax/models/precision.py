@@ -28,8 +28,6 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 
-from flamingo_jax.training import optim
-
 DType = Any  # A jnp dtype, e.g. jnp.bfloat16.
 
 # Layers whose statistics are computed in fp32 whatever the compute dtype.
@@ -58,8 +56,10 @@ def compute_params(trainable: hk.Params, frozen: hk.Params,
 
   Call it inside the function you differentiate with respect to `trainable`:
   the cast's transpose returns fp32 gradients for fp32 trainable params.
+  The merge is `training.optim.merge`'s (the two must not share a name).
   """
-  return cast_floating(optim.merge(trainable, frozen), dtype)
+  merged = hk.data_structures.merge(trainable, frozen, check_duplicates=True)
+  return cast_floating(merged, dtype)
 
 
 def _interceptor(dtype: DType) -> Callable[..., Any]:
