@@ -55,9 +55,9 @@ import numpy as np
 
 from flamingo_jax import cli
 from flamingo_jax import fs
+from flamingo_jax.data import media_index
 from flamingo_jax.inference import generate
 from flamingo_jax.models import flamingo
-from flamingo_jax.models import media_index
 from flamingo_jax.training import flops as flops_lib
 from flamingo_jax.training import loop
 from flamingo_jax.training import memory as memory_lib

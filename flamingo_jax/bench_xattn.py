@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flamingo_jax.data import media_index as media_index_lib
 from flamingo_jax.models import layers
-from flamingo_jax.models import media_index as media_index_lib
 from flamingo_jax.models import xattn
 
 _IMAGES = flags.DEFINE_list('images', ['1', '5', '10'],

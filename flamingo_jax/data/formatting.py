@@ -82,8 +82,8 @@ import dataclasses
 
 import numpy as np
 
+from flamingo_jax.data import media_index as media_index_lib
 from flamingo_jax.data import tokenizer as tokenizer_lib
-from flamingo_jax.models import media_index as media_index_lib
 
 Chunk = Mapping[str, str | int]  # {'text': str} or {'image': int}
 Example = dict[str, np.ndarray]

@@ -6,7 +6,7 @@ markers (paper §2.4, App. A.3.1):
 - `<image>` marks where a medium sits in the text. It is a user-defined
   symbol of the SentencePiece model, i.e. one ordinary piece of the frozen
   vocabulary: the LM embeds it like any text token, and phi
-  (`flamingo_jax.models.media_index`) is computed from its positions.
+  (`flamingo_jax.data.media_index`) is computed from its positions.
 - `<EOC>` (end of chunk) is *not* a SentencePiece piece: it is the one token
   Flamingo adds to the LM, with id `vocab_size` and its own trainable
   embedding rows (`lm/eoc_embedding`, `lm/eoc_unembedding`). The LM's logits

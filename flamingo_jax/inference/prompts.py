@@ -27,9 +27,9 @@ from typing import Any
 
 import numpy as np
 
+from flamingo_jax.data import media_index as media_index_lib
 from flamingo_jax.data import pipeline
 from flamingo_jax.data import tokenizer as tokenizer_lib
-from flamingo_jax.models import media_index as media_index_lib
 
 Batch = dict[str, np.ndarray]
 

@@ -6,10 +6,10 @@ import jax
 import numpy as np
 import pytest
 
+from flamingo_jax.data import media_index as media_index_lib
 from flamingo_jax.inference import generate
 from flamingo_jax.inference import prompts
 from flamingo_jax.models import flamingo
-from flamingo_jax.models import media_index as media_index_lib
 
 BOS, IMAGE, EOC = 2, 4, 512
 BANNED = (0, BOS, IMAGE)

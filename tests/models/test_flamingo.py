@@ -9,8 +9,8 @@ import pytest
 
 from experiments import flamingo as flamingo_config
 from flamingo_jax import summarize
+from flamingo_jax.data import media_index as media_index_lib
 from flamingo_jax.models import flamingo
-from flamingo_jax.models import media_index as media_index_lib
 
 TINY = flamingo.model_config('tiny')
 B, L, N = 2, 12, 3

@@ -36,7 +36,7 @@ import pytest
 
 from experiments import flamingo as flamingo_config
 from experiments import tiny
-from flamingo_jax.models import media_index as media_index_lib
+from flamingo_jax.data import media_index as media_index_lib
 from flamingo_jax.training import flops as flops_lib
 from flamingo_jax.training import loop
 from flamingo_jax.training import metrics as metrics_lib

@@ -3,7 +3,8 @@
 The one place where phi is derived from the positions of the `<image>`
 markers; the data pipeline and the inference prompt builder both call
 `compute_media_index`, and the model only reads the result (paper §2.3,
-App. A.3.2). Runs on host numpy arrays, before batching into jax.
+App. A.3.2). Runs on host numpy arrays, before batching into jax; it lives
+in data/, the lowest room that needs it (the data never imports the models).
 
 Slots are 1-based in order of appearance; 0 means "no medium".
 - Previous-image mode (the default): a token attends to the last marker at or

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from flamingo_jax.models import media_index
+from flamingo_jax.data import media_index
 
 
 def test_previous_image_mode():
