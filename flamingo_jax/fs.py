@@ -22,6 +22,7 @@ Where an object store differs from a disk:
 """
 
 import contextlib
+import io
 import os
 import posixpath
 from typing import IO, Iterator
@@ -220,3 +221,15 @@ def write_bytes(path: PathLike, data: bytes) -> None:
 def write_text(path: PathLike, text: str) -> None:
   """`write_bytes` of UTF-8 text."""
   write_bytes(path, text.encode('utf-8'))
+
+
+def save_figure(fig, path: PathLike) -> None:
+  """`fig.savefig(path)` of a matplotlib figure, local or URL (a PNG at 100
+  dpi); matplotlib itself is the caller's import."""
+  path = os.fspath(path)
+  if is_url(path):
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format='png', dpi=100)
+    write_bytes(path, buffer.getvalue())
+  else:
+    fig.savefig(path, dpi=100)

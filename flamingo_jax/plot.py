@@ -1,144 +1,25 @@
 r"""Plots a run's metrics: python -m flamingo_jax.plot --workdir W.
 
-Writes, from `W/metrics.jsonl`:
-  W/plots/loss.png    the weighted total loss and each dataset's loss;
-  W/plots/gates.png   |tanh(alpha)| of every cross-attention gate per layer
-                      over training (the paper's Fig. 6);
-  W/plots/probe.png   the binding probe (training/probe.py): margin and
-                      accuracy over training, when the run logged it.
-The training loop writes them at the end of every run too.
+Writes W/plots/loss.png, gates.png and probe.png (when logged) from
+W/metrics.jsonl; see `flamingo_jax.orchestration.plots`. The recipe writes
+them at the end of every stage too.
 """
-
-import io
-import json
 
 from absl import app
 from absl import flags
-from absl import logging
-import matplotlib
 
-matplotlib.use('Agg')  # No display needed.
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
+from flamingo_jax.orchestration import plots
 
-from flamingo_jax import fs  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-
-def read_metrics(workdir: str) -> list[dict[str, float]]:
-  """The rows of `<workdir>/metrics.jsonl`, in order.
-
-  A damaged line (e.g. torn by a kill mid-write) is skipped with a warning
-  that names it, rather than failing every later reader.
-  """
-  path = fs.join(workdir, 'metrics.jsonl')
-  if not fs.exists(path):
-    raise FileNotFoundError(f'No metrics in {workdir!r}: {path} is missing.')
-  rows, damaged = [], []
-  with fs.open_file(path) as f:
-    for number, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError:
-        row = None
-      if isinstance(row, dict) and isinstance(row.get('step'), int):
-        rows.append(row)
-      else:
-        damaged.append(number)
-  if damaged:
-    logging.warning('%s: skipped %d damaged line(s): %s.', path, len(damaged),
-                    ', '.join(map(str, damaged[:10])))
-  return rows
-
-
-def save_figure(fig, path: str) -> None:
-  """`fig.savefig(path)`, local or gs:// (a PNG at 100 dpi)."""
-  if fs.is_url(path):
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format='png', dpi=100)
-    fs.write_bytes(path, buffer.getvalue())
-  else:
-    fig.savefig(path, dpi=100)
-
-
-def _series(rows, key):
-  points = [(r['step'], r[key]) for r in rows if key in r]
-  return [p[0] for p in points], [p[1] for p in points]
-
-
-def plot_losses(rows, path: str) -> None:
-  fig, ax = plt.subplots(figsize=(7, 4))
-  keys = ['loss'] + sorted({k for r in rows for k in r
-                            if k.startswith('loss/')})
-  for key in keys:
-    ax.plot(*_series(rows, key), label=key, lw=2 if key == 'loss' else 1)
-  ax.set_xlabel('step')
-  ax.set_ylabel('loss')
-  ax.set_title('Training loss (total: lambda-weighted sum)')
-  ax.legend()
-  ax.grid(alpha=0.3)
-  fig.tight_layout()
-  save_figure(fig, path)
-  plt.close(fig)
-
-
-def plot_gates(rows, path: str) -> None:
-  keys = sorted({k for r in rows for k in r if k.startswith('gates/')},
-                key=lambda k: (k.rsplit('_', 1)[0], int(k.rsplit('_', 1)[1])))
-  fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-  for ax, kind in zip(axes, ('attn_gate', 'ffw_gate')):
-    for key in keys:
-      if key.startswith(f'gates/{kind}_'):
-        ax.plot(*_series(rows, key), label=f'layer {key.rsplit("_", 1)[1]}')
-    ax.set_title(f'|tanh({kind})|')
-    ax.set_xlabel('step')
-    ax.grid(alpha=0.3)
-  axes[0].legend(fontsize='small')
-  fig.tight_layout()
-  save_figure(fig, path)
-  plt.close(fig)
-
-
-def plot_probe(rows, path: str) -> None:
-  fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-  for ax, key, title in (
-      (axes[0], 'probe/binding_margin', 'binding margin (nats; blind = 0)'),
-      (axes[1], 'probe/binding_accuracy', 'binding accuracy')):
-    ax.plot(*_series(rows, key), marker='.')
-    ax.set_title(title)
-    ax.set_xlabel('step')
-    ax.grid(alpha=0.3)
-  axes[0].axhline(0.0, color='grey', lw=1)
-  fig.tight_layout()
-  save_figure(fig, path)
-  plt.close(fig)
-
-
-def write_plots(workdir: str) -> list[str]:
-  """Writes the plots of `workdir`; returns their paths."""
-  rows = read_metrics(workdir)
-  out = fs.join(workdir, 'plots')
-  fs.makedirs(out)
-  paths = [fs.join(out, 'loss.png')]
-  plot_losses(rows, paths[0])
-  if any(k.startswith('gates/') for r in rows for k in r):
-    paths.append(fs.join(out, 'gates.png'))
-    plot_gates(rows, paths[-1])
-  if any('probe/binding_margin' in r for r in rows):
-    paths.append(fs.join(out, 'probe.png'))
-    plot_probe(rows, paths[-1])
-  return paths
+_WORKDIR = flags.DEFINE_string('workdir', None, 'A training workdir.')
+flags.mark_flag_as_required('workdir')
 
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  for path in write_plots(flags.FLAGS.workdir):
+  for path in plots.write_plots(_WORKDIR.value):
     print(path)
 
 
 if __name__ == '__main__':
-  # Defined here, not at import: the training loop imports this module.
-  flags.DEFINE_string('workdir', None, 'A training workdir.')
-  flags.mark_flag_as_required('workdir')
   app.run(main)

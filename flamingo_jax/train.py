@@ -55,7 +55,7 @@ def main(argv: list[str]) -> None:
   logging.info('JAX processes: %d, devices: %s', jax.process_count(),
                jax.devices())
   # Imported after jax.distributed.initialize, which must come first.
-  from flamingo_jax.training import recipe  # pylint: disable=g-import-not-at-top
+  from flamingo_jax.orchestration import recipe  # pylint: disable=g-import-not-at-top
   recipe.run(_CONFIG.value, _WORKDIR.value)
 
 

@@ -21,9 +21,10 @@ import flamingo_jax
 from experiments import tiny
 from flamingo_jax import checkpoint as checkpoint_lib
 from flamingo_jax import fs
-from flamingo_jax import report
 from flamingo_jax.data import prepare
 from flamingo_jax.data import tokenizer as tokenizer_lib
+from flamingo_jax.orchestration import plots
+from flamingo_jax.orchestration import report
 from flamingo_jax.training import loop
 from flamingo_jax.training import metrics as metrics_lib
 from flamingo_jax.training import optim
@@ -173,7 +174,8 @@ def test_a_run_and_load_on_a_gs_workdir(gcs, tmp_path, monkeypatch):
       prepare.world_corpus(num_scenes=200, num_videos=50, num_documents=50),
       config.data.vocab_size, path=tokenizer)
 
-  state = loop.train_and_evaluate(config, RUN, _Data)
+  state = loop.train_and_evaluate(config, RUN, _Data,
+                                  on_finished=plots.write_plots)
 
   files = set(gcs.files(RUN))
   for name in ('config.json', 'metrics.jsonl', 'finished.json',

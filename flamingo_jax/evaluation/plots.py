@@ -9,7 +9,7 @@ import matplotlib
 matplotlib.use('Agg')  # No display needed.
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from flamingo_jax import plot  # pylint: disable=g-import-not-at-top,wrong-import-position
+from flamingo_jax import fs  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def plot_scores(results: Mapping[str, Any], path: str) -> None:
@@ -43,5 +43,5 @@ def plot_scores(results: Mapping[str, Any], path: str) -> None:
     title += ', RICES)' if metadata.get('rices') else ')'
   fig.suptitle(title)
   fig.tight_layout()
-  plot.save_figure(fig, path)
+  fs.save_figure(fig, path)
   plt.close(fig)

@@ -9,7 +9,8 @@
       state = jit(init, out_shardings=rules(eval_shape(init)))(rng)
   write W/config.json (only now: a run that cannot resume leaves it)
   for step: batches -> global arrays -> train_step -> metrics / checkpoint
-  after the final step is saved: W/finished.json
+  after the final step is saved: W/finished.json, then `on_finished(W)` on
+      process 0 (the recipe writes W/plots/ there; this room plots nothing)
   config.probe (optional): the binding probe (probe.py) before the first step
       and every config.probe.every steps, into the metrics
 
@@ -37,7 +38,6 @@ import numpy as np
 
 from flamingo_jax import checkpoint as checkpoint_lib
 from flamingo_jax import fs
-from flamingo_jax import plot
 from flamingo_jax.models import contrastive as contrastive_model
 from flamingo_jax.models import flamingo
 from flamingo_jax.models import precision
@@ -56,6 +56,8 @@ TrainState = train_step_lib.TrainState
 # make_data(config, start_step) -> iterator of {dataset: {key: np.ndarray}}
 # (this process's share of each global batch) with a `state()` method.
 DataFactory = Callable[[ml_collections.ConfigDict, int], Iterator[Any]]
+# Called with the workdir once the final step is saved and marked.
+FinishedHook = Callable[[str], Any]
 
 
 DEFAULT_MAX_NONFINITE_STEPS = 5  # When config.max_nonfinite_steps is unset.
@@ -244,8 +246,19 @@ def _tokens_per_step(batches) -> tuple[int, int]:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       make_data: Optional[DataFactory] = None) -> TrainState:
+                       make_data: Optional[DataFactory] = None, *,
+                       on_finished: Optional[FinishedHook] = None
+                       ) -> TrainState:
   """Trains `config` in `workdir`, resuming from its last intact checkpoint.
+
+  Args:
+    config: the run's config (`validation.validate_config` checks it).
+    workdir: its directory, local or gs://.
+    make_data: (config, first step) -> batches; default: the config's
+      datasets through `data.pipeline`.
+    on_finished: called on process 0 with `workdir` once the final step is
+      saved and W/finished.json written (e.g. the recipe's plots), also when
+      a preemption came at the final step.
 
   Returns:
     The final train state (W/finished.json is then written).
@@ -267,7 +280,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       make_data = pipeline.make_train_data
     mesh = sharding.make_mesh(config.mesh)
     with jax.set_mesh(mesh):
-      return _train(config, workdir, mesh, make_data)
+      return _train(config, workdir, mesh, make_data, on_finished)
 
 
 def _check_batch_sizes(config, mesh) -> None:
@@ -356,7 +369,7 @@ def _save_final(config, workdir, state) -> None:
     checkpointer.close()
 
 
-def _train(config, workdir, mesh, make_data) -> TrainState:
+def _train(config, workdir, mesh, make_data, on_finished) -> TrainState:
   """The body of train_and_evaluate, under the mesh and the workdir lock."""
   _check_batch_sizes(config, mesh)
   model = task_of(config).transform(config.model)
@@ -449,9 +462,8 @@ def _train(config, workdir, mesh, make_data) -> TrainState:
     _save_final(config, workdir, state)
   # The final step is saved and committed (close() waited for it).
   workdir_lib.mark_finished(workdir, config.total_steps)
-  if jax.process_index() == 0:
-    for path in plot.write_plots(workdir):
-      logging.info('Wrote %s', path)
+  if on_finished is not None and jax.process_index() == 0:
+    on_finished(workdir)
   if stopped_at is not None:  # Preempted at the final step: done, but exit.
     raise Preempted(workdir, stopped_at)
   return state
@@ -481,5 +493,5 @@ def _make_probe(config, model):
 
 
 def read_metrics(workdir: str) -> list[dict[str, float]]:
-  """The rows of `<workdir>/metrics.jsonl`, in order."""
-  return plot.read_metrics(workdir)
+  """The rows of `<workdir>/metrics.jsonl`, in order (see `metrics.py`)."""
+  return metrics_lib.read_metrics(workdir)

@@ -10,7 +10,8 @@ x steps/s / (`peak_flops_per_device()` x device count).
 
 A resumed run first drops the JSONL rows past the step it resumed from (a
 killed run logged them after its last checkpoint; they come again), so the
-file never repeats a step; a torn last line goes with them.
+file never repeats a step; a torn last line goes with them. `read_metrics`
+reads the file back (for the plots, the report and tests).
 """
 
 from collections.abc import Mapping
@@ -116,6 +117,34 @@ def drop_rows_after(path: str, step: int) -> None:
                'again) and %d damaged lines.', path,
                len(lines) - len(kept) - damaged, step, damaged)
   fs.write_text(path, ''.join(line + '\n' for line in kept))
+
+
+def read_metrics(workdir: str) -> list[dict[str, float]]:
+  """The rows of `<workdir>/metrics.jsonl`, in order.
+
+  A damaged line (e.g. torn by a kill mid-write) is skipped with a warning
+  that names it, rather than failing every later reader.
+  """
+  path = fs.join(workdir, 'metrics.jsonl')
+  if not fs.exists(path):
+    raise FileNotFoundError(f'No metrics in {workdir!r}: {path} is missing.')
+  rows, damaged = [], []
+  with fs.open_file(path) as f:
+    for number, line in enumerate(f, start=1):
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError:
+        row = None
+      if isinstance(row, dict) and isinstance(row.get('step'), int):
+        rows.append(row)
+      else:
+        damaged.append(number)
+  if damaged:
+    logging.warning('%s: skipped %d damaged line(s): %s.', path, len(damaged),
+                    ', '.join(map(str, damaged[:10])))
+  return rows
 
 
 class _ObjectLines:

@@ -11,7 +11,7 @@ from experiments import tiny
 from flamingo_jax.data import pipeline
 from flamingo_jax.data import prepare
 from flamingo_jax.data import tokenizer as tokenizer_lib
-from flamingo_jax.training import recipe
+from flamingo_jax.orchestration import recipe
 
 
 @pytest.fixture(scope='module')

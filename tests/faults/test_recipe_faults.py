@@ -35,7 +35,7 @@ import pytest
 
 from experiments import tiny
 from flamingo_jax import checkpoint
-from flamingo_jax.training import recipe
+from flamingo_jax.orchestration import recipe
 from flamingo_jax.training import workdir as workdir_lib
 
 _REPO = pathlib.Path(__file__).resolve().parents[2]

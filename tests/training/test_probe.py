@@ -107,8 +107,8 @@ def test_bad_probe_arguments_raise(setup):
 
 def test_probe_is_plotted_and_linked_from_the_report(tmp_path):
   # pylint: disable=g-import-not-at-top
-  from flamingo_jax import plot
-  from flamingo_jax import report
+  from flamingo_jax.orchestration import plots
+  from flamingo_jax.orchestration import report
   # pylint: enable=g-import-not-at-top
   rows = [{'step': 0, 'probe/binding_margin': 0.0,
            'probe/binding_accuracy': 1 / 3},
@@ -117,7 +117,7 @@ def test_probe_is_plotted_and_linked_from_the_report(tmp_path):
            'probe/binding_accuracy': 0.5}]
   (tmp_path / 'metrics.jsonl').write_text(
       ''.join(json.dumps(r) + '\n' for r in rows))
-  paths = plot.write_plots(str(tmp_path))
+  paths = plots.write_plots(str(tmp_path))
   assert str(tmp_path / 'plots' / 'probe.png') in paths
   with open(report.write_report(str(tmp_path))) as f:
     text = f.read()

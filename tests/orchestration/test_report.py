@@ -2,7 +2,7 @@
 
 import json
 
-from flamingo_jax import report
+from flamingo_jax.orchestration import report
 
 
 def _metrics(path, rows):

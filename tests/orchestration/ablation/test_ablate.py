@@ -11,14 +11,14 @@ import sys
 import numpy as np
 import pytest
 
-from flamingo_jax.ablation import plan
-from flamingo_jax.ablation import table
+from flamingo_jax.orchestration.ablation import plan
+from flamingo_jax.orchestration.ablation import table
 
 # ml_collections loads config files with the deprecated load_module.
 pytestmark = pytest.mark.filterwarnings(
     'ignore:the load_module:DeprecationWarning')
 CONFIG = 'experiments/tiny.py:smoke'
-ROOT = os.path.join(os.path.dirname(__file__), '..', '..')
+ROOT = os.path.join(os.path.dirname(__file__), '..', '..', '..')
 # row -> per seed, {task: 2-shot score}; smoke evaluates at 0 and 2 shots.
 SCORES = {
     'baseline': [{'captions': 60.0, 'vqa': 50.0},

@@ -3,7 +3,7 @@
 import ml_collections
 import pytest
 
-from flamingo_jax.training import recipe
+from flamingo_jax.orchestration import recipe
 
 
 def _config(stages, init_from):

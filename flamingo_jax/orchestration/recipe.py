@@ -1,4 +1,6 @@
-"""Multi-stage recipes: each stage of `config.stages` trains in W/<stage>.
+"""The recipe: the stages, the main stage, evaluation, then the report.
+
+  python -m flamingo_jax.train --config ... --workdir W   (calls `run`)
 
   W/vision/    e.g. stage 'vision': the vision encoder, contrastively
   W/lm/        e.g. stage 'lm': the LM on text
@@ -13,7 +15,9 @@ wherever it stopped. A preempted stage (SIGTERM, Ctrl-C) ends the recipe at
 once -- `run` returns False, the process exits 0 -- and the rerun resumes
 that stage: no stage ever starts from an unfinished one. Every stage's config
 is validated before the first one trains, and the recipe holds W's lock
-(W/trainer.lock) throughout.
+(W/trainer.lock) throughout. Each stage's plots (W/<stage>/plots/) are written
+as its training finishes; then the few-shot evaluation of the main stage
+(W/eval/) and the report (W/report.md).
 """
 
 
@@ -22,7 +26,8 @@ import ml_collections
 
 from flamingo_jax import checkpoint
 from flamingo_jax import fs
-from flamingo_jax import report
+from flamingo_jax.orchestration import plots
+from flamingo_jax.orchestration import report
 from flamingo_jax.training import loop
 from flamingo_jax.training import validation
 from flamingo_jax.training import workdir as workdir_lib
@@ -118,6 +123,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> bool:
   return True
 
 
+def write_plots(workdir: str) -> None:
+  """The training loop's `on_finished`: W/plots/ of a finished stage."""
+  for path in plots.write_plots(workdir):
+    logging.info('Wrote %s', path)
+
+
 def _run_stages(config, workdir, stages) -> None:
   """Each unfinished stage in order, then the main stage."""
   for name, stage in stages.items():
@@ -127,11 +138,11 @@ def _run_stages(config, workdir, stages) -> None:
       continue
     logging.info('Stage %r (%d steps) in %s.', name, stage.total_steps,
                  stage_dir)
-    loop.train_and_evaluate(stage, stage_dir)
+    loop.train_and_evaluate(stage, stage_dir, on_finished=write_plots)
     if not _finished(stage, stage_dir):  # The loop marks it; never expected.
       raise RuntimeError(f'Stage {name!r} in {stage_dir} ended unfinished.')
   logging.info('Main stage (%d steps) in %s.', config.total_steps, workdir)
-  loop.train_and_evaluate(config, workdir)
+  loop.train_and_evaluate(config, workdir, on_finished=write_plots)
 
 
 def evaluate_final(config: ml_collections.ConfigDict, workdir: str) -> None:

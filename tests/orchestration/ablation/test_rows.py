@@ -5,7 +5,7 @@ import functools
 import pytest
 
 from experiments import flamingo as flamingo_config
-from flamingo_jax.ablation import plan
+from flamingo_jax.orchestration.ablation import plan
 
 _VISION = ('model.vision.encoder', 'model.vision.variant',
            'model.vision.image_size', 'model.image_size', 'init_from',

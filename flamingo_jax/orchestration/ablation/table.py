@@ -26,7 +26,7 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 
 from experiments import flamingo as flamingo_config
-from flamingo_jax.ablation import plan
+from flamingo_jax.orchestration.ablation import plan
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, Optional[float]]:

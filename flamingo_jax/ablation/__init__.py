@@ -1,1 +1,0 @@
-"""The ablation sweep (`python -m flamingo_jax.ablate`): plan and table."""

@@ -1,0 +1,1 @@
+"""The ablation sweep (`python -m flamingo_jax.ablate`): plan, sweep, table."""

@@ -1,0 +1,91 @@
+"""A run's plots (`python -m flamingo_jax.plot --workdir W`).
+
+`write_plots(W)` writes, from `W/metrics.jsonl`:
+  W/plots/loss.png    the weighted total loss and each dataset's loss;
+  W/plots/gates.png   |tanh(alpha)| of every cross-attention gate per layer
+                      over training (the paper's Fig. 6);
+  W/plots/probe.png   the binding probe (training/probe.py): margin and
+                      accuracy over training, when the run logged it.
+The recipe writes them at the end of every stage too (the training loop's
+`on_finished`).
+"""
+
+import matplotlib
+
+matplotlib.use('Agg')  # No display needed.
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from flamingo_jax import fs
+from flamingo_jax.training import metrics as metrics_lib
+# pylint: enable=g-import-not-at-top,wrong-import-position
+
+
+def _series(rows, key):
+  points = [(r['step'], r[key]) for r in rows if key in r]
+  return [p[0] for p in points], [p[1] for p in points]
+
+
+def plot_losses(rows, path: str) -> None:
+  fig, ax = plt.subplots(figsize=(7, 4))
+  keys = ['loss'] + sorted({k for r in rows for k in r
+                            if k.startswith('loss/')})
+  for key in keys:
+    ax.plot(*_series(rows, key), label=key, lw=2 if key == 'loss' else 1)
+  ax.set_xlabel('step')
+  ax.set_ylabel('loss')
+  ax.set_title('Training loss (total: lambda-weighted sum)')
+  ax.legend()
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fs.save_figure(fig, path)
+  plt.close(fig)
+
+
+def plot_gates(rows, path: str) -> None:
+  keys = sorted({k for r in rows for k in r if k.startswith('gates/')},
+                key=lambda k: (k.rsplit('_', 1)[0], int(k.rsplit('_', 1)[1])))
+  fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+  for ax, kind in zip(axes, ('attn_gate', 'ffw_gate')):
+    for key in keys:
+      if key.startswith(f'gates/{kind}_'):
+        ax.plot(*_series(rows, key), label=f'layer {key.rsplit("_", 1)[1]}')
+    ax.set_title(f'|tanh({kind})|')
+    ax.set_xlabel('step')
+    ax.grid(alpha=0.3)
+  axes[0].legend(fontsize='small')
+  fig.tight_layout()
+  fs.save_figure(fig, path)
+  plt.close(fig)
+
+
+def plot_probe(rows, path: str) -> None:
+  fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+  for ax, key, title in (
+      (axes[0], 'probe/binding_margin', 'binding margin (nats; blind = 0)'),
+      (axes[1], 'probe/binding_accuracy', 'binding accuracy')):
+    ax.plot(*_series(rows, key), marker='.')
+    ax.set_title(title)
+    ax.set_xlabel('step')
+    ax.grid(alpha=0.3)
+  axes[0].axhline(0.0, color='grey', lw=1)
+  fig.tight_layout()
+  fs.save_figure(fig, path)
+  plt.close(fig)
+
+
+def write_plots(workdir: str) -> list[str]:
+  """Writes the plots of `workdir`; returns their paths."""
+  rows = metrics_lib.read_metrics(workdir)
+  out = fs.join(workdir, 'plots')
+  fs.makedirs(out)
+  paths = [fs.join(out, 'loss.png')]
+  plot_losses(rows, paths[0])
+  if any(k.startswith('gates/') for r in rows for k in r):
+    paths.append(fs.join(out, 'gates.png'))
+    plot_gates(rows, paths[-1])
+  if any('probe/binding_margin' in r for r in rows):
+    paths.append(fs.join(out, 'probe.png'))
+    plot_probe(rows, paths[-1])
+  return paths
+
