@@ -10,7 +10,8 @@ The rooms, lowest first (README "Layout", DESIGN "Layers"):
                  three siblings on models and data, none importing another
   evaluation     tasks, metrics, the few-shot runner (on inference)
   orchestration  the recipe, the ablation sweep, the report and plots, and
-                 the entry points (the package root, api.py, the CLIs)
+                 the entry points (the package root, api.py, the CLIs); the
+                 only room that reads the configs in experiments/
 
 A module may import its own room and any room below it, never a sibling or
 a room above (imports inside functions count too). Run this file as a
@@ -50,7 +51,7 @@ BELOW = {
     'inference': {'models', 'data', 'base'},
     'evaluation': {'inference', 'models', 'data', 'base'},
     'orchestration': {'evaluation', 'weights', 'training', 'inference',
-                      'models', 'data', 'base'},
+                      'models', 'data', 'base', 'experiments'},
 }
 
 # Upward arrows kept on purpose, each with its reason. Keep it empty.
@@ -70,11 +71,14 @@ def module_name(path: pathlib.Path) -> str:
 
 def room(module: str) -> str:
   parts = module.split('.')
+  if parts[0] == 'experiments':
+    return 'experiments'
   return ROOMS.get(parts[1], TOP) if len(parts) > 1 else TOP
 
 
 def imports(path: pathlib.Path) -> set[str]:
-  """The flamingo_jax modules `path` imports, at any depth in the file."""
+  """The flamingo_jax (and experiments) modules `path` imports, at any depth
+  in the file."""
   module = module_name(path)
   package = module if path.name == '__init__.py' else module.rpartition('.')[0]
   found = set()
@@ -91,7 +95,8 @@ def imports(path: pathlib.Path) -> set[str]:
         child = PACKAGE.parent.joinpath(*f'{target}.{alias.name}'.split('.'))
         is_module = child.with_suffix('.py').exists() or child.is_dir()
         found.add(f'{target}.{alias.name}' if is_module else target)
-  return {m for m in found if m.split('.')[0] == 'flamingo_jax'}
+  ours = ('flamingo_jax', 'experiments')
+  return {m for m in found if m.split('.')[0] in ours}
 
 
 def graph() -> dict[str, set[str]]:
