@@ -40,8 +40,16 @@ classes and of the nonce episodes' 3 words (candidates are [rows, C, Lc]).
 
 Outputs (`evaluate`): `<out>/results.json` = {'scores': {task: {shots:
 score}}, 'overall': {shots: overall score}, 'overall_score': the one at
-`overall_shots`, 'metadata': {...}}, `<out>/scores.png` (`plots.py`), and
-`<out>/predictions/<task>_<shots>shot.jsonl` (prompt, prediction, target).
+`overall_shots`, 'answer_types': {task: {shots: {'overall', 'yes/no',
+'number', 'other'}}} (VQA tasks whose dataset has answer types, VQAv2's),
+'vqa_results': {task: {shots: file}}, 'metadata': {...}},
+`<out>/scores.png` (`plots.py`), and
+`<out>/predictions/<task>_<shots>shot.jsonl` (prompt, prediction, target,
+and a VQA query's question_id). A VQA task whose queries have no answers
+(VQAv2 test-dev: `query_split='test'`) is not scored; its predictions go to
+the evaluation server's results file
+`<out>/vqa_results/<task>_<shots>shot.json` ([{question_id, answer}]),
+written for every VQA task with `vqa_results=True`.
 """
 
 from collections.abc import Callable, Mapping, Sequence
@@ -50,6 +58,7 @@ import functools
 import hashlib
 import itertools
 import json
+import os
 import time
 from typing import Any
 
@@ -91,6 +100,7 @@ class Settings:
   min_prompt_len: int = 0
   pad_media: bool = True
   score_rows: int = 256  # Prompt x candidate rows per scoring call.
+  vqa_results: bool = False  # Server files also for answered VQA tasks.
   log_every_secs: float = 5.0
 
   @classmethod
@@ -486,7 +496,7 @@ class Evaluator:
   def run_task(self, task: tasks_lib.Task, shots: int, *,
                per_query: Sequence[Sequence[Prompt]] | None = None,
                width: int | None = None, num_media: int | None = None
-               ) -> tuple[float, list[dict[str, Any]]]:
+               ) -> tuple[float | None, list[dict[str, Any]]]:
     """The task's score at `shots` and its per-query records.
 
     Args:
@@ -498,7 +508,8 @@ class Evaluator:
       num_media: pad to this many media slots (default: shots + 1).
 
     Returns:
-      (score, records).
+      (score, records); the score is None for a task without answers
+      (`Task.answered`).
     """
     settings = self.settings
     if per_query is None:
@@ -539,7 +550,9 @@ class Evaluator:
       records.append(dict(query=q, prompt=per_query[q][0].text,
                           generation=raw, prediction=prediction,
                           target=query.target))
-    return task.score(predictions), records
+      if query.question_id is not None:
+        records[-1]['question_id'] = query.question_id
+    return (task.score(predictions) if task.answered else None), records
 
   def _choices(self, task: tasks_lib.Task) -> Choices:
     """Every query's candidate continuations (' {class}<EOC>'), tokenised.
@@ -691,6 +704,8 @@ def evaluate(eval_config: Mapping[str, Any], params: hk.Params,
   widths = {group: evaluator.width(lengths)
             for group, lengths in widths.items()}
   scores: dict[str, dict[str, float]] = {}
+  by_type: dict[str, dict[str, dict[str, float]]] = {}
+  server_files: dict[str, dict[str, str]] = {}
   max_shots = max(settings.shots)
   for task in loaded:
     for shots in settings.shots:
@@ -698,11 +713,22 @@ def evaluate(eval_config: Mapping[str, Any], params: hk.Params,
           task, shots, per_query=all_prompts[task.name, shots],
           width=widths[task.frames, task.scored, task.max_new_tokens],
           num_media=(max_shots if settings.pad_media else shots) + 1)
-      scores.setdefault(task.name, {})[str(shots)] = score
-      log(f'{task.name} {shots}-shot: {task.metric} {score:.2f} '
-          f'({len(task.queries)} queries)')
+      predictions = [r['prediction'] for r in records]
+      if score is None:
+        log(f'{task.name} {shots}-shot: no answers to score '
+            f'({len(task.queries)} queries); see its server results file')
+      else:
+        scores.setdefault(task.name, {})[str(shots)] = score
+        log(f'{task.name} {shots}-shot: {task.metric} {score:.2f} '
+            f'({len(task.queries)} queries)')
+        breakdown = task.score_by_answer_type(predictions)
+        if breakdown:
+          by_type.setdefault(task.name, {})[str(shots)] = breakdown
       if out_dir:
         _write_records(out_dir, task.name, shots, records)
+        if task.kind == 'vqa' and (score is None or settings.vqa_results):
+          server_files.setdefault(task.name, {})[str(shots)] = (
+              write_vqa_results(out_dir, task, shots, records))
   reference = dict(eval_config.get('reference') or {})
   overall = overall_scores(scores, reference)
   overall_shots = str(eval_config.get('overall_shots', 4))
@@ -710,6 +736,8 @@ def evaluate(eval_config: Mapping[str, Any], params: hk.Params,
       scores=scores,
       overall=overall,
       overall_score=overall.get(overall_shots),
+      answer_types=by_type,
+      vqa_results=server_files,
       metadata=dict(
           step=step, time=time.strftime('%Y-%m-%d %H:%M:%S'),
           seconds=round(time.time() - started, 1),
@@ -729,6 +757,28 @@ def evaluate(eval_config: Mapping[str, Any], params: hk.Params,
     from flamingo_jax.evaluation import plots
     plots.plot_scores(results, fs.join(out_dir, 'scores.png'))
   return results
+
+
+def write_vqa_results(out_dir: str, task: tasks_lib.Task, shots: int,
+                      records: Sequence[Mapping[str, Any]]) -> str:
+  """Writes a VQA task's predictions as the evaluation server reads them.
+
+  `<out_dir>/vqa_results/<task>_<shots>shot.json`: [{"question_id": int,
+  "answer": str}] (`vqa.vqa_results`); rename it for the server, e.g.
+  vqa_test-dev2015_<method>_results.json for VQAv2 test-dev on EvalAI.
+  A query without a question_id (a hand-made task) gets its index.
+
+  Returns:
+    The file's path relative to `out_dir`.
+  """
+  relative = fs.join('vqa_results', f'{task.name}_{shots}shot.json')
+  question_ids = [r.get('question_id', r['query']) for r in records]
+  results = metrics.vqa_results(question_ids,
+                                [r['prediction'] for r in records])
+  fs.makedirs(fs.join(out_dir, 'vqa_results'))
+  with fs.open_file(fs.join(out_dir, relative), 'w') as f:
+    json.dump(results, f)
+  return relative
 
 
 def _write_records(out_dir: str, task: str, shots: int,
@@ -757,14 +807,31 @@ def format_table(results: Mapping[str, Any]) -> str:
   scores = results['scores']
   shots = sorted({int(s) for by in scores.values() for s in by})
   metric = results.get('metadata', {}).get('metrics', {})
-  width = max([len('overall')] + [len(t) for t in scores]) + 2
+  unscored = {t: files for t, files in
+              (results.get('vqa_results') or {}).items() if t not in scores}
+  width = max([len('overall')] + [len(t) for t in scores] +
+              [len(t) for t in unscored]) + 2
   header = (f'{"task":<{width}}{"metric":<14}' +
             ''.join(f'{f"{s}-shot":>9}' for s in shots))
   lines = [header, '-' * len(header)]
+
+  def cells(by_shots):
+    return ''.join(f'{by_shots[str(s)]:>9.2f}' if str(s) in by_shots
+                   else f'{"-":>9}' for s in shots)
+
+  by_type = results.get('answer_types') or {}
   for task, by_shots in scores.items():
-    cells = ''.join(f'{by_shots[str(s)]:>9.2f}' if str(s) in by_shots
-                    else f'{"-":>9}' for s in shots)
-    lines.append(f'{task:<{width}}{metric.get(task, ""):<14}{cells}')
+    lines.append(f'{task:<{width}}{metric.get(task, ""):<14}'
+                 f'{cells(by_shots)}')
+    types = sorted({t for by in by_type.get(task, {}).values() for t in by}
+                   - {'overall'})
+    for answer_type in types:
+      lines.append(f'{"  " + answer_type:<{width}}{"answer type":<14}' +
+                   cells({s: by[answer_type] for s, by in
+                          by_type[task].items() if answer_type in by}))
+  for task, files in unscored.items():
+    lines.append(f'{task:<{width}}no answers: server results in '
+                 f'{os.path.dirname(next(iter(files.values())))}/')
   overall = results.get('overall') or {}
   if overall:
     cells = ''.join(f'{100 * overall[str(s)]:>8.1f}%' if str(s) in overall
