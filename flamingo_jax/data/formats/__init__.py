@@ -10,6 +10,7 @@ pipeline's READERS and the evaluation code read either unchanged:
   table_pairs        tables of image, caption               world_pairs
   video_pairs        tables of video (or frame dir), cap    world_video_pairs
   coco_karpathy      dataset_coco.json (Karpathy splits)    world_captions
+  coco_captions_json COCO's captions_<subset>.json          world_captions
   vqa                VQAv2 / OK-VQA question+annotation     world_vqa
   video_qa           MSVD-QA / MSRVTT-QA JSON               world_video_qa
   vatex              VATEX JSON                             world_video_captions
@@ -84,7 +85,8 @@ from flamingo_jax.data.formats import video_eval
 FORMATS: dict[str, type[common.FormatBuilder]] = {
     cls.name: cls for cls in (
         documents.InterleavedJsonl, pairs.WebDatasetPairs, pairs.TablePairs,
-        video.VideoPairs, image_eval.CocoKarpathy, image_eval.Vqa,
+        video.VideoPairs, image_eval.CocoKarpathy,
+        image_eval.CocoCaptions, image_eval.Vqa,
         video_eval.VideoQa, video_eval.Vatex, classification.ImageFolder)}
 # The pipeline's dataset kind of the training formats.
 KINDS = {'interleaved_jsonl': 'documents', 'webdataset_pairs': 'pairs',

@@ -43,6 +43,58 @@ def test_coco_karpathy_read_back_as_written(tmp_path):
       'A cat.', 'A small cat.']
 
 
+def _coco_captions_json(subset, images, captions):
+  """{info, licenses, images, annotations}, as annotations/captions_*.json."""
+  return json.dumps({
+      'info': {'description': 'COCO 2014 Dataset', 'version': '1.0',
+               'year': 2014, 'contributor': 'COCO Consortium',
+               'date_created': '2017/09/01'},
+      'licenses': [{'url': 'http://creativecommons.org/licenses/by-nc-sa/2.0/',
+                    'id': 1, 'name': 'Attribution-NonCommercial-ShareAlike'}],
+      'images': [{'license': 1, 'file_name': f'COCO_{subset}_{i:012d}.jpg',
+                  'coco_url': f'http://images.cocodataset.org/{subset}/'
+                              f'COCO_{subset}_{i:012d}.jpg',
+                  'height': 16, 'width': 16,
+                  'date_captured': '2013-11-14 16:28:13',
+                  'flickr_url': 'http://farm7.staticflickr.com/x.jpg', 'id': i}
+                 for i in images],
+      'annotations': [{'image_id': i, 'id': 9000 + k, 'caption': caption}
+                      for k, (i, caption) in enumerate(captions)]})
+
+
+def test_coco_captions_json_read_back_as_written(tmp_path):
+  src = tmp_path / 'coco'
+  for subset, images in (('train2014', [1, 2]), ('val2014', [3, 4, 5])):
+    for i in images:
+      util.write(src / subset / f'COCO_{subset}_{i:012d}.jpg',
+                 util.encode(IMAGES[i]))
+  util.write(src / 'annotations' / 'captions_train2014.json',
+             _coco_captions_json('train2014', [1, 2], [
+                 (2, 'A dog.'), (1, 'A cat.'), (1, 'A small cat. ')]))
+  # Image 5 has only a blank caption: with on_error='skip', skipped.
+  util.write(src / 'annotations' / 'captions_val2014.json',
+             _coco_captions_json('val2014', [3, 4, 5], [
+                 (4, 'Two birds.'), (3, 'A boat.'), (4, ' '),
+                 (4, 'Birds on a wire.'), (5, '  ')]))
+  builder, stats = util.build('coco_captions_json', src, tmp_path / 'out',
+                              on_error='skip')
+  assert stats == {'support': {'examples': 2},
+                   'query': {'examples': 2, 'dropped_caption/empty': 1,
+                             'skipped/empty_caption': 1}}
+  query = {e['id']: e for e in builder.as_data_source(split='query')}
+  assert sorted(query) == [3, 4]
+  assert [util.text(c) for c in query[4]['captions']] == [
+      'Two birds.', 'Birds on a wire.']
+  np.testing.assert_array_equal(query[4]['image'], IMAGES[4])
+  support = {e['id']: e for e in builder.as_data_source(split='support')}
+  assert [util.text(c) for c in support[1]['captions']] == [
+      'A cat.', 'A small cat.']
+  with pytest.raises(ValueError, match=r'captions_val2014\.json:images\[2\] '
+                     r'\(id 5\): no non-empty caption'):
+    util.build('coco_captions_json', src, tmp_path / 'strict',
+               subsets={'query': 'val2014'})
+
+
 def _vqa_files(src, subset, prefix, image_ids, with_mc=True):
   questions = [{'image_id': image_id, 'question': f'What is {n}?',
                 'question_id': image_id * 10 + n}
