@@ -17,6 +17,8 @@ pipeline's READERS and the evaluation code read either unchanged:
   image_folder       ImageNet-style class folders           world_classification
 
 Each module's docstring gives its exact schema, options and bad-input rules.
+`interleaved` is another name of `interleaved_jsonl` (which reads more than
+JSONL; ALIASES): either builds, and reads, DATA_DIR/interleaved_jsonl/<name>.
 Tables (`tables`) are JSONL (.gz, .zip), CSV, TSV (.gz), Parquet or Hugging
 Face `datasets` save_to_disk folders, read by extension; image URLs are
 never fetched, only found in an img2dataset output folder (`img2dataset`).
@@ -91,13 +93,22 @@ FORMATS: dict[str, type[common.FormatBuilder]] = {
 # The pipeline's dataset kind of the training formats.
 KINDS = {'interleaved_jsonl': 'documents', 'webdataset_pairs': 'pairs',
          'table_pairs': 'pairs', 'video_pairs': 'video_pairs'}
+# Other names of formats: {alias: the format's name}. A dataset is stored,
+# and read, under the format's name whichever is given.
+ALIASES = {'interleaved': 'interleaved_jsonl'}
 BadInput = common.BadInput
 
 
+def format_names() -> list[str]:
+  """Every name `--format` takes: FORMATS and ALIASES."""
+  return sorted({*FORMATS, *ALIASES})
+
+
 def builder_class(format_name: str) -> type[common.FormatBuilder]:
+  format_name = ALIASES.get(format_name, format_name)
   if format_name not in FORMATS:
     raise ValueError(f'Unknown format {format_name!r}; expected one of '
-                     f'{sorted(FORMATS)}.')
+                     f'{format_names()}.')
   return FORMATS[format_name]
 
 
@@ -133,7 +144,7 @@ def make_builder(format_name: str, source: str | Mapping[str, str],
   """The (not yet prepared) builder of `source` in one of FORMATS.
 
   Args:
-    format_name: one of FORMATS.
+    format_name: one of FORMATS (or ALIASES).
     source: where the data is (local or gs://): a path, or for the training
       formats {split: path} (a plain path is the 'train' split).
     data_dir: the TFDS data directory to write to.
@@ -236,6 +247,8 @@ def load_builder(dataset: str, data_dir: str | os.PathLike
   if not re.fullmatch(r'[a-z0-9_]+/[A-Za-z0-9_]+(:[\d.]+)?', dataset):
     raise ValueError(f'Expected a dataset "<format>/<name>"; got '
                      f'{dataset!r}.')
+  format_name, rest = dataset.split('/', 1)
+  dataset = f'{ALIASES.get(format_name, format_name)}/{rest}'
   try:
     return tfds.core.read_only_builder.builder_from_files(
         dataset, data_dir=os.fspath(data_dir))
