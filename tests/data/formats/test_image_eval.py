@@ -229,6 +229,40 @@ def test_image_folder_read_back_as_written(tmp_path):
       util.encode(IMAGES[4], 'JPEG')))
 
 
+def test_image_folder_names_from_a_clean_list_of_one_name_per_class(
+    tmp_path, caplog):
+  src = tmp_path / 'imagenet'
+  for i, folder in enumerate(['n02', 'n01', 'n03']):
+    util.write(src / 'val' / folder / f'{i}.png', util.encode(IMAGES[i]))
+  # Label order is the sorted folders: n01, n02, n03.
+  util.write(src / 'classnames.txt', 'tench\ngoldfish\ngreat white shark\n')
+  util.write(src / 'classnames.json', json.dumps(['tench', 'goldfish',
+                                                  'great white shark']))
+  for i, names in enumerate(('classnames.txt', 'classnames.json')):
+    builder, _ = util.build('image_folder', src, tmp_path / f'out{i}',
+                            splits={'query': 'val'}, class_names=src / names)
+    assert builder.info.metadata['label_names'] == [
+        'tench', 'goldfish', 'great white shark']
+    query = util.by_source(builder.as_data_source(split='query'))
+    assert util.text(query[f'{src}/val/n01/1.png']['label_name']) == 'tench'
+  # WordNet synonym strings still work, with a warning to use a clean list.
+  util.write(src / 'LOC_synset_mapping.txt', 'n01 tench, Tinca tinca\n'
+             'n02 goldfish, Carassius auratus\nn03 great white shark\n'
+             'n04 not here\n')
+  caplog.clear()
+  builder, _ = util.build('image_folder', src, tmp_path / 'loc',
+                          splits={'query': 'val'},
+                          class_names=src / 'LOC_synset_mapping.txt')
+  assert builder.info.metadata['label_names'] == [
+      'tench, Tinca tinca', 'goldfish, Carassius auratus', 'great white shark']
+  assert '2 of 3 class names are lists of synonyms' in caplog.text
+  util.write(src / 'short.txt', 'tench\ngoldfish\n')
+  with pytest.raises(ValueError, match=r'short\.txt lists 2 class names .* '
+                     r'but there are 3 class folders'):
+    util.build('image_folder', src, tmp_path / 'short',
+               splits={'query': 'val'}, class_names=src / 'short.txt')
+
+
 def test_image_folder_errors(tmp_path):
   util.write(tmp_path / 'src' / 'dogs' / '0.png', util.encode(IMAGES[0]))
   util.write(tmp_path / 'names.json', json.dumps({'cats': 'cat'}))
