@@ -11,7 +11,9 @@ import os
 import pytest
 
 from flamingo_jax.data import formats
+from flamingo_jax.evaluation import results as results_lib
 from flamingo_jax.evaluation import runner
+from flamingo_jax.evaluation import shots as shots_lib
 from flamingo_jax.evaluation import tasks
 from flamingo_jax.models import flamingo
 from tests.data import test_tokenizer
@@ -149,3 +151,11 @@ def test_a_vqa_split_without_answers_is_not_scored():
       [], 3, '')
   task = tasks.Task('t', 'd', 'vqa', 'vqa_accuracy', 1, [example], [])
   assert not task.answered and task.score_by_answer_type(['x']) is None
+
+
+def test_runner_still_exports_the_names_moved_to_shots_and_results():
+  for name in ('Prompt', 'Retriever', 'build_prompt', 'check_shots',
+               'choose_shots', 'query_rng', 'sample_support'):
+    assert getattr(runner, name) is getattr(shots_lib, name), name
+  for name in ('format_table', 'overall_scores', 'write_vqa_results'):
+    assert getattr(runner, name) is getattr(results_lib, name), name
