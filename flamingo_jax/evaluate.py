@@ -20,8 +20,8 @@ datasets if they are missing; runs every task of config.eval x every shots
                         with --vqa_results: the evaluation server's file
   W/eval/cache/         RICES vision features (re-runs skip the encoding)
 
-and prints a table of the scores (VQAv2: one row per answer type). A config without `eval` (an older run)
-gets `tasks.default_eval_config` for its data.
+and prints a table of the scores (VQAv2: one row per answer type). A config
+without `eval` (an older run) gets `tasks.default_eval_config` for its data.
 """
 
 import json

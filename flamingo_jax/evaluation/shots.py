@@ -43,7 +43,7 @@ from flamingo_jax.evaluation import rices
 from flamingo_jax.evaluation import tasks as tasks_lib
 
 if TYPE_CHECKING:
-  from flamingo_jax.evaluation import runner  # pylint: disable=g-bad-import-order
+  from flamingo_jax.evaluation import runner
 
 
 def stable_hash(text: str) -> int:
@@ -126,7 +126,8 @@ def build_prompt(query: tasks_lib.Example, shots: Sequence[tasks_lib.Example],
 
 
 def choose_shots(task: tasks_lib.Task, query_index: int, shots: int,
-                 settings: 'runner.Settings', retrieved: np.ndarray | None = None
+                 settings: 'runner.Settings',
+                 retrieved: np.ndarray | None = None
                  ) -> tuple[list[tasks_lib.Example], list[tasks_lib.Example]]:
   """(shots, zero-shot text examples) of one query, in prompt order."""
   query = task.queries[query_index]
