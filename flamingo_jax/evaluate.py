@@ -11,13 +11,17 @@ datasets if they are missing; runs every task of config.eval x every shots
 (`evaluation/runner.py` describes the protocol) and writes
 
   W/eval/results.json   {'scores': {task: {shots: score}}, 'overall': ...,
-                         'overall_score': ..., 'metadata': {step, time, ...}}
+                         'overall_score': ..., 'answer_types': {task:
+                         {shots: {'yes/no': ..., 'number': ..., 'other':
+                         ...}}}, 'vqa_results': ..., 'metadata': {step, ...}}
   W/eval/scores.png     score vs shots, one panel per task
   W/eval/predictions/   per task and shots: prompt, generation, target
+  W/eval/vqa_results/   VQA tasks without answers (VQAv2 test-dev), or all
+                        with --vqa_results: the evaluation server's file
   W/eval/cache/         RICES vision features (re-runs skip the encoding)
 
-and prints a table of the scores. A config without `eval` (an older run)
-gets `tasks.default_eval_config` for its data.
+and prints a table of the scores (VQAv2: one row per answer type). A config
+without `eval` (an older run) gets `tasks.default_eval_config` for its data.
 """
 
 import json
@@ -51,6 +55,10 @@ _NUM_QUERIES = flags.DEFINE_integer(
 _RICES = flags.DEFINE_boolean(
     'rices', None, 'Retrieve the shots by vision-feature similarity (RICES) '
     'instead of at random (default: config.eval.rices).')
+_VQA_RESULTS = flags.DEFINE_boolean(
+    'vqa_results', None, 'Also write the VQA evaluation server\'s results '
+    'file (W/eval/vqa_results/) for VQA tasks with answers; a split without '
+    'answers (test-dev) always gets one (default: config.eval.vqa_results).')
 _STEP = flags.DEFINE_integer(
     'step', None, 'Checkpoint step to evaluate (default: the latest).')
 _OUT = flags.DEFINE_string(
@@ -113,7 +121,8 @@ def main(argv: list[str]) -> None:
       config.eval, params, config.model, tokenizer, out_dir=out_dir,
       task_names=_TASKS.value, step=step,
       compute_dtype=jnp.dtype(config.get('compute_dtype', 'float32')),
-      shots=shots, num_queries=_NUM_QUERIES.value, rices=_RICES.value)
+      shots=shots, num_queries=_NUM_QUERIES.value, rices=_RICES.value,
+      vqa_results=_VQA_RESULTS.value)
   table = runner.format_table(results)
   print(table)
   if results['overall_score'] is not None:

@@ -1,23 +1,8 @@
 """The few-shot protocol (paper §3, App. B.1.4-B.1.5): tasks x shots -> scores.
 
-For every query of a task and every number of shots k:
-
-- k > 0: k support examples are its shots, drawn at random per query from
-  a generator seeded by (seed, task, query, k) -- reproducible, and
-  independent of the other queries and of the batch size -- or, with RICES
-  (`rices.py`), the k whose vision features are most similar to the
-  query's, the most similar placed last. The prompt is the shots' prompts
-  ('<image>Output: {caption}<EOC>', `tasks.py`) followed by the query's
-  open prompt ('<image>Output:').
-- k = 0: the paper's zero-shot prompt (App. B.1.5): "we build the prompts
-  using two examples from the downstream tasks where we remove their
-  corresponding images or videos" -- `zero_shot_examples` (2) random support
-  examples, text only ('Output: {caption}<EOC>'), then the query with its
-  image.
-- The nonce tasks draw their shots from the query's own episode support (6
-  examples); beyond that many shots, the support repeats, in a new random
-  order each pass (an episode has no more). Elsewhere, asking for more
-  shots than there are support examples is an error.
+For every query of a task and every number of shots k, the prompt shows k
+support examples as shots (at random, or by RICES) or, at k = 0, two
+text-only examples: `shots.py` says how they are chosen.
 
 Open-ended tasks generate (beam search with the paper's beam of 3, or
 greedy with beam_size 1) until `<EOC>`; the text is cut at `<EOC>` (and at a
@@ -38,17 +23,17 @@ with copies of their last prompt. So the default tasks compile four
 decoders: image generation, video generation, and image scoring of the 64
 classes and of the nonce episodes' 3 words (candidates are [rows, C, Lc]).
 
-Outputs (`evaluate`): `<out>/results.json` = {'scores': {task: {shots:
-score}}, 'overall': {shots: overall score}, 'overall_score': the one at
-`overall_shots`, 'metadata': {...}}, `<out>/scores.png` (`plots.py`), and
-`<out>/predictions/<task>_<shots>shot.jsonl` (prompt, prediction, target).
+Outputs (`evaluate`, written by `results.Collector`): `<out>/results.json`
+(scores, overall scores, VQAv2's per-answer-type breakdown, metadata),
+`<out>/scores.png`, `<out>/predictions/` and, for VQA tasks without answers
+(VQAv2 test-dev), the evaluation server's `<out>/vqa_results/` files:
+`results.py` describes them. This module re-exports the public names of
+`shots` and `results` that it was once home to.
 """
 
 from collections.abc import Callable, Mapping, Sequence
 import dataclasses
 import functools
-import hashlib
-import itertools
 import json
 import time
 from typing import Any
@@ -62,14 +47,33 @@ import numpy as np
 from flamingo_jax import fs
 from flamingo_jax.data import pipeline
 from flamingo_jax.data import tokenizer as tokenizer_lib
-from flamingo_jax.evaluation import metrics
-from flamingo_jax.evaluation import rices
+from flamingo_jax.evaluation import results as results_lib
+from flamingo_jax.evaluation import shots as shots_lib
 from flamingo_jax.evaluation import tasks as tasks_lib
 from flamingo_jax.inference import generate
 from flamingo_jax.inference import prompts
 from flamingo_jax.training import metrics as train_metrics
 
 Log = Callable[[str], None]
+
+# Public names of the modules split from this one, importable from here.
+Prompt = shots_lib.Prompt
+Retriever = shots_lib.Retriever
+build_prompt = shots_lib.build_prompt
+check_shots = shots_lib.check_shots
+choose_shots = shots_lib.choose_shots
+query_rng = shots_lib.query_rng
+sample_support = shots_lib.sample_support
+format_table = results_lib.format_table
+overall_scores = results_lib.overall_scores
+write_vqa_results = results_lib.write_vqa_results
+
+
+# One decoder per model config in a process, so that evaluating several
+# checkpoints (or re-running) reuses its compilations.
+@functools.lru_cache(maxsize=8)
+def _decoder(config_key: str, compute_dtype: Any) -> generate.Decoder:
+  return generate.Decoder(json.loads(config_key), compute_dtype=compute_dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +95,7 @@ class Settings:
   min_prompt_len: int = 0
   pad_media: bool = True
   score_rows: int = 256  # Prompt x candidate rows per scoring call.
+  vqa_results: bool = False  # Server files also for answered VQA tasks.
   log_every_secs: float = 5.0
 
   @classmethod
@@ -120,58 +125,7 @@ class Settings:
       raise ValueError(f'num_queries must be >= 1; got {self.num_queries}.')
 
 
-# ------------------------------------------------------- choosing shots --
-
-
-def _stable_hash(text: str) -> int:
-  return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], 'little')
-
-
-def query_rng(seed: int, task: str, query: int, shots: int
-              ) -> np.random.Generator:
-  """The generator of one query's shots: a pure function of its arguments."""
-  return np.random.default_rng([seed, _stable_hash(task), query, shots])
-
-
-def sample_support(num_support: int, shots: int, *, seed: int, task: str,
-                   query: int, repeat: bool = False) -> np.ndarray:
-  """Indices of `shots` random support examples for one query.
-
-  Args:
-    num_support: the size of the support set.
-    shots: how many to draw (without replacement).
-    seed: the evaluation seed.
-    task: the task's name (different tasks draw differently).
-    query: the query's index in the task.
-    repeat: allow more shots than support examples, by concatenating random
-      permutations of the support (the nonce task's episodes).
-
-  Returns:
-    int [shots].
-
-  Raises:
-    ValueError: an empty support set with shots > 0, or (without `repeat`)
-      more shots than support examples; both name the task.
-  """
-  if shots == 0:
-    return np.zeros([0], np.int64)
-  if num_support == 0:
-    raise ValueError(f'Task {task!r}: {shots} shots asked for but its support '
-                     'set is empty.')
-  rng = query_rng(seed, task, query, shots)
-  if shots > num_support:
-    if not repeat:
-      raise ValueError(f'Task {task!r}: {shots} shots asked for but it has '
-                       f'only {num_support} support examples.')
-    passes = -(-shots // num_support)
-    return np.concatenate([rng.permutation(num_support)
-                           for _ in range(passes)])[:shots]
-  return rng.choice(num_support, size=shots, replace=False)
-
-
-def _support_of(task: tasks_lib.Task, query: tasks_lib.Example
-                ) -> list[tasks_lib.Example]:
-  return query.support if query.support is not None else task.support
+# ------------------------------------------------------------- batches --
 
 
 @dataclasses.dataclass
@@ -190,156 +144,6 @@ class Choices:
 
   def label(self, query: int, index: int) -> str:
     return self.labels[query if len(self.labels) > 1 else 0][index]
-
-
-@dataclasses.dataclass
-class Prompt:
-  """One query's prompt: text with <image> markers and its media."""
-  text: str
-  media: list[Any]
-
-
-def build_prompt(query: tasks_lib.Example, shots: Sequence[tasks_lib.Example],
-                 *, zero_shot: Sequence[tasks_lib.Example] = ()) -> Prompt:
-  """The shots' prompts (or text-only examples for 0-shot), then the query.
-
-  Args:
-    query: the query example.
-    shots: its shots, in prompt order (the last is nearest the query).
-    zero_shot: with no shots, the text-only examples of the 0-shot prompt.
-
-  Returns:
-    The prompt (its media: the shots' then the query's).
-  """
-  if shots and zero_shot:
-    raise ValueError('Give either shots or zero-shot text examples, not both.')
-  prefix = ''.join(s.shot for s in shots) + ''.join(
-      tasks_lib.text_only(e) for e in zero_shot)
-  return Prompt(prefix + query.query,
-                [s.medium for s in shots] + [query.medium])
-
-
-def choose_shots(task: tasks_lib.Task, query_index: int, shots: int,
-                 settings: Settings, retrieved: np.ndarray | None = None
-                 ) -> tuple[list[tasks_lib.Example], list[tasks_lib.Example]]:
-  """(shots, zero-shot text examples) of one query, in prompt order."""
-  query = task.queries[query_index]
-  support = _support_of(task, query)
-  repeat = task.episodic
-  if shots == 0:
-    count = min(settings.zero_shot_examples, len(support))
-    if settings.zero_shot_examples and not support:
-      raise ValueError(f'Task {task.name!r}: the 0-shot prompt needs '
-                       f'{settings.zero_shot_examples} text-only support '
-                       'examples but the support set is empty.')
-    picks = sample_support(len(support), count, seed=settings.seed,
-                           task=task.name, query=query_index)
-    return [], [support[i] for i in picks]
-  if retrieved is not None:
-    return [support[i] for i in retrieved], []
-  picks = sample_support(len(support), shots, seed=settings.seed,
-                         task=task.name, query=query_index, repeat=repeat)
-  return [support[i] for i in picks], []
-
-
-def check_shots(task: tasks_lib.Task, shots: Sequence[int]) -> None:
-  """Raises the ValueError of `sample_support` for impossible shots."""
-  for query in task.queries[:1] if task.episodic else [None]:
-    support = task.support if query is None else query.support
-    for k in shots:
-      sample_support(len(support), k, seed=0, task=task.name, query=0,
-                     repeat=task.episodic)
-
-
-# -------------------------------------------------------------- RICES --
-
-
-def _config_key(model_config: Mapping[str, Any]) -> str:
-  as_dict = (model_config.to_dict() if hasattr(model_config, 'to_dict')
-             else dict(model_config))
-  return json.dumps(as_dict, sort_keys=True, default=str)
-
-
-# One decoder and feature function per model config in a process, so that
-# evaluating several checkpoints (or re-running) reuses their compilations.
-@functools.lru_cache(maxsize=8)
-def _decoder(config_key: str, compute_dtype: Any) -> generate.Decoder:
-  return generate.Decoder(json.loads(config_key), compute_dtype=compute_dtype)
-
-
-@functools.lru_cache(maxsize=8)
-def _feature_fn(config_key: str, compute_dtype: Any):
-  return rices.feature_fn(json.loads(config_key), compute_dtype=compute_dtype)
-
-
-class Retriever:
-  """RICES shots of a task's queries, features cached on disk."""
-
-  def __init__(self, params: hk.Params, model_config: Mapping[str, Any], *,
-               image_size: int, compute_dtype: Any, cache_dir: str | None,
-               step: int | None, batch_size: int = 32):
-    self._params, self._image_size = params, image_size
-    self._fn = _feature_fn(_config_key(model_config), compute_dtype)
-    self._cache_dir, self._step, self._batch = cache_dir, step, batch_size
-    self._fingerprint = rices.params_fingerprint(params)
-
-  def _features(self, task: tasks_lib.Task, split: str,
-                examples: Sequence[tasks_lib.Example]) -> np.ndarray:
-    key = rices.cache_key(
-        dataset=task.dataset, split=split, count=len(examples),
-        texts=hashlib.sha256(''.join(e.shot + e.query for e in examples)
-                             .encode()).hexdigest(),
-        frames=task.frames, image_size=self._image_size, step=self._step,
-        params=self._fingerprint)
-    # Named by dataset: tasks on one dataset (nonce, nonce_choice) share it.
-    name = task.dataset.replace('/', '_')
-    path = (fs.join(self._cache_dir, f'{name}_{split}_{key}.npy')
-            if self._cache_dir else None)
-
-    def compute():
-      media = [_frames(e.medium, task.frames, self._image_size)
-               for e in examples]
-      return rices.compute_features(self._fn, self._params, media,
-                                    self._batch)
-
-    return rices.cached(path, compute)
-
-  def shots(self, task: tasks_lib.Task, shots: int) -> np.ndarray:
-    """[Q, shots] support indices per query, most similar last."""
-    query_features = self._features(task, 'query', task.queries)
-    if not task.episodic:
-      if shots > len(task.support):
-        raise ValueError(f'Task {task.name!r}: {shots} shots asked for but it '
-                         f'has only {len(task.support)} support examples.')
-      return rices.nearest(query_features,
-                           self._features(task, 'support', task.support),
-                           shots)
-    # Nonce: retrieve within each query's own episode.
-    episodes, owner = [], []
-    for query in task.queries:
-      if not episodes or episodes[-1] is not query.support:
-        episodes.append(query.support)
-      owner.append(len(episodes) - 1)
-    flat = [e for episode in episodes for e in episode]
-    features = self._features(task, 'support', flat)
-    starts = np.cumsum([0] + [len(e) for e in episodes])
-    out = []
-    for q, episode in enumerate(owner):
-      pool = features[starts[episode]:starts[episode + 1]]
-      k = min(shots, len(pool))
-      order = rices.nearest(query_features[q:q + 1], pool, k)[0]
-      if shots > k:  # Repeat the episode, the most similar still last.
-        order = np.tile(order, -(-shots // k))[-shots:]
-      out.append(order)
-    return np.stack(out)
-
-
-# ------------------------------------------------------------- batches --
-
-
-def _frames(medium: Any, frames: int, image_size: int) -> np.ndarray:
-  """A dataset medium -> uint8 [frames, image_size, image_size, 3]."""
-  return pipeline.media_array(medium, frames, image_size)
 
 
 def _pad_batch(batch: dict[str, np.ndarray], rows: int, width: int,
@@ -423,7 +227,8 @@ class Evaluator:
     self.model_config = model_config
     self.tokenizer, self.settings = tokenizer, settings
     self.image_size, self.log = image_size, log
-    self.decoder = _decoder(_config_key(model_config), compute_dtype)
+    self.decoder = _decoder(shots_lib.config_key(model_config),
+                            compute_dtype)
     self._compute_dtype, self._cache_dir, self._step = (compute_dtype,
                                                         cache_dir, step)
     self._retriever = None
@@ -460,17 +265,18 @@ class Evaluator:
           None if retrieved is None else retrieved[q])
       orders = [list(range(len(chosen)))]
       if task.scored and settings.ensemble > 1 and len(chosen) > 1:
-        orders = _permutations(len(chosen), settings.ensemble,
-                               np.random.default_rng(
-                                   [settings.seed, _stable_hash(task.name), q,
-                                    shots, 1]))
+        orders = shots_lib.shot_orders(
+            len(chosen), settings.ensemble, np.random.default_rng(
+                [settings.seed, shots_lib.stable_hash(task.name), q, shots,
+                 1]))
       out.append([build_prompt(query, [chosen[i] for i in order],
                                zero_shot=zero) for order in orders])
     return out
 
   def _encode(self, task: tasks_lib.Task, prompt: Prompt
               ) -> prompts.EncodedPrompt:
-    media = [_frames(m, task.frames, self.image_size) for m in prompt.media]
+    media = [pipeline.media_array(m, task.frames, self.image_size)
+             for m in prompt.media]
     return prompts.encode(self.tokenizer, prompt.text, media, self.image_size)
 
   def prompt_length(self, prompt: Prompt) -> int:
@@ -486,7 +292,7 @@ class Evaluator:
   def run_task(self, task: tasks_lib.Task, shots: int, *,
                per_query: Sequence[Sequence[Prompt]] | None = None,
                width: int | None = None, num_media: int | None = None
-               ) -> tuple[float, list[dict[str, Any]]]:
+               ) -> tuple[float | None, list[dict[str, Any]]]:
     """The task's score at `shots` and its per-query records.
 
     Args:
@@ -498,7 +304,8 @@ class Evaluator:
       num_media: pad to this many media slots (default: shots + 1).
 
     Returns:
-      (score, records).
+      (score, records); the score is None for a task without answers
+      (`Task.answered`).
     """
     settings = self.settings
     if per_query is None:
@@ -539,7 +346,9 @@ class Evaluator:
       records.append(dict(query=q, prompt=per_query[q][0].text,
                           generation=raw, prediction=prediction,
                           target=query.target))
-    return task.score(predictions), records
+      if query.question_id is not None:
+        records[-1]['question_id'] = query.question_id
+    return (task.score(predictions) if task.answered else None), records
 
   def _choices(self, task: tasks_lib.Task) -> Choices:
     """Every query's candidate continuations (' {class}<EOC>'), tokenised.
@@ -580,45 +389,6 @@ class Evaluator:
             for row, length in zip(tokens, lengths)]
 
 
-def _permutations(count: int, num: int, rng: np.random.Generator
-                  ) -> list[list[int]]:
-  """`num` distinct orders of `count` shots, the identity first."""
-  identity = list(range(count))
-  if np.prod(range(1, count + 1)) <= num:
-    return [list(p) for p in itertools.permutations(identity)]
-  orders = [identity]
-  while len(orders) < num:
-    order = [int(i) for i in rng.permutation(count)]
-    if order not in orders:
-      orders.append(order)
-  return orders
-
-
-def _reference(reference: Mapping[str, Any], task: str, shots: int
-               ) -> float | None:
-  value = reference.get(task)
-  if isinstance(value, Mapping):
-    value = value.get(str(shots), value.get(shots))
-  return None if value is None else float(value)
-
-
-def overall_scores(scores: Mapping[str, Mapping[str, float]],
-                   reference: Mapping[str, Any]) -> dict[str, float]:
-  """{shots: metrics.overall_score over the tasks with a reference > 0}."""
-  out = {}
-  shots_all = sorted({int(s) for by_shots in scores.values()
-                      for s in by_shots})
-  for shots in shots_all:
-    have, ref = {}, {}
-    for task, by_shots in scores.items():
-      value = _reference(reference, task, shots)
-      if str(shots) in by_shots and value:
-        have[task], ref[task] = by_shots[str(shots)], value
-    if have:
-      out[str(shots)] = metrics.overall_score(have, ref)
-  return out
-
-
 def evaluate(eval_config: Mapping[str, Any], params: hk.Params,
              model_config: Mapping[str, Any],
              tokenizer: tokenizer_lib.Tokenizer, *,
@@ -648,10 +418,11 @@ def evaluate(eval_config: Mapping[str, Any], params: hk.Params,
   Raises:
     ValueError: an unknown task name, kind or metric, or impossible shots.
   """
-  started = time.time()
   if hasattr(eval_config, 'to_dict'):  # A ConfigDict: plain dicts below.
     eval_config = eval_config.to_dict()
   settings = Settings.from_config(eval_config, **overrides)
+  collector = results_lib.Collector(out_dir, vqa_results=settings.vqa_results,
+                                    log=log)
   specs = dict(eval_config['tasks'])
   names = list(task_names or specs)
   unknown = [n for n in names if n not in specs]
@@ -690,7 +461,6 @@ def evaluate(eval_config: Mapping[str, Any], params: hk.Params,
         for p in prompts_of_query)
   widths = {group: evaluator.width(lengths)
             for group, lengths in widths.items()}
-  scores: dict[str, dict[str, float]] = {}
   max_shots = max(settings.shots)
   for task in loaded:
     for shots in settings.shots:
@@ -698,76 +468,5 @@ def evaluate(eval_config: Mapping[str, Any], params: hk.Params,
           task, shots, per_query=all_prompts[task.name, shots],
           width=widths[task.frames, task.scored, task.max_new_tokens],
           num_media=(max_shots if settings.pad_media else shots) + 1)
-      scores.setdefault(task.name, {})[str(shots)] = score
-      log(f'{task.name} {shots}-shot: {task.metric} {score:.2f} '
-          f'({len(task.queries)} queries)')
-      if out_dir:
-        _write_records(out_dir, task.name, shots, records)
-  reference = dict(eval_config.get('reference') or {})
-  overall = overall_scores(scores, reference)
-  overall_shots = str(eval_config.get('overall_shots', 4))
-  results = dict(
-      scores=scores,
-      overall=overall,
-      overall_score=overall.get(overall_shots),
-      metadata=dict(
-          step=step, time=time.strftime('%Y-%m-%d %H:%M:%S'),
-          seconds=round(time.time() - started, 1),
-          shots=list(settings.shots),
-          num_queries={t.name: len(t.queries) for t in loaded},
-          metrics={t.name: t.metric for t in loaded},
-          datasets={t.name: t.dataset for t in loaded},
-          rices=settings.rices, ensemble=settings.ensemble,
-          beam_size=settings.beam_size, seed=settings.seed,
-          overall_shots=int(overall_shots),
-          reference={t.name: reference.get(t.name) for t in loaded}))
-  if out_dir:
-    fs.makedirs(out_dir)
-    with fs.open_file(fs.join(out_dir, 'results.json'), 'w') as f:
-      json.dump(_jsonable(results), f, indent=2)
-    # pylint: disable-next=g-import-not-at-top
-    from flamingo_jax.evaluation import plots
-    plots.plot_scores(results, fs.join(out_dir, 'scores.png'))
-  return results
-
-
-def _write_records(out_dir: str, task: str, shots: int,
-                   records: Sequence[Mapping[str, Any]]) -> None:
-  directory = fs.join(out_dir, 'predictions')
-  fs.makedirs(directory)
-  with fs.open_file(fs.join(directory, f'{task}_{shots}shot.jsonl'), 'w') as f:
-    for record in records:
-      f.write(json.dumps(_jsonable(record)) + '\n')
-
-
-def _jsonable(value: Any) -> Any:
-  if isinstance(value, Mapping):
-    return {str(k): _jsonable(v) for k, v in value.items()}
-  if isinstance(value, (list, tuple)):
-    return [_jsonable(v) for v in value]
-  if isinstance(value, (np.floating, np.integer)):
-    return value.item()
-  if isinstance(value, bytes):
-    return value.decode('utf-8', 'replace')
-  return value
-
-
-def format_table(results: Mapping[str, Any]) -> str:
-  """The scores as a text table: one row per task, one column per shots."""
-  scores = results['scores']
-  shots = sorted({int(s) for by in scores.values() for s in by})
-  metric = results.get('metadata', {}).get('metrics', {})
-  width = max([len('overall')] + [len(t) for t in scores]) + 2
-  header = (f'{"task":<{width}}{"metric":<14}' +
-            ''.join(f'{f"{s}-shot":>9}' for s in shots))
-  lines = [header, '-' * len(header)]
-  for task, by_shots in scores.items():
-    cells = ''.join(f'{by_shots[str(s)]:>9.2f}' if str(s) in by_shots
-                    else f'{"-":>9}' for s in shots)
-    lines.append(f'{task:<{width}}{metric.get(task, ""):<14}{cells}')
-  overall = results.get('overall') or {}
-  if overall:
-    cells = ''.join(f'{100 * overall[str(s)]:>8.1f}%' if str(s) in overall
-                    else f'{"-":>9}' for s in shots)
-    lines.append(f'{"overall":<{width}}{"vs reference":<14}{cells}')
-  return '\n'.join(lines)
+      collector.add(task, shots, score, records)
+  return collector.results(loaded, eval_config, settings, step)

@@ -38,10 +38,17 @@ whose ' {word}{rest of the template}<EOC>' is most likely wins. It tells
 whether the model binds a word to what it saw, whether or not it can spell
 the word out.
 
+A VQA query keeps its dataset's question_id and answer_type, for the
+server's results file and `Task.score_by_answer_type` (VQAv2's yes/no /
+number / other); a split without answers (VQAv2 test-dev, read with
+`query_split='test'`) is not `Task.answered`: the runner writes its
+results file instead of a score.
+
 Datasets: a world builder name ('world_captions') built in the eval
 `data_dir` at `sizes`, or a `flamingo_jax.data.formats` dataset
 '<format>/<name>' (COCO Karpathy, VQAv2, MSRVTT-QA, VATEX, image folders)
-prepared there; splits 'support' and 'query' either way.
+prepared there; splits 'support' and 'query' (or the task's `query_split`)
+either way.
 """
 
 from collections.abc import Callable, Mapping, Sequence
@@ -127,6 +134,10 @@ class Example:
       episode's words); empty: the task's `class_names`.
     choice_format: the continuation scored for a candidate ('{}': it).
     raw_answers: a VQA query's unstemmed answers (OK-VQA), else None.
+    question_id: a VQA query's question_id (the dataset's 'id'), for the
+      evaluation server's results file.
+    answer_type: a VQA query's answer type ('yes/no', 'number', 'other';
+      '' when the dataset has none), for the per-type breakdown.
   """
   medium: Any
   shot: str
@@ -136,6 +147,8 @@ class Example:
   choices: tuple[str, ...] = ()
   choice_format: str = ' {}' + tokenizer_lib.EOC
   raw_answers: tuple[str, ...] | None = None
+  question_id: int | None = None
+  answer_type: str = ''
 
 
 @dataclasses.dataclass
@@ -164,6 +177,12 @@ class Task:
     """A close-ended query's candidate answers."""
     return query.choices or self.class_names
 
+  @property
+  def answered(self) -> bool:
+    """False for a VQA split without answers (VQAv2 test-dev): no score,
+    only the evaluation server's results file."""
+    return self.kind != 'vqa' or all(q.target for q in self.queries)
+
   def score(self, predictions: Sequence[Any]) -> float:
     """The task's metric (x 100) of predictions for its first queries."""
     queries = self.queries[:len(predictions)]
@@ -173,6 +192,27 @@ class Task:
           list(predictions), targets, eval_version=self.vqa_eval_version,
           raw_answers_lists=[q.raw_answers for q in queries])
     return METRICS[self.metric](list(predictions), targets)
+
+  def score_by_answer_type(self, predictions: Sequence[str]
+                           ) -> dict[str, float] | None:
+    """A VQA task's accuracy (x 100) overall and per answer type.
+
+    {'overall': ..., 'yes/no': ..., 'number': ..., 'other': ...} (the types
+    its queries have), as the official evaluation's perAnswerType; None for
+    other metrics, a split without answers, or a dataset without answer
+    types (the embedded world's).
+    """
+    queries = self.queries[:len(predictions)]
+    if (self.metric not in VQA_METRICS or not self.answered
+        or not all(q.answer_type for q in queries)):
+      return None
+    by_type = metrics.accuracy_by_answer_type(
+        list(predictions), [q.target for q in queries],
+        [q.answer_type for q in queries],
+        eval_version=self.vqa_eval_version,
+        stem=self.metric == 'okvqa_accuracy',
+        raw_answers_lists=[q.raw_answers for q in queries])
+    return {name: 100.0 * value for name, value in by_type.items()}
 
 
 def check_spec(name: str, spec: Mapping[str, Any]) -> None:
@@ -224,10 +264,13 @@ def make_example(kind: str, raw: Mapping[str, Any]) -> Example:
     target = ([_text(a) for a in raw['answers']] if kind == 'vqa'
               else answer)
     raw_answers = [_text(a) for a in raw.get('raw_answers', [])]
+    own_id = raw.get('id')
     return Example(medium, formatting.vqa_prompt(question, answer),
                    formatting.vqa_prompt(question), target,
                    raw_answers=(tuple(raw_answers) if kind == 'vqa' and
-                                raw_answers else None))
+                                raw_answers else None),
+                   question_id=None if own_id is None else int(own_id),
+                   answer_type=_text(raw.get('answer_type', b'')))
   if kind == 'classification':
     name = _text(raw['label_name'])
     return Example(medium, formatting.caption_prompt(name),
@@ -307,7 +350,9 @@ def load_task(name: str, spec: Mapping[str, Any], *, data_dir: str,
   Args:
     name: the task's name in config.eval.tasks.
     spec: its config: dataset, kind, optional metric, frames,
-      max_new_tokens, data_dir, support_size, class_names.
+      max_new_tokens, data_dir, support_size, class_names, query_split
+      (the dataset's split of queries; default 'query', e.g. 'test' for
+      VQAv2 test-dev, whose questions have no answers: see `Task.answered`).
     data_dir: where the datasets are (the spec's data_dir wins).
     sizes: the world's split table ('default' or 'tiny').
     image_size: image side of the world builder to read.
@@ -322,7 +367,9 @@ def load_task(name: str, spec: Mapping[str, Any], *, data_dir: str,
   kind, dataset = spec['kind'], spec['dataset']
   data_dir = spec.get('data_dir') or data_dir
   support_size = spec.get('support_size') or support_size
-  query_source = _open_source(dataset, 'query', data_dir, sizes, image_size)
+  query_split = spec.get('query_split') or 'query'
+  query_source = _open_source(dataset, query_split, data_dir, sizes,
+                              image_size)
   count = len(query_source)
   queries, support = [], []
   if KINDS[kind].episodic:
@@ -342,6 +389,10 @@ def load_task(name: str, spec: Mapping[str, Any], *, data_dir: str,
     queries = queries[:num_queries]
   if not queries:
     raise ValueError(f'Task {name!r}: dataset {dataset!r} has no queries.')
+  if kind == 'vqa' and any(q.target for q in queries) and not all(
+      q.target for q in queries):
+    raise ValueError(f'Task {name!r}: some queries of {dataset!r} '
+                     f'{query_split} have answers and some have none.')
   frames = int(spec.get('frames') or 1) if KINDS[kind].media == 'video' else 1
   class_names = ()
   if kind == 'classification':
@@ -362,9 +413,10 @@ def default_tasks(frames: int = 4) -> dict[str, dict[str, Any]]:
   """One task per embedded-world evaluation dataset (as Table 1's kinds).
 
   A task may also set `metric`, `max_new_tokens` (a different value costs a
-  compilation of its own), `support_size`, `data_dir`, `class_names` and
-  `vqa_eval_version` ('2016', the default, or '2021': see evaluation/vqa.py;
-  an OK-VQA task sets metric='okvqa_accuracy').
+  compilation of its own), `support_size`, `data_dir`, `class_names`,
+  `query_split` (default 'query') and `vqa_eval_version` ('2016', the
+  default, or '2021': see evaluation/vqa.py; an OK-VQA task sets
+  metric='okvqa_accuracy').
   """
   return dict(
       captions=dict(dataset='world_captions', kind='captioning'),
@@ -429,6 +481,9 @@ def default_eval_config(
   config.zero_shot_examples = 2  # Text-only examples of 0-shot (App. B.1.5).
   config.rices = False  # Retrieve shots by vision features (else random).
   config.ensemble = 1  # Close-ended: permutations of the shots averaged.
+  # VQA tasks: also write the evaluation server's results file when the
+  # queries have answers (a split without answers, test-dev, always does).
+  config.vqa_results = False
   config.decoding = dict(
       max_new_tokens=20,  # Tasks may set their own (short answers).
       beam_size=3,  # The paper's; 1 = greedy.

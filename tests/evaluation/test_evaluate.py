@@ -78,5 +78,6 @@ def test_unknown_task_and_help(workdir):
   assert result.returncode != 0
   assert "Unknown tasks ['bogus']" in result.stderr
   result = _run('--help')  # absl exits with 1 after printing the help.
-  for flag in ('--workdir', '--shots', '--tasks', '--num_queries', '--rices'):
+  for flag in ('--workdir', '--shots', '--tasks', '--num_queries', '--rices',
+               '--vqa_results'):
     assert flag in result.stdout

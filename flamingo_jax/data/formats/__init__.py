@@ -10,12 +10,15 @@ pipeline's READERS and the evaluation code read either unchanged:
   table_pairs        tables of image, caption               world_pairs
   video_pairs        tables of video (or frame dir), cap    world_video_pairs
   coco_karpathy      dataset_coco.json (Karpathy splits)    world_captions
+  coco_captions_json COCO's captions_<subset>.json          world_captions
   vqa                VQAv2 / OK-VQA question+annotation     world_vqa
   video_qa           MSVD-QA / MSRVTT-QA JSON               world_video_qa
   vatex              VATEX JSON                             world_video_captions
   image_folder       ImageNet-style class folders           world_classification
 
 Each module's docstring gives its exact schema, options and bad-input rules.
+`interleaved` is another name of `interleaved_jsonl` (which reads more than
+JSONL; ALIASES): either builds, and reads, DATA_DIR/interleaved_jsonl/<name>.
 Tables (`tables`) are JSONL (.gz, .zip), CSV, TSV (.gz), Parquet or Hugging
 Face `datasets` save_to_disk folders, read by extension; image URLs are
 never fetched, only found in an img2dataset output folder (`img2dataset`).
@@ -84,18 +87,28 @@ from flamingo_jax.data.formats import video_eval
 FORMATS: dict[str, type[common.FormatBuilder]] = {
     cls.name: cls for cls in (
         documents.InterleavedJsonl, pairs.WebDatasetPairs, pairs.TablePairs,
-        video.VideoPairs, image_eval.CocoKarpathy, image_eval.Vqa,
+        video.VideoPairs, image_eval.CocoKarpathy,
+        image_eval.CocoCaptions, image_eval.Vqa,
         video_eval.VideoQa, video_eval.Vatex, classification.ImageFolder)}
 # The pipeline's dataset kind of the training formats.
 KINDS = {'interleaved_jsonl': 'documents', 'webdataset_pairs': 'pairs',
          'table_pairs': 'pairs', 'video_pairs': 'video_pairs'}
+# Other names of formats: {alias: the format's name}. A dataset is stored,
+# and read, under the format's name whichever is given.
+ALIASES = {'interleaved': 'interleaved_jsonl'}
 BadInput = common.BadInput
 
 
+def format_names() -> list[str]:
+  """Every name `--format` takes: FORMATS and ALIASES."""
+  return sorted({*FORMATS, *ALIASES})
+
+
 def builder_class(format_name: str) -> type[common.FormatBuilder]:
+  format_name = ALIASES.get(format_name, format_name)
   if format_name not in FORMATS:
     raise ValueError(f'Unknown format {format_name!r}; expected one of '
-                     f'{sorted(FORMATS)}.')
+                     f'{format_names()}.')
   return FORMATS[format_name]
 
 
@@ -131,7 +144,7 @@ def make_builder(format_name: str, source: str | Mapping[str, str],
   """The (not yet prepared) builder of `source` in one of FORMATS.
 
   Args:
-    format_name: one of FORMATS.
+    format_name: one of FORMATS (or ALIASES).
     source: where the data is (local or gs://): a path, or for the training
       formats {split: path} (a plain path is the 'train' split).
     data_dir: the TFDS data directory to write to.
@@ -234,6 +247,8 @@ def load_builder(dataset: str, data_dir: str | os.PathLike
   if not re.fullmatch(r'[a-z0-9_]+/[A-Za-z0-9_]+(:[\d.]+)?', dataset):
     raise ValueError(f'Expected a dataset "<format>/<name>"; got '
                      f'{dataset!r}.')
+  format_name, rest = dataset.split('/', 1)
+  dataset = f'{ALIASES.get(format_name, format_name)}/{rest}'
   try:
     return tfds.core.read_only_builder.builder_from_files(
         dataset, data_dir=os.fspath(data_dir))

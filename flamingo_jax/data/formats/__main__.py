@@ -25,7 +25,7 @@ import tensorflow as tf
 from flamingo_jax.data import formats
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
-_FORMAT = flags.DEFINE_enum('format', None, sorted(formats.FORMATS),
+_FORMAT = flags.DEFINE_enum('format', None, formats.format_names(),
                             'The format of the source.', required=True)
 _SOURCE = flags.DEFINE_multi_string(
     'source', None, 'PATH, or SPLIT=PATH (repeatable).', required=True)

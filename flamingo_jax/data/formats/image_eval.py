@@ -1,4 +1,4 @@
-"""Image evaluation sets in their published formats: `coco_karpathy`, `vqa`.
+"""Image evaluation sets as published: coco_karpathy, coco_captions_json, vqa.
 
 `coco_karpathy` (COCO and Flickr30k captions, Karpathy splits): `source`
 is dataset_coco.json (or the directory holding one dataset_*.json):
@@ -10,6 +10,21 @@ filepath / filename. `splits` maps our splits to Karpathy's (default:
 support = train + restval, query = test, validation = val). Features as the
 world's captions: image, captions (every non-empty reference, usually 5;
 so their number may vary); 'id' is the cocoid (or imgid).
+
+`coco_captions_json` (COCO's official caption annotations, e.g.
+annotations/captions_val2014.json): `source` is the directory holding
+`*captions_<subset>.json` (or its `annotations/` subdirectory does):
+  {"info": {...}, "licenses": [...],
+   "images": [{"id": 391895, "file_name": "COCO_val2014_000000391895.jpg",
+               "height": 360, "width": 640, "coco_url": ..., ...}],
+   "annotations": [{"image_id": 391895, "id": 770337,
+                    "caption": "A man with a red helmet ..."}, ...]}
+`subsets` maps our splits to the files' subsets (default: support =
+train2014, query = val2014). Images are read from `image_dir` (default:
+the directory above `annotations/`, else the JSON's) as <subset>/file_name
+or file_name (the first that exists). Features as `coco_karpathy`: image,
+captions (an image's annotations in the file's order); 'id' is the image
+id. An image without any caption follows on_error ('empty_caption').
 
 `vqa` (VQAv2, OK-VQA): `source` is the directory of the question and
 annotation files of each COCO subset, found by their published names
@@ -130,6 +145,89 @@ class CocoKarpathy(common.FormatBuilder):
     return where, {
         'image': _load(path, where, self.builder_config), 'captions': captions,
         'id': own_id if isinstance(own_id, int) else index,
+        '_counts': {'dropped_caption/empty': dropped} if dropped else {}}
+
+
+# -------------------------------------------------- COCO official --
+
+
+@dataclasses.dataclass(eq=False)
+class CocoCaptionsConfig(common.FormatConfig):
+  """Official COCO captions options.
+
+  Attributes:
+    image_dir: the image root; None: the directory above `annotations/`
+      (else the JSON's directory).
+    subsets: {our split: COCO subset of a captions_<subset>.json file}.
+  """
+  on_error: str = 'raise'
+  image_dir: str | None = None
+  subsets: dict[str, str] = dataclasses.field(default_factory=lambda: {
+      'support': 'train2014', 'query': 'val2014'})
+
+
+def _captions_json(source: str, subset: str) -> str:
+  if not files.isdir(source):
+    return source
+  for directory in (source, os.path.join(source, 'annotations')):
+    found = tf.io.gfile.glob(os.path.join(directory,
+                                          f'*captions_{subset}.json'))
+    if len(found) > 1:
+      raise FileNotFoundError(f'Expected one *captions_{subset}.json in '
+                              f'{directory}; found {found}.')
+    if found:
+      return found[0]
+  raise FileNotFoundError(f'No *captions_{subset}.json in {source} or '
+                          f'{os.path.join(source, "annotations")}.')
+
+
+class CocoCaptions(common.FormatBuilder):
+  """Image captioning from COCO's official captions_<subset>.json files."""
+
+  name = 'coco_captions_json'
+  CONFIG_CLASS = CocoCaptionsConfig
+  DESCRIPTION = 'Image captioning, official COCO caption annotations.'
+
+  def features(self):
+    return {'image': _image_feature(),
+            'captions': tfds.features.Sequence(tfds.features.Text())}
+
+  def split_records(self):
+    config = self.builder_config
+    source = str(config.source)
+    return {split: self._records(_captions_json(source, subset), subset)
+            for split, subset in config.subsets.items()}
+
+  def _records(self, path, subset):
+    data = files.read_json(path)
+    images = files.field(data, 'images', path)
+    captions = collections.defaultdict(list)
+    for i, annotation in enumerate(files.field(data, 'annotations', path)):
+      where = f'{path}:annotations[{i}]'
+      captions[files.field(annotation, 'image_id', where)].append(
+          str(files.field(annotation, 'caption', where)))
+    base = os.path.dirname(path)
+    if os.path.basename(base) == 'annotations':
+      base = os.path.dirname(base)
+    image_dir = self.builder_config.image_dir or base
+    for i, image in enumerate(images):
+      image_id = files.field(image, 'id', f'{path}:images[{i}]')
+      yield (f'{path}:images[{i}] (id {image_id})', image, image_id,
+             captions.get(image_id, []), subset, image_dir)
+
+  def make_example(self, record):
+    where, image, image_id, given, subset, image_dir = record
+    captions = [c.strip() for c in given if c.strip()]
+    if not captions:
+      raise common.BadInput('empty_caption', f'{where}: no non-empty caption.')
+    name = files.field(image, 'file_name', where)
+    paths = [os.path.join(image_dir, subset, name),
+             os.path.join(image_dir, name)]
+    path = next((p for p in paths if files.exists(p)), paths[0])
+    dropped = len(given) - len(captions)
+    return where, {
+        'image': _load(path, where, self.builder_config), 'captions': captions,
+        'id': int(image_id),
         '_counts': {'dropped_caption/empty': dropped} if dropped else {}}
 
 

@@ -67,6 +67,25 @@ def test_make_builder_errors(table, tmp_path):
                          max_image_size=8)
 
 
+def test_interleaved_is_an_alias_of_interleaved_jsonl(tmp_path):
+  assert 'interleaved' in formats.format_names()
+  assert formats.builder_class('interleaved') is formats.FORMATS[
+      'interleaved_jsonl']
+  util.write(tmp_path / 'src' / 'a.png', util.encode(util.image(0)))
+  util.write(tmp_path / 'src' / 'docs.jsonl',
+             '{"texts": ["A thing.", null], "images": [null, "a.png"]}\n')
+  builder, stats = util.build('interleaved', tmp_path / 'src',
+                              tmp_path / 'out', name='docs')
+  assert stats == {'train': {'examples': 1}}
+  # Stored under the format's own name; read back by either name.
+  assert (tmp_path / 'out' / 'interleaved_jsonl' / 'docs').is_dir()
+  assert not (tmp_path / 'out' / 'interleaved').exists()
+  for name in ('interleaved/docs', 'interleaved_jsonl/docs'):
+    (doc,) = formats.open_source(name, tmp_path / 'out', 'train')
+    assert list(doc['chunks']['image']) == [-1, 0]
+  assert builder.info.name == 'interleaved_jsonl'
+
+
 def test_default_names_differ_by_options(table):
   first = formats.default_name(table, {})
   assert first.startswith('pairs_') and len(first) == len('pairs_') + 8

@@ -43,6 +43,58 @@ def test_coco_karpathy_read_back_as_written(tmp_path):
       'A cat.', 'A small cat.']
 
 
+def _coco_captions_json(subset, images, captions):
+  """{info, licenses, images, annotations}, as annotations/captions_*.json."""
+  return json.dumps({
+      'info': {'description': 'COCO 2014 Dataset', 'version': '1.0',
+               'year': 2014, 'contributor': 'COCO Consortium',
+               'date_created': '2017/09/01'},
+      'licenses': [{'url': 'http://creativecommons.org/licenses/by-nc-sa/2.0/',
+                    'id': 1, 'name': 'Attribution-NonCommercial-ShareAlike'}],
+      'images': [{'license': 1, 'file_name': f'COCO_{subset}_{i:012d}.jpg',
+                  'coco_url': f'http://images.cocodataset.org/{subset}/'
+                              f'COCO_{subset}_{i:012d}.jpg',
+                  'height': 16, 'width': 16,
+                  'date_captured': '2013-11-14 16:28:13',
+                  'flickr_url': 'http://farm7.staticflickr.com/x.jpg', 'id': i}
+                 for i in images],
+      'annotations': [{'image_id': i, 'id': 9000 + k, 'caption': caption}
+                      for k, (i, caption) in enumerate(captions)]})
+
+
+def test_coco_captions_json_read_back_as_written(tmp_path):
+  src = tmp_path / 'coco'
+  for subset, images in (('train2014', [1, 2]), ('val2014', [3, 4, 5])):
+    for i in images:
+      util.write(src / subset / f'COCO_{subset}_{i:012d}.jpg',
+                 util.encode(IMAGES[i]))
+  util.write(src / 'annotations' / 'captions_train2014.json',
+             _coco_captions_json('train2014', [1, 2], [
+                 (2, 'A dog.'), (1, 'A cat.'), (1, 'A small cat. ')]))
+  # Image 5 has only a blank caption: with on_error='skip', skipped.
+  util.write(src / 'annotations' / 'captions_val2014.json',
+             _coco_captions_json('val2014', [3, 4, 5], [
+                 (4, 'Two birds.'), (3, 'A boat.'), (4, ' '),
+                 (4, 'Birds on a wire.'), (5, '  ')]))
+  builder, stats = util.build('coco_captions_json', src, tmp_path / 'out',
+                              on_error='skip')
+  assert stats == {'support': {'examples': 2},
+                   'query': {'examples': 2, 'dropped_caption/empty': 1,
+                             'skipped/empty_caption': 1}}
+  query = {e['id']: e for e in builder.as_data_source(split='query')}
+  assert sorted(query) == [3, 4]
+  assert [util.text(c) for c in query[4]['captions']] == [
+      'Two birds.', 'Birds on a wire.']
+  np.testing.assert_array_equal(query[4]['image'], IMAGES[4])
+  support = {e['id']: e for e in builder.as_data_source(split='support')}
+  assert [util.text(c) for c in support[1]['captions']] == [
+      'A cat.', 'A small cat.']
+  with pytest.raises(ValueError, match=r'captions_val2014\.json:images\[2\] '
+                     r'\(id 5\): no non-empty caption'):
+    util.build('coco_captions_json', src, tmp_path / 'strict',
+               subsets={'query': 'val2014'})
+
+
 def _vqa_files(src, subset, prefix, image_ids, with_mc=True):
   questions = [{'image_id': image_id, 'question': f'What is {n}?',
                 'question_id': image_id * 10 + n}
@@ -175,6 +227,40 @@ def test_image_folder_read_back_as_written(tmp_path):
   assert util.text(example['label_name']) == 'great white shark'
   np.testing.assert_array_equal(example['image'], util.decode(
       util.encode(IMAGES[4], 'JPEG')))
+
+
+def test_image_folder_names_from_a_clean_list_of_one_name_per_class(
+    tmp_path, caplog):
+  src = tmp_path / 'imagenet'
+  for i, folder in enumerate(['n02', 'n01', 'n03']):
+    util.write(src / 'val' / folder / f'{i}.png', util.encode(IMAGES[i]))
+  # Label order is the sorted folders: n01, n02, n03.
+  util.write(src / 'classnames.txt', 'tench\ngoldfish\ngreat white shark\n')
+  util.write(src / 'classnames.json', json.dumps(['tench', 'goldfish',
+                                                  'great white shark']))
+  for i, names in enumerate(('classnames.txt', 'classnames.json')):
+    builder, _ = util.build('image_folder', src, tmp_path / f'out{i}',
+                            splits={'query': 'val'}, class_names=src / names)
+    assert builder.info.metadata['label_names'] == [
+        'tench', 'goldfish', 'great white shark']
+    query = util.by_source(builder.as_data_source(split='query'))
+    assert util.text(query[f'{src}/val/n01/1.png']['label_name']) == 'tench'
+  # WordNet synonym strings still work, with a warning to use a clean list.
+  util.write(src / 'LOC_synset_mapping.txt', 'n01 tench, Tinca tinca\n'
+             'n02 goldfish, Carassius auratus\nn03 great white shark\n'
+             'n04 not here\n')
+  caplog.clear()
+  builder, _ = util.build('image_folder', src, tmp_path / 'loc',
+                          splits={'query': 'val'},
+                          class_names=src / 'LOC_synset_mapping.txt')
+  assert builder.info.metadata['label_names'] == [
+      'tench, Tinca tinca', 'goldfish, Carassius auratus', 'great white shark']
+  assert '2 of 3 class names are lists of synonyms' in caplog.text
+  util.write(src / 'short.txt', 'tench\ngoldfish\n')
+  with pytest.raises(ValueError, match=r'short\.txt lists 2 class names .* '
+                     r'but there are 3 class folders'):
+    util.build('image_folder', src, tmp_path / 'short',
+               splits={'query': 'val'}, class_names=src / 'short.txt')
 
 
 def test_image_folder_errors(tmp_path):
