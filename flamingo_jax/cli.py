@@ -134,3 +134,11 @@ def _missing_part(config: Any, name: str, path: str) -> str | None:
               f'with a field {part!r}')
     walked += f'.{part}' if isinstance(part, str) else f'[{part!r}]'
   return None
+
+
+def format_duration(seconds: float) -> str:
+  """`1h05m` or `4m07s`: durations in progress and ETA lines."""
+  seconds = int(max(seconds, 0))
+  hours, rest = divmod(seconds, 3600)
+  minutes, seconds = divmod(rest, 60)
+  return f'{hours}h{minutes:02d}m' if hours else f'{minutes}m{seconds:02d}s'

@@ -55,11 +55,7 @@ BELOW = {
 }
 
 # Upward arrows kept on purpose, each with its reason. Keep it empty.
-ALLOWED = {
-    # format_duration for the ETA log line; runner.py is being split
-    # elsewhere (issue 16): move the helper down there, then drop this.
-    ('flamingo_jax.evaluation.runner', 'flamingo_jax.training.metrics'),
-}
+ALLOWED = set()
 
 
 def module_name(path: pathlib.Path) -> str:

@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flamingo_jax import cli
 from flamingo_jax import fs
 from flamingo_jax.data import pipeline
 from flamingo_jax.data import tokenizer as tokenizer_lib
@@ -52,7 +53,6 @@ from flamingo_jax.evaluation import shots as shots_lib
 from flamingo_jax.evaluation import tasks as tasks_lib
 from flamingo_jax.inference import generate
 from flamingo_jax.inference import prompts
-from flamingo_jax.training import metrics as train_metrics
 
 Log = Callable[[str], None]
 
@@ -195,7 +195,7 @@ class Progress:
 
 
 def _duration(seconds: float) -> str:
-  return train_metrics.format_duration(seconds) if np.isfinite(seconds) else '?'
+  return cli.format_duration(seconds) if np.isfinite(seconds) else '?'
 
 
 # ---------------------------------------------------------- evaluation --

@@ -23,7 +23,9 @@ from absl import logging
 import jax
 import numpy as np
 
+from flamingo_jax import cli
 from flamingo_jax import fs
+
 
 # Dense bf16 peak FLOP/s per chip, for MFU, by `device_kind` prefix (the
 # longest matching prefix wins). CPUs have no meaningful peak.
@@ -86,13 +88,6 @@ def compiled_flops(compiled) -> Optional[float]:
     analysis = analysis[0] if analysis else None
   flops = (analysis or {}).get('flops')
   return float(flops) if flops else None
-
-
-def format_duration(seconds: float) -> str:
-  seconds = int(max(seconds, 0))
-  hours, rest = divmod(seconds, 3600)
-  minutes, seconds = divmod(rest, 60)
-  return f'{hours}h{minutes:02d}m' if hours else f'{minutes}m{seconds:02d}s'
 
 
 def drop_rows_after(path: str, step: int) -> None:
@@ -215,7 +210,7 @@ class MetricLogger:
     rate = scalars.get('steps_per_sec', 0.0)
     eta = (self.total_steps - step) / rate if rate > 0 else float('nan')
     fraction = 100.0 * step / max(self.total_steps, 1)
-    eta_text = format_duration(eta) if np.isfinite(eta) else '?'
+    eta_text = cli.format_duration(eta) if np.isfinite(eta) else '?'
     logging.info('step %d/%d (%.0f%%) loss %.4f | %.2f steps/s | ETA %s',
                  step, self.total_steps, fraction, scalars.get('loss', np.nan),
                  rate, eta_text)
