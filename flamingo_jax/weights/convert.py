@@ -70,12 +70,14 @@ from flamingo_jax.weights import hf_mpt
 from flamingo_jax.weights import mapping
 from flamingo_jax.weights import nfnet_npz
 from flamingo_jax.weights import open_clip
+from flamingo_jax.weights import open_flamingo
 from flamingo_jax.weights import tensors as tensors_lib
 from flamingo_jax.weights import timm_nfnet
 from flamingo_jax.weights import torch_file
 
 SOURCES = {m.KIND: m for m in (hf_clip, open_clip, nfnet_npz, timm_nfnet,
-                                hf_llama, hf_gpt_neox, hf_mpt, hf_gpt2)}
+                                hf_llama, hf_gpt_neox, hf_mpt, hf_gpt2,
+                                open_flamingo)}
 DTYPES = {'float32': np.dtype(np.float32),
           'bfloat16': np.dtype(ml_dtypes.bfloat16),
           'float16': np.dtype(np.float16)}
@@ -88,6 +90,10 @@ class Converted:
   params: mapping.Params
   tokenizer: Optional[tokenizer_lib.Tokenizer] = None
   inputs: list[str] = dataclasses.field(default_factory=list)
+  # 'import' (a part, for init_from) or 'flamingo' (a whole model that
+  # flamingo_jax.load takes), and other config.json sections (e.g. 'eval').
+  task: str = 'import'
+  extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def _model_section(vision_config: dict[str, Any]) -> dict[str, Any]:
@@ -161,9 +167,10 @@ def write_workdir(converted: Converted, workdir: str, *, kind: str,
   os.umask(umask)
   os.chmod(partial, 0o777 & ~umask)  # mkdtemp makes it private.
   try:
-    config = {'task': 'import', 'model': converted.model,
+    config = {'task': converted.task, 'model': converted.model,
               'weights': {'source': kind, 'inputs': converted.inputs,
-                          'dtype': dtype, 'step': step}}
+                          'dtype': dtype, 'step': step},
+              **converted.extra}
     if converted.tokenizer is not None:
       spec = converted.tokenizer.save_dir(os.path.join(partial, 'tokenizer'))
       config['data'] = {'tokenizer': os.path.join(
