@@ -46,6 +46,7 @@ assembled from a vision tower and an LM) may instead define
 
 import argparse
 import dataclasses
+import inspect
 import json
 import os
 import resource
@@ -122,6 +123,8 @@ def convert(kind: str, path: str, *, dtype: str = 'float32',
   source = SOURCES[kind]
   start = time.time()
   if hasattr(source, 'convert'):
+    if 'torch_backend' in inspect.signature(source.convert).parameters:
+      options['torch_backend'] = torch_backend
     return source.convert(path, dtype=DTYPES[dtype], **options)
   tensors = _read(source, path, torch_backend)
   _say(f'{path}: {len(tensors)} tensors, {tensors.num_bytes() / 1e6:.1f} MB '

@@ -138,9 +138,9 @@ def add_arguments(parser) -> tuple[str, ...]:
           'xattn_heads', 'attend', 'max_len')
 
 
-def read(path: str) -> tensors_lib.TensorStore:
+def read(path: str, torch_backend: str = 'auto') -> tensors_lib.TensorStore:
   """checkpoint.pt, read without running its pickle (torch_file)."""
-  return tensors_lib.open_path(path)
+  return tensors_lib.open_path(path, torch_backend=torch_backend)
 
 
 def _strip(store: tensors_lib.TensorStore) -> dict[str, str]:
@@ -316,10 +316,11 @@ def model_config(vision: dict[str, Any], lm: dict[str, Any], *,
 def convert(path: str, *, dtype: Any = np.float32, vision: str, lm: str,
             vision_source: str = 'auto', tokens: str = 'last_block',
             resampler_heads: int = HEADS, xattn_heads: int = HEADS,
-            attend: str = 'last_image', max_len: int = 2048):
+            attend: str = 'last_image', max_len: int = 2048,
+            torch_backend: str = 'auto'):
   """Reads and maps the three inputs (weights/convert.py's `convert`)."""
   from flamingo_jax.weights import convert as convert_lib  # pylint: disable=g-import-not-at-top
-  checkpoint = read(path)
+  checkpoint = read(path, torch_backend)
   source = str(path)
   resampler_names, lm_names, xattn_names = split(checkpoint)
   if 'perceiver.media_time_embs' in resampler_names:

@@ -36,7 +36,7 @@ CHECKPOINT = os.path.join(DATA, 'checkpoint.pt')
 def _args(workdir, checkpoint=CHECKPOINT):
   return ['open_flamingo', checkpoint, '--vision', os.path.join(DATA, 'clip'),
           '--lm', os.path.join(DATA, 'mpt'), '--workdir', str(workdir),
-          '--max_len', '64']
+          '--max_len', '64', '--torch_backend', 'builtin']  # As without torch.
 
 
 @pytest.fixture(name='expected', scope='module')
@@ -112,8 +112,8 @@ def _patched_read(monkeypatch, edit):
   arrays = {name: np.asarray(store[name]) for name in store}
   edit(arrays)
   monkeypatch.setattr(open_flamingo, 'read',
-                      lambda path: tensors_lib.from_arrays(arrays,
-                                                           source=path))
+                      lambda path, backend: tensors_lib.from_arrays(
+                          arrays, source=path))
 
 
 @pytest.mark.parametrize('edit, named', [
