@@ -19,7 +19,9 @@ What is written (an ordinary workdir, so `init_from`, `checkpoint.
 load_params` and the other readers take it as it is):
   W/config.json            `task: 'import'`, `model` (the part the source
                            fills, e.g. `model.vision`) and `weights` (source,
-                           inputs, dtype);
+                           inputs, dtype); a whole model (`open_flamingo`)
+                           writes `task: 'flamingo'`, all of `model` and
+                           `eval.max_len`, so `flamingo_jax.load(W)` takes it;
   W/checkpoints/<step>/    the parameters as the frozen part of a train state
                            (`{'step', 'trainable': {}, 'frozen': params}`),
                            through `checkpoint.Checkpointer`;

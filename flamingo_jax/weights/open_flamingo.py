@@ -109,7 +109,7 @@ _DUPLICATES = re.compile(r'lang_encoder\.(old_decoder_blocks|'
 
 def add_arguments(parser) -> tuple[str, ...]:
   """The convert CLI's options for this source; returns their names."""
-  parser.add_argument('--vision', required=True,
+  parser.add_argument('--vision',
                       help='the CLIP tower: a Hugging Face CLIP directory '
                            '(openai/clip-vit-large-patch14) or an OpenCLIP '
                            'state dict (open_clip_pytorch_model.bin)')
@@ -117,9 +117,14 @@ def add_arguments(parser) -> tuple[str, ...]:
                       choices=('auto', *VISION_SOURCES),
                       help="auto: hf_clip for a directory with config.json, "
                            'else open_clip')
-  parser.add_argument('--lm', required=True,
+  parser.add_argument('--lm',
                       help="the LM's Hugging Face directory (config.json, "
                            'safetensors or .bin, tokenizer.json)')
+  parser.add_argument('--vision_activation', default=None,
+                      choices=('quick_gelu', 'gelu'),
+                      help="an OpenCLIP tower's activation when no "
+                           "open_clip_config.json says it (OpenAI's ViT-L/14: "
+                           'quick_gelu)')
   parser.add_argument('--tokens', default='last_block',
                       help="the ViT tokens fed to the resampler "
                            "('last_block': OpenFlamingo's; models/vit.py)")
@@ -134,7 +139,7 @@ def add_arguments(parser) -> tuple[str, ...]:
   parser.add_argument('--max_len', type=int, default=2048,
                       help='eval.max_len: the longest prompt plus new '
                            'tokens that load() accepts')
-  return ('vision', 'vision_source', 'lm', 'tokens', 'resampler_heads',
+  return ('vision', 'vision_source', 'vision_activation', 'lm', 'tokens', 'resampler_heads',
           'xattn_heads', 'attend', 'max_len')
 
 
@@ -313,12 +318,18 @@ def model_config(vision: dict[str, Any], lm: dict[str, Any], *,
   return config
 
 
-def convert(path: str, *, dtype: Any = np.float32, vision: str, lm: str,
-            vision_source: str = 'auto', tokens: str = 'last_block',
+def convert(path: str, *, dtype: Any = np.float32,
+            vision: Optional[str] = None, lm: Optional[str] = None,
+            vision_source: str = 'auto',
+            vision_activation: Optional[str] = None,
+            tokens: str = 'last_block',
             resampler_heads: int = HEADS, xattn_heads: int = HEADS,
             attend: str = 'last_image', max_len: int = 2048,
             torch_backend: str = 'auto'):
   """Reads and maps the three inputs (weights/convert.py's `convert`)."""
+  if not vision or not lm:
+    raise ValueError('open_flamingo needs --vision (the CLIP tower) and --lm '
+                     "(the LM's Hugging Face directory) beside checkpoint.pt.")
   from flamingo_jax.weights import convert as convert_lib  # pylint: disable=g-import-not-at-top
   checkpoint = read(path, torch_backend)
   source = str(path)
@@ -330,8 +341,10 @@ def convert(path: str, *, dtype: Any = np.float32, vision: str, lm: str,
   # Vision tower.
   vision_module = _vision_source(vision, vision_source)
   vision_store = vision_module.read(vision)
+  options = ({'activation': vision_activation}
+             if vision_module is open_clip else {})
   vision_config = vision_module.config_from(vision, vision_store,
-                                            tokens=tokens)
+                                            tokens=tokens, **options)
   params = vision_module.to_params(vision_store, vision_config, dtype=dtype)
   vision_store.close()
 

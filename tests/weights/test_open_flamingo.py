@@ -151,6 +151,28 @@ def test_misplaced_cross_attention_is_refused(monkeypatch, tmp_path, capsys):
   assert 'LM layers [1, 2]' in capsys.readouterr().err
 
 
+def test_an_open_clip_tower(tmp_path):
+  """--vision may be an OpenCLIP state dict (the open_clip fixture: also
+  16 wide, so it fits this checkpoint's resampler; 3 blocks, exact GELU)."""
+  args = _args(tmp_path / 'w')
+  args[args.index('--vision') + 1] = fixtures.path(
+      'open_clip', 'open_clip_pytorch_model.bin')
+  assert convert.main(args) == 0
+  model = flamingo_jax.load(tmp_path / 'w', placement='device')
+  vision = model.model_config['vision']
+  assert (vision['depth'], vision['activation'], vision['tokens']) == (
+      3, 'gelu', 'last_block')
+
+
+def test_list_and_missing_inputs(capsys, tmp_path):
+  assert convert.main(['open_flamingo', CHECKPOINT, '--list']) == 0
+  assert 'perceiver.latents\t[64, 16]' in capsys.readouterr().out
+  assert convert.main(['open_flamingo', CHECKPOINT, '--workdir',
+                       str(tmp_path / 'w')]) == 1
+  assert '--vision' in capsys.readouterr().err
+  assert not os.path.exists(tmp_path / 'w')
+
+
 def test_help_names_the_inputs(capsys):
   with pytest.raises(SystemExit):
     convert.main(['open_flamingo', '--help'])
