@@ -82,7 +82,6 @@ from flamingo_jax.weights import hf_mpt
 from flamingo_jax.weights import mapping
 from flamingo_jax.weights import open_clip
 from flamingo_jax.weights import tensors as tensors_lib
-from flamingo_jax.weights import torch_file
 
 KIND = 'open_flamingo'
 SUMMARY = ("OpenFlamingo's checkpoint.pt + its CLIP tower (--vision) + its "
@@ -139,8 +138,8 @@ def add_arguments(parser) -> tuple[str, ...]:
   parser.add_argument('--max_len', type=int, default=2048,
                       help='eval.max_len: the longest prompt plus new '
                            'tokens that load() accepts')
-  return ('vision', 'vision_source', 'vision_activation', 'lm', 'tokens', 'resampler_heads',
-          'xattn_heads', 'attend', 'max_len')
+  return ('vision', 'vision_source', 'vision_activation', 'lm', 'tokens',
+          'resampler_heads', 'xattn_heads', 'attend', 'max_len')
 
 
 def read(path: str, torch_backend: str = 'auto') -> tensors_lib.TensorStore:
@@ -318,6 +317,91 @@ def model_config(vision: dict[str, Any], lm: dict[str, Any], *,
   return config
 
 
+def _vision_params(vision: str, choice: str, activation: Optional[str],
+                   tokens: str, dtype: Any):
+  """(config.model.vision, vision_encoder/... parameters) of --vision."""
+  module = _vision_source(vision, choice)
+  store = module.read(vision)
+  options = {'activation': activation} if module is open_clip else {}
+  config = module.config_from(vision, store, tokens=tokens, **options)
+  params = module.to_params(store, config, dtype=dtype)
+  store.close()
+  return config, params
+
+
+def _check_lm_tensors(checkpoint: tensors_lib.TensorStore,
+                      names: dict[str, str], directory: tensors_lib.TensorStore,
+                      anchor: str, vocab: int, tokenizer_source: str) -> None:
+  """checkpoint.pt's LM tensors replace the directory's of the same shape;
+  a vocabulary table (the anchor, or one with the directory's anchor rows)
+  has the tokenizer's rows, as OpenFlamingo's `resize_token_embeddings`
+  made it."""
+  rows = directory.info(anchor).shape[0] if anchor in directory else None
+  problems = []
+  for name, original in names.items():
+    shape = tuple(checkpoint.info(original).shape)
+    want = tuple(directory.info(name).shape) if name in directory else None
+    table = name == anchor or (want is not None and len(want) == 2
+                               and want[0] == rows)
+    if table:
+      want = (vocab, *(want or shape)[1:])
+    if want is not None and shape != want:
+      why = (f' ({tokenizer_source} with OpenFlamingo\'s markers has {vocab} '
+             'tokens)' if table else '')
+      problems.append(f'tensor {original} has shape {shape} but the LM needs '
+                      f'{want}{why}.')
+  if problems:
+    raise mapping.CheckpointMismatchError(
+        f'{checkpoint.source} does not fit the LM (nothing was written):\n  '
+        + '\n  '.join(problems))
+
+
+def _lm_params(lm: str, checkpoint: tensors_lib.TensorStore,
+               names: dict[str, str], dtype: Any):
+  """(config.model.lm, lm/... parameters, tokenizer): the directory, then
+  checkpoint.pt's LM tensors in place of its own."""
+  family = _lm_source(lm)
+  tokenizer = hf_lm.tokenizer_for(lm, True)
+  if tokenizer is None:
+    raise FileNotFoundError(
+        f'No tokenizer.json in {lm}: the markers\' ids and the embedding '
+        'rows follow the tokenizer (give the LM directory as published).')
+  directory = family.read(lm)
+  store = _overlay(directory, _renamed(checkpoint, names, checkpoint.source),
+                   source=f'{lm} + {checkpoint.source}')
+  spec = family._FAMILY  # pylint: disable=protected-access
+  anchor = hf_lm.prefix_of(store, spec.ANCHOR, spec.FAMILY) + spec.ANCHOR
+  _check_lm_tensors(checkpoint, names, directory, anchor,
+                    tokenizer.vocab_size, lm)
+  config = family.config_from(lm, store, vocab_size=tokenizer.vocab_size)
+  params = family.to_params(store, config, dtype=dtype)
+  store.close()
+  return config, params, tokenizer
+
+
+def _own_params(checkpoint: tensors_lib.TensorStore,
+                resampler_names: dict[str, str],
+                xattn_names: dict[int, dict[str, str]],
+                config: dict[str, Any], every: int, dtype: Any):
+  """perceiver_resampler/... and gated_xattn/... of `config`."""
+  own = dict(resampler_names)
+  for j, rests in xattn_names.items():
+    own.update({f'xattn.{(j + 1) // every - 1}.{rest}': name
+                for rest, name in rests.items()})
+  abstract = {m: dict(v) for m, v in flamingo.abstract_params(config).items()
+              if m.startswith(('perceiver_resampler', 'gated_xattn'))}
+  zeros = {}
+  if 'perceiver.frame_embs' not in resampler_names:  # Ours is zeros.
+    table = abstract['perceiver_resampler'].pop('time_embeddings')
+    zeros = {'time_embeddings': np.zeros(table.shape, dtype)}
+  params = mapping.map_tensors(
+      _renamed(checkpoint, own, checkpoint.source), rules(), abstract,
+      dtype=dtype,
+      what='OpenFlamingo checkpoint (resampler, gated cross-attention)')
+  params['perceiver_resampler'].update(zeros)
+  return params
+
+
 def convert(path: str, *, dtype: Any = np.float32,
             vision: Optional[str] = None, lm: Optional[str] = None,
             vision_source: str = 'auto',
@@ -327,95 +411,48 @@ def convert(path: str, *, dtype: Any = np.float32,
             attend: str = 'last_image', max_len: int = 2048,
             torch_backend: str = 'auto'):
   """Reads and maps the three inputs (weights/convert.py's `convert`)."""
+  from flamingo_jax.weights import convert as convert_lib  # pylint: disable=g-import-not-at-top
   if not vision or not lm:
     raise ValueError('open_flamingo needs --vision (the CLIP tower) and --lm '
                      "(the LM's Hugging Face directory) beside checkpoint.pt.")
-  from flamingo_jax.weights import convert as convert_lib  # pylint: disable=g-import-not-at-top
   checkpoint = read(path, torch_backend)
-  source = str(path)
+  source = checkpoint.source
   resampler_names, lm_names, xattn_names = split(checkpoint)
   if 'perceiver.media_time_embs' in resampler_names:
     raise ValueError(f'{source} has perceiver.media_time_embs (a temporal '
                      'embedding per medium of a sample): not supported.')
-
-  # Vision tower.
-  vision_module = _vision_source(vision, vision_source)
-  vision_store = vision_module.read(vision)
-  options = ({'activation': vision_activation}
-             if vision_module is open_clip else {})
-  vision_config = vision_module.config_from(vision, vision_store,
-                                            tokens=tokens, **options)
-  params = vision_module.to_params(vision_store, vision_config, dtype=dtype)
-  vision_store.close()
-
-  # LM: the directory, then checkpoint.pt's LM tensors in place of its own.
-  family = _lm_source(lm)
-  tokenizer = hf_lm.tokenizer_for(lm, True)
-  if tokenizer is None:
-    raise FileNotFoundError(
-        f'No tokenizer.json in {lm}: the markers\' ids and the embedding '
-        'rows follow the tokenizer (give the LM directory as published).')
-  lm_store = _overlay(family.read(lm), _renamed(checkpoint, lm_names, source),
-                      source=f'{lm} + {source}')
-  lm_config = family.config_from(lm, lm_store, vocab_size=tokenizer.vocab_size)
-  spec = family._FAMILY  # pylint: disable=protected-access
-  anchor = hf_lm.prefix_of(lm_store, spec.ANCHOR, spec.FAMILY) + spec.ANCHOR
-  if anchor in lm_names:
-    rows = checkpoint.info(lm_names[anchor]).shape[0]
-    if rows != tokenizer.vocab_size:
-      raise mapping.CheckpointMismatchError(
-          f'tensor {lm_names[anchor]} has shape '
-          f'{checkpoint.info(lm_names[anchor]).shape} but the tokenizer of '
-          f'{lm} with OpenFlamingo\'s markers has {tokenizer.vocab_size} '
-          f'tokens: lm/embed/embeddings needs ({tokenizer.vocab_size}, '
-          f'{lm_config["width"]}) (another LM or tokenizer?).')
-  params.update(family.to_params(lm_store, lm_config, dtype=dtype))
-
-  # Resampler and cross-attention blocks.
-  every = every_n(sorted(xattn_names), lm_config['num_layers'], source)
-  own = dict(resampler_names)
-  for j, rests in xattn_names.items():
-    own.update({f'xattn.{(j + 1) // every - 1}.{rest}': name
-                for rest, name in rests.items()})
-  own_store = _renamed(checkpoint, own, source)
-  info = lambda n: (checkpoint.info(resampler_names[n]).shape
-                    if n in resampler_names else None)
-  latents, to_q = info('perceiver.latents'), info(
-      'perceiver.layers.0.0.to_q.weight')
+  shape = lambda n: (checkpoint.info(resampler_names[n]).shape
+                     if n in resampler_names else None)
+  latents = shape('perceiver.latents')
+  to_q = shape('perceiver.layers.0.0.to_q.weight')
   if latents is None or to_q is None:
     raise mapping.CheckpointMismatchError(
         f'{source} has no perceiver.latents / perceiver.layers.0.0.to_q.'
         'weight: not an OpenFlamingo checkpoint.')
-  first = min(xattn_names)
-  xattn_q = checkpoint.info(xattn_names[first].get(
-      'attn.to_q.weight', next(iter(xattn_names[first].values())))).shape
-  frames = info('perceiver.frame_embs')
+
+  vision_config, params = _vision_params(vision, vision_source,
+                                         vision_activation, tokens, dtype)
+  lm_config, lm_params, tokenizer = _lm_params(lm, checkpoint, lm_names,
+                                               dtype)
+  params.update(lm_params)
+  every = every_n(sorted(xattn_names), lm_config['num_layers'], source)
+  first = xattn_names[min(xattn_names)]
+  if 'attn.to_q.weight' not in first:
+    raise mapping.CheckpointMismatchError(
+        f'{source}: no gated_cross_attn_layer.attn.to_q.weight at LM layer '
+        f'{min(xattn_names)}.')
+  frames = shape('perceiver.frame_embs')
   config = model_config(
       vision_config, lm_config, resampler_width=latents[1],
       resampler_layers=len({n.split('.')[2] for n in resampler_names
                             if n.startswith('perceiver.layers.')}),
       resampler_inner=to_q[0], num_latents=latents[0],
-      max_frames=frames[0] if frames else 1, xattn_inner=xattn_q[0],
+      max_frames=frames[0] if frames else 1,
+      xattn_inner=checkpoint.info(first['attn.to_q.weight']).shape[0],
       every=every, resampler_heads=resampler_heads, xattn_heads=xattn_heads,
       attend=attend)
-  abstract = flamingo.abstract_params(config)
-  own_abstract = {m: v for m, v in abstract.items()
-                  if m.startswith(('perceiver_resampler', 'gated_xattn'))}
-  zeros = {}
-  if frames is None:  # No temporal table: ours is zeros.
-    resampler = dict(own_abstract['perceiver_resampler'])
-    table = resampler.pop('time_embeddings')
-    zeros = {'time_embeddings': np.zeros(table.shape, dtype)}
-    own_abstract['perceiver_resampler'] = resampler
-  own_params = mapping.map_tensors(
-      own_store, rules(), own_abstract, dtype=dtype,
-      what='OpenFlamingo checkpoint (resampler, gated cross-attention)')
-  own_params['perceiver_resampler'].update(zeros)
-  params.update(own_params)
-  missing = sorted(set(abstract) - set(params))
-  if missing:
-    raise mapping.CheckpointMismatchError(
-        f'Nothing filled the modules {missing}: an importer bug.')
+  params.update(_own_params(checkpoint, resampler_names, xattn_names, config,
+                            every, dtype))
   checkpoint.close()
   return convert_lib.Converted(
       model=config, params=params, tokenizer=tokenizer,

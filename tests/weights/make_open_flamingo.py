@@ -43,6 +43,7 @@ matters), rounded to the bfloat16 grid, and saved as published:
       --only open_flamingo
 """
 
+import importlib.util
 import json
 import os
 import sys
@@ -59,9 +60,7 @@ PAD = '<PAD>'
 
 
 def _import_open_flamingo():
-  try:
-    import open_clip  # pylint: disable=g-import-not-at-top,unused-import
-  except ImportError:
+  if importlib.util.find_spec('open_clip') is None:
     sys.modules['open_clip'] = types.ModuleType('open_clip')
   # pylint: disable=g-import-not-at-top
   from open_flamingo.src import flamingo

@@ -67,7 +67,8 @@ def test_config_is_open_flamingos(model):
   assert config['lm']['vocab_size'] == 44  # 48 rows resized to the tokens.
   tokenizer = model.tokenizer
   # OpenFlamingo's ids: <|endofchunk|>, <image>, <PAD> after the 41 words.
-  assert (tokenizer.eoc_id, tokenizer.image_id, tokenizer.pad_id) == (41, 42, 43)
+  assert (tokenizer.eoc_id, tokenizer.image_id,
+          tokenizer.pad_id) == (41, 42, 43)
 
 
 def test_logits_match_open_flamingo(model, expected):
@@ -128,6 +129,9 @@ def _patched_read(monkeypatch, edit):
     (lambda a: a.update({'lang_encoder.transformer.wte.weight': np.zeros(
         [43, 24], np.float32)}),
      ['lang_encoder.transformer.wte.weight', '(43, 24)', '(44, 24)']),
+    (lambda a: a.update({'lang_encoder.transformer.blocks.0.decoder_layer.'
+                         'norm_1.weight': np.zeros([25], np.float32)}),
+     ['blocks.0.decoder_layer.norm_1.weight', '(25,)', '(24,)']),
 ])
 def test_a_mismatch_names_the_tensor_and_writes_nothing(
     monkeypatch, tmp_path, capsys, edit, named):
