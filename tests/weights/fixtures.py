@@ -124,6 +124,21 @@ OF_CLIP = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
 OF_MPT = dict(vocab_size=48, d_model=24, n_layers=4, n_heads=6,
               max_seq_len=128)
 OF_EVERY = 2  # cross_attn_every_n_layers.
+# A second one, testdata/open_flamingo_neox/: a GPT-NeoX LM (untied output
+# rows in checkpoint.pt as `embed_out`, as OpenFlamingo-4B's RedPajama),
+# cross-attention before every block (OpenFlamingo-3B's placement), and
+# checkpoint.pt in bfloat16.
+OF_NEOX = dict(vocab_size=48, hidden_size=24, intermediate_size=48,
+               num_hidden_layers=2, num_attention_heads=3, rotary_pct=0.5,
+               bos_token_id=0, eos_token_id=0)
+# name: (transformers config, model, kwargs, LM folder, decoder layers,
+#        cross_attn_every_n_layers, checkpoint.pt dtype).
+OPEN_FLAMINGOS = {
+    'open_flamingo': ('MptConfig', 'MptForCausalLM', OF_MPT, 'mpt',
+                      'transformer.blocks', OF_EVERY, 'float32'),
+    'open_flamingo_neox': ('GPTNeoXConfig', 'GPTNeoXForCausalLM', OF_NEOX,
+                           'gpt_neox', 'gpt_neox.layers', 1, 'bfloat16'),
+}
 OF_WORDS = ('<|endoftext|>', 'Output', ':', 'a', 'the', 'cat', 'dog', 'red',
             'blue', 'sits', 'runs', 'on', 'in', 'mat', 'grass', 'ball',
             'small', 'big', 'two', 'one', 'with', 'and', 'of', 'sky',

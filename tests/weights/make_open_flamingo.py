@@ -11,7 +11,9 @@ at the tiny configuration of fixtures.py (`OF_*`):
           `Flamingo._encode_vision_x` reads as `[1]`. open_clip itself needs
           torchvision, so it is not the tower here (open_clip's own layout
           is checked by the open_clip fixture).
-  LM      transformers' `MptForCausalLM` with a word-level tokenizer.json,
+  LM      transformers' `MptForCausalLM` (open_flamingo/) or
+          `GPTNeoXForCausalLM` (open_flamingo_neox/, checkpoint.pt in
+          bfloat16) with a word-level tokenizer.json,
           extended as open_flamingo's `create_model_and_transforms` does:
           markers added to the tokenizer, `FlamingoLMMixin`, decoder layers
           `transformer.blocks`, `resize_token_embeddings(len(tokenizer))`.
@@ -27,7 +29,8 @@ Two adaptations, both outside open_flamingo's code:
 Every parameter is randomised (gates away from 0, so the cross-attention
 matters), rounded to the bfloat16 grid, and saved as published:
   open_flamingo/clip/   config.json + model.safetensors (the CLIP tower);
-  open_flamingo/mpt/    config.json + model.safetensors + tokenizer.json
+  open_flamingo/mpt/ (gpt_neox/)  config.json + model.safetensors +
+                        tokenizer.json
                         (the LM before OpenFlamingo touched it: 48 rows);
   open_flamingo/checkpoint.pt   `model.state_dict()` filtered as
                         open_flamingo's `filter_state_dict_to_trainable`
@@ -40,7 +43,13 @@ matters), rounded to the bfloat16 grid, and saved as published:
   pip install --no-deps --target /tmp/ofpkgs open-flamingo==2.0.1 einops \
       einops-exts
   PYTHONPATH=/tmp/ofpkgs python tests/weights/make_fixtures.py \
-      --only open_flamingo
+      --only open_flamingo,open_flamingo_neox
+
+(transformers 5 names GPT-NeoX's output layer `lm_head`, which
+OpenFlamingo's filter drops as frozen, so open_flamingo_neox's checkpoint.pt
+has no output rows: they come from the LM folder, cut to the tokenizer as
+`resize_token_embeddings` cuts them. OpenFlamingo-4B, saved with
+transformers 4, has them as `lang_encoder.embed_out.weight`.)
 """
 
 import importlib.util
@@ -60,7 +69,8 @@ PAD = '<PAD>'
 
 
 def _import_open_flamingo():
-  if importlib.util.find_spec('open_clip') is None:
+  if ('open_clip' not in sys.modules
+      and importlib.util.find_spec('open_clip') is None):
     sys.modules['open_clip'] = types.ModuleType('open_clip')
   # pylint: disable=g-import-not-at-top
   from open_flamingo.src import flamingo
@@ -126,8 +136,9 @@ def _trainable_state(model):
           and 'vision_encoder' not in k}
 
 
-def make(directory: str, seed: int = 31) -> None:
-  """Writes the fixture into `directory` (emptied by the caller)."""
+def make(directory: str, name: str = 'open_flamingo', seed: int = 31) -> None:
+  """Writes fixture `name` (fixtures.OPEN_FLAMINGOS) into `directory`
+  (emptied by the caller)."""
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
   flamingo_class, mixin, extend_instance = _import_open_flamingo()
@@ -137,16 +148,18 @@ def make(directory: str, seed: int = 31) -> None:
     def forward(self, input_ids, attention_mask=None, **kwargs):
       return mixin.forward(self, input_ids, attention_mask, **kwargs)
 
+  (config_class, model_class, lm_kwargs, lm_folder, decoder_layers, every,
+   checkpoint_dtype) = fixtures.OPEN_FLAMINGOS[name]
   clip_dir = os.path.join(directory, 'clip')
-  lm_dir = os.path.join(directory, 'mpt')
+  lm_dir = os.path.join(directory, lm_folder)
   torch.manual_seed(0)
   clip = transformers.CLIPVisionModel(
       transformers.CLIPVisionConfig(**fixtures.OF_CLIP)).eval()
   _round(clip, 1)
   clip.save_pretrained(clip_dir)
 
-  lm = transformers.MptForCausalLM(
-      transformers.MptConfig(**fixtures.OF_MPT)).eval()
+  lm = getattr(transformers, model_class)(
+      getattr(transformers, config_class)(**lm_kwargs)).eval()
   _round(lm, 2)
   lm.to(torch.bfloat16).save_pretrained(lm_dir)
   lm.to(torch.float32)
@@ -160,7 +173,7 @@ def make(directory: str, seed: int = 31) -> None:
   if tokenizer.pad_token is None:
     tokenizer.add_special_tokens({'pad_token': PAD})
   extend_instance(lm, Mixin)
-  lm.set_decoder_layers_attr_name('transformer.blocks')
+  lm.set_decoder_layers_attr_name(decoder_layers)
   lm.resize_token_embeddings(len(tokenizer))
 
   class Visual(torch.nn.Module):
@@ -179,13 +192,15 @@ def make(directory: str, seed: int = 31) -> None:
   model = flamingo_class(
       types.SimpleNamespace(visual=Visual(clip)), lm, eoc_id, image_id,
       vis_dim=fixtures.OF_CLIP['hidden_size'],
-      cross_attn_every_n_layers=fixtures.OF_EVERY).eval()
+      cross_attn_every_n_layers=every).eval()
   _round(model.perceiver, seed)
   _round(model.lang_encoder.gated_cross_attn_layers, seed + 1, gates=True)
   _round(model.lang_encoder.get_input_embeddings(), seed + 2)
 
   state = _trainable_state(model)
-  torch.save(state, os.path.join(directory, 'checkpoint.pt'))
+  torch.save({k: v.to(getattr(torch, checkpoint_dtype))
+              for k, v in state.items()},
+             os.path.join(directory, 'checkpoint.pt'))
 
   # The few-shot captioning prompt, as OpenFlamingo spells it, after the
   # <BOS> (= <|endoftext|>) that flamingo_jax's prompts begin with.
@@ -221,7 +236,7 @@ def make(directory: str, seed: int = 31) -> None:
     json.dump({'open_flamingo': '2.0.1', 'transformers':
                transformers.__version__, 'torch': torch.__version__,
                'seed': seed, 'eoc_id': eoc_id, 'image_id': image_id,
-               'cross_attn_every_n_layers': fixtures.OF_EVERY,
+               'cross_attn_every_n_layers': every, 'lm': model_class,
                'prompt': prompt, 'greedy_text': tokenizer.decode(greedy)},
               f, indent=1)
   print('greedy', greedy, repr(tokenizer.decode(greedy)))

@@ -31,24 +31,33 @@ pytest.importorskip('tokenizers')
 
 DATA = fixtures.path('open_flamingo')
 CHECKPOINT = os.path.join(DATA, 'checkpoint.pt')
+NAMES = sorted(fixtures.OPEN_FLAMINGOS)
 
 
-def _args(workdir, checkpoint=CHECKPOINT):
-  return ['open_flamingo', checkpoint, '--vision', os.path.join(DATA, 'clip'),
-          '--lm', os.path.join(DATA, 'mpt'), '--workdir', str(workdir),
+def _args(workdir, name='open_flamingo'):
+  data = fixtures.path(name)
+  lm_folder = fixtures.OPEN_FLAMINGOS[name][3]
+  return ['open_flamingo', os.path.join(data, 'checkpoint.pt'),
+          '--vision', os.path.join(data, 'clip'),
+          '--lm', os.path.join(data, lm_folder), '--workdir', str(workdir),
           '--max_len', '64', '--torch_backend', 'builtin']  # As without torch.
 
 
+@pytest.fixture(name='name', scope='module', params=NAMES)
+def name_fixture(request):
+  return request.param
+
+
 @pytest.fixture(name='expected', scope='module')
-def expected_fixture():
-  with np.load(os.path.join(DATA, 'expected.npz'), allow_pickle=False) as f:
+def expected_fixture(name):
+  with np.load(fixtures.path(name, 'expected.npz'), allow_pickle=False) as f:
     return dict(f)
 
 
 @pytest.fixture(name='model', scope='module')
-def model_fixture(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp('of') / 'workdir'
-  assert convert.main(_args(workdir)) == 0
+def model_fixture(tmp_path_factory, name):
+  workdir = tmp_path_factory.mktemp(name) / 'workdir'
+  assert convert.main(_args(workdir, name)) == 0
   return flamingo_jax.load(workdir, placement='device')
 
 
@@ -57,9 +66,13 @@ def _prompt() -> str:
           + formatting.caption_prompt())
 
 
-def test_config_is_open_flamingos(model):
+def test_config_is_open_flamingos(model, name):
   config = model.model_config
-  assert config['xattn']['every'] == fixtures.OF_EVERY  # From the names.
+  every = fixtures.OPEN_FLAMINGOS[name][5]
+  assert config['xattn']['every'] == every  # From the names.
+  gates = np.asarray(model.params['gated_xattn/block']['attn_gate'])
+  assert gates.shape == (config['lm']['num_layers'] // every,)
+  assert np.all(gates != 0)  # Open: the images matter.
   assert config['xattn']['placement'] == 'openflamingo'
   assert config['resampler']['num_latents'] == 64
   assert config['resampler']['num_heads'] * config['resampler'][
