@@ -19,7 +19,9 @@ What is written (an ordinary workdir, so `init_from`, `checkpoint.
 load_params` and the other readers take it as it is):
   W/config.json            `task: 'import'`, `model` (the part the source
                            fills, e.g. `model.vision`) and `weights` (source,
-                           inputs, dtype);
+                           inputs, dtype); a whole model (`open_flamingo`)
+                           writes `task: 'flamingo'`, all of `model` and
+                           `eval.max_len`, so `flamingo_jax.load(W)` takes it;
   W/checkpoints/<step>/    the parameters as the frozen part of a train state
                            (`{'step', 'trainable': {}, 'frozen': params}`),
                            through `checkpoint.Checkpointer`;
@@ -46,6 +48,7 @@ assembled from a vision tower and an LM) may instead define
 
 import argparse
 import dataclasses
+import inspect
 import json
 import os
 import resource
@@ -70,12 +73,14 @@ from flamingo_jax.weights import hf_mpt
 from flamingo_jax.weights import mapping
 from flamingo_jax.weights import nfnet_npz
 from flamingo_jax.weights import open_clip
+from flamingo_jax.weights import open_flamingo
 from flamingo_jax.weights import tensors as tensors_lib
 from flamingo_jax.weights import timm_nfnet
 from flamingo_jax.weights import torch_file
 
 SOURCES = {m.KIND: m for m in (hf_clip, open_clip, nfnet_npz, timm_nfnet,
-                                hf_llama, hf_gpt_neox, hf_mpt, hf_gpt2)}
+                                hf_llama, hf_gpt_neox, hf_mpt, hf_gpt2,
+                                open_flamingo)}
 DTYPES = {'float32': np.dtype(np.float32),
           'bfloat16': np.dtype(ml_dtypes.bfloat16),
           'float16': np.dtype(np.float16)}
@@ -88,6 +93,10 @@ class Converted:
   params: mapping.Params
   tokenizer: Optional[tokenizer_lib.Tokenizer] = None
   inputs: list[str] = dataclasses.field(default_factory=list)
+  # 'import' (a part, for init_from) or 'flamingo' (a whole model that
+  # flamingo_jax.load takes), and other config.json sections (e.g. 'eval').
+  task: str = 'import'
+  extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def _model_section(vision_config: dict[str, Any]) -> dict[str, Any]:
@@ -116,6 +125,8 @@ def convert(kind: str, path: str, *, dtype: str = 'float32',
   source = SOURCES[kind]
   start = time.time()
   if hasattr(source, 'convert'):
+    if 'torch_backend' in inspect.signature(source.convert).parameters:
+      options['torch_backend'] = torch_backend
     return source.convert(path, dtype=DTYPES[dtype], **options)
   tensors = _read(source, path, torch_backend)
   _say(f'{path}: {len(tensors)} tensors, {tensors.num_bytes() / 1e6:.1f} MB '
@@ -161,9 +172,10 @@ def write_workdir(converted: Converted, workdir: str, *, kind: str,
   os.umask(umask)
   os.chmod(partial, 0o777 & ~umask)  # mkdtemp makes it private.
   try:
-    config = {'task': 'import', 'model': converted.model,
+    config = {'task': converted.task, 'model': converted.model,
               'weights': {'source': kind, 'inputs': converted.inputs,
-                          'dtype': dtype, 'step': step}}
+                          'dtype': dtype, 'step': step},
+              **converted.extra}
     if converted.tokenizer is not None:
       spec = converted.tokenizer.save_dir(os.path.join(partial, 'tokenizer'))
       config['data'] = {'tokenizer': os.path.join(

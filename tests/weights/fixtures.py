@@ -106,3 +106,53 @@ def expected(name: str, size: int, seed: int
                          'the fixture was made with (numpy changed its '
                          'random stream?); rerun make_fixtures.py.')
   return inputs, outputs
+
+
+# OpenFlamingo (open_flamingo 2.0.1's `Flamingo`) at a tiny random size:
+# a Hugging Face CLIP ViT (quick GELU, as OpenAI's ViT-L/14) and a Hugging
+# Face MPT with a word-level tokenizer.json, cross-attention before every
+# 2nd of 4 LM blocks; the resampler and xattn layers keep open_flamingo's
+# fixed sizes (8 heads of 64, 6 resampler layers, 64 latents). The LM's 48
+# embedding rows (a vocabulary padded past the tokenizer's 41) are resized
+# to the 44 tokens the markers make, as OpenFlamingo's factory does.
+# testdata/open_flamingo/ holds checkpoint.pt (the trainable tensors, as
+# OpenFlamingo's training saves them), clip/ and mpt/ (the published
+# folders) and expected.npz (see make_open_flamingo.py).
+OF_CLIP = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+               num_attention_heads=2, image_size=16, patch_size=4,
+               hidden_act='quick_gelu')
+OF_MPT = dict(vocab_size=48, d_model=24, n_layers=4, n_heads=6,
+              max_seq_len=128)
+OF_EVERY = 2  # cross_attn_every_n_layers.
+# A second one, testdata/open_flamingo_neox/: a GPT-NeoX LM (untied output
+# rows in checkpoint.pt as `embed_out`, as OpenFlamingo-4B's RedPajama),
+# cross-attention before every block (OpenFlamingo-3B's placement), and
+# checkpoint.pt in bfloat16.
+OF_NEOX = dict(vocab_size=48, hidden_size=24, intermediate_size=48,
+               num_hidden_layers=2, num_attention_heads=3, rotary_pct=0.5,
+               bos_token_id=0, eos_token_id=0)
+# name: (transformers config, model, kwargs, LM folder, decoder layers,
+#        cross_attn_every_n_layers, checkpoint.pt dtype).
+OPEN_FLAMINGOS = {
+    'open_flamingo': ('MptConfig', 'MptForCausalLM', OF_MPT, 'mpt',
+                      'transformer.blocks', OF_EVERY, 'float32'),
+    'open_flamingo_neox': ('GPTNeoXConfig', 'GPTNeoXForCausalLM', OF_NEOX,
+                           'gpt_neox', 'gpt_neox.layers', 1, 'bfloat16'),
+}
+OF_WORDS = ('<|endoftext|>', 'Output', ':', 'a', 'the', 'cat', 'dog', 'red',
+            'blue', 'sits', 'runs', 'on', 'in', 'mat', 'grass', 'ball',
+            'small', 'big', 'two', 'one', 'with', 'and', 'of', 'sky',
+            'tree', 'car', 'road', 'man', 'woman', 'hat', 'green', 'white',
+            'black', 'house', 'near', 'water', 'boat', 'bird', 'flies',
+            'over', 'under')
+# Few-shot captioning: two shots, then the query image.
+OF_CAPTIONS = ('a red cat sits on the mat', 'two dog runs in the grass')
+OF_NEW_TOKENS = 6
+OF_IMAGES_SEED = 21
+
+
+def open_flamingo_images() -> np.ndarray:
+  """[3, 16, 16, 3] uint8: the two shots' images, then the query's."""
+  rng = np.random.default_rng(OF_IMAGES_SEED)
+  return rng.integers(0, 256, (3, OF_CLIP['image_size'],
+                               OF_CLIP['image_size'], 3), dtype=np.uint8)

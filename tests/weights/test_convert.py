@@ -23,7 +23,7 @@ def test_help_lists_every_source(capsys):
   assert exit_info.value.code == 0
   out = capsys.readouterr().out
   for kind in ('hf_clip', 'open_clip', 'nfnet_npz', 'timm_nfnet', 'hf_llama',
-               'hf_gpt_neox', 'hf_mpt', 'hf_gpt2'):
+               'hf_gpt_neox', 'hf_mpt', 'hf_gpt2', 'open_flamingo'):
     assert kind in out
   with pytest.raises(SystemExit):
     convert.main(['open_clip', '--help'])
