@@ -99,19 +99,8 @@ class Gpt2(hf_lm.Family):
     table += hf_lm.norm(f'{layer}ln_2', f'{block}/ffw_norm', True)
     table += hf_lm.norm(f'{p}ln_f', 'lm/final_norm', True)
     ignore = [rf'{layer}attn\.(bias|masked_bias)']
-    if lm_config['tied_embeddings']:
-      ignore.append(r'lm_head\.weight')
-    else:
-      table.append(mapping.Rule(r'lm_head\.weight', 'lm/unembed/w',
-                                hf_lm.fit_rows_then_transpose(rows)))
-    return table, ignore
+    head, ignored = hf_lm.unembedding(lm_config, rows)
+    return table + head, ignore + ignored
 
 
-_FAMILY = Gpt2()
-KIND = _FAMILY.KIND
-SUMMARY = _FAMILY.SUMMARY
-read = _FAMILY.read
-add_arguments = _FAMILY.add_arguments
-config_from = _FAMILY.config_from
-to_params = _FAMILY.to_params
-convert = _FAMILY.convert
+hf_lm.export(Gpt2(), globals())

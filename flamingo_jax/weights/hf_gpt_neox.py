@@ -115,20 +115,8 @@ class GptNeoX(hf_lm.Family):
     table += hf_lm.norm(f'{p}final_layer_norm', 'lm/final_norm', True)
     ignore = [rf'{layer}attention\.(bias|masked_bias|rotary_emb\.inv_freq)',
               r'.*rotary_emb\.inv_freq']
-    if lm_config['tied_embeddings']:
-      ignore.append(r'(embed_out|lm_head)\.weight')
-    else:
-      table.append(mapping.Rule(r'(embed_out|lm_head)\.weight',
-                                'lm/unembed/w',
-                                hf_lm.fit_rows_then_transpose(rows)))
-    return table, ignore
+    head, ignored = hf_lm.unembedding(lm_config, rows, r'(embed_out|lm_head)\.weight')
+    return table + head, ignore + ignored
 
 
-_FAMILY = GptNeoX()
-KIND = _FAMILY.KIND
-SUMMARY = _FAMILY.SUMMARY
-read = _FAMILY.read
-add_arguments = _FAMILY.add_arguments
-config_from = _FAMILY.config_from
-to_params = _FAMILY.to_params
-convert = _FAMILY.convert
+hf_lm.export(GptNeoX(), globals())

@@ -97,19 +97,8 @@ class Llama(hf_lm.Family):
       table += hf_lm.linear(rf'{layer}mlp\.{source}_proj',
                             f'{block}/ffw/{target}', bias)
     ignore = [r'.*rotary_emb\.inv_freq']
-    if lm_config['tied_embeddings']:
-      ignore.append(r'lm_head\.weight')  # A copy of the embedding table.
-    else:
-      table.append(mapping.Rule(r'lm_head\.weight', 'lm/unembed/w',
-                                hf_lm.fit_rows_then_transpose(rows)))
-    return table, ignore
+    head, ignored = hf_lm.unembedding(lm_config, rows)
+    return table + head, ignore + ignored
 
 
-_FAMILY = Llama()
-KIND = _FAMILY.KIND
-SUMMARY = _FAMILY.SUMMARY
-read = _FAMILY.read
-add_arguments = _FAMILY.add_arguments
-config_from = _FAMILY.config_from
-to_params = _FAMILY.to_params
-convert = _FAMILY.convert
+hf_lm.export(Llama(), globals())

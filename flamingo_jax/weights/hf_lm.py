@@ -180,6 +180,27 @@ def norm(source: str, target: str, with_bias: bool) -> list[mapping.Rule]:
   return rules
 
 
+def unembedding(lm_config: dict[str, Any], rows: int,
+                source: str = r'lm_head\.weight'
+                ) -> tuple[list[mapping.Rule], list[str]]:
+  """(rules, ignored names) of the output head: tied embeddings read the
+  embedding table, so a stored head (a copy of it) is ignored."""
+  if lm_config['tied_embeddings']:
+    return [], [source]
+  return [mapping.Rule(source, 'lm/unembed/w', fit_rows_then_transpose(rows))
+          ], []
+
+
+def export(family: 'Family', namespace: dict[str, Any]) -> None:
+  """Gives a source module the attributes the convert CLI reads (KIND,
+  SUMMARY, read, add_arguments, config_from, to_params, convert) and the
+  family itself as SOURCE."""
+  namespace['SOURCE'] = family
+  for name in ('KIND', 'SUMMARY', 'read', 'add_arguments', 'config_from',
+               'to_params', 'convert'):
+    namespace[name] = getattr(family, name)
+
+
 def add_arguments(parser) -> tuple[str, ...]:
   """The convert CLI's options of every HF LM source."""
   parser.add_argument(

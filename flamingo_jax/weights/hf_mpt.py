@@ -95,20 +95,8 @@ class Mpt(hf_lm.Family):
                         norm_bias)
     table += hf_lm.norm(f'{layer}norm_2', f'{block}/ffw_norm', norm_bias)
     table += hf_lm.norm(f'{p}norm_f', 'lm/final_norm', norm_bias)
-    ignore = []
-    if lm_config['tied_embeddings']:
-      ignore.append(r'lm_head\.weight')
-    else:
-      table.append(mapping.Rule(r'lm_head\.weight', 'lm/unembed/w',
-                                hf_lm.fit_rows_then_transpose(rows)))
-    return table, ignore
+    head, ignored = hf_lm.unembedding(lm_config, rows)
+    return table + head, ignored
 
 
-_FAMILY = Mpt()
-KIND = _FAMILY.KIND
-SUMMARY = _FAMILY.SUMMARY
-read = _FAMILY.read
-add_arguments = _FAMILY.add_arguments
-config_from = _FAMILY.config_from
-to_params = _FAMILY.to_params
-convert = _FAMILY.convert
+hf_lm.export(Mpt(), globals())

@@ -369,7 +369,7 @@ def _lm_params(lm: str, checkpoint: tensors_lib.TensorStore,
   directory = family.read(lm)
   store = _overlay(directory, _renamed(checkpoint, names, checkpoint.source),
                    source=f'{lm} + {checkpoint.source}')
-  spec = family._FAMILY  # pylint: disable=protected-access
+  spec = family.SOURCE
   anchor = hf_lm.prefix_of(store, spec.ANCHOR, spec.FAMILY) + spec.ANCHOR
   _check_lm_tensors(checkpoint, names, directory, anchor,
                     tokenizer.vocab_size, lm)
