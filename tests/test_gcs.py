@@ -30,6 +30,7 @@ from flamingo_jax.training import metrics as metrics_lib
 from flamingo_jax.training import optim
 from flamingo_jax.training import workdir as workdir_lib
 from tests import fake_gcs
+from tests.training import test_loop
 
 RUN = 'gs://bucket/run'
 
@@ -57,33 +58,6 @@ def gcs():
     with fake_gcs.install_epath_backend(fake.backend):
       yield fake
   fake.close()
-
-
-class _Data:
-  """Batches of the config's shapes, a pure function of the step."""
-
-  def __init__(self, config, start_step):
-    self.config, self.step = config, start_step
-
-  def __iter__(self):
-    return self
-
-  def __next__(self):
-    batches = {}
-    for index, (name, spec) in enumerate(sorted(
-        self.config.data.datasets.items())):
-      rng = np.random.default_rng([self.step, index])
-      b, l, n = spec.batch_size, spec.seq_len, spec.max_media
-      tokens = rng.integers(3, 64, [b, l]).astype(np.int32)
-      batches[name] = dict(
-          tokens=tokens, targets=np.roll(tokens, -1, axis=1),
-          loss_mask=np.ones([b, l], np.float32),
-          media=rng.integers(0, 255, [b, n, spec.frames, spec.image_size,
-                                      spec.image_size, 3]).astype(np.uint8),
-          media_mask=np.ones([b, n], bool),
-          media_index=np.ones([b, l], np.int32))
-    self.step += 1
-    return batches
 
 
 def test_paths_keep_their_scheme():
@@ -174,7 +148,8 @@ def test_a_run_and_load_on_a_gs_workdir(gcs, tmp_path, monkeypatch):
       prepare.world_corpus(num_scenes=200, num_videos=50, num_documents=50),
       config.data.vocab_size, path=tokenizer)
 
-  state = loop.train_and_evaluate(config, RUN, _Data,
+  data = test_loop._Data  # pylint: disable=protected-access
+  state = loop.train_and_evaluate(config, RUN, data,
                                   on_finished=plots.write_plots)
 
   files = set(gcs.files(RUN))
