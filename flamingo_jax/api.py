@@ -56,11 +56,7 @@ would only replicate them, the devices go to its 'fsdp' axis instead.
 
 from collections.abc import Mapping, Sequence
 import contextlib
-import dataclasses
-import io
-import json
 import math
-import os
 from typing import Any, Optional
 
 from absl import logging
@@ -69,106 +65,22 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from PIL import Image
 
 from flamingo_jax import checkpoint as checkpoint_lib
-from flamingo_jax import fs
-from flamingo_jax.data import formatting
-from flamingo_jax.data import images
-from flamingo_jax.data import pipeline
+from flamingo_jax import loading
 from flamingo_jax.data import tokenizer as tokenizer_lib
 from flamingo_jax.inference import generate as generate_lib
 from flamingo_jax.inference import prompts as prompts_lib
+from flamingo_jax.inference import user_inputs
 from flamingo_jax.training import sharding as sharding_lib
 
-PathLike = str | os.PathLike
+PathLike = loading.PathLike
+FALLBACK_DECODING = loading.FALLBACK_DECODING  # The decoding defaults.
+FEW_SHOT_TASKS = user_inputs.FEW_SHOT_TASKS  # few_shot's `task`.
 # Prompt and candidate lengths are padded to multiples of these, so that few
 # distinct shapes (each compiled once) serve most prompts.
 _PAD_PROMPTS = 32
 _PAD_CANDIDATES = 8
-# Fraction of one device's memory the parameters may take and still be
-# placed on it (the rest: activations and the decoding caches).
-_FITS_FRACTION = 0.75
-# Decoding defaults where the run's config has no `eval.decoding` (or lacks
-# a field of it): greedy, and <EOC> held back until one token is out (an
-# empty answer is never the one wanted).
-FALLBACK_DECODING = {'max_new_tokens': 20, 'beam_size': 1,
-                     'length_penalty': 0.0, 'min_new_tokens': 1}
-
-
-# -- Loading ---------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class _Location:
-  workdir: str  # Holds config.json.
-  checkpoints: str  # W/checkpoints.
-  step: Optional[int]  # None: the latest.
-
-
-def _locate(path: PathLike, step: Optional[int]) -> _Location:
-  """A workdir, W/checkpoints or W/checkpoints/<step> -> where things are."""
-  path = fs.absolute(path)
-  if not fs.exists(path):
-    raise FileNotFoundError(
-        f'{path} does not exist: give a training workdir (with config.json '
-        'and checkpoints/), its checkpoints/ folder or one checkpoints/<step>.')
-  name, parent = fs.basename(path), fs.dirname(path)
-  if fs.isdir(fs.join(path, 'checkpoints')):
-    location = _Location(path, fs.join(path, 'checkpoints'), step)
-  elif name.isdigit() and fs.basename(parent) == 'checkpoints':
-    if step is not None and step != int(name):
-      raise ValueError(f'{path} is the checkpoint of step {name}, but '
-                       f'step={step} was asked for.')
-    location = _Location(fs.dirname(parent), parent, int(name))
-  elif name == 'checkpoints':
-    location = _Location(parent, path, step)
-  elif fs.isfile(fs.join(path, 'config.json')):
-    raise FileNotFoundError(
-        f'No checkpoint in {path}: it has a config.json but no checkpoints/ '
-        'folder (has the run saved its first checkpoint yet?).')
-  else:
-    raise FileNotFoundError(
-        f'{path} is neither a training workdir (config.json and '
-        'checkpoints/) nor a checkpoints/ folder nor a checkpoints/<step>.')
-  return location
-
-
-def _read_config(location: _Location) -> ml_collections.ConfigDict:
-  path = fs.join(location.workdir, 'config.json')
-  if not fs.isfile(path):
-    raise FileNotFoundError(
-        f'No config.json in {location.workdir}: load() reads the model config '
-        'that training writes there (or pass config=...).')
-  return ml_collections.ConfigDict(json.loads(fs.read_text(path)))
-
-
-def _param_bytes(params: hk.Params) -> int:
-  return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize
-             for x in jax.tree.leaves(params))
-
-
-def _fits_one_device(num_bytes: int, device: jax.Device) -> bool:
-  stats = device.memory_stats() if hasattr(device, 'memory_stats') else None
-  limit = (stats or {}).get('bytes_limit')
-  return limit is None or num_bytes <= _FITS_FRACTION * limit
-
-
-def _inference_mesh(config: ml_collections.ConfigDict, fits: bool
-                    ) -> jax.sharding.Mesh:
-  """`config.mesh` over all devices; if the parameters do not fit one device
-  and that mesh would replicate them, all devices on 'fsdp' (or 'model')."""
-  mesh_config = [(str(name), int(size)) for name, size in config.get(
-      'mesh', sharding_lib.DEFAULT_MESH)]
-  names, sizes = sharding_lib.mesh_shape(mesh_config, jax.device_count())
-  splitting = math.prod(s for n, s in zip(names, sizes)
-                        if n in ('fsdp', 'model'))
-  if not fits and splitting == 1:
-    axis = 'fsdp' if 'fsdp' in names else ('model' if 'model' in names
-                                            else None)
-    if axis is not None:
-      mesh_config = [(name, -1 if name == axis else 1) for name in names]
-  return sharding_lib.make_mesh(mesh_config)
 
 
 def load(path: PathLike, *, step: Optional[int] = None,
@@ -203,9 +115,9 @@ def load(path: PathLike, *, step: Optional[int] = None,
   if placement not in ('auto', 'device', 'mesh'):
     raise ValueError(f"placement must be 'auto', 'device' or 'mesh'; got "
                      f'{placement!r}.')
-  location = _locate(path, step)
+  location = loading.locate(path, step)
   if config is None:
-    config = _read_config(location)
+    config = loading.read_config(location)
   elif not isinstance(config, ml_collections.ConfigDict):
     config = ml_collections.ConfigDict(config)
   if config.get('task', 'flamingo') != 'flamingo':
@@ -214,19 +126,19 @@ def load(path: PathLike, *, step: Optional[int] = None,
         'Flamingo one: load() restores Flamingo models.')
   # A missing step is named before anything loads.
   checkpoint_lib.resolve_step(location.checkpoints, location.step)
-  tokenizer = _load_tokenizer(config, tokenizer)
+  tokenizer = loading.load_tokenizer(config, tokenizer)
   vocab = config.model.lm.vocab_size
   if tokenizer.vocab_size != vocab:
     raise ValueError(
         f'The tokenizer has {tokenizer.vocab_size} pieces but the model '
         f'(config.model.lm.vocab_size) has {vocab}: not this run\'s '
         'tokenizer.')
-  num_bytes = _param_bytes(checkpoint_lib.abstract_params(
+  num_bytes = loading.param_bytes(checkpoint_lib.abstract_params(
       location.checkpoints, location.step))
-  fits = _fits_one_device(num_bytes, jax.devices()[0])
+  fits = loading.fits_one_device(num_bytes, jax.devices()[0])
   mesh = None
   if placement == 'mesh' or (placement == 'auto' and jax.device_count() > 1):
-    candidate = _inference_mesh(config, fits)
+    candidate = loading.inference_mesh(config, fits)
     splits = any(candidate.shape.get(a, 1) > 1 for a in ('fsdp', 'model'))
     if placement == 'mesh' or splits:
       mesh = candidate
@@ -250,140 +162,7 @@ def load(path: PathLike, *, step: Optional[int] = None,
                step=chosen, mesh=mesh, workdir=location.workdir)
 
 
-def _load_tokenizer(config: ml_collections.ConfigDict,
-                    tokenizer: Optional[PathLike | tokenizer_lib.Tokenizer]
-                    ) -> tokenizer_lib.Tokenizer:
-  if isinstance(tokenizer, tokenizer_lib.Tokenizer):
-    return tokenizer
-  if tokenizer is not None:
-    return tokenizer_lib.Tokenizer.load(os.fspath(tokenizer))
-  path = config.get('data', {}).get('tokenizer')
-  if not path:
-    raise ValueError('The config names no tokenizer (config.data.tokenizer); '
-                     'pass tokenizer=PATH to load().')
-  if not fs.isfile(path):
-    raise FileNotFoundError(
-        f'The tokenizer file {path} (config.data.tokenizer) does not exist. '
-        'Training creates it (flamingo_jax.data.prepare.ensure_data); on '
-        'another machine copy it there or pass tokenizer=PATH to load().')
-  return tokenizer_lib.Tokenizer.load(path)
-
-
-# -- Media -----------------------------------------------------------------
-
-
-def _image_array(image: Any, what: str) -> Any:
-  """A PIL image or path -> uint8 [h, w, 3]; arrays and bytes pass through
-  (`prompts.as_frames` checks them)."""
-  if isinstance(image, (str, os.PathLike)):
-    path = os.fspath(image)
-    if not fs.isfile(path):
-      raise FileNotFoundError(f'{what}: no image file at {path}.')
-    source = io.BytesIO(fs.read_bytes(path)) if fs.is_url(path) else path
-    try:
-      with Image.open(source) as pil:
-        return _pil_array(pil)
-    except OSError as e:
-      raise ValueError(f'{what}: cannot decode {path} as an image: {e}') from e
-  if isinstance(image, Image.Image):
-    return _pil_array(image)
-  if isinstance(image, (bytes, np.bytes_, np.ndarray, jax.Array)):
-    return image
-  raise TypeError(f'{what} must be a PIL image, a uint8 array, a file path '
-                  f'or encoded bytes; got {type(image).__name__}.')
-
-
-def _pil_array(pil: Image.Image) -> np.ndarray:
-  """Any PIL mode -> uint8 [h, w, 3], as the dataset builders store images:
-  deep pixels scaled by their bit depth, transparency over white."""
-  return np.asarray(images.to_rgb(pil))  # [h, w, 3] uint8
-
-
-def _medium(medium: Any, what: str) -> Any:
-  """One medium -> an image [h, w, 3] / video [t, h, w, 3] array or bytes."""
-  if isinstance(medium, (list, tuple)):
-    if not medium:
-      raise ValueError(f'{what}: a video needs at least one frame.')
-    frames = [_image_array(f, f'{what}, frame {i}')
-              for i, f in enumerate(medium)]
-    try:
-      frames = [pipeline.decode_image(f) for f in frames]  # [h, w, 3] each
-    except pipeline.MediaError as e:
-      raise ValueError(f'{what}: {e}') from e
-    shapes = {f.shape for f in frames}
-    if len(shapes) > 1:
-      raise ValueError(f'{what}: the frames of a video must share one shape; '
-                       f'got {sorted(shapes)}.')
-    return np.stack(frames)  # [t, h, w, 3]
-  return _image_array(medium, what)
-
-
-def _media_list(media: Any, num_markers: int, what: str) -> list[Any]:
-  """A prompt's `media` argument -> one medium per marker (see the module
-  docstring)."""
-  if media is None:
-    media = []
-  elif not isinstance(media, (list, tuple)):
-    media = [media]
-  if len(media) != num_markers:
-    hint = (' A video given as a list of frames goes in a list of its own: '
-            '[frames].' if num_markers == 1 and len(media) > 1 else '')
-    raise ValueError(
-        f'{what} has {num_markers} <image> markers but {len(media)} media '
-        f'were given: give exactly one medium per marker, in order.{hint}')
-  return [_medium(m, f'{what}, medium {i}') for i, m in enumerate(media)]
-
-
 # -- The model -------------------------------------------------------------
-
-
-def _context_length(config: ml_collections.ConfigDict) -> tuple[int, str]:
-  """The longest prompt (tokens) and where that number comes from."""
-  max_len = config.get('eval', {}).get('max_len')
-  if max_len:
-    return int(max_len), 'config.eval.max_len'
-  lengths = {name: int(spec['seq_len'])
-             for name, spec in config.get('data', {}).get('datasets',
-                                                          {}).items()
-             if 'seq_len' in spec}
-  if not lengths:
-    raise ValueError('The config has neither eval.max_len nor any '
-                     'data.datasets.*.seq_len to bound the context with.')
-  name = max(lengths, key=lengths.get)
-  return lengths[name], f'config.data.datasets.{name}.seq_len'
-
-
-def _decoding_defaults(config: ml_collections.ConfigDict
-                       ) -> tuple[dict[str, Any], str]:
-  """The run's `config.eval.decoding` over `FALLBACK_DECODING`, checked, and
-  where it comes from."""
-  given = config.get('eval', {}).get('decoding') or {}
-  unknown = sorted(set(given) - set(FALLBACK_DECODING))
-  if unknown:
-    logging.warning('config.eval.decoding: %s not used by the API (it uses '
-                    '%s).', unknown, sorted(FALLBACK_DECODING))
-  decoding = {key: given.get(key, value)
-              for key, value in FALLBACK_DECODING.items()}
-  source = ('config.eval.decoding' if set(given) & set(FALLBACK_DECODING)
-            else 'FALLBACK_DECODING')
-  try:
-    _decoding_options(decoding)
-  except (TypeError, ValueError) as e:
-    raise ValueError(f'{source} is not a valid decoding ({decoding}): '
-                     f'{e}') from e
-  return decoding, source
-
-
-def _decoding_options(decoding: Mapping[str, Any],
-                      stop_ids: Sequence[int] = (),
-                      banned_ids: Sequence[int] = ()
-                      ) -> generate_lib.Options:
-  return generate_lib.Options(
-      max_new_tokens=int(decoding['max_new_tokens']),
-      beam_size=int(decoding['beam_size']),
-      length_penalty=float(decoding['length_penalty']),
-      min_new_tokens=int(decoding['min_new_tokens']),
-      stop_ids=tuple(stop_ids), banned_ids=tuple(banned_ids))  # Checks them.
 
 
 class Model:
@@ -416,8 +195,8 @@ class Model:
     self.workdir = workdir
     self.model_config = config.model.to_dict()
     self.image_size = int(self.model_config['image_size'])
-    self.max_len, self.max_len_source = _context_length(config)
-    self.decoding, self.decoding_source = _decoding_defaults(config)
+    self.max_len, self.max_len_source = loading.context_length(config)
+    self.decoding, self.decoding_source = loading.decoding_defaults(config)
     self.decoder = generate_lib.Decoder(
         self.model_config,
         compute_dtype=jnp.dtype(config.get('compute_dtype', 'float32')))
@@ -447,7 +226,7 @@ class Model:
       raise TypeError(f'{what} must be a str; got {type(prompt).__name__}.')
     num_markers = self.tokenizer.encode(prompt).count(self.tokenizer.image_id)
     encoded = prompts_lib.encode(
-        self.tokenizer, prompt, _media_list(media, num_markers, what),
+        self.tokenizer, prompt, user_inputs.media_list(media, num_markers, what),
         self.image_size)
     length = len(encoded.tokens)
     context = (f'the model\'s context of {self.max_len} '
@@ -510,7 +289,7 @@ class Model:
         max_new_tokens=max_new_tokens, beam_size=beam_size,
         length_penalty=length_penalty,
         min_new_tokens=min_new_tokens).items() if v is not None})
-    return _decoding_options(decoding, self.stop_ids, self.banned_ids)
+    return loading.decoding_options(decoding, self.stop_ids, self.banned_ids)
 
   def _text(self, tokens: np.ndarray, length: int) -> str:
     ids = [int(t) for t in tokens[:length]]
@@ -658,14 +437,14 @@ class Model:
           'prompt (e.g. data.formatting.caption_prompt()).')
     media, shots = [], []
     for index, item in enumerate(support):
-      fields = _fields(item, spec.support_arity, str,
+      fields = user_inputs.fields(item, spec.support_arity, str,
                        f'Support item {index}', spec.support_form)
       media.append(fields[0])
       shots.append(spec.shot(*fields[1:]))
     if spec.query_arity == 1:
       query_medium, query_text = query, spec.query()
     else:
-      fields = _fields(query, spec.query_arity, str, 'The query',
+      fields = user_inputs.fields(query, spec.query_arity, str, 'The query',
                        spec.query_form)
       query_medium, query_text = fields[0], spec.query(*fields[1:])
     media.append(query_medium)
@@ -675,31 +454,3 @@ class Model:
                          min_new_tokens=min_new_tokens).strip()
 
 
-def _fields(item: Any, arity: int, text_type: type, what: str,
-            form: str) -> tuple[Any, ...]:
-  if not isinstance(item, tuple) or len(item) != arity or not all(
-      isinstance(f, text_type) for f in item[1:]):
-    raise ValueError(f'{what} must be a tuple {form}; got {item!r:.200}.')
-  return item
-
-
-@dataclasses.dataclass(frozen=True)
-class FewShotTask:
-  support_arity: int  # Fields of a support tuple, the medium first.
-  support_form: str  # For errors.
-  shot: Any  # (*texts) -> one shot's prompt text.
-  query_arity: int  # 1: the query is a medium; else a tuple.
-  query_form: str
-  query: Any  # (*texts) -> the open query's prompt text.
-
-
-FEW_SHOT_TASKS = {
-    'caption': FewShotTask(2, '(medium, caption)', formatting.caption_prompt,
-                           1, 'medium', formatting.caption_prompt),
-    'vqa': FewShotTask(3, '(medium, question, answer)', formatting.vqa_prompt,
-                       2, '(medium, question)', formatting.vqa_prompt),
-    'plain': FewShotTask(
-        2, '(medium, text)',
-        lambda text: f'{tokenizer_lib.IMAGE}{text}{tokenizer_lib.EOC}',
-        1, 'medium', lambda: tokenizer_lib.IMAGE),
-}

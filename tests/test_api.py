@@ -21,6 +21,7 @@ import pytest
 import flamingo_jax
 from flamingo_jax import api
 from flamingo_jax import checkpoint as checkpoint_lib
+from flamingo_jax import loading
 from flamingo_jax.inference import generate as generate_lib
 
 STEPS = 4  # max_new_tokens everywhere: one compiled decoder per shape.
@@ -85,7 +86,7 @@ def test_mesh_placement_shards_the_parameters(model, smoke_workdir, image):
           model.generate(images, prompts, max_new_tokens=STEPS, beam_size=1))
   # Parameters too big for one device, under a mesh that only replicates:
   # the devices go to 'fsdp'.
-  mesh = api._inference_mesh(model.config, fits=False)
+  mesh = loading.inference_mesh(model.config, fits=False)
   assert dict(mesh.shape) == {'data': 1, 'fsdp': jax.device_count(),
                               'model': 1}
 

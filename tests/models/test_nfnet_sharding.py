@@ -211,7 +211,9 @@ def test_plain_convs_without_mesh_or_batch_devices():
 
 
 def test_indivisible_batch_runs_plain_convs_and_says_why(caplog):
-  with jax.set_mesh(_mesh('data')), caplog.at_level(logging.INFO):
+  # On absl's logger: a CLI run in-process earlier may have set its verbosity.
+  with (jax.set_mesh(_mesh('data')),
+        caplog.at_level(logging.INFO, logger='absl')):
     assert _shard_maps(_tiny_forward, _images(batch=6)) == 0
   assert ('batch of 6 images is not divisible by the 8 devices of the batch '
           "axes ('data',)") in caplog.text

@@ -82,9 +82,10 @@ def test_16_bit_images_build_as_8_bit(tmp_path):
 def test_pipeline_and_api_decode_deep_images_as_the_builders_store_them():
   """Encoded 16-bit bytes (the notebook API's bytes input) and a PIL image
   decode as the builders' 8-bit images, not clipped to black and white."""
-  from flamingo_jax import api  # pylint: disable=g-import-not-at-top
+  from flamingo_jax.inference import user_inputs  # pylint: disable=g-import-not-at-top
   decoded = pipeline.decode_image(_pillow_16_bit_grey())  # [4, 64, 3]
   np.testing.assert_array_equal(decoded, np.repeat(GRADIENT_8[..., None], 3,
                                                    axis=-1))
   with Image.open(io.BytesIO(_pillow_16_bit_grey())) as pil:
-    np.testing.assert_array_equal(api._image_array(pil, 'image'), decoded)  # pylint: disable=protected-access
+    np.testing.assert_array_equal(user_inputs.image_array(pil, 'image'),
+                                  decoded)
