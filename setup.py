@@ -9,6 +9,9 @@ INSTALL_REQUIRES = [
     'clu',
     'dm-haiku==0.0.17',  # Without the [jax] extra: jax is pinned below.
     'einops',
+    # orbax asks Cloud Storage's API whether a gs:// bucket has a hierarchical
+    # namespace before it lists checkpoints: a gs:// workdir needs it.
+    'google-cloud-storage',
     'jax>=0.10.2',
     'matplotlib',
     'ml_collections',
