@@ -205,11 +205,8 @@ def test_count_equals_xla_on_the_unscanned_train_step(which, request):
       analytic.total, xla_total)
 
 
-@pytest.mark.parametrize('ablations', [
-    'vision_clip_vit_l14,grafting,resampler_transformer',
-    'vanilla_xattn,resampler_mlp,xattn_single_in_middle'])
-def test_forward_count_equals_xla_for_the_architecture_ablations(ablations):
-  config = _config(ablations=ablations)
+def _assert_forward_count_equals_xla(config) -> str:
+  """The analytic forward FLOPs equal XLA's contractions; returns the HLO."""
   model = loop.task_of(config).transform(config.model)
   params = flops_lib.abstract_params(config)
   batch = _batches(config)['documents']
@@ -220,9 +217,17 @@ def test_forward_count_equals_xla_for_the_architecture_ablations(ablations):
 
   hlo = _compile_unscanned(forward, params, batch).as_text()
   analytic = flops_lib.total(flops_lib.step_flops(config, params))
-  assert ' while(' not in hlo
   np.testing.assert_allclose(analytic.forward, contraction_flops(hlo),
                              rtol=5e-3)
+  return hlo
+
+
+@pytest.mark.parametrize('ablations', [
+    'vision_clip_vit_l14,grafting,resampler_transformer',
+    'vanilla_xattn,resampler_mlp,xattn_single_in_middle'])
+def test_forward_count_equals_xla_for_the_architecture_ablations(ablations):
+  hlo = _assert_forward_count_equals_xla(_config(ablations=ablations))
+  assert ' while(' not in hlo
 
 
 def test_frozen_split_counts_fewer_gradients(frozen_step, trainable_step):
@@ -362,16 +367,6 @@ def test_forward_count_equals_xla_for_a_published_lm_layout():
       'llama', num_layers=2, width=lm.width, num_heads=lm.num_heads,
       head_size=lm.head_size, vocab_size=lm.vocab_size, num_kv_heads=2,
       ffw_hidden=3 * lm.width, tied_embeddings=True, remat_policy='none')
-  model = loop.task_of(config).transform(config.model)
   params = flops_lib.abstract_params(config)
   assert 'lm/unembed' not in params and 'lm/blocks/block/ffw/gate' in params
-  batch = _batches(config)['documents']
-
-  def forward(params, batch):
-    return model.apply(params, None, batch['tokens'], batch['media'],
-                       batch['media_mask'], batch['media_index'])
-
-  hlo = _compile_unscanned(forward, params, batch).as_text()
-  analytic = flops_lib.total(flops_lib.step_flops(config, params))
-  np.testing.assert_allclose(analytic.forward, contraction_flops(hlo),
-                             rtol=5e-3)
+  _assert_forward_count_equals_xla(config)
