@@ -284,12 +284,15 @@ def test_hf_lm(name):
     assert len(store.groups()) == 3  # Shards, through the index.
 
 
-def test_hf_lm_greedy_generation_in_flamingo():
-  """The imported LLaMA (GQA) inside Flamingo (gates closed: exactly the
-  LM), decoded greedily through the cached path (`Flamingo.prefill`, one
-  `decode_step` per token), gives transformers' greedy tokens."""
-  config, lm_params, _ = _import_lm('hf_llama')
-  expected = fixtures.expected_lm('hf_llama')
+@pytest.mark.parametrize('name', sorted(HF_LM_SOURCES))
+def test_hf_lm_greedy_generation_in_flamingo(name):
+  """Each imported LM (LLaMA's grouped-query attention, GPT-NeoX's rotary,
+  MPT's ALiBi, GPT-2's learned positions) inside Flamingo (gates
+  closed: exactly the LM), decoded greedily through the cached path
+  (`Flamingo.prefill`, one `decode_step` per token), gives transformers'
+  greedy tokens."""
+  config, lm_params, _ = _import_lm(name)
+  expected = fixtures.expected_lm(name)
   model_config = flamingo.model_config('tiny')
   model_config['lm'] = config
   resampler = model_config['resampler']
