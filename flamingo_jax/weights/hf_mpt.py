@@ -1,6 +1,6 @@
-"""Hugging Face MPT (`MptForCausalLM`, `model_type: mpt`): MPT-1B/7B
-(OpenFlamingo-3B/9B's LMs in their Hugging Face form); safetensors
-(sharded) or .bin, with config.json.
+"""Hugging Face MPT (`MptForCausalLM`, `model_type: mpt`): MPT-7B/30B
+(MPT-7B is OpenFlamingo-9B's LM); safetensors (sharded) or .bin, with
+config.json.
 
 Tensor layout (`P` = `transformer.` or nothing; i = layer):
 
@@ -35,7 +35,8 @@ from flamingo_jax.weights import tensors as tensors_lib
 class Mpt(hf_lm.Family):
   """Hugging Face MPT."""
   KIND = 'hf_mpt'
-  SUMMARY = ('Hugging Face MptForCausalLM (MPT-1B/7B): safetensors '
+  SUMMARY = ('Hugging Face MptForCausalLM (MPT-7B/30B; not the MosaicGPT '
+             'MPT-1B): safetensors '
              '(sharded) + config.json [+ tokenizer.json]')
   FAMILY = 'MPT'
   MODEL_TYPES = ('mpt',)
