@@ -138,3 +138,43 @@ def test_overall_spread_and_direction(sweep):
   assert (vanilla['agrees'], vanilla['above_spread']) == (False, False)
   assert base['params'] == no_m3w['params'] != vanilla['params']
   np.testing.assert_allclose(no_m3w['paper_relative'], 100 * 53.4 / 70.7)
+
+
+def test_a_rerun_sweep_runs_only_what_is_not_done(tmp_path, monkeypatch):
+  """Resuming: finished runs are skipped; a run stopped before its final
+  step, or trained but not evaluated, runs again; then the table."""
+  from flamingo_jax.orchestration.ablation import sweep as sweep_lib  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path)
+  rows = ['no_m3w', 'vanilla_xattn']
+  for row, per_seed in SCORES.items():
+    for seed, scores in enumerate(per_seed):
+      _fake_run(os.path.join(workdir, row, f'seed{seed}'), scores, [2.0])
+  stopped = os.path.join(workdir, 'no_m3w', 'seed1')
+  with open(os.path.join(stopped, 'finished.json'), 'w') as f:
+    json.dump({'step': 4}, f)  # Preempted at step 4 of 6.
+  unevaluated = os.path.join(workdir, 'vanilla_xattn', 'seed0')
+  os.remove(os.path.join(unevaluated, 'eval', 'results.json'))
+  ran = []
+
+  def fake_run_one(run, config_file, overrides, configs, workdir):
+    del config_file, overrides, configs, workdir
+    ran.append((run.row, run.seed))
+    row_scores = SCORES[run.row][run.seed]
+    with open(os.path.join(run.workdir, 'finished.json'), 'w') as f:
+      json.dump({'step': 6}, f)
+    with open(os.path.join(run.workdir, 'eval', 'results.json'), 'w') as f:
+      json.dump(dict(scores={t: {'0': s / 2, '2': s}
+                             for t, s in row_scores.items()},
+                     overall={}, overall_score=None,
+                     metadata=dict(step=6, overall_shots=4, shots=[0, 2])), f)
+    return 1.0
+
+  monkeypatch.setattr(sweep_lib, '_run_one', fake_run_one)
+  configs = sweep_lib.load_configs(CONFIG, rows, [])
+  paths = sweep_lib.run_sweep(workdir, CONFIG, rows, 2, [], configs)
+  assert ran == [('no_m3w', 1), ('vanilla_xattn', 0)]
+  assert sorted(os.path.basename(p) for p in paths) == [
+      'ablations.csv', 'ablations.md', 'ablations.png']
+  ran.clear()
+  sweep_lib.run_sweep(workdir, CONFIG, rows, 2, [], configs)
+  assert not ran  # All done: a third call runs nothing.
