@@ -3,7 +3,7 @@ r"""Plans a run's memory: python -m flamingo_jax.plan --config ... --slice ...
   python -m flamingo_jax.plan --config experiments/flamingo.py:3B \
       --slice v4-32 --batch_scale 0.125
   python -m flamingo_jax.plan --config experiments/flamingo.py:80B \
-      --slice v4-3072 --mesh 96,1,16
+      --slice v4-2048 --mesh 64,1,16
   python -m flamingo_jax.plan --config experiments/tiny.py --slice h100:8
 
 Chooses the (data, fsdp, model) mesh for the slice -- the config's model
