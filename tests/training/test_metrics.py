@@ -14,3 +14,22 @@ def test_a_resumed_logger_drops_later_rows_and_torn_lines(tmp_path):
   logger.close()
   assert metrics.read_metrics(str(tmp_path)) == rows[:2] + [
       {'step': 3, 'loss': 0.25}]
+
+
+def test_plots_and_report_survive_damaged_lines(tmp_path):
+  """A torn or garbled line (a kill mid-write, a full disk) costs its row,
+  not the run's plots and report."""
+  # pylint: disable=g-import-not-at-top
+  from flamingo_jax.orchestration import plots
+  from flamingo_jax.orchestration import report
+  # pylint: enable=g-import-not-at-top
+  rows = [json.dumps({'step': s, 'loss': 1.0 / s}) for s in (1, 2, 3)]
+  (tmp_path / 'metrics.jsonl').write_text('\n'.join(
+      [rows[0], '\x00\x00garbage', rows[1], '[1, 2]', rows[2],
+       '{"step": 4, "lo']))
+  assert [r['step'] for r in metrics.read_metrics(str(tmp_path))] == [1, 2, 3]
+  paths = plots.write_plots(str(tmp_path))
+  assert str(tmp_path / 'plots' / 'loss.png') in paths
+  assert (tmp_path / 'plots' / 'loss.png').stat().st_size > 0
+  with open(report.write_report(str(tmp_path))) as f:
+    assert '| loss |' in f.read()
