@@ -259,9 +259,10 @@ def _lm_stage(config: ml_collections.ConfigDict,
   stage.total_steps = 6 if variant == 'smoke' else 1500
   if variant == 'icl':
     # Half the text is bursty episodes with words standing in for the
-    # pictures ('(small red striped circle) This is a dax.'): the LM learns
-    # to copy the word that followed the matching description, the circuit
-    # the frozen LM lends Flamingo's cross-attention to bind pictures.
+    # pictures and each word right after its key ('(small red striped
+    # circle) This is a circle dax.'): the LM learns to copy the word that
+    # followed the same key, the circuit the frozen LM lends Flamingo's
+    # cross-attention to bind pictures.
     stage.data.datasets.episode_text = _dataset(
         'world_episode_text', 'text', 1.0, 16, 128, 1, 1)
     stage.total_steps = ICL_LM_STEPS
