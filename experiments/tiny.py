@@ -216,7 +216,7 @@ def _icl(config: ml_collections.ConfigDict) -> None:
   config.total_steps = ICL_STEPS
   config.checkpoint.every = 500
   # The binding probe (flamingo_jax/training/probe.py) into metrics.jsonl
-  # and W/plots/probe.png.
+  # and W/plots/probe.png; the LM stage runs its text probe.
   config.probe = dict(every=100, episodes=16, seed=0, ways=3, shots=2,
                       seq_len=128)
 
@@ -266,4 +266,7 @@ def _lm_stage(config: ml_collections.ConfigDict,
     stage.data.datasets.episode_text = _dataset(
         'world_episode_text', 'text', 1.0, 16, 128, 1, 1)
     stage.total_steps = ICL_LM_STEPS
+    # config.probe, copied with the rest: in an 'lm' stage the loop runs
+    # the text probe (held-out keyed episode text) into W/lm/metrics.jsonl
+    # and W/lm/plots/text_probe.png.
   return stage
