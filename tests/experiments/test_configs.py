@@ -207,6 +207,7 @@ def test_tiny_icl_variant_adds_what_it_says():
   lm = icl.stages.lm
   assert lm.task == 'lm' and lm.probe.every == icl.probe.every
   assert lm.probe.seq_len <= lm.data.datasets.episode_text.seq_len
+  assert lm.total_steps == tiny.ICL_LM_STEPS  # Where its binding appeared.
   assert list(icl.eval.shots) == [0, 2, 4, 8]
   assert icl.eval.num_queries >= 256
   # The default recipe is unchanged.
