@@ -85,7 +85,10 @@ REFERENCE = {'captions': 60.96, 'classification': 4.69, 'nonce_choice': 32.81,
 # It trains longer, logs the binding probe and evaluates nonce_choice and
 # the rest at 0/2/4/8 shots on ICL_QUERIES queries.
 ICL_EPISODES_WEIGHT = 1.0
-ICL_LM_STEPS = 1500
+# The LM stage binds in words abruptly, late (world 1.4.0, seed 0, one run):
+# its text probe's accuracy (chance 1/3) is 0.35 at step 1500, 0.50 at 1800,
+# 0.77 at 2000 and 1.00 at 2500.
+ICL_LM_STEPS = 2500
 ICL_STEPS = 2000
 ICL_QUERIES = 256
 
@@ -216,7 +219,7 @@ def _icl(config: ml_collections.ConfigDict) -> None:
   config.total_steps = ICL_STEPS
   config.checkpoint.every = 500
   # The binding probe (flamingo_jax/training/probe.py) into metrics.jsonl
-  # and W/plots/probe.png.
+  # and W/plots/probe.png; the LM stage runs its text probe.
   config.probe = dict(every=100, episodes=16, seed=0, ways=3, shots=2,
                       seq_len=128)
 
@@ -259,10 +262,17 @@ def _lm_stage(config: ml_collections.ConfigDict,
   stage.total_steps = 6 if variant == 'smoke' else 1500
   if variant == 'icl':
     # Half the text is bursty episodes with words standing in for the
-    # pictures ('(small red striped circle) This is a dax.'): the LM learns
-    # to copy the word that followed the matching description, the circuit
-    # the frozen LM lends Flamingo's cross-attention to bind pictures.
+    # pictures and each word right after its key ('(small red striped
+    # circle) This is a circle dax.'): the LM learns to copy the word that
+    # followed the same key, the circuit the frozen LM lends Flamingo's
+    # cross-attention to bind pictures.
     stage.data.datasets.episode_text = _dataset(
         'world_episode_text', 'text', 1.0, 16, 128, 1, 1)
     stage.total_steps = ICL_LM_STEPS
+    # config.probe, copied with the rest: in an 'lm' stage the loop runs
+    # the text probe (held-out keyed episode text) into W/lm/metrics.jsonl
+    # and W/lm/plots/text_probe.png. One line per word: in the world's
+    # tokenizer 3 words x 2 lines and the query take 148-186 tokens, more
+    # than the 128 the LM trains on; with one line each, 83-108.
+    stage.probe.shots = 1
   return stage

@@ -1,8 +1,8 @@
 r"""Plots a run's metrics: python -m flamingo_jax.plot --workdir W.
 
-Writes W/plots/loss.png, gates.png and probe.png (when logged) from
-W/metrics.jsonl; see `flamingo_jax.orchestration.plots`. The recipe writes
-them at the end of every stage too.
+Writes W/plots/loss.png, gates.png, probe.png and text_probe.png (when
+logged) from W/metrics.jsonl; see `flamingo_jax.orchestration.plots`. The
+recipe writes them at the end of every stage too.
 """
 
 from absl import app

@@ -5,7 +5,8 @@
   W/plots/gates.png   |tanh(alpha)| of every cross-attention gate per layer
                       over training (the paper's Fig. 6);
   W/plots/probe.png   the binding probe (training/probe.py): margin and
-                      accuracy over training, when the run logged it.
+                      accuracy over training, when the run logged it;
+  W/plots/text_probe.png  the same for the text probe (an LM stage's).
 The recipe writes them at the end of every stage too (the training loop's
 `on_finished`).
 """
@@ -59,11 +60,21 @@ def plot_gates(rows, path: str) -> None:
   plt.close(fig)
 
 
-def plot_probe(rows, path: str) -> None:
+# Each probe's plot file, metric prefix (training/probe.py) and titles.
+PROBES = (
+    ('probe.png', 'probe/binding', 'binding margin (nats; blind = 0)',
+     'binding accuracy'),
+    ('text_probe.png', 'probe/text',
+     'text binding margin (nats; context-blind = 0)',
+     'text binding accuracy'),
+)
+
+
+def plot_probe(rows, path: str, prefix: str = 'probe/binding',
+               titles: tuple[str, str] = PROBES[0][2:]) -> None:
   fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-  for ax, key, title in (
-      (axes[0], 'probe/binding_margin', 'binding margin (nats; blind = 0)'),
-      (axes[1], 'probe/binding_accuracy', 'binding accuracy')):
+  for ax, key, title in ((axes[0], f'{prefix}_margin', titles[0]),
+                         (axes[1], f'{prefix}_accuracy', titles[1])):
     ax.plot(*_series(rows, key), marker='.')
     ax.set_title(title)
     ax.set_xlabel('step')
@@ -84,8 +95,9 @@ def write_plots(workdir: str) -> list[str]:
   if any(k.startswith('gates/') for r in rows for k in r):
     paths.append(fs.join(out, 'gates.png'))
     plot_gates(rows, paths[-1])
-  if any('probe/binding_margin' in r for r in rows):
-    paths.append(fs.join(out, 'probe.png'))
-    plot_probe(rows, paths[-1])
+  for name, prefix, *titles in PROBES:
+    if any(f'{prefix}_margin' in r for r in rows):
+      paths.append(fs.join(out, name))
+      plot_probe(rows, paths[-1], prefix, tuple(titles))
   return paths
 

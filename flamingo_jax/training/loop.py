@@ -11,8 +11,9 @@
   for step: batches -> global arrays -> train_step -> metrics / checkpoint
   after the final step is saved: W/finished.json, then `on_finished(W)` on
       process 0 (the recipe writes W/plots/ there; this room plots nothing)
-  config.probe (optional): the binding probe (probe.py) before the first step
-      and every config.probe.every steps, into the metrics
+  config.probe (optional): the binding probe (probe.py; in an 'lm' run, the
+      text probe) before the first step and every config.probe.every
+      steps, into the metrics
 
 A run killed at any point resumes from its last checkpoint and continues
 bit-exactly: the step rng is fold_in(rng, step), the data position and the
@@ -473,23 +474,29 @@ def _make_probe(config, model):
   """(params -> probe scalars, every) for `config.probe`; (None, 0) if off.
 
   config.probe: every (steps), episodes, seed, ways, shots, seq_len; the
-  episodes are `data.world.probe`'s, in the run's tokenizer and image size.
+  episodes are `data.world.probe`'s, in the run's tokenizer and image size:
+  picture episodes for Flamingo (`probe_batch`), their keyed text for an
+  LM alone (`config.task = 'lm'`, `text_probe_batch`). Other tasks: off.
   """
   spec = config.get('probe', None)
-  if not spec or config.get('task', 'flamingo') != 'flamingo':
+  task = config.get('task', 'flamingo')
+  if not spec or task not in ('flamingo', 'lm'):
     return None, 0
   # pylint: disable=g-import-not-at-top
   from flamingo_jax.data import tokenizer as tokenizer_lib
   from flamingo_jax.data.world import probe as probe_data
   # pylint: enable=g-import-not-at-top
-  batch = probe_data.probe_batch(
+  make_batch, prefix = ((probe_data.text_probe_batch, probe_lib.TEXT)
+                        if task == 'lm' else
+                        (probe_data.probe_batch, probe_lib.BINDING))
+  batch = make_batch(
       tokenizer_lib.Tokenizer.load(config.data.tokenizer),
       num_episodes=spec.episodes, seed=spec.seed, ways=spec.ways,
       shots=spec.shots, image_size=config.model.image_size,
       seq_len=spec.seq_len)
   apply_fn = precision.with_compute_dtype(
       model, jnp.dtype(config.compute_dtype)).apply
-  return probe_lib.make_probe_fn(apply_fn, batch), spec.every
+  return probe_lib.make_probe_fn(apply_fn, batch, prefix), spec.every
 
 
 def read_metrics(workdir: str) -> list[dict[str, float]]:

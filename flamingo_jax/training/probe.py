@@ -1,4 +1,4 @@
-"""The binding probe: does the model name a picture by the word bound to it?
+"""The binding probes: does the model name a picture by the word bound to it?
 
 On held-out nonce episodes (`data.world.probe.probe_batch`: every query of
 an episode continued by every word of the episode), the probe scores each
@@ -14,9 +14,20 @@ queries:
   probe/binding_accuracy  how often the query's word scores highest (chance
                           1 / ways), as the nonce_choice task decides.
 
-The training loop logs both every `config.probe.every` steps (and before the
-first step), so that the emergence of binding can be seen over training
-(W/plots/probe.png).
+The text probe asks the same of an LM alone, on held-out episodes of the
+LM stage's keyed episode text (`data.world.probe.text_probe_batch`: the
+pictures in words, the query's line up to its word), scored the same way:
+
+  probe/text_margin       as binding_margin; 0 for a model that ignores
+                          its context (each word is the right one for
+                          exactly one query, and such a model scores a word
+                          the same whatever the query).
+  probe/text_accuracy     as binding_accuracy (chance 1 / ways).
+
+The training loop logs them every `config.probe.every` steps (and before
+the first step): the binding probe in a Flamingo run, the text probe in an
+LM run (`config.task = 'lm'`), so that the emergence of binding can be seen
+over training (W/plots/probe.png, W/lm/plots/text_probe.png).
 
 Glossary of shapes:
   R: rows = E * Q * C (episodes, queries, candidates; Q = C = ways).
@@ -31,11 +42,26 @@ import jax.numpy as jnp
 import numpy as np
 
 MODEL_INPUTS = ('tokens', 'media', 'media_mask', 'media_index')
+# The metrics' name prefixes: '<prefix>_margin', '<prefix>_accuracy'.
+BINDING = 'probe/binding'
+TEXT = 'probe/text'
 
 
 def binding_scores(logits: jax.Array, targets: jax.Array,
-                   score_mask: jax.Array, ways: int) -> dict[str, jax.Array]:
-  """Margin and accuracy from the rows' logits [R, L, V] (module docstring)."""
+                   score_mask: jax.Array, ways: int,
+                   prefix: str = BINDING) -> dict[str, jax.Array]:
+  """Margin and accuracy from the rows' logits [R, L, V] (module docstring).
+
+  Args:
+    logits: [R, L, V], rows ordered (episode, query, candidate).
+    targets: [R, L] int.
+    score_mask: [R, L]: the candidate's scored targets.
+    ways: Q = C.
+    prefix: the metrics' names, BINDING or TEXT.
+
+  Returns:
+    '<prefix>_margin' and '<prefix>_accuracy', scalars.
+  """
   rows = logits.shape[0]
   if rows % (ways * ways):
     raise ValueError(f'The probe has {rows} rows, not a multiple of '
@@ -49,18 +75,22 @@ def binding_scores(logits: jax.Array, targets: jax.Array,
   correct = jnp.where(eye, scores, 0.0).sum(-1)  # [E, Q]
   others = jnp.where(eye, 0.0, scores).sum(-1) / (ways - 1)  # [E, Q]
   best = jnp.argmax(scores, axis=-1)  # [E, Q]
-  return {'probe/binding_margin': (correct - others).mean(),
-          'probe/binding_accuracy': (best == jnp.arange(ways)).mean()}
+  return {f'{prefix}_margin': (correct - others).mean(),
+          f'{prefix}_accuracy': (best == jnp.arange(ways)).mean()}
 
 
-def make_probe_fn(apply_fn: Callable[..., jax.Array], batch: Mapping[str, Any]
+def make_probe_fn(apply_fn: Callable[..., jax.Array], batch: Mapping[str, Any],
+                  prefix: str = BINDING
                   ) -> Callable[[Any], dict[str, float]]:
   """params -> the probe's scalars on `batch`, jitted once.
 
   Args:
     apply_fn: the model's apply, `(params, rng, tokens, media, media_mask,
-      media_index, is_training=False) -> logits [R, L, V]`.
-    batch: `probe_batch`'s arrays (kept on the device between calls).
+      media_index, is_training=False) -> logits [R, L, V]` (Flamingo's, or
+      the LM's alone: `flamingo.transform_lm`).
+    batch: `probe_batch`'s or `text_probe_batch`'s arrays (kept on the
+      device between calls).
+    prefix: the metrics' names: BINDING, or TEXT for the text probe.
   """
   ways = int(batch['ways'])
   arrays = jax.device_put({k: np.asarray(batch[k])
@@ -72,7 +102,7 @@ def make_probe_fn(apply_fn: Callable[..., jax.Array], batch: Mapping[str, Any]
                       *(arrays[k] for k in MODEL_INPUTS),
                       is_training=False)  # [R, L, V]
     return binding_scores(logits, arrays['targets'], arrays['score_mask'],
-                          ways)
+                          ways, prefix)
 
   def run(params) -> dict[str, float]:
     return {k: float(v) for k, v in

@@ -202,9 +202,16 @@ def test_tiny_icl_variant_adds_what_it_says():
   assert episodes.max_media >= 9  # 8 shots and the query.
   assert set(icl.stages.lm.data.datasets) == {'text', 'episode_text'}
   assert icl.probe.every % icl.log_every == 0
+  # The LM stage logs the text probe (an 'lm' task), as often, on rows
+  # that fit its text's length.
+  lm = icl.stages.lm
+  assert lm.task == 'lm' and lm.probe.every == icl.probe.every
+  assert lm.probe.seq_len <= lm.data.datasets.episode_text.seq_len
+  assert lm.total_steps == tiny.ICL_LM_STEPS  # Where its binding appeared.
   assert list(icl.eval.shots) == [0, 2, 4, 8]
   assert icl.eval.num_queries >= 256
-  assert 'probe' not in default  # The default recipe is unchanged.
+  # The default recipe is unchanged.
+  assert 'probe' not in default and 'probe' not in default.stages.lm
   assert default.total_steps == 800 and default.stages.lm.total_steps == 1500
   # Ablations follow the variant.
   assert tiny.get_config('icl,lm_unfrozen').data.datasets.episodes

@@ -119,7 +119,175 @@ def test_probe_is_plotted_and_linked_from_the_report(tmp_path):
       ''.join(json.dumps(r) + '\n' for r in rows))
   paths = plots.write_plots(str(tmp_path))
   assert str(tmp_path / 'plots' / 'probe.png') in paths
+  assert str(tmp_path / 'plots' / 'text_probe.png') not in paths
+  # An LM stage's text probe, in W/lm.
+  lm_rows = [{'step': 0, 'probe/text_margin': 0.0,
+              'probe/text_accuracy': 1 / 3},
+             {'step': 10, 'loss': 3.0},
+             {'step': 10, 'probe/text_margin': 2.5,
+              'probe/text_accuracy': 0.75}]
+  (tmp_path / 'lm').mkdir()
+  (tmp_path / 'lm' / 'metrics.jsonl').write_text(
+      ''.join(json.dumps(r) + '\n' for r in lm_rows))
+  assert plots.write_plots(str(tmp_path / 'lm')) == [
+      str(tmp_path / 'lm' / 'plots' / name)
+      for name in ('loss.png', 'text_probe.png')]
   with open(report.write_report(str(tmp_path))) as f:
     text = f.read()
   assert '](plots/probe.png)' in text
   assert '| probe/binding_margin | 0 | 0.5 |' in text
+  assert '](lm/plots/text_probe.png)' in text
+  assert '| probe/text_margin | 0 | 2.5 |' in text
+  assert '| probe/text_accuracy | 0.3333 | 0.75 |' in text
+
+
+def test_the_loop_runs_the_text_probe_in_an_lm_run(smoke_workdir):
+  # pylint: disable=g-import-not-at-top
+  import ml_collections
+  from flamingo_jax.training import loop
+  # pylint: enable=g-import-not-at-top
+  config = ml_collections.ConfigDict(
+      json.loads((smoke_workdir / 'config.json').read_text()))
+  config.probe = dict(every=10, episodes=1, seed=0, ways=WAYS, shots=SHOTS,
+                      seq_len=_TEXT_LEN)
+  make_probe = loop._make_probe  # pylint: disable=protected-access
+  config.task = 'contrastive'
+  assert make_probe(config, None) == (None, 0)
+  config.task = 'lm'
+  run, every = make_probe(config,
+                          loop.task_of(config).transform(config.model))
+  out = run(checkpoint.load_params(str(smoke_workdir)))  # Its lm/... alone.
+  assert every == 10
+  assert set(out) == {'probe/text_margin', 'probe/text_accuracy'}
+  assert np.isfinite(out['probe/text_margin'])
+  assert out['probe/text_accuracy'] * WAYS == pytest.approx(
+      round(out['probe/text_accuracy'] * WAYS))  # One episode, 3 queries.
+
+
+# ------------------------------------------------------------ text probe --
+
+
+def _table_lm(params, rng, tokens, media, media_mask, media_index,
+              is_training=False):
+  """A bigram LM: the next token's logits are row `tokens` of `params`."""
+  del rng, media, media_mask, media_index, is_training
+  return params[tokens]  # [R, L, V]
+
+
+def _copying_lm(params, rng, tokens, media, media_mask, media_index,
+                is_training=False):
+  """A hand-built binder: after the two tokens (a, b), the token that
+  followed their latest earlier occurrence gets logit `params` (a scalar),
+  every other token 0 (no earlier occurrence: all 0)."""
+  del rng, media, media_mask, media_index, is_training
+  length = tokens.shape[1]
+  prev = jnp.pad(tokens, ((0, 0), (1, 0)), constant_values=-1)[:, :-1]
+  # [R, t, s]: (prev, token) at s < t equals (prev, token) at t.
+  match = ((tokens[:, :, None] == tokens[:, None, :]) &
+           (prev[:, :, None] == prev[:, None, :]) &
+           (jnp.arange(length)[None, :, None] > jnp.arange(length)[None, None]))
+  latest = jnp.max(jnp.where(match, jnp.arange(length), -1), axis=-1)  # [R, t]
+  follower = jnp.take_along_axis(tokens, jnp.clip(latest + 1, 0, length - 1),
+                                 axis=1)  # [R, t]
+  logits = jax.nn.one_hot(follower, _VOCAB) * params  # [R, t, V]
+  return jnp.where((latest >= 0)[..., None], logits, 0.0)
+
+
+_VOCAB = 520  # > the smoke tokenizer's ids, markers included (checked).
+# The smoke tokenizer, trained on a small corpus, cuts the descriptions'
+# words finer than the recipe's: a text probe row takes up to ~145 tokens.
+_TEXT_LEN = 192
+
+
+@pytest.fixture(scope='module')
+def text_setup(smoke_workdir):
+  config = json.loads((smoke_workdir / 'config.json').read_text())
+  tokenizer = tokenizer_lib.Tokenizer.load(config['data']['tokenizer'])
+  batch = probe_data.text_probe_batch(
+      tokenizer, num_episodes=EPISODES, ways=WAYS, shots=SHOTS,
+      seq_len=_TEXT_LEN)
+  assert batch['tokens'].max() < _VOCAB
+  return (tokenizer, batch,
+          probe.make_probe_fn(_table_lm, batch, probe.TEXT),
+          probe.make_probe_fn(_copying_lm, batch, probe.TEXT))
+
+
+def test_text_probe_rows_end_with_the_key_and_score_the_word(text_setup):
+  tokenizer, batch, _, _ = text_setup
+  rows = EPISODES * WAYS * WAYS
+  assert batch['tokens'].shape == batch['score_mask'].shape == (
+      rows, _TEXT_LEN)
+  assert batch['media'].shape[:2] == (rows, 1)
+  assert not batch['media_mask'].any()  # No picture: text alone.
+  decode = lambda ids: tokenizer.decode([int(t) for t in ids])
+  scored = batch['score_mask'].reshape(EPISODES, WAYS, WAYS, -1) > 0
+  targets = batch['targets'].reshape(EPISODES, WAYS, WAYS, -1)
+  keys = {}
+  for e in range(EPISODES):
+    words = [decode(targets[e, 0, c][scored[e, 0, c]]).strip()[:-1]
+             for c in range(WAYS)]
+    assert len(set(words)) == WAYS
+    for q in range(WAYS):
+      for c in range(WAYS):
+        start = int(np.argmax(scored[e, q, c]))
+        # The same prompt for every candidate; the candidate's word after it.
+        assert (targets[e, q, c, :start] == targets[e, q, 0, :start]).all()
+        assert decode(targets[e, q, c][scored[e, q, c]]).strip() in (
+            words[c] + '.', words[c] + '!')
+        prompt = decode(targets[e, q, c, :start])
+        # Ends with the query's key, which keyed the support's word c = q.
+        key = prompt.split()[-1]
+        assert f'{key} {words[q]}' in prompt
+        assert f'{key} {words[c]}' in prompt or c != q
+        keys[e, q] = key
+    assert len({keys[e, q] for q in range(WAYS)}) == WAYS
+
+
+def test_context_blind_model_scores_chance(text_setup):
+  """Next-token logits that ignore the context: margin 0, the same word
+  wins every query (accuracy 1 / ways)."""
+  _, _, table_probe, _ = text_setup
+  row = np.random.default_rng(0).normal(size=_VOCAB).astype(np.float32)
+  out = table_probe(jnp.asarray(np.tile(row, (_VOCAB, 1))))
+  assert set(out) == {'probe/text_margin', 'probe/text_accuracy'}
+  assert abs(out['probe/text_margin']) < 1e-4
+  assert out['probe/text_accuracy'] == pytest.approx(1 / WAYS)
+
+
+def test_text_probe_equals_a_hand_computation(text_setup):
+  _, batch, table_probe, _ = text_setup
+  table = np.random.default_rng(1).normal(
+      size=(_VOCAB, _VOCAB)).astype(np.float32)
+  out = table_probe(jnp.asarray(table))
+  logits = table[batch['tokens']].astype(np.float64)  # [R, L, V]
+  log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  lp = np.take_along_axis(log_probs, batch['targets'][..., None], -1)[..., 0]
+  scores = (lp * batch['score_mask']).sum(-1).reshape(-1, WAYS, WAYS)
+  margins, hits = [], []
+  for episode in scores:
+    for q in range(WAYS):
+      others = [episode[q, c] for c in range(WAYS) if c != q]
+      margins.append(episode[q, q] - np.mean(others))
+      hits.append(np.argmax(episode[q]) == q)
+  assert out['probe/text_margin'] == pytest.approx(np.mean(margins),
+                                                   abs=1e-3)
+  assert out['probe/text_accuracy'] == pytest.approx(np.mean(hits))
+
+
+def test_copying_model_binds(text_setup):
+  """A model that copies what followed the same two tokens before finds
+  every query's word: the key before it is the query's alone."""
+  _, _, _, copying_probe = text_setup
+  out = copying_probe(jnp.float32(20.0))
+  assert out['probe/text_accuracy'] == 1.0
+  assert out['probe/text_margin'] > 10.0
+  assert copying_probe(jnp.float32(0.0))['probe/text_margin'] == (
+      pytest.approx(0.0, abs=1e-4))
+
+
+def test_bad_text_probe_arguments_raise(text_setup):
+  tokenizer = text_setup[0]
+  with pytest.raises(ValueError, match='ways >= 2'):
+    probe_data.text_probe_batch(tokenizer, ways=1)
+  with pytest.raises(ValueError, match='raise it'):
+    probe_data.text_probe_batch(tokenizer, num_episodes=1, seq_len=24)

@@ -61,6 +61,8 @@ RELEASE_NOTES = {
     '1.3.0': ('world_episodes and world_episode_text: bursty nonce episodes '
               'for training; world_nonce draws its words from the eval half '
               'of the word space.'),
+    '1.4.0': ("world_episode_text: each word right after its key, the value "
+              "it is bound to ('This is a circle dax.')."),
 }
 SIZES = ('default', 'tiny')
 DEFAULT_IMAGE_SIZE = scenes.DEFAULT_IMAGE_SIZE

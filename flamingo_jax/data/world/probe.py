@@ -1,4 +1,4 @@
-"""Held-out episodes for the binding probe, as model inputs.
+"""Held-out episodes for the binding probes, as model inputs.
 
 The probe (`flamingo_jax.training.probe`, logged while training) asks: at
 the query position of an episode, how much more likely is the word bound to
@@ -17,13 +17,30 @@ and the text of a query's prompt does not depend on which picture it shows:
 a model blind to the pictures gives every query the same candidate scores,
 so its margin, averaged over the episode's queries, is exactly 0.
 
+The text probe (`text_probe_batch`) asks the same of an LM alone, on
+held-out episodes in the LM stage's keyed episode text
+(`nonce.episode_text`): the support pictures in words, then the query's
+picture in words and its line up to the word, continued by every word:
+
+  <BOS>(small red plain circle) This is a circle dax. (large blue dotted
+      square) This is a square blicket. ... (large red striped circle)
+      This is a circle| dax.      (row: query q, candidate c)
+
+`score_mask` marks the candidate's line after '|' (the word and the
+punctuation). Here the query's text names its key, so a model must read
+the context to bind; one that ignores the context (its next-token
+distribution the same whatever came before) gives each candidate word the
+same score for every query, so its margin is exactly 0 and the same word
+wins every query of an episode (accuracy exactly 1 / ways).
+
 Glossary of shapes:
   E: probe episodes.
   Q: queries per episode (= ways, one per word); C: candidates (= ways).
   R: rows, E * Q * C, in that order (the correct candidate of query q is
     c = q).
   L: sequence length.
-  N: media slots, ways * shots support pictures + 1 query.
+  N: media slots, ways * shots support pictures + 1 query (the text probe:
+    1, empty).
   H, W: image side.
 """
 
@@ -37,6 +54,7 @@ from flamingo_jax.data.world import nonce
 from flamingo_jax.data.world import scenes
 
 PROBE_NAME = 'binding_probe'  # Its episodes' generator name (held out).
+TEXT_PROBE_NAME = 'text_binding_probe'  # The text probe's.
 
 
 def _continuation_start(tokenizer, line: str, prefix: str) -> int:
@@ -111,6 +129,69 @@ def probe_batch(tokenizer: Any, *, num_episodes: int = 16, seed: int = 0,
                          score_mask=score_mask, media=media,
                          media_mask=out['media_mask'],
                          media_index=out['media_index']))
+  batch = {key: np.stack([row[key] for row in rows]) for key in rows[0]}
+  batch['ways'] = np.int32(ways)
+  return batch
+
+
+def text_probe_batch(tokenizer: Any, *, num_episodes: int = 16, seed: int = 0,
+                     ways: int = 3, shots: int = 2, image_size: int = 64,
+                     seq_len: int = 128) -> dict[str, np.ndarray]:
+  """The text probe's rows (see the module docstring).
+
+  Args:
+    tokenizer: the run's tokenizer (`encode`, and the marker ids).
+    num_episodes: E.
+    seed: which held-out episodes.
+    ways: words per episode (Q = C).
+    shots: support pictures (in words) per word.
+    image_size: H = W of the one empty media slot (the LM ignores it).
+    seq_len: L; must hold the longest row.
+
+  Returns:
+    As `probe_batch`, with N = 1 empty media slot (media_mask False).
+  """
+  if num_episodes < 1 or ways < 2 or shots < 1:
+    raise ValueError(f'The probe needs num_episodes >= 1, ways >= 2 and '
+                     f'shots >= 1; got {num_episodes}, {ways}, {shots}.')
+  rows = []
+  for e in range(num_episodes):
+    rng = scenes.example_rng(TEXT_PROBE_NAME, str(seed), e)
+    binding = nonce.bind(rng, ways, half='eval')
+    template = language.pick(rng, nonce.TEMPLATES[binding.attribute])
+    attribute, values, words = (binding.attribute, binding.values,
+                                binding.words)
+    order = tuple(nonce.ways_order(rng, ways, shots))
+    support = nonce.episode_text(nonce.Episode(
+        binding, template, order,
+        tuple(nonce.scene(rng, attribute, values[w]) for w in order)))
+    for q in range(ways):
+      query = nonce.scene(rng, attribute, values[q])
+      prompt = f'{support} ' + nonce.picture_text(
+          query, nonce.keyed_prompt(template, values[q]))
+      prompt_ids = list(tokenizer.encode(prompt, parse_markers=False))
+      for c in range(ways):
+        text = f'{support} ' + nonce.picture_text(
+            query, nonce.keyed_line(template, values[q], words[c]))
+        ids = list(tokenizer.encode(text, parse_markers=False))
+        if ids[:len(prompt_ids)] != prompt_ids or len(ids) == len(
+            prompt_ids):
+          raise ValueError(f'The text probe line {text!r} does not tokenize '
+                           f'as its prompt {prompt!r} followed by the word.')
+        out = formatting.format_document([{'text': text}], tokenizer,
+                                         seq_len=seq_len, max_media=1)
+        if (isinstance(out, formatting.Skip) or
+            list(out['tokens'][1:len(ids) + 1]) != ids):
+          raise ValueError(f'seq_len={seq_len} does not hold a text probe '
+                           'episode; raise it.')
+        # targets[j] is the text's id j (tokens[0] is <BOS>).
+        score_mask = np.zeros(seq_len, np.float32)
+        score_mask[len(prompt_ids):len(ids)] = 1.0
+        rows.append(dict(
+            tokens=out['tokens'], targets=out['targets'],
+            score_mask=score_mask,
+            media=np.zeros([1, 1, image_size, image_size, 3], np.uint8),
+            media_mask=out['media_mask'], media_index=out['media_index']))
   batch = {key: np.stack([row[key] for row in rows]) for key in rows[0]}
   batch['ways'] = np.int32(ways)
   return batch

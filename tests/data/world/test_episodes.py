@@ -101,12 +101,43 @@ def test_episode_text_puts_words_for_pictures():
   text = nonce.episode_text(ep)
   pieces = text.split('(')[1:]
   assert len(pieces) == len(ep.scenes)
-  for piece, scene, line in zip(pieces, ep.scenes, ep.texts()):
+  for piece, scene, line in zip(pieces, ep.scenes, ep.keyed_texts()):
     (obj,) = scene.objects
     seen, said = piece.split(') ')
     assert seen.split() == [obj.size, obj.colour, obj.texture, obj.shape]
     assert said.strip() == line
   assert tasks.episode_text_example(_rng(5)) == {'text': text}
+
+
+def test_episode_text_puts_every_word_right_after_its_key():
+  """'This is a circle dax.': the key (the value the word is bound to)
+  is the word just before it, on every line, for shapes and colours."""
+  attributes = set()
+  for ep in _episodes(60):
+    binding = ep.binding
+    attributes.add(binding.attribute)
+    words = nonce.episode_text(ep).replace('!', ' ').replace('.', ' ').split()
+    made_up = [i for i, w in enumerate(words) if w in binding.words]
+    assert len(made_up) == len(ep.order)  # One word per picture.
+    for i, way in zip(made_up, ep.order):
+      assert words[i] == binding.words[way]
+      assert words[i - 1] == binding.values[way]
+    for way, line in zip(ep.order, ep.keyed_texts()):
+      prompt = nonce.keyed_prompt(ep.template, binding.values[way])
+      assert line == f'{prompt} {binding.words[way]}' + line[-1]
+  assert attributes == set(nonce.ATTRIBUTES)
+
+
+def test_image_episodes_keep_the_evaluation_lines():
+  """Only the text is keyed: the pictures' lines are the nonce task's."""
+  for ep in _episodes(20):
+    for text, keyed, way in zip(ep.texts(), ep.keyed_texts(), ep.order):
+      assert ep.binding.values[way] not in text.split()
+      assert keyed == nonce.keyed_line(ep.template, ep.binding.values[way],
+                                       ep.binding.words[way])
+  example = tasks.episode_example(_rng(0), 16)
+  assert [c['text'] for c in example['chunks'][1::2]] == nonce.episode(
+      _rng(0)).texts()
 
 
 def test_bad_episode_arguments_raise():
