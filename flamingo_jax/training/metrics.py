@@ -207,6 +207,10 @@ class MetricLogger:
     self._print(step, scalars)
 
   def _print(self, step: int, scalars: Mapping[str, float]) -> None:
+    if 'steps_per_sec' not in scalars:  # Not a training row: a probe's.
+      logging.info('step %d/%d: %s', step, self.total_steps, ', '.join(
+          f'{k} {v:.4g}' for k, v in sorted(scalars.items())))
+      return
     rate = scalars.get('steps_per_sec', 0.0)
     eta = (self.total_steps - step) / rate if rate > 0 else float('nan')
     fraction = 100.0 * step / max(self.total_steps, 1)

@@ -1,6 +1,7 @@
 """metrics.jsonl: a resumed run drops the rows past its checkpoint."""
 
 import json
+import logging
 
 from flamingo_jax.training import metrics
 
@@ -33,3 +34,15 @@ def test_plots_and_report_survive_damaged_lines(tmp_path):
   assert (tmp_path / 'plots' / 'loss.png').stat().st_size > 0
   with open(report.write_report(str(tmp_path))) as f:
     assert '| loss |' in f.read()
+
+
+def test_a_row_without_loss_prints_its_own_values(tmp_path, caplog):
+  logger = metrics.MetricLogger(str(tmp_path), total_steps=10)
+  with caplog.at_level(logging.INFO, logger='absl'):
+    logger.write(5, {'probe/text_margin': 1.5, 'probe/text_accuracy': 0.5})
+    logger.write(6, {'loss': 2.0, 'steps_per_sec': 1.0})
+  logger.close()
+  assert 'step 5/10: probe/text_accuracy 0.5, probe/text_margin 1.5' in (
+      caplog.text)
+  assert 'loss nan' not in caplog.text
+  assert 'step 6/10 (60%) loss 2.0000 | 1.00 steps/s | ETA 0m04s' in caplog.text
