@@ -27,6 +27,8 @@ from flamingo_jax.data import tokenizer as tokenizer_lib
 from flamingo_jax.data import tokenizer_backends
 
 FILE = 'tokenizer.json'
+# A SentencePiece model a checkpoint may ship instead (LLaMA's original).
+SENTENCEPIECE_FILE = 'tokenizer.model'
 # OpenFlamingo's spelling of the markers, in the order it adds them.
 OPEN_FLAMINGO_ADDED = ('<|endofchunk|>', '<image>')
 
@@ -152,3 +154,46 @@ def from_hf(path: str, *, image: str = '<image>',
   markers = tokenizer_lib.Markers(image=image, eoc=eoc, **names)
   return tokenizer_lib.Tokenizer.from_backend(Backend(text, markers, file),
                                               markers, file)
+
+
+def from_sentencepiece(path: str, *, image: str = '<image>',
+                       eoc: Optional[str] = '<|endofchunk|>',
+                       add: Sequence[str] = OPEN_FLAMINGO_ADDED,
+                       pad_if_missing: Optional[str] = '<PAD>',
+                       **special: Optional[str]) -> tokenizer_lib.Tokenizer:
+  """A checkpoint's SentencePiece `tokenizer.model` (e.g. LLaMA's, without a
+  tokenizer.json), with Flamingo's markers added as `from_hf` adds them.
+
+  Args:
+    path: `tokenizer.model` or the directory holding it.
+    image, eoc, add, pad_if_missing, **special: as in `from_hf`; special
+      tokens the configs beside the file do not name are the model's own
+      (its bos/eos/unk ids' pieces).
+
+  Returns:
+    The Tokenizer: the model's pieces, then the added markers in order.
+  """
+  import sentencepiece  # pylint: disable=g-import-not-at-top
+  file = (path if os.path.isfile(path)
+          else os.path.join(path, SENTENCEPIECE_FILE))
+  if not os.path.isfile(file):
+    raise FileNotFoundError(f'No SentencePiece tokenizer.model at {path}.')
+  with open(file, 'rb') as f:
+    proto = f.read()
+  sp = sentencepiece.SentencePieceProcessor(model_proto=proto)
+  names = {**special_tokens(os.path.dirname(file)),
+           **{k: v for k, v in special.items() if v is not None}}
+  for name, token_id in (('bos', sp.bos_id()), ('eos', sp.eos_id()),
+                         ('unk', sp.unk_id()), ('pad', sp.pad_id())):
+    if names[name] is None and token_id >= 0:
+      names[name] = sp.id_to_piece(token_id)
+  pieces = {sp.id_to_piece(i) for i in range(sp.get_piece_size())}
+  added = [t for t in add if t not in pieces]
+  if names['pad'] is None and pad_if_missing is not None:
+    names['pad'] = pad_if_missing
+    if pad_if_missing not in pieces:
+      added.append(pad_if_missing)
+  markers = tokenizer_lib.Markers(image=image, eoc=eoc, added=tuple(added),
+                                  **names)
+  return tokenizer_lib.Tokenizer.from_sentencepiece(proto, markers,
+                                                    source=file)

@@ -7,11 +7,12 @@ A checkpoint directory as `save_pretrained` / the Hub writes it:
 `config.json`, `model.safetensors` or shards with
 `model.safetensors.index.json` (or `pytorch_model.bin[.index.json]`), and
 usually `tokenizer.json` (+ `tokenizer_config.json`,
-`special_tokens_map.json`). Tensor names may carry the causal-LM wrapper's
+`special_tokens_map.json`), or a SentencePiece `tokenizer.model` alone
+(LLaMA's original release). Tensor names may carry the causal-LM wrapper's
 prefix (`model.`, `gpt_neox.`, `transformer.`) or not (a base model, GPT-2's
 published files): each family finds it from an anchor tensor.
 
-Vocabulary. With a tokenizer.json (and unless `--no_tokenizer`), the
+Vocabulary. With a tokenizer (and unless `--no_tokenizer`), the
 tokenizer is imported with Flamingo's markers as OpenFlamingo adds them
 (`data/hf_tokenizer.py`: `<|endofchunk|>`, `<image>`, and `<PAD>` when the
 tokenizer has no pad token, after its vocabulary), and the LM's embedding
@@ -127,14 +128,19 @@ def fit_rows_then_transpose(rows: int) -> mapping.Transform:
 
 
 def tokenizer_for(path: str, use_tokenizer: bool):
-  """The checkpoint's tokenizer with Flamingo's markers, or None."""
+  """The checkpoint's tokenizer with Flamingo's markers, or None: its
+  tokenizer.json, else its SentencePiece tokenizer.model."""
   if not use_tokenizer:
     return None
-  file = os.path.join(directory_of(path), 'tokenizer.json')
-  if not os.path.isfile(file):
-    return None
   from flamingo_jax.data import hf_tokenizer  # pylint: disable=g-import-not-at-top
-  return hf_tokenizer.from_hf(file)
+  directory = directory_of(path)
+  file = os.path.join(directory, hf_tokenizer.FILE)
+  if os.path.isfile(file):
+    return hf_tokenizer.from_hf(file)
+  file = os.path.join(directory, hf_tokenizer.SENTENCEPIECE_FILE)
+  if os.path.isfile(file):
+    return hf_tokenizer.from_sentencepiece(file)
+  return None
 
 
 # -- Parameters ----------------------------------------------------------------
@@ -205,7 +211,8 @@ def add_arguments(parser) -> tuple[str, ...]:
   """The convert CLI's options of every HF LM source."""
   parser.add_argument(
       '--no_tokenizer', action='store_true',
-      help="do not import the checkpoint's tokenizer.json; the LM keeps "
+      help="do not import the checkpoint's tokenizer.json (or "
+           "tokenizer.model); the LM keeps "
            "the checkpoint's vocabulary rows")
   return ('no_tokenizer',)
 

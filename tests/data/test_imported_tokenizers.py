@@ -146,3 +146,24 @@ def test_formatting_and_prompts(which, request):
   assert encoded.media_index[-1] == 2
   with pytest.raises(ValueError, match='2 <image> markers but 1 media'):
     prompts.encode(tok, PROMPT, [np.zeros((8, 8, 3), np.uint8)], 8)
+
+
+def test_a_checkpoint_with_only_tokenizer_model(llama_like, tmp_path):
+  """The LM importers take a lone SentencePiece tokenizer.model (LLaMA's
+  original release), with the markers as OpenFlamingo adds them; it saves
+  and loads as the convert CLI writes it."""
+  # pylint: disable-next=g-import-not-at-top
+  from flamingo_jax.weights import hf_lm
+  checkpoint = tmp_path / 'llama'  # As LLaMA's original release.
+  checkpoint.mkdir()
+  (checkpoint / 'tokenizer.model').write_bytes(llama_like.serialized_model)
+  tok = hf_lm.tokenizer_for(str(checkpoint / 'config.json'), True)
+  assert tok.markers == llama_like.markers
+  assert (tok.vocab_size, tok.eoc_id, tok.image_id, tok.pad_id) == (
+      303, 300, 301, 302)
+  assert tok.encode(PROMPT) == llama_like.encode(PROMPT)
+  assert hf_lm.tokenizer_for(str(checkpoint), False) is None
+  loaded = tokenizer_lib.Tokenizer.load(tok.save_dir(str(tmp_path / 'tok')))
+  assert loaded.encode(PROMPT) == tok.encode(PROMPT)
+  with pytest.raises(FileNotFoundError, match='No SentencePiece'):
+    hf_tokenizer.from_sentencepiece(str(tmp_path))
