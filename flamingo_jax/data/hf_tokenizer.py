@@ -21,7 +21,7 @@ Needs the `tokenizers` package (`pip install 'flamingo_jax[hf]'`).
 
 import json
 import os
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from flamingo_jax.data import tokenizer as tokenizer_lib
 from flamingo_jax.data import tokenizer_backends
@@ -112,6 +112,20 @@ def special_tokens(directory: str) -> dict[str, Optional[str]]:
   return names
 
 
+def _markers_to_add(names: dict[str, Optional[str]],
+                    known: Callable[[str], bool], add: Sequence[str],
+                    pad_if_missing: Optional[str]) -> list[str]:
+  """The tokens of `add` the tokenizer lacks (`known`: has it), in order,
+  then `pad_if_missing` when it has no pad token (named in `names`, which
+  this sets, and missing): what OpenFlamingo adds after the vocabulary."""
+  missing = [t for t in add if not known(t)]
+  if names['pad'] is None and pad_if_missing is not None:
+    names['pad'] = pad_if_missing
+    if not known(pad_if_missing):
+      missing.append(pad_if_missing)
+  return missing
+
+
 def from_hf(path: str, *, image: str = '<image>',
             eoc: Optional[str] = '<|endofchunk|>',
             add: Sequence[str] = OPEN_FLAMINGO_ADDED,
@@ -142,11 +156,8 @@ def from_hf(path: str, *, image: str = '<image>',
   names = {**special_tokens(directory),
            **{k: v for k, v in special.items() if v is not None}}
   hf = tokenizers.Tokenizer.from_str(text)
-  missing = [t for t in add if hf.token_to_id(t) is None]
-  if names['pad'] is None and pad_if_missing is not None:
-    names['pad'] = pad_if_missing
-    if hf.token_to_id(pad_if_missing) is None:
-      missing.append(pad_if_missing)
+  missing = _markers_to_add(names, lambda t: hf.token_to_id(t) is not None,
+                            add, pad_if_missing)
   if missing:
     hf.add_special_tokens([tokenizers.AddedToken(t, special=True)
                            for t in missing])
@@ -188,11 +199,7 @@ def from_sentencepiece(path: str, *, image: str = '<image>',
     if names[name] is None and token_id >= 0:
       names[name] = sp.id_to_piece(token_id)
   pieces = {sp.id_to_piece(i) for i in range(sp.get_piece_size())}
-  added = [t for t in add if t not in pieces]
-  if names['pad'] is None and pad_if_missing is not None:
-    names['pad'] = pad_if_missing
-    if pad_if_missing not in pieces:
-      added.append(pad_if_missing)
+  added = _markers_to_add(names, pieces.__contains__, add, pad_if_missing)
   markers = tokenizer_lib.Markers(image=image, eoc=eoc, added=tuple(added),
                                   **names)
   return tokenizer_lib.Tokenizer.from_sentencepiece(proto, markers,

@@ -19,6 +19,7 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-imp
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from flamingo_jax import fs
 from flamingo_jax.training import metrics as metrics_lib
+from flamingo_jax.training import probe as probe_lib
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 
@@ -62,15 +63,15 @@ def plot_gates(rows, path: str) -> None:
 
 # Each probe's plot file, metric prefix (training/probe.py) and titles.
 PROBES = (
-    ('probe.png', 'probe/binding', 'binding margin (nats; blind = 0)',
+    ('probe.png', probe_lib.BINDING, 'binding margin (nats; blind = 0)',
      'binding accuracy'),
-    ('text_probe.png', 'probe/text',
+    ('text_probe.png', probe_lib.TEXT,
      'text binding margin (nats; context-blind = 0)',
      'text binding accuracy'),
 )
 
 
-def plot_probe(rows, path: str, prefix: str = 'probe/binding',
+def plot_probe(rows, path: str, prefix: str = probe_lib.BINDING,
                titles: tuple[str, str] = PROBES[0][2:]) -> None:
   fig, axes = plt.subplots(1, 2, figsize=(10, 4))
   for ax, key, title in ((axes[0], f'{prefix}_margin', titles[0]),

@@ -17,10 +17,14 @@ from flamingo_jax.training import probe
 EPISODES, WAYS, SHOTS = 2, 3, 2
 
 
+def _config_and_tokenizer(workdir):
+  config = json.loads((workdir / 'config.json').read_text())
+  return config, tokenizer_lib.Tokenizer.load(config['data']['tokenizer'])
+
+
 @pytest.fixture(scope='module')
 def setup(smoke_workdir):
-  config = json.loads((smoke_workdir / 'config.json').read_text())
-  tokenizer = tokenizer_lib.Tokenizer.load(config['data']['tokenizer'])
+  config, tokenizer = _config_and_tokenizer(smoke_workdir)
   batch = probe_data.probe_batch(
       tokenizer, num_episodes=EPISODES, ways=WAYS, shots=SHOTS,
       image_size=config['model']['image_size'], seq_len=128)
@@ -201,8 +205,7 @@ _TEXT_LEN = 192
 
 @pytest.fixture(scope='module')
 def text_setup(smoke_workdir):
-  config = json.loads((smoke_workdir / 'config.json').read_text())
-  tokenizer = tokenizer_lib.Tokenizer.load(config['data']['tokenizer'])
+  _, tokenizer = _config_and_tokenizer(smoke_workdir)
   batch = probe_data.text_probe_batch(
       tokenizer, num_episodes=EPISODES, ways=WAYS, shots=SHOTS,
       seq_len=_TEXT_LEN)

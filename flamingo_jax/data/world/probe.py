@@ -57,15 +57,40 @@ PROBE_NAME = 'binding_probe'  # Its episodes' generator name (held out).
 TEXT_PROBE_NAME = 'text_binding_probe'  # The text probe's.
 
 
-def _continuation_start(tokenizer, line: str, prefix: str) -> int:
-  """How many ids of `line` are the prompt's `prefix` (the rest is scored)."""
+def _continuation(tokenizer, line: str, prefix: str) -> tuple[list[int], int]:
+  """`line`'s ids, and how many of them are the prompt's `prefix` (the rest
+  is scored)."""
   line_ids = list(tokenizer.encode(line, parse_markers=False))
   prefix_ids = list(tokenizer.encode(prefix, parse_markers=False))
   if line_ids[:len(prefix_ids)] != prefix_ids or len(line_ids) == len(
       prefix_ids):
     raise ValueError(f'The probe line {line!r} does not tokenize as its '
                      f'prompt {prefix!r} followed by the word.')
-  return len(prefix_ids)
+  return line_ids, len(prefix_ids)
+
+
+def _check_sizes(num_episodes: int, ways: int, shots: int) -> None:
+  if num_episodes < 1 or ways < 2 or shots < 1:
+    raise ValueError(f'The probe needs num_episodes >= 1, ways >= 2 and '
+                     f'shots >= 1; got {num_episodes}, {ways}, {shots}.')
+
+
+def _held_out_episode(name: str, seed: int, index: int, ways: int,
+                      shots: int):
+  """Episode `index`'s generator (for its pictures), binding (eval words),
+  template and support order (the way of each support picture)."""
+  rng = scenes.example_rng(name, str(seed), index)
+  binding = nonce.bind(rng, ways, half='eval')
+  template = language.pick(rng, nonce.TEMPLATES[binding.attribute])
+  order = tuple(nonce.ways_order(rng, ways, shots))
+  return rng, binding, template, order
+
+
+def _stack(rows: list[dict[str, np.ndarray]], ways: int
+           ) -> dict[str, np.ndarray]:
+  batch = {key: np.stack([row[key] for row in rows]) for key in rows[0]}
+  batch['ways'] = np.int32(ways)
+  return batch
 
 
 def probe_batch(tokenizer: Any, *, num_episodes: int = 16, seed: int = 0,
@@ -87,19 +112,15 @@ def probe_batch(tokenizer: Any, *, num_episodes: int = 16, seed: int = 0,
     [R, N, 1, H, W, 3]; media_mask bool [R, N]; media_index int32 [R, L];
     ways int32 [] (Q = C).
   """
-  if num_episodes < 1 or ways < 2 or shots < 1:
-    raise ValueError(f'The probe needs num_episodes >= 1, ways >= 2 and '
-                     f'shots >= 1; got {num_episodes}, {ways}, {shots}.')
+  _check_sizes(num_episodes, ways, shots)
   num_support = ways * shots
   rows = []
   for e in range(num_episodes):
-    rng = scenes.example_rng(PROBE_NAME, str(seed), e)
-    binding = nonce.bind(rng, ways, half='eval')
-    template = language.pick(rng, nonce.TEMPLATES[binding.attribute])
+    rng, binding, template, order = _held_out_episode(PROBE_NAME, seed, e,
+                                                      ways, shots)
     prefix = template.split('{}')[0].rstrip()
     attribute, values, words = (binding.attribute, binding.values,
                                 binding.words)
-    order = nonce.ways_order(rng, ways, shots)
     support = [scenes.render_scene(nonce.scene(rng, attribute, values[w]),
                                    image_size) for w in order]
     chunks = []
@@ -119,7 +140,7 @@ def probe_batch(tokenizer: Any, *, num_episodes: int = 16, seed: int = 0,
             out['targets'][out['loss_mask'] > 0][-1] != tokenizer.eos_id):
           raise ValueError(f'seq_len={seq_len} does not hold a probe '
                            'episode; raise it.')
-        start = _continuation_start(tokenizer, line, prefix)
+        _, start = _continuation(tokenizer, line, prefix)
         last_image = int(np.nonzero(out['tokens'] == tokenizer.image_id)[0]
                          [-1])
         end = int(np.nonzero(out['targets'] == tokenizer.eoc_id)[0][-1])
@@ -129,9 +150,7 @@ def probe_batch(tokenizer: Any, *, num_episodes: int = 16, seed: int = 0,
                          score_mask=score_mask, media=media,
                          media_mask=out['media_mask'],
                          media_index=out['media_index']))
-  batch = {key: np.stack([row[key] for row in rows]) for key in rows[0]}
-  batch['ways'] = np.int32(ways)
-  return batch
+  return _stack(rows, ways)
 
 
 def text_probe_batch(tokenizer: Any, *, num_episodes: int = 16, seed: int = 0,
@@ -151,17 +170,13 @@ def text_probe_batch(tokenizer: Any, *, num_episodes: int = 16, seed: int = 0,
   Returns:
     As `probe_batch`, with N = 1 empty media slot (media_mask False).
   """
-  if num_episodes < 1 or ways < 2 or shots < 1:
-    raise ValueError(f'The probe needs num_episodes >= 1, ways >= 2 and '
-                     f'shots >= 1; got {num_episodes}, {ways}, {shots}.')
+  _check_sizes(num_episodes, ways, shots)
   rows = []
   for e in range(num_episodes):
-    rng = scenes.example_rng(TEXT_PROBE_NAME, str(seed), e)
-    binding = nonce.bind(rng, ways, half='eval')
-    template = language.pick(rng, nonce.TEMPLATES[binding.attribute])
+    rng, binding, template, order = _held_out_episode(TEXT_PROBE_NAME, seed,
+                                                      e, ways, shots)
     attribute, values, words = (binding.attribute, binding.values,
                                 binding.words)
-    order = tuple(nonce.ways_order(rng, ways, shots))
     support = nonce.episode_text(nonce.Episode(
         binding, template, order,
         tuple(nonce.scene(rng, attribute, values[w]) for w in order)))
@@ -169,15 +184,10 @@ def text_probe_batch(tokenizer: Any, *, num_episodes: int = 16, seed: int = 0,
       query = nonce.scene(rng, attribute, values[q])
       prompt = f'{support} ' + nonce.picture_text(
           query, nonce.keyed_prompt(template, values[q]))
-      prompt_ids = list(tokenizer.encode(prompt, parse_markers=False))
       for c in range(ways):
         text = f'{support} ' + nonce.picture_text(
             query, nonce.keyed_line(template, values[q], words[c]))
-        ids = list(tokenizer.encode(text, parse_markers=False))
-        if ids[:len(prompt_ids)] != prompt_ids or len(ids) == len(
-            prompt_ids):
-          raise ValueError(f'The text probe line {text!r} does not tokenize '
-                           f'as its prompt {prompt!r} followed by the word.')
+        ids, start = _continuation(tokenizer, text, prompt)
         out = formatting.format_document([{'text': text}], tokenizer,
                                          seq_len=seq_len, max_media=1)
         if (isinstance(out, formatting.Skip) or
@@ -186,12 +196,10 @@ def text_probe_batch(tokenizer: Any, *, num_episodes: int = 16, seed: int = 0,
                            'episode; raise it.')
         # targets[j] is the text's id j (tokens[0] is <BOS>).
         score_mask = np.zeros(seq_len, np.float32)
-        score_mask[len(prompt_ids):len(ids)] = 1.0
+        score_mask[start:len(ids)] = 1.0
         rows.append(dict(
             tokens=out['tokens'], targets=out['targets'],
             score_mask=score_mask,
             media=np.zeros([1, 1, image_size, image_size, 3], np.uint8),
             media_mask=out['media_mask'], media_index=out['media_index']))
-  batch = {key: np.stack([row[key] for row in rows]) for key in rows[0]}
-  batch['ways'] = np.int32(ways)
-  return batch
+  return _stack(rows, ways)
