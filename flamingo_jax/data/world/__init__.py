@@ -16,8 +16,9 @@ Build and read:
 
 Modules: `scenes` (sampling and rendering), `language` (captions, parser),
 `questions`, `video`, `nonce` (made-up words), `documents`, `tasks` (one
-example of each dataset), `builders` (TFDS builders, `build_all`,
-versioning).
+example of each dataset), `base` (what every TFDS builder shares: configs,
+features, parallel generation), `builders` (the datasets' builders,
+`build_all`, versioning).
 
 THE WORLD
   objects  shape: circle square triangle star cross ring diamond hexagon

@@ -1,19 +1,17 @@
-"""TFDS builders of the embedded world, and `build_all`.
+"""TFDS builders of the embedded world, their registry, and `build_all`.
 
-Every dataset is a `tfds.core.GeneratorBasedBuilder` whose examples come from
-`tasks.py`; example i of split s is generated from
-`scenes.example_rng(name, s, i, seed=config.seed)`, so it does not depend on
-the other examples (the builder generates in parallel worker processes) and
-a smaller split is a prefix of a larger one ('tiny' is a prefix of
-'default').
+Every dataset is a `base.WorldBuilder` (a `tfds.core.GeneratorBasedBuilder`;
+configs, parallel generation and the features live in base.py) whose
+examples come from `tasks.py`.
 
-Images are stored as PNG, encoded by Pillow here (`tfds.features.Image(
-encoding_format='png')`): a reader that wants to decode in its own
-preprocessing passes `decoders={'image': tfds.decode.SkipDecoding()}` (for
-`images` and `video`, the same; they are then [N] or [T] tf.string tensors)
-and calls `tf.io.decode_png`.
+Images are stored as PNG, encoded by Pillow (`base.encode_png`;
+`tfds.features.Image(encoding_format='png')`): a reader that wants to
+decode in its own preprocessing passes
+`decoders={'image': tfds.decode.SkipDecoding()}` (for `images` and `video`,
+the same; they are then [N] or [T] tf.string tensors) and calls
+`tf.io.decode_png`.
 
-Versioning. All builders share `VERSION` (set in
+Versioning. All builders share `base.VERSION` (set in
 `flamingo_jax.data.prepare.WORLD_VERSION`). Any change to what is generated
 (a constant of the grammar, the renderer, a template, the sampling code)
 must bump it, so that a prepared `data_dir` is never silently mixed with new
@@ -27,24 +25,18 @@ when a prepared dataset's fingerprint differs from the code's (e.g. another
 Pillow version).
 """
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
-import dataclasses
+from collections.abc import Callable, Mapping, Sequence
 import functools
 import hashlib
-import io
-import multiprocessing
 import os
-import sys
 import time
-from typing import Any, ClassVar
+from typing import Any
 
-from etils import epath
 import numpy as np
-from PIL import Image
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from flamingo_jax.data import prepare
+from flamingo_jax.data.world import base
 from flamingo_jax.data.world import documents
 from flamingo_jax.data.world import language
 from flamingo_jax.data.world import nonce
@@ -53,185 +45,12 @@ from flamingo_jax.data.world import scenes
 from flamingo_jax.data.world import tasks
 from flamingo_jax.data.world import video as video_lib
 
-VERSION = tfds.core.Version(prepare.WORLD_VERSION)  # Bump it there.
-RELEASE_NOTES = {
-    '1.0.0': 'First release of the embedded world.',
-    '1.1.0': 'Documents: quiz, gallery and word-learning pages.',
-    '1.2.0': 'world_text: text-only pages for the LM stage.',
-    '1.3.0': ('world_episodes and world_episode_text: bursty nonce episodes '
-              'for training; world_nonce draws its words from the eval half '
-              'of the word space.'),
-    '1.4.0': ("world_episode_text: each word right after its key, the value "
-              "it is bound to ('This is a circle dax.')."),
-}
-SIZES = ('default', 'tiny')
-DEFAULT_IMAGE_SIZE = scenes.DEFAULT_IMAGE_SIZE
-MAX_WORKERS = 16
-
-
-@dataclasses.dataclass(eq=False)
-class WorldConfig(tfds.core.BuilderConfig):
-  """How big and at which resolution to build a dataset.
-
-  Attributes:
-    sizes: 'default' or 'tiny': which table of split sizes to use.
-    image_size: image (and frame) side, pixels.
-    num_frames: frames per video (at `video.FPS` frames per second).
-    seed: the world seed.
-    split_sizes: per-split overrides of the sizes table, e.g. {'train': 10}.
-  """
-  sizes: str = 'default'
-  image_size: int = DEFAULT_IMAGE_SIZE
-  num_frames: int = video_lib.DEFAULT_NUM_FRAMES
-  seed: int = scenes.WORLD_SEED
-  split_sizes: Mapping[str, int] | None = None
-
-  def __post_init__(self):
-    if self.sizes not in SIZES:
-      raise ValueError(f'Unknown sizes {self.sizes!r}; expected one of '
-                       f'{SIZES}.')
-    if self.image_size < scenes.MIN_IMAGE_SIZE:
-      raise ValueError(f'image_size must be >= {scenes.MIN_IMAGE_SIZE}; got '
-                       f'{self.image_size}.')
-    if self.num_frames < video_lib.MIN_NUM_FRAMES:
-      raise ValueError(f'num_frames must be >= {video_lib.MIN_NUM_FRAMES}; '
-                       f'got {self.num_frames}.')
-    for split, size in (self.split_sizes or {}).items():
-      if not isinstance(size, (int, np.integer)) or size <= 0:
-        raise ValueError(f'Split sizes must be positive integers; got '
-                         f'{split}={size!r}.')
-
-
-def config_name(sizes: str, image_size: int = DEFAULT_IMAGE_SIZE) -> str:
-  """'default', 'tiny', or e.g. 'default_320px' for other resolutions."""
-  return sizes if image_size == DEFAULT_IMAGE_SIZE else (
-      f'{sizes}_{image_size}px')
-
-
-BUILDER_CONFIGS = [
-    WorldConfig(name=config_name(sizes, image_size), sizes=sizes,
-                image_size=image_size,
-                description=f'{sizes} split sizes, {image_size}x{image_size}')
-    for sizes in SIZES for image_size in (DEFAULT_IMAGE_SIZE, 320)
-]
-
-
-def encode_png(image: np.ndarray) -> bytes:  # image: [H, W, 3] uint8
-  buffer = io.BytesIO()
-  Image.fromarray(image).save(buffer, format='PNG')
-  return buffer.getvalue()
-
-
-def _image_feature(config: WorldConfig) -> tfds.features.Image:
-  size = config.image_size
-  return tfds.features.Image(shape=(size, size, 3), encoding_format='png')
-
-
-def _video_feature(config: WorldConfig) -> tfds.features.Video:
-  size = config.image_size
-  return tfds.features.Video(shape=(config.num_frames, size, size, 3),
-                             encoding_format='png')
-
-
-@dataclasses.dataclass(frozen=True)
-class _Params:
-  """What an example depends on besides its index (picklable)."""
-  image_size: int
-  num_frames: int
-  seed: int
-
-
-class WorldBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-  """Common machinery: configs, split sizes, parallel generation."""
-
-  VERSION = VERSION
-  RELEASE_NOTES = RELEASE_NOTES
-  BUILDER_CONFIGS = BUILDER_CONFIGS
-  # sizes -> split -> number of examples.
-  SPLITS: ClassVar[Mapping[str, Mapping[str, int]]] = {}
-  DESCRIPTION: ClassVar[str] = ''
-  # Splits smaller than this are generated in this process.
-  PARALLEL_MIN_EXAMPLES: ClassVar[int] = 256
-
-  # Worker processes for generation; None: the CPUs available, up to 16.
-  num_workers: int | None = None
-
-  # TFDS 4.9's own code_path imports the `importlib_resources` backport, which
-  # it requires only on Python < 3.9; the builders' code is simply here.
-  @tfds.core.utils.classproperty
-  @classmethod
-  def code_path(cls) -> epath.Path:
-    return epath.Path(__file__)
-
-  @property
-  def split_sizes(self) -> dict[str, int]:
-    """The number of examples of every split of this config."""
-    config = self.builder_config
-    sizes = dict(self.SPLITS[config.sizes])
-    for split, size in (config.split_sizes or {}).items():
-      if split not in sizes:
-        raise ValueError(f'Unknown split {split!r} for {self.name}; expected '
-                         f'one of {tuple(sizes)}.')
-      sizes[split] = int(size)
-    return sizes
-
-  def features(self) -> dict[str, Any]:
-    """The feature specs (besides 'id': the example's index in its split)."""
-    raise NotImplementedError
-
-  @staticmethod
-  def make_example(rng: np.random.Generator, params: _Params
-                   ) -> dict[str, Any]:
-    """The encoded example from its generator."""
-    raise NotImplementedError
-
-  def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
-        builder=self,
-        description=(f'{self.DESCRIPTION} Part of the embedded world of '
-                     'flamingo_jax (flamingo_jax.data.world).'),
-        features=tfds.features.FeaturesDict(
-            {**self.features(), 'id': np.int64}),
-        metadata=tfds.core.MetadataDict(
-            generation_fingerprint=generation_fingerprint()),
-    )
-
-  def _split_generators(self, dl_manager):
-    del dl_manager  # Nothing to download.
-    return {split: self._generate_examples(split, size)
-            for split, size in self.split_sizes.items()}
-
-  def _params(self) -> _Params:
-    config = self.builder_config
-    return _Params(config.image_size, config.num_frames, config.seed)
-
-  def _generate_examples(self, split: str, num_examples: int
-                         ) -> Iterator[tuple[int, dict[str, Any]]]:
-    make = functools.partial(_make_example, self.name, split, self._params())
-    workers = _resolve_workers(self.num_workers)
-    if workers <= 1 or num_examples < self.PARALLEL_MIN_EXAMPLES:
-      for index in range(num_examples):
-        yield index, make(index)
-      return
-    # Fork: workers inherit the imported modules (no TensorFlow re-import)
-    # and touch only numpy and Pillow.
-    with multiprocessing.get_context('fork').Pool(workers) as pool:
-      yield from enumerate(pool.imap(make, range(num_examples),
-                                     chunksize=32))
-
-
-def _resolve_workers(num_workers: int | None) -> int:
-  if num_workers is not None:
-    return num_workers
-  if not sys.platform.startswith('linux'):
-    return 1  # Forking is only safe enough on Linux.
-  return min(MAX_WORKERS, len(os.sched_getaffinity(0)))
-
-
-def _make_example(name: str, split: str, params: _Params,
-                  index: int) -> dict[str, Any]:
-  rng = scenes.example_rng(name, split, index, seed=params.seed)
-  return {**_BUILDERS[name].make_example(rng, params), 'id': index}
+# The package's names for what base.py defines.
+VERSION = base.VERSION
+SIZES = base.SIZES
+DEFAULT_IMAGE_SIZE = base.DEFAULT_IMAGE_SIZE
+WorldConfig = base.WorldConfig
+WorldBuilder = base.WorldBuilder
 
 
 # ------------------------------------------------------------- training --
@@ -245,13 +64,13 @@ class WorldPairs(WorldBuilder):
             'tiny': {'train': 32, 'validation': 8}}
 
   def features(self):
-    return {'image': _image_feature(self.builder_config),
+    return {'image': base.image_feature(self.builder_config),
             'caption': tfds.features.Text()}
 
   @staticmethod
   def make_example(rng, params):
     ex = tasks.pair_example(rng, params.image_size)
-    return {'image': encode_png(ex['image']), 'caption': ex['caption']}
+    return {'image': base.encode_png(ex['image']), 'caption': ex['caption']}
 
 
 class WorldVideoPairs(WorldBuilder):
@@ -262,13 +81,13 @@ class WorldVideoPairs(WorldBuilder):
             'tiny': {'train': 16, 'validation': 4}}
 
   def features(self):
-    return {'video': _video_feature(self.builder_config),
+    return {'video': base.video_feature(self.builder_config),
             'caption': tfds.features.Text()}
 
   @staticmethod
   def make_example(rng, params):
     ex = tasks.video_pair_example(rng, params.image_size, params.num_frames)
-    return {'video': [encode_png(f) for f in ex['video']],
+    return {'video': [base.encode_png(f) for f in ex['video']],
             'caption': ex['caption']}
 
 
@@ -283,7 +102,8 @@ class WorldDocuments(WorldBuilder):
 
   def features(self):
     return {
-        'images': tfds.features.Sequence(_image_feature(self.builder_config)),
+        'images': tfds.features.Sequence(
+            base.image_feature(self.builder_config)),
         'chunks': tfds.features.Sequence({'text': tfds.features.Text(),
                                           'image': np.int32}),
     }
@@ -291,7 +111,7 @@ class WorldDocuments(WorldBuilder):
   @staticmethod
   def make_example(rng, params):
     ex = tasks.document_example(rng, params.image_size)
-    return {'images': [encode_png(image) for image in ex['images']],
+    return {'images': [base.encode_png(image) for image in ex['images']],
             'chunks': [{'text': c.get('text', ''), 'image': c.get('image', -1)}
                        for c in ex['chunks']]}
 
@@ -328,7 +148,7 @@ class WorldEpisodes(WorldBuilder):
   @staticmethod
   def make_example(rng, params):
     ex = tasks.episode_example(rng, params.image_size)
-    return {'images': [encode_png(image) for image in ex['images']],
+    return {'images': [base.encode_png(image) for image in ex['images']],
             'chunks': [{'text': c.get('text', ''), 'image': c.get('image', -1)}
                        for c in ex['chunks']]}
 
@@ -361,14 +181,14 @@ class WorldCaptions(WorldBuilder):
             'tiny': {'support': 8, 'query': 4}}
 
   def features(self):
-    return {'image': _image_feature(self.builder_config),
+    return {'image': base.image_feature(self.builder_config),
             'captions': tfds.features.Sequence(tfds.features.Text(),
                                                length=tasks.NUM_CAPTIONS)}
 
   @staticmethod
   def make_example(rng, params):
     ex = tasks.caption_example(rng, params.image_size)
-    return {'image': encode_png(ex['image']), 'captions': ex['captions']}
+    return {'image': base.encode_png(ex['image']), 'captions': ex['captions']}
 
 
 class WorldVqa(WorldBuilder):
@@ -380,7 +200,7 @@ class WorldVqa(WorldBuilder):
             'tiny': {'support': 8, 'query': 4}}
 
   def features(self):
-    return {'image': _image_feature(self.builder_config),
+    return {'image': base.image_feature(self.builder_config),
             'question': tfds.features.Text(),
             'answer': tfds.features.Text(),
             'answers': tfds.features.Sequence(tfds.features.Text(),
@@ -390,7 +210,7 @@ class WorldVqa(WorldBuilder):
   @staticmethod
   def make_example(rng, params):
     ex = tasks.vqa_example(rng, params.image_size)
-    ex['image'] = encode_png(ex['image'])
+    ex['image'] = base.encode_png(ex['image'])
     return ex
 
 
@@ -402,7 +222,7 @@ class WorldVideoQa(WorldBuilder):
             'tiny': {'support': 8, 'query': 4}}
 
   def features(self):
-    return {'video': _video_feature(self.builder_config),
+    return {'video': base.video_feature(self.builder_config),
             'question': tfds.features.Text(),
             'answer': tfds.features.Text(),
             'question_type': tfds.features.Text()}
@@ -410,7 +230,7 @@ class WorldVideoQa(WorldBuilder):
   @staticmethod
   def make_example(rng, params):
     ex = tasks.video_qa_example(rng, params.image_size, params.num_frames)
-    ex['video'] = [encode_png(f) for f in ex['video']]
+    ex['video'] = [base.encode_png(f) for f in ex['video']]
     return ex
 
 
@@ -422,7 +242,7 @@ class WorldVideoCaptions(WorldBuilder):
             'tiny': {'support': 8, 'query': 4}}
 
   def features(self):
-    return {'video': _video_feature(self.builder_config),
+    return {'video': base.video_feature(self.builder_config),
             'captions': tfds.features.Sequence(tfds.features.Text(),
                                                length=tasks.NUM_CAPTIONS)}
 
@@ -430,7 +250,7 @@ class WorldVideoCaptions(WorldBuilder):
   def make_example(rng, params):
     ex = tasks.video_caption_example(rng, params.image_size,
                                      params.num_frames)
-    return {'video': [encode_png(f) for f in ex['video']],
+    return {'video': [base.encode_png(f) for f in ex['video']],
             'captions': ex['captions']}
 
 
@@ -443,14 +263,14 @@ class WorldClassification(WorldBuilder):
             'tiny': {'support': 8, 'query': 4}}
 
   def features(self):
-    return {'image': _image_feature(self.builder_config),
+    return {'image': base.image_feature(self.builder_config),
             'label': tfds.features.ClassLabel(names=tasks.CLASS_NAMES),
             'label_name': tfds.features.Text()}
 
   @staticmethod
   def make_example(rng, params):
     ex = tasks.classification_example(rng, params.image_size)
-    ex['image'] = encode_png(ex['image'])
+    ex['image'] = base.encode_png(ex['image'])
     return ex
 
 
@@ -463,7 +283,7 @@ class WorldNonce(WorldBuilder):
   SPLITS = {'default': {'query': 500}, 'tiny': {'query': 4}}
 
   def features(self):
-    item = {'image': _image_feature(self.builder_config),
+    item = {'image': base.image_feature(self.builder_config),
             'word': tfds.features.Text(), 'text': tfds.features.Text(),
             'value': tfds.features.Text()}
     num_support = tasks.NONCE_WAYS * tasks.NONCE_SHOTS
@@ -479,7 +299,7 @@ class WorldNonce(WorldBuilder):
   def make_example(rng, params):
     ex = tasks.nonce_episode(rng, params.image_size)
     for part in ('support', 'query'):
-      ex[part] = [dict(item, image=encode_png(item['image']))
+      ex[part] = [dict(item, image=base.encode_png(item['image']))
                   for item in ex[part]]
     return ex
 
@@ -536,10 +356,11 @@ def generation_fingerprint() -> str:
     for name in _constant_names(module):
       value = _canonical(getattr(module, name))
       digest.update(f'{module.__name__}.{name}={value!r}\n'.encode())
-  params = _Params(image_size=32, num_frames=4, seed=scenes.WORLD_SEED)
+  params = base.Params(image_size=32, num_frames=4, seed=scenes.WORLD_SEED)
   for name in DATASETS:
     for index in range(2):
-      example = _make_example(name, 'fingerprint', params, index)
+      example = base.make_indexed_example(_BUILDERS[name], 'fingerprint',
+                                          params, index)
       digest.update(repr(_canonical(example)).encode())
   return digest.hexdigest()[:16]
 
@@ -568,8 +389,8 @@ def make_builder(name: str, data_dir: str | os.PathLike, sizes: str = 'default',
   cls = builder_class(name)
   if sizes not in SIZES:
     raise ValueError(f'Unknown sizes {sizes!r}; expected one of {SIZES}.')
-  predefined = {c.name: c for c in BUILDER_CONFIGS}
-  cfg_name = config_name(sizes, image_size)
+  predefined = {c.name: c for c in base.BUILDER_CONFIGS}
+  cfg_name = base.config_name(sizes, image_size)
   if cfg_name in predefined and not config_kwargs:
     return cls(config=cfg_name, data_dir=os.fspath(data_dir))
   fields = repr(sorted(_canonical(config_kwargs).items())).encode()
@@ -639,5 +460,5 @@ def _check_fingerprint(builder: WorldBuilder,
   if stored != generation_fingerprint():
     log(f'    WARNING: {builder.name} in {builder.data_dir} was generated '
         f'with fingerprint {stored}, the code now gives '
-        f'{generation_fingerprint()}: bump builders.VERSION if generation '
-        'changed, or delete the directory.')
+        f'{generation_fingerprint()}: bump prepare.WORLD_VERSION if '
+        'generation changed, or delete the directory.')

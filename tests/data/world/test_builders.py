@@ -152,8 +152,8 @@ def test_version_pins_the_generation_fingerprint():
   pinned = _FINGERPRINT_FILE.read_text().split()
   current = [str(builders.VERSION), builders.generation_fingerprint()]
   assert current == pinned, (
-      'Generation changed. If on purpose: bump builders.VERSION (and '
-      f'RELEASE_NOTES) and write "{current[0]} {current[1]}" into '
+      'Generation changed. If on purpose: bump prepare.WORLD_VERSION (and '
+      f'base.RELEASE_NOTES) and write "{current[0]} {current[1]}" into '
       f'{_FINGERPRINT_FILE}.')
 
 
