@@ -53,6 +53,7 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
+from flamingo_jax import bench_inputs
 from flamingo_jax import cli
 from flamingo_jax import fs
 from flamingo_jax.data import media_index
@@ -107,10 +108,6 @@ _JSON = flags.DEFINE_string('json', None, 'Write the figures to this JSON '
 
 DEFAULT_GENERATE_BATCH = 4
 DEFAULT_GENERATE_IMAGES = 2
-
-
-class BenchFlagError(ValueError):
-  """Flags that do not fit the config or the devices (reported in a line)."""
 
 
 def _median_seconds(fn: Callable[[], Any], repeats: int) -> float:
@@ -267,99 +264,6 @@ def bench_generate(config: ml_collections.ConfigDict) -> dict[str, Any]:
 # --------------------------------------------------------------- train --
 
 
-def shaped_config(config: ml_collections.ConfigDict,
-                  datasets: Optional[list[str]] = None,
-                  batch: Optional[int] = None, seq: Optional[int] = None,
-                  images: Optional[int] = None,
-                  image_size: Optional[int] = None
-                  ) -> ml_collections.ConfigDict:
-  """A copy of `config` with the mixture cut to `datasets` and reshaped.
-
-  Raises:
-    BenchFlagError: for a dataset name the config does not have.
-  """
-  config = ml_collections.ConfigDict(config.to_dict())
-  available = sorted(config.data.datasets)
-  if datasets:
-    unknown = [name for name in datasets if name not in available]
-    if unknown:
-      raise BenchFlagError(f'--datasets {unknown}: the config has no such '
-                       f'dataset; it has {available}.')
-    config.data.datasets = {name: config.data.datasets[name].to_dict()
-                            for name in datasets}
-  overrides = dict(batch_size=batch, seq_len=seq, max_media=images,
-                   image_size=image_size)
-  for spec in config.data.datasets.values():
-    for key, value in overrides.items():
-      if value is not None:
-        spec[key] = value
-  return config
-
-
-def parse_mesh(text: str) -> list[tuple[str, int]]:
-  """'data:-1,model:2' (or 'data=-1,model=2') -> [('data', -1), ...]."""
-  axes = []
-  for part in filter(None, (p.strip() for p in text.split(','))):
-    name, sep, size = part.replace('=', ':').partition(':')
-    try:
-      axes.append((name.strip(), int(size)))
-    except ValueError:
-      sep = ''
-    if not sep or not name.strip():
-      raise BenchFlagError(f"--mesh {text!r}: expected 'axis:size,...', e.g. "
-                       "'data:-1,model:2'.")
-  return axes
-
-
-def choose_mesh(config: ml_collections.ConfigDict,
-                mesh_flag: Optional[str],
-                num_devices: int) -> tuple[list[tuple[str, int]], str]:
-  """The mesh axes to use and a note on where they came from."""
-  if mesh_flag:
-    return parse_mesh(mesh_flag), '--mesh'
-  axes = [tuple(axis) for axis in config.mesh]
-  try:
-    sharding.mesh_shape(axes, num_devices)
-    return axes, 'config'
-  except ValueError as e:
-    fallback = [(name, -1 if name == 'data' else 1)
-                for name, _ in sharding.DEFAULT_MESH]
-    return fallback, f'all devices on data (config mesh: {e})'
-
-
-def synthetic_batches(config: ml_collections.ConfigDict, seed: int = 0
-                      ) -> dict[str, dict[str, np.ndarray]]:
-  """Random global batches with the shapes of every dataset of the config;
-  each example's tokens see its media slots in turn (phi)."""
-  rng = np.random.default_rng(seed)
-  vocab = config.model.lm.vocab_size
-  batches = {}
-  for name, spec in config.data.datasets.items():
-    b, length, n = spec.batch_size, spec.seq_len, spec.max_media
-    size = spec.get('image_size', None) or config.model.image_size
-    batches[name] = dict(
-        tokens=rng.integers(5, vocab, size=(b, length)).astype(np.int32),
-        targets=rng.integers(5, vocab, size=(b, length)).astype(np.int32),
-        loss_mask=np.ones([b, length], np.float32),
-        media=rng.integers(0, 255, size=(b, n, spec.frames, size, size, 3),
-                           dtype=np.uint8),
-        media_mask=np.ones([b, n], bool),
-        media_index=np.minimum(np.arange(length) // max(length // n, 1) + 1,
-                               n)[None].repeat(b, 0).astype(np.int32))
-  return batches
-
-
-def _check_batches(config, mesh) -> None:
-  parallel = int(np.prod([mesh.shape[a] for a in sharding.BATCH_AXES
-                          if a in mesh.shape]))
-  for name, spec in config.data.datasets.items():
-    if spec.batch_size % parallel:
-      raise BenchFlagError(
-          f'Dataset {name}: batch size {spec.batch_size} is not divisible by '
-          f'the {parallel} data-parallel devices of mesh {dict(mesh.shape)}; '
-          'pass --batch or --mesh.')
-
-
 def _flops_table(counts) -> dict[str, dict[str, dict[str, float]]]:
   return {name: {part: dict(forward=f.forward / 1e12,
                             input_grads=f.input_grads / 1e12,
@@ -373,7 +277,7 @@ def _compile_train_step(config, mesh):
   model = loop.task_of(config).transform(config.model)
   optimizer = loop.make_optimizer(config)
   batch_sharding = sharding.batch_sharding(mesh)
-  host_batches = synthetic_batches(config)
+  host_batches = bench_inputs.synthetic_batches(config)
   if _COMPILE_ONLY.value:
     state = loop.abstract_train_state(config, model, optimizer)
     shardings = loop.state_shardings(state, config, mesh)
@@ -413,11 +317,11 @@ def _time_steps(compiled, state, batches) -> tuple[list[float], float]:
 
 def bench_train(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """Step time, tokens/s, FLOPs, MFU and memory of the jitted train step."""
-  config = shaped_config(config, _DATASETS.value, _BATCH.value, _SEQ.value,
+  config = bench_inputs.shaped_config(config, _DATASETS.value, _BATCH.value, _SEQ.value,
                          _IMAGES.value, _IMAGE_SIZE.value)
-  axes, mesh_source = choose_mesh(config, _MESH.value, jax.device_count())
+  axes, mesh_source = bench_inputs.choose_mesh(config, _MESH.value, jax.device_count())
   mesh = sharding.make_mesh(axes)
-  _check_batches(config, mesh)
+  bench_inputs.check_batches(config, mesh)
   with jax.set_mesh(mesh):
     compiled, state, batches, figures = _compile_train_step(config, mesh)
     params = optim.merge(state.trainable, state.frozen)
@@ -535,7 +439,7 @@ def main(argv: list[str]) -> None:
              'data': bench_data}[argv[1]]
   try:
     command(_CONFIG.value)
-  except BenchFlagError as e:
+  except bench_inputs.BenchFlagError as e:
     sys.exit(f'bench {argv[1]}: {e}')
 
 
