@@ -39,7 +39,7 @@ import ml_collections
 
 from experiments import flamingo as flamingo_config
 from flamingo_jax.data import prepare
-from flamingo_jax.evaluation import tasks as eval_tasks
+from flamingo_jax.evaluation import configs as eval_configs
 from flamingo_jax.models import contrastive as contrastive_model
 from flamingo_jax.models import flamingo
 from flamingo_jax.training import contrastive
@@ -197,7 +197,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Few-shot evaluation (python -m flamingo_jax.evaluate --workdir W): every
   # world task at 0/4/8 shots. The overall score of a run is its mean ratio
   # to REFERENCE, the default recipe's own 4-shot scores.
-  config.eval = eval_tasks.default_eval_config(
+  config.eval = eval_configs.default_eval_config(
       data_dir, sizes=config.data.sizes, image_size=config.model.image_size,
       frames=4, num_queries={'smoke': 4, 'icl': ICL_QUERIES}.get(variant, 64),
       shots={'smoke': (0, 2), 'icl': (0, 2, 4, 8)}.get(variant, (0, 4, 8)),

@@ -21,7 +21,8 @@ datasets if they are missing; runs every task of config.eval x every shots
   W/eval/cache/         RICES vision features (re-runs skip the encoding)
 
 and prints a table of the scores (VQAv2: one row per answer type). A config
-without `eval` (an older run) gets `tasks.default_eval_config` for its data.
+without `eval` (an older run) gets `evaluation.configs.default_eval_config`
+for its data.
 """
 
 import json
@@ -81,12 +82,12 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
                      'Flamingo workdir (the recipe\'s top-level W).')
   if config.get('eval') is None:
     # pylint: disable-next=g-import-not-at-top
-    from flamingo_jax.evaluation import tasks
+    from flamingo_jax.evaluation import configs as eval_configs
     logging.info('The config has no eval section; using '
-                 'tasks.default_eval_config for its data.')
+                 'evaluation.configs.default_eval_config for its data.')
     frames = [spec.frames for spec in config.data.datasets.values()
               if spec.frames > 1]
-    config.eval = tasks.default_eval_config(
+    config.eval = eval_configs.default_eval_config(
         config.data.data_dir, sizes=config.data.sizes,
         image_size=config.model.image_size, frames=max(frames or [4]))
   return config

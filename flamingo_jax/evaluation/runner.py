@@ -399,7 +399,7 @@ def evaluate(eval_config: Mapping[str, Any], params: hk.Params,
   """Runs every task x shots of `eval_config` (config.eval).
 
   Args:
-    eval_config: config.eval (`tasks.default_eval_config`).
+    eval_config: config.eval (`configs.default_eval_config`).
     params: the model's parameters.
     model_config: config.model.
     tokenizer: the tokenizer.

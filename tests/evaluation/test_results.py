@@ -14,6 +14,7 @@ from flamingo_jax.data import formats
 from flamingo_jax.evaluation import results as results_lib
 from flamingo_jax.evaluation import runner
 from flamingo_jax.evaluation import shots as shots_lib
+from flamingo_jax.evaluation import configs as eval_configs
 from flamingo_jax.evaluation import tasks
 from flamingo_jax.models import flamingo
 from tests.data import test_tokenizer
@@ -64,7 +65,7 @@ def setup(tmp_path_factory):
   formats.build('vqa', str(root / 'src'), str(root / 'tfds'), name='vqav2',
                 subsets={'support': 'train2014', 'query': 'val2014',
                          'test': 'test-dev2015'}, log=lambda line: None)
-  eval_config = tasks.default_eval_config(
+  eval_config = eval_configs.default_eval_config(
       str(root / 'tfds'), shots=(0, 1), num_queries=None, batch_size=1,
       image_size=8, tasks={
           'vqav2': dict(dataset='vqa/vqav2', kind='vqa'),

@@ -10,6 +10,7 @@ import pytest
 from flamingo_jax.data import world
 from flamingo_jax.evaluation import rices
 from flamingo_jax.evaluation import runner
+from flamingo_jax.evaluation import configs as eval_configs
 from flamingo_jax.evaluation import tasks
 from flamingo_jax.models import flamingo
 from tests.data import test_tokenizer
@@ -108,7 +109,7 @@ def test_overall_score_and_table():
 
 
 def test_settings_overrides_and_checks():
-  config = tasks.default_eval_config('/d')
+  config = eval_configs.default_eval_config('/d')
   settings = runner.Settings.from_config(config, shots=[0, 2], rices=None)
   assert settings.shots == (0, 2) and settings.beam_size == 3
   assert not settings.rices
@@ -151,7 +152,7 @@ def setup(tmp_path_factory):
   tokenizer = test_tokenizer.train_tiny_tokenizer()
   config = flamingo.model_config('tiny')
   params = random_params(config)
-  eval_config = tasks.default_eval_config(
+  eval_config = eval_configs.default_eval_config(
       str(data_dir), sizes='tiny', shots=(0, 2), num_queries=3, batch_size=2)
   eval_config.tasks = {k: v for k, v in eval_config.tasks.items()
                        if v['dataset'] in TASKS}

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from flamingo_jax.evaluation import configs as eval_configs
 from flamingo_jax.evaluation import tasks
 
 IMAGE = np.zeros([8, 8, 3], np.uint8)
@@ -99,7 +100,7 @@ def test_okvqa_task_scores_stemmed_with_its_raw_answers():
 
 
 def test_default_eval_config_covers_every_kind():
-  config = tasks.default_eval_config('/data', reference={'vqa': 10.0})
+  config = eval_configs.default_eval_config('/data', reference={'vqa': 10.0})
   assert {spec['kind'] for spec in config.tasks.values()} == set(tasks.KINDS)
   for name, spec in config.tasks.items():
     tasks.check_spec(name, spec)
