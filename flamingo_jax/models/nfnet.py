@@ -23,18 +23,8 @@ weight_standardization='timm'` reproduces timm's outputs. Both read the same
 parameters (timm's padding, 'SAME' for every conv, and its average-pool
 shortcut match ours on the multiple-of-32 inputs this encoder takes).
 
-Data parallelism: XLA's SPMD partitioner does not split a grouped
-convolution (`feature_group_count > 1`) over a batch-sharded input; it
-all-gathers the input and runs the conv on the whole batch on every device.
-NFNet-F6 has 154 of them: at 320 px, 40 images over 8 devices cost 4.21
-TFLOP per device instead of 1.15. So when a mesh is set (`jax.set_mesh`)
-whose batch axes (BATCH_AXES) span more than one device, the grouped convs
-run under `jax.shard_map` over those axes, each device on its own rows, with
-the standardised kernel passed in replicated (other mesh axes stay
-automatic); values and gradients are those of the plain conv. Without a
-mesh, or with a batch that the batch devices do not divide (logged once per
-trace), the plain conv runs. Everything else, stochastic depth included,
-is outside the shard_maps, so it is the same program with or without them.
+Data parallelism: the grouped convs run each batch device on its own rows
+(`batch_split.split_over_batch`; see batch_split.py for why).
 
 Glossary of shapes:
   B: batch size.
@@ -49,16 +39,14 @@ Glossary of shapes:
 """
 
 import functools
-import math
-from typing import Callable, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
-from absl import logging
 import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flamingo_jax.models.layers import BATCH_AXES
+from flamingo_jax.models import batch_split
 from flamingo_jax.models.layers import check_rank
 
 # Variant table. `widths`/`depths`: per stage; `*_imsize`: the paper's train
@@ -115,54 +103,6 @@ def _variant_params(variant: str) -> dict:
 def feature_width(variant: str) -> int:
   """Returns C, the channel width of the tokens of `variant` (3072 for F*)."""
   return FINAL_CONV_MULT * _variant_params(variant)['widths'][-1]
-
-
-def batch_parallel_axes() -> tuple[str, ...]:
-  """The BATCH_AXES of the current mesh that split a batch, if any.
-
-  Axes of size 1, and axes already manual (inside a `shard_map`), are left
-  out; () without a mesh.
-  """
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty:
-    return ()
-  return tuple(a for a in BATCH_AXES
-               if a in mesh.shape and mesh.shape[a] > 1
-               and a not in mesh.manual_axes)
-
-
-def _batch_devices(axes: tuple[str, ...]) -> int:
-  mesh = jax.sharding.get_abstract_mesh()
-  return math.prod(mesh.shape[a] for a in axes)
-
-
-def split_over_batch(fn: Callable[..., jax.Array], x: jax.Array,
-                     *replicated: jax.Array) -> jax.Array:
-  """`fn(x, *replicated)`, each batch device on its own rows of `x`.
-
-  Under `jax.shard_map` over `batch_parallel_axes()` when they span more
-  than one device and divide x's leading (batch) dimension; otherwise a
-  plain call. `fn` must treat the rows of `x` independently. Other mesh axes
-  stay automatic.
-  """
-  axes = batch_parallel_axes()
-  if not axes or x.shape[0] % _batch_devices(axes):
-    return fn(x, *replicated)
-  batch = jax.sharding.PartitionSpec(axes)
-  replicated_specs = (jax.sharding.PartitionSpec(),) * len(replicated)
-  # The gradient of a replicated input comes out summed over the devices.
-  return jax.shard_map(fn, in_specs=(batch, *replicated_specs),
-                       out_specs=batch, axis_names=set(axes))(x, *replicated)
-
-
-def _log_unsplit_batch(batch: int) -> None:
-  """Says why the grouped convs of a batch of `batch` are not split."""
-  axes = batch_parallel_axes()
-  if axes and batch % _batch_devices(axes):
-    logging.info(
-        'NFNet: the batch of %d images is not divisible by the %d devices of '
-        'the batch axes %s, so every device runs the grouped convolutions on '
-        'all of them.', batch, _batch_devices(axes), axes)
 
 
 def scaled_gelu(x: jax.Array, approximate: bool = True) -> jax.Array:
@@ -239,7 +179,7 @@ class WSConv2D(hk.Module):
         feature_group_count=self.feature_group_count)
     if self.feature_group_count > 1:
       # XLA would run it on the whole batch (see the module docstring).
-      out = split_over_batch(conv, x, kernel)  # [B, Hs/s, Ws/s, C']
+      out = batch_split.split_over_batch(conv, x, kernel)  # [B, Hs/s, Ws/s, C']
     else:
       out = conv(x, kernel)  # [B, Hs/s, Ws/s, C']
     bias = hk.get_parameter('bias', (self.output_channels,), x.dtype,
@@ -485,7 +425,7 @@ class NFNet(hk.Module):
       'logits': [B, N], only when `num_classes` is set.
     """
     check_images(images)
-    _log_unsplit_batch(images.shape[0])
+    batch_split.log_unsplit_batch(images.shape[0], 'NFNet')
     out = self._stem(images)  # [B, H/4, W/4, C']
     for spec in block_schedule(self.variant, self.stochastic_depth_rate):
       out = NFBlock(

@@ -1,7 +1,7 @@
 """The NFNet's grouped convolutions are split over the batch devices.
 
 XLA all-gathers a batch-sharded input of a grouped convolution and runs the
-conv on the whole batch on every device; `nfnet.split_over_batch` runs those
+conv on the whole batch on every device; `batch_split.split_over_batch` runs those
 convs under `jax.shard_map` instead (see the module docstring). On the 8 fake
 CPU devices of tests/conftest.py, with the 'tiny' variant (8 grouped convs):
 the compiled forward has no all-gather of activations and its per-device
@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from flamingo_jax.models import batch_split
 from flamingo_jax.models import nfnet
 from flamingo_jax.training import sharding
 from tests import training as training_tests
@@ -80,9 +81,9 @@ def _compiled_forward(mesh_name, split=True):
     return jax.jit(lambda p, x: apply(p, None, x)).lower(
         abstract, images).compile()
   mesh = _mesh(mesh_name)
-  batch_axes = nfnet.BATCH_AXES if split else ()
+  batch_axes = batch_split.BATCH_AXES if split else ()
   with jax.set_mesh(mesh), pytest.MonkeyPatch.context() as patch:
-    patch.setattr(nfnet, 'BATCH_AXES', batch_axes)
+    patch.setattr(batch_split, 'BATCH_AXES', batch_axes)
     jitted = jax.jit(lambda p, x: apply(p, None, x),
                      in_shardings=(sharding.replicated(mesh),
                                    sharding.batch_sharding(mesh)),
