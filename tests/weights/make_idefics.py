@@ -11,7 +11,8 @@ Every parameter is randomised, the gates' alphas (scalars or vectors) drawn
 in [0.3, 1] so the cross-attention matters, rounded to the bfloat16 grid,
 and saved as published: `config.json`, bfloat16 safetensors in shards with
 `model.safetensors.index.json`, `tokenizer.json` (+ tokenizer_config.json).
-`expected.npz` holds the two images, the prompt's ids (fixtures.
+`expected.npz`, from the saved folder read back in fp32, holds the two
+images, the prompt's ids (fixtures.
 IDEFICS_PROMPT after `<s>`), IDEFICS's fp32 logits on them and its greedy
 `generate` continuation.
 
@@ -83,7 +84,10 @@ def make(directory: str, name: str = 'idefics') -> None:
   model = transformers.IdeficsForVisionText2Text(config).eval()
   _randomise(model, seed)
   model.to(torch.bfloat16).save_pretrained(directory, max_shard_size='100KB')
-  model.to(torch.float32)
+  # The reference is the saved folder read back in fp32: casting the model
+  # back would keep bfloat16-rounded buffers (the rotary frequencies).
+  model = transformers.IdeficsForVisionText2Text.from_pretrained(
+      directory, dtype=torch.float32).eval()
   for extra in ('generation_config.json',):
     if os.path.exists(os.path.join(directory, extra)):
       os.remove(os.path.join(directory, extra))
