@@ -102,9 +102,10 @@ def make(directory: str, name: str = 'idefics') -> None:
                 CLIP_STD, np.float32)  # [N, H, W, 3]
   pixel_values = torch.from_numpy(pixels).permute(0, 3, 1, 2)[None]
   # As IdeficsProcessor: the last <image> at or before each token.
-  incremental, _ = processing_idefics.image_attention_mask_for_packed_input_ids(
+  processing = processing_idefics
+  incremental, _ = processing.image_attention_mask_for_packed_input_ids(
       input_ids.clone(), tokenizer, 'pt')
-  image_attention_mask = processing_idefics.incremental_to_binary_attention_mask(
+  image_attention_mask = processing.incremental_to_binary_attention_mask(
       incremental, 'pt', num_classes=len(images))  # [1, L, N]
   with torch.no_grad():
     logits = model(input_ids=input_ids, pixel_values=pixel_values,
