@@ -203,3 +203,43 @@ def test_help_and_list(capsys):
   assert convert.main(['idefics', DATA, '--list']) == 0
   assert 'model.perceiver_resampler.latents\t[4, 16]' in capsys.readouterr(
   ).out
+
+
+def test_idefics_9b_sizes_by_eval_shape():
+  """idefics-9b's config.json and tensor shapes give the 'idefics' variant
+  of LLaMA-7B + ViT-H/14 (shapes only): 8 cross-attention layers, 8.93B."""
+  from flamingo_jax.models import lm_layout  # pylint: disable=g-import-not-at-top
+  from flamingo_jax.weights import vision  # pylint: disable=g-import-not-at-top
+  config = dict(model_type='idefics', cross_layer_interval=4,
+                intermediate_size=11008, rms_norm_eps=1e-6,
+                alpha_type='float', qk_layer_norms=False,
+                perceiver_config=dict(resampler_n_heads=16,
+                                      resampler_head_dim=96))
+  shapes = {'model.perceiver_resampler.latents': (64, 1280)}
+  shapes.update({f'model.perceiver_resampler.blocks.{i}.1.fc.weight':
+                 (5120, 1280) for i in range(6)})
+  shapes.update({f'{_XATTN}{l}.alpha_dense': (1,) for l in range(8)})
+  own = tensors_lib.TensorStore(
+      {n: tensors_lib.TensorInfo(s, np.dtype(np.float32), 'shard')
+       for n, s in shapes.items()}, None, source='idefics-9b')
+  tower = vision.vit_config(
+      patch_size=14, width=1280, depth=32, num_heads=16, mlp_dim=5120,
+      embed_dim=None, image_size=224, activation='gelu',
+      tokens='last_block', keep_class_token=True)
+  lm = lm_layout.family_config(
+      'llama', num_layers=32, width=4096, num_heads=32, head_size=128,
+      num_kv_heads=None, ffw_hidden=11008, norm_eps=1e-6,
+      rotary_base=10000.0, use_bias=False, tied_embeddings=False)
+  lm['vocab_size'] = 32002
+  model = idefics.model_config(config, tower, lm, own)
+  assert tower['variant'] == 'H/14'
+  counts = {}
+  for path, leaves in flamingo.abstract_params(model).items():
+    part = path.split('/')[0]
+    counts[part] = counts.get(part, 0) + sum(
+        int(np.prod(x.shape)) for x in leaves.values())
+  assert flamingo.xattn_positions(32, 4, 'interleaved', 'gated_xattn_dense'
+                                  ) == (0, 4, 8, 12, 16, 20, 24, 28)
+  assert round(counts['gated_xattn'] / 1e9, 3) == 1.435
+  assert round(counts['perceiver_resampler'] / 1e9, 3) == 0.126
+  assert round(sum(counts.values()) / 1e9, 2) == 8.93
