@@ -15,13 +15,14 @@ Tokens and prompts. IDEFICS's processor writes each image as
 `<fake_token_around_image><image><fake_token_around_image>` (two images in
 a row share the middle fake token); a token sees the last `<image>` at or
 before it, and text before the first image sees none. In flamingo_jax,
-`<image>` is IDEFICS's `<image>` (an `additional_vocab_size` row) and phi
-gives every token the same image as the processor's `image_attention_mask`,
-so a prompt that spells the fake tokens out, e.g.
-`<fake_token_around_image><image><fake_token_around_image>Output: a cat`,
-gets IDEFICS's ids and masks (`<fake_token_around_image>` is an added token:
-one id). The processor also resets the mask after each `</s>`, which
-flamingo_jax's prompts do not contain. `<EOC>` is `<end_of_utterance>`, the
+`<image>` is IDEFICS's `<image>` (an `additional_vocab_size` row), and the
+tokenizer writes the fake tokens around it as the processor does
+(`Markers.image_around`), so flamingo_jax's prompts (`<image>Output: a
+cat<EOC>`, `few_shot`, the evaluation tasks, the data formatting) get
+IDEFICS's ids; a text that spells the fake tokens out is encoded the same.
+phi gives every token the image of the processor's `image_attention_mask`
+(the processor also resets it after each `</s>`, which flamingo_jax's
+prompts do not contain). `<EOC>` is `<end_of_utterance>`, the
 instruct models' end of a turn, added (as a new row, the mean of the
 others) when the tokenizer lacks it; the base models never saw it, so their
 generations end at `</s>` or at the token budget.
@@ -244,7 +245,8 @@ def tokenizer_for(path: str):
   """The folder's tokenizer with IDEFICS's markers (module docstring)."""
   from flamingo_jax.data import hf_tokenizer  # pylint: disable=g-import-not-at-top
   directory = hf_lm.directory_of(path)
-  options = dict(image=IMAGE, eoc=EOC, add=ADDED, pad_if_missing='<unk>')
+  options = dict(image=IMAGE, eoc=EOC, add=ADDED, pad_if_missing='<unk>',
+                 image_around=FAKE_IMAGE)
   if os.path.isfile(os.path.join(directory, hf_tokenizer.FILE)):
     return hf_tokenizer.from_hf(directory, **options)
   if os.path.isfile(os.path.join(directory, hf_tokenizer.SENTENCEPIECE_FILE)):

@@ -107,6 +107,18 @@ def test_logits_match_idefics(ours, expected):
       ours[:, :vocab], expected['logits']) <= test_parity.TOLERANCE
 
 
+def test_plain_image_markers_get_the_processors_fake_tokens(model, expected):
+  """`<image>` alone (flamingo_jax's prompts) is written as IDEFICS's
+  processor writes it; two images in a row share a fake token."""
+  plain = fixtures.IDEFICS_PROMPT.replace(idefics.FAKE_IMAGE, '')
+  assert '<fake' not in plain
+  encoded = prompts.encode(model.tokenizer, plain, list(expected['images']),
+                           model.image_size)
+  np.testing.assert_array_equal(encoded.tokens, expected['prompt_ids'])
+  assert model.tokenizer.encode('a<image><image>b') == [5, 40, 41, 40, 41,
+                                                         40, 0]
+
+
 def test_load_generates_idefics_greedy_tokens(model, expected):
   """Convert, load, generate: the tokens of IDEFICS's greedy `generate`."""
   text = model.generate(list(expected['images']), fixtures.IDEFICS_PROMPT,
