@@ -22,10 +22,11 @@ cat<EOC>`, `few_shot`, the evaluation tasks, the data formatting) get
 IDEFICS's ids; a text that spells the fake tokens out is encoded the same.
 phi gives every token the image of the processor's `image_attention_mask`
 (the processor also resets it after each `</s>`, which flamingo_jax's
-prompts do not contain). `<EOC>` is `<end_of_utterance>`, the
-instruct models' end of a turn, added (as a new row, the mean of the
-others) when the tokenizer lacks it; the base models never saw it, so their
-generations end at `</s>` or at the token budget.
+prompts do not contain). `<EOC>` is `<end_of_utterance>`, IDEFICS's end
+of a turn, added to the tokenizer when it lacks it; the embedding and
+output rows follow the tokenizer as in `hf_lm` (a token without a row in
+the checkpoint gets the mean row), so a model that never saw it ends its
+generations at `</s>` or at the token budget.
 
 Name map (i: resampler block; l: cross-attention layer, a row of the
 stacked `gated_xattn/block`, inserted before LM block l * interval):
