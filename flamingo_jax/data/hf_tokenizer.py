@@ -130,6 +130,7 @@ def from_hf(path: str, *, image: str = '<image>',
             eoc: Optional[str] = '<|endofchunk|>',
             add: Sequence[str] = OPEN_FLAMINGO_ADDED,
             pad_if_missing: Optional[str] = '<PAD>',
+            image_around: Optional[str] = None,
             **special: Optional[str]) -> tokenizer_lib.Tokenizer:
   """A checkpoint's Hugging Face tokenizer, with Flamingo's markers.
 
@@ -141,6 +142,8 @@ def from_hf(path: str, *, image: str = '<image>',
     add: tokens to add as special tokens, in order, when the tokenizer lacks
       them (default: OpenFlamingo's).
     pad_if_missing: the pad token to add when the tokenizer has none.
+    image_around: a token written around each `<image>` (IDEFICS's
+      `<fake_token_around_image>`; `tokenizer.Markers`).
     **special: bos=, eos=, pad=, unk= token names overriding the configs.
 
   Returns:
@@ -162,7 +165,8 @@ def from_hf(path: str, *, image: str = '<image>',
     hf.add_special_tokens([tokenizers.AddedToken(t, special=True)
                            for t in missing])
     text = hf.to_str()
-  markers = tokenizer_lib.Markers(image=image, eoc=eoc, **names)
+  markers = tokenizer_lib.Markers(image=image, eoc=eoc,
+                                  image_around=image_around, **names)
   return tokenizer_lib.Tokenizer.from_backend(Backend(text, markers, file),
                                               markers, file)
 
@@ -171,13 +175,15 @@ def from_sentencepiece(path: str, *, image: str = '<image>',
                        eoc: Optional[str] = '<|endofchunk|>',
                        add: Sequence[str] = OPEN_FLAMINGO_ADDED,
                        pad_if_missing: Optional[str] = '<PAD>',
+                       image_around: Optional[str] = None,
                        **special: Optional[str]) -> tokenizer_lib.Tokenizer:
   """A checkpoint's SentencePiece `tokenizer.model` (e.g. LLaMA's, without a
   tokenizer.json), with Flamingo's markers added as `from_hf` adds them.
 
   Args:
     path: `tokenizer.model` or the directory holding it.
-    image, eoc, add, pad_if_missing, **special: as in `from_hf`; special
+    image, eoc, add, pad_if_missing, image_around, **special: as in
+      `from_hf`; special
       tokens the configs beside the file do not name are the model's own
       (its bos/eos/unk ids' pieces).
 
@@ -201,6 +207,6 @@ def from_sentencepiece(path: str, *, image: str = '<image>',
   pieces = {sp.id_to_piece(i) for i in range(sp.get_piece_size())}
   added = _markers_to_add(names, pieces.__contains__, add, pad_if_missing)
   markers = tokenizer_lib.Markers(image=image, eoc=eoc, added=tuple(added),
-                                  **names)
+                                  image_around=image_around, **names)
   return tokenizer_lib.Tokenizer.from_sentencepiece(proto, markers,
                                                     source=file)

@@ -149,6 +149,9 @@ class Tokenizer:
                         markers.image: self._image_id}
     if markers.eoc is not None:
       self._marker_ids[markers.eoc] = self._eoc_id
+    if markers.image_around is not None:
+      self._marker_ids[markers.image_around] = self._marker_id(
+          markers.image_around, 'image_around')
     spellings = sorted(self._marker_ids, key=len, reverse=True)
     self._marker_pattern = re.compile(
         '(' + '|'.join(map(re.escape, spellings)) + ')')
@@ -350,6 +353,7 @@ class Tokenizer:
     """
     if not parse_markers:
       return self._backend.encode_plain(text)
+    text = self._wrap_images(text)
     if hasattr(self._backend, 'encode_with_markers') and self._markers.eoc:
       # The backend knows both markers as tokens: it encodes the whole text
       # as the original model did (see hf_tokenizer), in its spellings.
@@ -363,6 +367,16 @@ class Tokenizer:
       elif part:
         ids.extend(self._backend.encode(part))
     return ids
+
+  def _wrap_images(self, text: str) -> str:
+    """Each `<image>` between `image_around` tokens, a run of them kept
+    once (`Markers`); `text` as it is without `image_around`."""
+    around = self._markers.image_around
+    if around is None:
+      return text
+    images = '|'.join(map(re.escape, {IMAGE, self._markers.image}))
+    text = re.sub(images, around + IMAGE + around, text)
+    return re.sub(f'(?:{re.escape(around)})+', around, text)
 
   def decode(self, ids: Iterable[int] | np.ndarray) -> str:
     """Ids to text; `eoc_id` renders as '<EOC>', `<image>` as '<image>'.

@@ -23,7 +23,11 @@ class Markers:
   Each field is a token as the backend spells it. `eoc=None` puts `<EOC>`
   at the extra id `vocab_size` (our layout); `added` are tokens appended
   after a SentencePiece model's pieces, in order (the ids a Hugging Face
-  `add_special_tokens` call gives them).
+  `add_special_tokens` call gives them). `image_around`, when set, is
+  written on both sides of every `<image>` of a text with markers, a run
+  of it kept once (so two images in a row share one, and a text that
+  already spells it is unchanged): IDEFICS's `<fake_token_around_image>`,
+  as its processor writes it.
   """
   image: str = IMAGE
   eoc: Optional[str] = None
@@ -32,6 +36,7 @@ class Markers:
   pad: Optional[str] = '<pad>'
   unk: Optional[str] = '<unk>'
   added: tuple[str, ...] = ()
+  image_around: Optional[str] = None
 
   def to_json(self) -> dict[str, Any]:
     return {**dataclasses.asdict(self), 'added': list(self.added)}

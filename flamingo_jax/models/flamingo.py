@@ -33,6 +33,26 @@ differ from the paper:
       (the `<image>` token itself sees its image in both); False is
       'all_previous_images', except that OpenFlamingo then gives the tokens
       before the first image a uniform average of all media, ours zero.
+  'idefics' (Laurençon et al., 2023, OBELICS; transformers'
+      `IdeficsForVisionText2Text`, `cross_layer_interval` = our `every`):
+    - placement: the paper's ('interleaved': before LM blocks 0, every,
+      2 * every, ...);
+    - xattn (xattn.py): RMSNorm pre-norms, a SwiGLU dense layer of the
+      LM's intermediate size, the LM's heads, no norm on the visual tokens;
+      `alpha_type` ('float': one tanh gate, the paper's; 'vector': one per
+      feature) and `qk_norm` (`qk_layer_norms`) are read from config.json;
+    - resampler: a ReLU feed-forward, optional q/k LayerNorms
+      (`qk_layer_norms_perceiver`), no temporal embeddings (imported as
+      zeros), the vision width as its own (no input projection);
+    - vision: a CLIP ViT (H/14 for the released models) whose last block's
+      output, class token included and without `ln_post`, is resampled
+      (`tokens='last_block'`, `keep_class_token=True`);
+    - LM: LLaMA; its `additional_vocab_size` rows (`DecoupledEmbedding`,
+      `DecoupledLinear`, e.g. `<fake_token_around_image>` and `<image>`)
+      are the rows after the vocabulary of one embedding table;
+    - masking: a token sees the last `<image>` at or before it (ours
+      'last_image', the processor's `image_attention_mask`); tokens with no
+      image get zero from cross-attention in both.
 
 Top-level parameter paths (the API for freezing, sharding and importers):
   vision_encoder/...        frozen NFNet (or ViT)
@@ -440,6 +460,10 @@ VARIANTS = {
         resampler=dict(ffw_activation='gelu_exact'),
         xattn=dict(placement='openflamingo', ffw_activation='gelu_exact',
                    visual_norm=False)),
+    'idefics': dict(
+        resampler=dict(ffw_activation='relu'),
+        xattn=dict(placement='interleaved', ffw_activation='swiglu',
+                   visual_norm=False, norm='rms_norm')),
 }
 
 

@@ -156,11 +156,20 @@ class Dense(hk.Linear):
     return out
 
 
+# Per-head normalisations of the projected queries and keys (`qk_norm`):
+# IDEFICS's optional q/k norms (Dehghani et al., 2023), an RMSNorm in its
+# gated cross-attention, a LayerNorm in its resampler. Not in Flamingo.
+QK_NORMS = ('layer_norm', 'rms_norm')
+
+
 class MultiHeadAttention(hk.Module):
   """Multi-head attention: queries from one sequence, keys/values from another.
 
   Parameters: `query`, `key`, `value` project to H*K features; `output` maps
-  back to `output_size` (default: the query width D).
+  back to `output_size` (default: the query width D). With `qk_norm`, the
+  projected queries and keys are normalised over each head's K features
+  (`query_norm`, `key_norm`, scale [K] (and offset [K] for 'layer_norm'))
+  before the scores; cached keys are the normalised ones.
   """
 
   def __init__(
@@ -170,14 +179,31 @@ class MultiHeadAttention(hk.Module):
       output_size: Optional[int] = None,
       with_bias: bool = False,
       linear: type[hk.Linear] = hk.Linear,
+      qk_norm: Optional[str] = None,  # None or one of QK_NORMS.
+      qk_norm_eps: float = 1e-5,
       name: Optional[str] = None,
   ):
     super().__init__(name=name)
+    if qk_norm is not None and qk_norm not in QK_NORMS:
+      raise ValueError(f'Unknown qk_norm {qk_norm!r}; expected None or one '
+                       f'of {QK_NORMS}.')
     self.num_heads = num_heads
     self.head_size = head_size
     self.output_size = output_size
     self.with_bias = with_bias
     self.linear = linear  # hk.Linear or Dense: the same parameters.
+    self.qk_norm = qk_norm
+    self.qk_norm_eps = qk_norm_eps
+
+  @hk.transparent
+  def _head_norm(self, x: jax.Array, name: str) -> jax.Array:  # [B, S, H, K]
+    """`qk_norm` over each head's features, or `x` as it is."""
+    if self.qk_norm is None:
+      return x  # [B, S, H, K]
+    if self.qk_norm == 'rms_norm':
+      return hk.RMSNorm(axis=-1, eps=self.qk_norm_eps, name=name)(x)  # [B, S, H, K]
+    return hk.LayerNorm(axis=-1, create_scale=True, create_offset=True,
+                        eps=self.qk_norm_eps, name=name)(x)  # [B, S, H, K]
 
   @hk.transparent
   def _project(self, x: jax.Array, name: str) -> jax.Array:
@@ -203,9 +229,11 @@ class MultiHeadAttention(hk.Module):
     """
     check_rank(inputs_q, 3, 'attention queries', '[B, T, D]')
     q = self._project(inputs_q, 'query')  # [B, T, H, K]
+    q = self._head_norm(q, 'query_norm')  # [B, T, H, K]
     if key_value is None:
       check_rank(inputs_kv, 3, 'attention keys/values', '[B, S, Dkv]')
-      key_value = (self._project(inputs_kv, 'key'),
+      k = self._project(inputs_kv, 'key')  # [B, S, H, K]
+      key_value = (self._head_norm(k, 'key_norm'),
                    self._project(inputs_kv, 'value'))  # [B, S, H, K]
     if attend is None:
       attended = dot_product_attention(q, *key_value, mask)  # [B, T, H, K]

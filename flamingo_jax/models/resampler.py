@@ -11,6 +11,18 @@ their number does not depend on the image resolution or the number of frames.
 There are no spatial position embeddings: the vision encoder's features
 already encode position (the paper adds only temporal embeddings).
 
+Published variants (`flamingo.VARIANTS`), each a field defaulting to the
+paper's layout:
+  ffw_activation  'squared_relu' (the paper), 'gelu_exact' (OpenFlamingo),
+                  'relu' (IDEFICS's `IdeficsPerceiverResampler`: LayerNorm,
+                  ReLU MLP of 4x width, no biases).
+  qk_norm         False (the paper); True: IDEFICS's
+                  `qk_layer_norms_perceiver`, a LayerNorm over each head's
+                  projected queries and keys (`attention/query_norm`,
+                  `attention/key_norm`).
+Neither OpenFlamingo's released models nor IDEFICS have temporal embeddings:
+their imports set `time_embeddings` to zero, which is the same function.
+
 Glossary of shapes:
   B: batch size.
   T: number of frames; F: max_frames, rows of the learned temporal table.
@@ -130,14 +142,17 @@ def _cross_attention_block(
     features: jax.Array,  # [B, N, D]
     num_heads: int,
     head_size: int,
+    qk_norm: bool = False,
 ) -> jax.Array:  # [B, R, D]
   """Latents attend to [features; latents] (Figure 5 of the paper)."""
   latents_normed = layer_norm('latents_norm')(latents)  # [B, R, D]
   features_normed = layer_norm('features_norm')(features)  # [B, N, D]
   # The latents also attend to themselves, so they can mix information.
   kv = jnp.concatenate([features_normed, latents_normed], axis=1)  # [B, N+R, D]
-  attended = MultiHeadAttention(num_heads, head_size, linear=Dense,
-                                name='attention')(latents_normed, kv)  # [B, R, D]
+  attention = MultiHeadAttention(
+      num_heads, head_size, linear=Dense,
+      qk_norm='layer_norm' if qk_norm else None, name='attention')
+  attended = attention(latents_normed, kv)  # [B, R, D]
   return latents + attended  # [B, R, D]
 
 
@@ -173,6 +188,8 @@ class PerceiverResampler(hk.Module):
   resampler_type: str = 'perceiver'  # One of RESAMPLER_TYPES.
   # The paper's Squared ReLU; OpenFlamingo's resampler: 'gelu_exact'.
   ffw_activation: str = 'squared_relu'
+  # IDEFICS's `qk_layer_norms_perceiver` (module docstring).
+  qk_norm: bool = False
   name: Optional[str] = 'perceiver_resampler'
 
   def __post_init__(self):
@@ -222,7 +239,8 @@ class PerceiverResampler(hk.Module):
     for i in range(self.num_layers):
       with hk.name_scope(f'layer_{i}'):
         latents = _cross_attention_block(
-            latents, features, self.num_heads, self.head_size)  # [B, R, D]
+            latents, features, self.num_heads, self.head_size,
+            self.qk_norm)  # [B, R, D]
         latents = _ffw_block(latents, self.ffw_multiplier,
                              self.ffw_activation)  # [B, R, D]
     return latents  # [B, R, D]

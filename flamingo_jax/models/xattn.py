@@ -39,6 +39,22 @@ Ablations of the block (paper Table 3):
       the difference (`summarize --config experiments/flamingo.py:3B,
       grafting`; `--config.model.xattn.every` changes the count).
 
+IDEFICS's layer (Laurençon et al., 2023, `IdeficsGatedCrossAttentionLayer`;
+`flamingo.VARIANTS['idefics']`), the same block with, as fields:
+  norm='rms_norm'        RMSNorm (eps `norm_eps`) as `query_norm` and
+                         `ffw_norm`, where the paper has LayerNorm; no norm
+                         on the visual tokens (`visual_norm=False`);
+  ffw_activation='swiglu'  a SwiGLU dense layer (`ffw/gate`, `ffw/hidden`,
+                         `ffw/output`) of `ffw_hidden` features (the LM's
+                         intermediate size) instead of 4x Squared ReLU;
+  alpha_type='vector'    a tanh gate per feature, alpha [D], where the
+                         paper's is one scalar ('float', the default);
+  qk_norm='rms_norm'     IDEFICS's `qk_layer_norms`: an RMSNorm over each
+                         head's projected queries and keys.
+Its heads are the LM's (H * K = D); its keys/values read the resampler's
+output directly. IDEFICS inserts a layer before every `cross_layer_interval`
+-th LM block from the first, the paper's placement ('interleaved').
+
 Two forms of the same cross-attention (`attention_plan` picks one, once per
 forward pass, from phi and the shapes):
   dense: every token scores all M = N * R visual tokens and a mask keeps its
@@ -71,10 +87,13 @@ import jax.numpy as jnp
 from flamingo_jax.models import decoding
 from flamingo_jax.models import layers
 from flamingo_jax.models import lm as lm_lib
+from flamingo_jax.models import lm_layout
 
 XATTN_TYPES = ('gated_xattn_dense', 'vanilla_xattn', 'grafting')
 GATINGS = ('tanh', 'none')
 ATTEND_MODES = ('last_image', 'all_previous_images')
+NORMS = ('layer_norm', 'rms_norm')
+ALPHA_TYPES = ('float', 'vector')
 
 
 def cross_attention_mask(
@@ -235,6 +254,14 @@ class GatedXAttnDense(hk.Module):
   # no LayerNorm on the visual tokens (its resampler's output is normed).
   ffw_activation: str = 'squared_relu'
   visual_norm: bool = True
+  # IDEFICS's variant (module docstring): 'rms_norm' pre-norms, a 'swiglu'
+  # dense layer of `ffw_hidden` features (None: ffw_multiplier * D), tanh
+  # gates per feature ('vector'), q/k norms.
+  norm: str = 'layer_norm'
+  norm_eps: float = 1e-5
+  ffw_hidden: Optional[int] = None
+  alpha_type: str = 'float'
+  qk_norm: Optional[str] = None
   name: Optional[str] = None
 
   def _check_options(self):
@@ -244,14 +271,40 @@ class GatedXAttnDense(hk.Module):
     if self.gating not in GATINGS:
       raise ValueError(f'Unknown gating {self.gating!r}; expected one of '
                        f'{GATINGS}.')
+    for field, value, allowed in (('norm', self.norm, NORMS),
+                                  ('alpha_type', self.alpha_type,
+                                   ALPHA_TYPES)):
+      if value not in allowed:
+        raise ValueError(f'Unknown {field} {value!r}; expected one of '
+                         f'{allowed}.')
 
   @hk.transparent
-  def _gate(self, name: str) -> jax.Array:
+  def _gate(self, name: str, width: int) -> jax.Array:  # [] or [D]
     """tanh(alpha), or 1 without gating (`gating='none'`, and grafting)."""
     if self.xattn_type == 'grafting' or self.gating == 'none':
       return jnp.ones([])
-    alpha = hk.get_parameter(name, (), init=jnp.zeros)  # []
+    shape = (width,) if self.alpha_type == 'vector' else ()
+    alpha = hk.get_parameter(name, shape, init=jnp.zeros)  # [] or [D]
     return jnp.tanh(alpha)
+
+  @hk.transparent
+  def _norm(self, name: str) -> hk.Module:
+    if self.norm == 'rms_norm':
+      return hk.RMSNorm(axis=-1, eps=self.norm_eps, name=name)
+    return layers.layer_norm(name)
+
+  @hk.transparent
+  def _ffw(self) -> hk.Module:
+    if self.ffw_activation == 'swiglu':
+      return lm_layout.FamilyFeedForward(
+          self.ffw_hidden, self.ffw_multiplier, 'silu', gated=True,
+          with_bias=False, name='ffw')
+    if self.ffw_hidden is not None:
+      return lm_layout.FamilyFeedForward(
+          self.ffw_hidden, self.ffw_multiplier, self.ffw_activation,
+          gated=False, with_bias=False, name='ffw')
+    return layers.FeedForward(self.ffw_multiplier, self.ffw_activation,
+                              name='ffw')
 
   def __call__(
       self,
@@ -282,14 +335,16 @@ class GatedXAttnDense(hk.Module):
       else:
         attended, updates['cache'] = attention(h, positions, view, cache=cache)  # [B, L, D]
       y = y + attended  # [B, L, D]
-    queries = layers.layer_norm('query_norm')(y)  # [B, L, D]
+    width = y.shape[-1]
+    queries = self._norm('query_norm')(y)  # [B, L, D]
     keys = None
     if cross_kv is None:
       keys = visual  # [B, M, Dv]
       if self.visual_norm:
         keys = layers.layer_norm('visual_norm')(visual)  # [B, M, Dv]
-    attention = layers.MultiHeadAttention(self.num_heads, self.head_size,
-                                          name='cross_attention')
+    attention = layers.MultiHeadAttention(
+        self.num_heads, self.head_size, qk_norm=self.qk_norm,
+        qk_norm_eps=self.norm_eps, name='cross_attention')
     if isinstance(routing, ImageRouting):
       mask, attend = None, lambda q, k, v: attend_per_image(q, k, v, routing)
     else:
@@ -299,10 +354,10 @@ class GatedXAttnDense(hk.Module):
         attend=attend)  # [B, L, D]
     if cross_kv is None:
       updates['cross_kv'] = decoding.KVCache(*key_value)  # [B, M, H, K]
-    y = y + self._gate('attn_gate').astype(y.dtype) * attended  # [B, L, D]
+    gate = self._gate('attn_gate', width).astype(y.dtype)  # [] or [D]
+    y = y + gate * attended  # [B, L, D]
     if self.xattn_type != 'vanilla_xattn':
-      ffw = layers.FeedForward(self.ffw_multiplier, self.ffw_activation,
-                               name='ffw')
-      dense = ffw(layers.layer_norm('ffw_norm')(y))  # [B, L, D]
-      y = y + self._gate('ffw_gate').astype(y.dtype) * dense  # [B, L, D]
+      dense = self._ffw()(self._norm('ffw_norm')(y))  # [B, L, D]
+      gate = self._gate('ffw_gate', width).astype(y.dtype)  # [] or [D]
+      y = y + gate * dense  # [B, L, D]
     return y if view is None else (y, updates)

@@ -306,8 +306,10 @@ def _xattn_block(t: _Tally, batch: int, length: int, visual_tokens: int,
   live = live or attended or t.trains(block, 'attn_gate')
   if t.has(f'{block}/ffw/hidden'):  # Not the vanilla ablation.
     h = _norm(t, f'{block}/ffw_norm', live)
-    h = _linear(t, f'{block}/ffw/hidden', batch * length, h)
-    dense = _linear(t, f'{block}/ffw/output', batch * length, h)
+    hidden = _linear(t, f'{block}/ffw/hidden', batch * length, h)
+    if t.has(f'{block}/ffw/gate'):  # IDEFICS's SwiGLU.
+      hidden = _linear(t, f'{block}/ffw/gate', batch * length, h) or hidden
+    dense = _linear(t, f'{block}/ffw/output', batch * length, hidden)
     live = live or dense or t.trains(block, 'ffw_gate')
   return live
 

@@ -19,7 +19,8 @@ What is written (an ordinary workdir, so `init_from`, `checkpoint.
 load_params` and the other readers take it as it is):
   W/config.json            `task: 'import'`, `model` (the part the source
                            fills, e.g. `model.vision`) and `weights` (source,
-                           inputs, dtype); a whole model (`open_flamingo`)
+                           inputs, dtype); a whole model (`open_flamingo`,
+                           `idefics`)
                            writes `task: 'flamingo'`, all of `model` and
                            `eval.max_len`, so `flamingo_jax.load(W)` takes it;
   W/checkpoints/<step>/    the parameters as the frozen part of a train state
@@ -70,6 +71,7 @@ from flamingo_jax.weights import hf_gpt2
 from flamingo_jax.weights import hf_gpt_neox
 from flamingo_jax.weights import hf_llama
 from flamingo_jax.weights import hf_mpt
+from flamingo_jax.weights import idefics
 from flamingo_jax.weights import mapping
 from flamingo_jax.weights import nfnet_npz
 from flamingo_jax.weights import open_clip
@@ -80,7 +82,7 @@ from flamingo_jax.weights import torch_file
 
 SOURCES = {m.KIND: m for m in (hf_clip, open_clip, nfnet_npz, timm_nfnet,
                                 hf_llama, hf_gpt_neox, hf_mpt, hf_gpt2,
-                                open_flamingo)}
+                                open_flamingo, idefics)}
 DTYPES = {'float32': np.dtype(np.float32),
           'bfloat16': np.dtype(ml_dtypes.bfloat16),
           'float16': np.dtype(np.float16)}

@@ -280,3 +280,51 @@ def test_vanilla_xattn_keeps_its_tanh_gate():
   assert set(params['block']) == {'attn_gate'}  # No ffw_gate: no dense.
   np.testing.assert_array_equal(_run(model, params, y, visual), y)
   assert np.abs(_run(model, _opened(params), y, visual) - y).max() > 1e-3
+
+
+IDEFICS = dict(norm='rms_norm', norm_eps=1e-6, ffw_activation='swiglu',
+               ffw_hidden=24, visual_norm=False, alpha_type='vector',
+               qk_norm='rms_norm')
+
+
+def test_idefics_block_parameters_and_closed_gates():
+  """IDEFICS's layer: RMSNorms, SwiGLU, per-feature gates, q/k norms; at
+  init (gates 0) the identity, opened it sees only its tokens' images."""
+  model = _block(**IDEFICS)
+  y, visual, positions = _inputs()
+  mask = xattn.cross_attention_mask(jnp.asarray(PHI), jnp.asarray(MEDIA_MASK),
+                                    R)
+  params = model.init(jax.random.PRNGKey(0), y, visual.reshape(B, N * R, DV),
+                      mask, positions)
+  shapes = {f'{m}/{n}': v.shape for m, p in params.items()
+            for n, v in p.items()}
+  assert shapes == {
+      'block/attn_gate': (D,), 'block/ffw_gate': (D,),
+      'block/query_norm/scale': (D,), 'block/ffw_norm/scale': (D,),
+      'block/cross_attention/query/w': (D, 16),
+      'block/cross_attention/key/w': (DV, 16),
+      'block/cross_attention/value/w': (DV, 16),
+      'block/cross_attention/output/w': (16, D),
+      'block/cross_attention/query_norm/scale': (8,),
+      'block/cross_attention/key_norm/scale': (8,),
+      'block/ffw/gate/w': (D, 24), 'block/ffw/hidden/w': (D, 24),
+      'block/ffw/output/w': (24, D)}
+  run = jax.jit(lambda p, v: model.apply(p, y, v.reshape(B, N * R, DV),
+                                         mask, positions))  # One compile.
+  np.testing.assert_array_equal(run(params, visual), y)
+  opened = dict(params, block=dict(params['block'],
+                                   attn_gate=jnp.full([D], 0.5),
+                                   ffw_gate=jnp.zeros([D])))
+  base = run(opened, visual)
+  changed = run(opened, _replace_image(visual, 0))
+  delta = np.abs(changed - base)[0].max(axis=-1)
+  np.testing.assert_array_equal(delta[PHI[0] != 1], 0.0)
+  assert (delta[PHI[0] == 1] > 1e-4).all()
+
+
+def test_unknown_idefics_options_raise():
+  for option in (dict(norm='batch_norm'), dict(alpha_type='matrix')):
+    with pytest.raises(ValueError, match=next(iter(option))):
+      _block(**option).init(
+          jax.random.PRNGKey(0), *_inputs()[:1], jnp.zeros([B, 4, DV]),
+          jnp.ones([B, L, 4], bool), jnp.zeros([B, L], jnp.int32))

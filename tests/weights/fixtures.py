@@ -156,3 +156,52 @@ def open_flamingo_images() -> np.ndarray:
   rng = np.random.default_rng(OF_IMAGES_SEED)
   return rng.integers(0, 256, (3, OF_CLIP['image_size'],
                                OF_CLIP['image_size'], 3), dtype=np.uint8)
+
+
+# IDEFICS (transformers' `IdeficsForVisionText2Text`) at a tiny random size:
+# a 4-layer LLaMA with a cross-attention layer before every 2nd block
+# (`cross_layer_interval`, as idefics-9b's 4), the 2 IDEFICS tokens
+# (`<fake_token_around_image>`, `<image>`) as `additional_vocab_size` rows,
+# a 2-block CLIP-like tower whose width the resampler keeps. name: (config
+# overrides, seed): 'idefics' has idefics-80b's vector gates and q/k
+# norms, 'idefics_float' idefics-9b's scalar gates without them.
+# testdata/<name>/ holds the published folder (config.json, sharded BF16
+# safetensors with model.safetensors.index.json, tokenizer.json) and
+# expected.npz (see make_idefics.py).
+IDEFICS_WORDS = ('<unk>', '<s>', '</s>', 'Output', ':', 'a', 'the', 'cat',
+                 'dog', 'red', 'blue', 'sits', 'runs', 'on', 'in', 'mat',
+                 'grass', 'ball', 'small', 'big', 'two', 'one', 'with',
+                 'and', 'of', 'sky', 'tree', 'car', 'road', 'man', 'woman',
+                 'hat', 'green', 'white', 'black', 'house', 'near', 'water',
+                 'boat', 'bird')
+IDEFICS_ADDED = ('<fake_token_around_image>', '<image>')
+IDEFICS_CONFIG = dict(
+    vocab_size=len(IDEFICS_WORDS), additional_vocab_size=len(IDEFICS_ADDED),
+    hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+    num_attention_heads=4, cross_layer_interval=2, rms_norm_eps=1e-6,
+    use_resampler=True, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    vision_config=dict(embed_dim=16, image_size=16, patch_size=4,
+                       intermediate_size=32, num_hidden_layers=2,
+                       num_attention_heads=2, hidden_act='gelu'),
+    perceiver_config=dict(use_resampler=True, resampler_n_latents=4,
+                          resampler_depth=2, resampler_n_heads=2,
+                          resampler_head_dim=8))
+IDEFICSES = {
+    'idefics': (dict(alpha_type='vector', qk_layer_norms=True,
+                     perceiver_qk_norms=True), 41),
+    'idefics_float': (dict(alpha_type='float', qk_layer_norms=False,
+                           perceiver_qk_norms=False), 44),
+}
+# One shot and the query, as IDEFICS's processor spells images.
+IDEFICS_IMAGE = '<fake_token_around_image><image><fake_token_around_image>'
+IDEFICS_PROMPT = (f'{IDEFICS_IMAGE}Output: a red cat sits on the mat'
+                  f'{IDEFICS_IMAGE}Output:')
+IDEFICS_NEW_TOKENS = 6
+IDEFICS_IMAGES_SEED = 23
+
+
+def idefics_images() -> np.ndarray:
+  """[2, 16, 16, 3] uint8: the shot's image, then the query's."""
+  size = IDEFICS_CONFIG['vision_config']['image_size']
+  rng = np.random.default_rng(IDEFICS_IMAGES_SEED)
+  return rng.integers(0, 256, (2, size, size, 3), dtype=np.uint8)

@@ -11,7 +11,9 @@ Needs the `[parity]` extra (torch, transformers, timm, open_clip_torch,
 dill; timm and open_clip need torchvision; the Hugging Face LMs,
 `--only hf_llama,hf_gpt_neox,hf_mpt,hf_gpt2`, need torch and transformers
 only; OpenFlamingo, `--only open_flamingo,open_flamingo_neox`, also open_flamingo 2.0.1
-installed without its pins: see make_open_flamingo.py) and, for DeepMind's
+installed without its pins: see make_open_flamingo.py; IDEFICS,
+`--only idefics,idefics_float`, torch and transformers: make_idefics.py)
+and, for DeepMind's
 NFNet, a
 checkout of github.com/google-deepmind/deepmind-research (its `nfnets/`
 code is the reference; it is imported from there, never copied):
@@ -35,7 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fixtures  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 FAMILIES = ('hf_clip', 'open_clip', 'nfnet_npz', 'timm_nfnet',
-            *fixtures.HF_LMS, *fixtures.OPEN_FLAMINGOS)
+            *fixtures.HF_LMS, *fixtures.OPEN_FLAMINGOS, *fixtures.IDEFICSES)
 
 
 def _fresh(name: str) -> str:
@@ -262,6 +264,9 @@ def main() -> None:
     elif family in fixtures.OPEN_FLAMINGOS:
       import make_open_flamingo  # pylint: disable=g-import-not-at-top
       make_open_flamingo.make(_fresh(family), family)
+    elif family in fixtures.IDEFICSES:
+      import make_idefics  # pylint: disable=g-import-not-at-top
+      make_idefics.make(_fresh(family), family)
     else:
       globals()[f'make_{family}']()
     print(f'wrote {fixtures.path(family)}')
