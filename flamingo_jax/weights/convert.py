@@ -69,6 +69,7 @@ from flamingo_jax.weights import hf_clip
 from flamingo_jax.weights import hf_gpt2
 from flamingo_jax.weights import hf_gpt_neox
 from flamingo_jax.weights import hf_llama
+from flamingo_jax.weights import hf_mosaic_gpt
 from flamingo_jax.weights import hf_mpt
 from flamingo_jax.weights import mapping
 from flamingo_jax.weights import nfnet_npz
@@ -79,8 +80,8 @@ from flamingo_jax.weights import timm_nfnet
 from flamingo_jax.weights import torch_file
 
 SOURCES = {m.KIND: m for m in (hf_clip, open_clip, nfnet_npz, timm_nfnet,
-                                hf_llama, hf_gpt_neox, hf_mpt, hf_gpt2,
-                                open_flamingo)}
+                                hf_llama, hf_gpt_neox, hf_mpt,
+                                hf_mosaic_gpt, hf_gpt2, open_flamingo)}
 DTYPES = {'float32': np.dtype(np.float32),
           'bfloat16': np.dtype(ml_dtypes.bfloat16),
           'float16': np.dtype(np.float16)}

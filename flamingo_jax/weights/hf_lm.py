@@ -1,5 +1,5 @@
 """What the Hugging Face causal-LM importers share (hf_llama, hf_gpt_neox,
-hf_mpt, hf_gpt2): reading a checkpoint directory, its config.json, the
+hf_mpt, hf_mosaic_gpt, hf_gpt2): reading a checkpoint directory, its config.json, the
 vocabulary rows, the tokenizer, and the conversion into `config.model.lm`
 and `lm/...` parameters.
 

@@ -28,8 +28,10 @@ What each input holds (open_flamingo 2.0.1, `src/flamingo.py`,
       (`open_clip`); OpenFlamingo feeds the resampler the last block's patch
       tokens (`--tokens=last_block`, open_clip < 2.23).
   --lm  the LM's Hugging Face directory (config.json, weights, tokenizer):
-      MPT (`hf_mpt`), GPT-NeoX / RedPajama-INCITE (`hf_gpt_neox`), LLaMA
-      (`hf_llama`), GPT-2 (`hf_gpt2`), from its config.json's model_type.
+      MPT (`hf_mpt`), MosaicGPT / MPT-1B (`hf_mosaic_gpt`: OpenFlamingo-3B's
+      mpt-1b-redpajama-200b), GPT-NeoX / RedPajama-INCITE (`hf_gpt_neox`),
+      LLaMA (`hf_llama`), GPT-2 (`hf_gpt2`), from its config.json's
+      model_type.
 
 The LM is assembled as OpenFlamingo's `load_state_dict(strict=False)` does:
 the LM directory's tensors, `resize_token_embeddings(len(tokenizer))`,
@@ -78,6 +80,7 @@ from flamingo_jax.weights import hf_gpt2
 from flamingo_jax.weights import hf_gpt_neox
 from flamingo_jax.weights import hf_llama
 from flamingo_jax.weights import hf_lm
+from flamingo_jax.weights import hf_mosaic_gpt
 from flamingo_jax.weights import hf_mpt
 from flamingo_jax.weights import mapping
 from flamingo_jax.weights import open_clip
@@ -88,9 +91,11 @@ SUMMARY = ("OpenFlamingo's checkpoint.pt + its CLIP tower (--vision) + its "
            'Hugging Face LM (--lm): a whole Flamingo that load() takes')
 
 VISION_SOURCES = {m.KIND: m for m in (hf_clip, open_clip)}
-LM_SOURCES = {m.KIND: m for m in (hf_mpt, hf_gpt_neox, hf_llama, hf_gpt2)}
-_LM_FAMILIES = {'mpt': 'hf_mpt', 'gpt_neox': 'hf_gpt_neox',
-                'llama': 'hf_llama', 'gpt2': 'hf_gpt2'}
+LM_SOURCES = {m.KIND: m for m in (hf_mpt, hf_mosaic_gpt, hf_gpt_neox,
+                                   hf_llama, hf_gpt2)}
+_LM_FAMILIES = {'mpt': 'hf_mpt', 'mosaic_gpt': 'hf_mosaic_gpt',
+                'gpt_neox': 'hf_gpt_neox', 'llama': 'hf_llama',
+                'gpt2': 'hf_gpt2'}
 
 # open_flamingo 2.0.1's fixed sizes (helpers.py defaults).
 HEADS = 8
@@ -285,8 +290,7 @@ def _lm_source(path: str):
   if model_type not in _LM_FAMILIES:
     raise ValueError(
         f'{config}: model_type {model_type!r} is none of the LM families '
-        f'read here ({sorted(_LM_FAMILIES)}); OpenFlamingo-3B\'s '
-        'mpt-1b-redpajama-200b (MosaicGPT) is not yet.')
+        f'read here ({sorted(_LM_FAMILIES)}).')
   return LM_SOURCES[_LM_FAMILIES[model_type]]
 
 

@@ -71,6 +71,15 @@ HF_LMS = {
 }
 
 
+# MosaicGPT (MPT-1B's remote code `mosaic_gpt.py`, restated in torch by
+# mosaic_gpt_reference.py: q/k LayerNorms, no biases, ALiBi over 4 heads,
+# its head count a power of two), stored as MPT-1B is: a bfloat16
+# pytorch_model.bin with config.json (MPT-1B's fields at these sizes).
+# `expected.npz` as for HF_LMS, the greedy tokens through its cache.
+MOSAIC_GPT = dict(vocab_size=LM_VOCAB, d_model=32, n_heads=4, n_layers=2,
+                  max_seq_len=64)
+
+
 def lm_tokens(seed: int) -> np.ndarray:
   """[BATCH, 11] int64 token ids made from `seed`."""
   return np.random.default_rng(seed).integers(0, LM_VOCAB, (BATCH, 11))
