@@ -140,13 +140,22 @@ OF_EVERY = 2  # cross_attn_every_n_layers.
 OF_NEOX = dict(vocab_size=48, hidden_size=24, intermediate_size=48,
                num_hidden_layers=2, num_attention_heads=3, rotary_pct=0.5,
                bos_token_id=0, eos_token_id=0)
+# A third, testdata/open_flamingo_mosaic_gpt/: OpenFlamingo-3B's shape,
+# MPT-1B's MosaicGPT (mosaic_gpt_reference.py; q/k LayerNorms, no biases)
+# as a bfloat16 pytorch_model.bin, cross-attention before every block.
+OF_MOSAIC_GPT = dict(vocab_size=48, d_model=24, n_heads=4, n_layers=2,
+                     max_seq_len=128)
 # name: (transformers config, model, kwargs, LM folder, decoder layers,
-#        cross_attn_every_n_layers, checkpoint.pt dtype).
+#        cross_attn_every_n_layers, checkpoint.pt dtype); MosaicGPT has no
+#        transformers classes (mosaic_gpt_reference.py).
 OPEN_FLAMINGOS = {
     'open_flamingo': ('MptConfig', 'MptForCausalLM', OF_MPT, 'mpt',
                       'transformer.blocks', OF_EVERY, 'float32'),
     'open_flamingo_neox': ('GPTNeoXConfig', 'GPTNeoXForCausalLM', OF_NEOX,
                            'gpt_neox', 'gpt_neox.layers', 1, 'bfloat16'),
+    'open_flamingo_mosaic_gpt': (None, 'MosaicGPT', OF_MOSAIC_GPT,
+                                 'mpt-1b-redpajama-200b',
+                                 'transformer.blocks', 1, 'float32'),
 }
 OF_WORDS = ('<|endoftext|>', 'Output', ':', 'a', 'the', 'cat', 'dog', 'red',
             'blue', 'sits', 'runs', 'on', 'in', 'mat', 'grass', 'ball',

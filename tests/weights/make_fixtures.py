@@ -253,7 +253,7 @@ def make_hf_mosaic_gpt() -> None:
   directory = _fresh('hf_mosaic_gpt')
   config = mosaic_gpt_reference.config(**fixtures.MOSAIC_GPT)
   torch.manual_seed(0)
-  model = mosaic_gpt_reference.MosaicGPT(config).eval()
+  model = mosaic_gpt_reference.MosaicGPT(config).init_weights().eval()
   _randomise_torch(model, 9, torch.bfloat16)
   torch.save({k: v.to(torch.bfloat16) for k, v in model.state_dict().items()},
              os.path.join(directory, 'pytorch_model.bin'))

@@ -171,6 +171,14 @@ class MosaicGPT(nn.Module):
     self.register_buffer('attn_bias', alibi_bias(
         cfg.n_heads, cfg.max_seq_len, cfg.alibi_bias_max), persistent=False)
 
+  @torch.no_grad()
+  def init_weights(self, std: float = 0.02) -> 'MosaicGPT':
+    """N(0, std) embeddings (MosaicGPT's `init_std`), torch's defaults
+    elsewhere. torch's own N(0, 1) embeddings would swamp a tiny model's
+    blocks, and its tied logits would repeat the last token."""
+    self.transformer.wte.weight.normal_(0.0, std)
+    return self
+
   # What OpenFlamingo's factory gives mpt-1b-redpajama-200b
   # (EmbeddingFnMixin) and what it calls (resize_token_embeddings).
   def get_input_embeddings(self):

@@ -2,7 +2,9 @@
 
 testdata/open_flamingo/ (make_open_flamingo.py) holds what a user
 downloads, at a tiny random size: checkpoint.pt as OpenFlamingo's training
-saves it, the CLIP tower's and the MPT LM's Hugging Face folders, and
+saves it, the CLIP tower's and the LM's Hugging Face folders (MPT;
+open_flamingo_neox/: GPT-NeoX; open_flamingo_mosaic_gpt/: OpenFlamingo-3B's
+MosaicGPT, MPT-1B's layout, as a pytorch_model.bin), and
 open_flamingo's own outputs: fp32 logits on a few-shot captioning prompt
 and its greedy `Flamingo.generate` continuation. Here the convert CLI turns
 them into a workdir, `flamingo_jax.load` loads it, and the notebook API's
