@@ -46,6 +46,9 @@ Name map (i: resampler layer; j: LM layer with a cross-attention block, row
   perceiver.latents                        perceiver_resampler/latents
   perceiver.frame_embs [F, D]              perceiver_resampler/
                                            time_embeddings (zeros if absent)
+  perceiver.media_time_embs [M, 1, D]      perceiver_resampler/
+                                           media_time_embeddings [M, D]
+                                           (max_media = M; none if absent)
   perceiver.layers.i.0.norm_media          layer_i/features_norm
   perceiver.layers.i.0.norm_latents        layer_i/latents_norm
   perceiver.layers.i.0.to_q / to_kv / to_out  layer_i/attention/query /
@@ -62,8 +65,9 @@ Name map (i: resampler layer; j: LM layer with a cross-attention block, row
 Heads are not in the shapes: OpenFlamingo's `PerceiverResampler` and
 `GatedCrossAttentionBlock` have 8 heads of 64 (`--resampler_heads`,
 `--xattn_heads` for another build). `cross_attn_every_n_layers` is read from
-which LM layers hold a block. `perceiver.media_time_embs` (no released model
-has them) is refused. OpenFlamingo's text before the first `<image>` sees
+which LM layers hold a block. `perceiver.media_time_embs` (`max_num_media`;
+no released model has them) are read; the slots of a sample beyond their M
+rows are then refused (open_flamingo fails on them). OpenFlamingo's text before the first `<image>` sees
 no image ('last_image', `only_attend_immediate_media=True`, its default).
 """
 
@@ -247,7 +251,10 @@ def rules() -> list[mapping.Rule]:
   `xattn.<row>.<rest>` (`to_params` renames them)."""
   root, layer = 'perceiver_resampler', r'perceiver\.layers\.(?P<i>\d+)\.'
   table = [mapping.Rule(r'perceiver\.latents', f'{root}/latents'),
-           mapping.Rule(r'perceiver\.frame_embs', f'{root}/time_embeddings')]
+           mapping.Rule(r'perceiver\.frame_embs', f'{root}/time_embeddings'),
+           mapping.Rule(r'perceiver\.media_time_embs',
+                        f'{root}/media_time_embeddings',
+                        lambda x: x.reshape(x.shape[0], x.shape[-1]))]
   table += _norm(r'perceiver\.norm', f'{root}/output_norm')
   attention = f'{root}/layer_{{i}}/attention'
   table += _norm(rf'{layer}0\.norm_media', f'{root}/layer_{{i}}/features_norm')
@@ -298,7 +305,8 @@ def model_config(vision: dict[str, Any], lm: dict[str, Any], *,
                  resampler_width: int, resampler_layers: int,
                  resampler_inner: int, num_latents: int, max_frames: int,
                  xattn_inner: int, every: int, resampler_heads: int,
-                 xattn_heads: int, attend: str) -> dict[str, Any]:
+                 xattn_heads: int, attend: str,
+                 max_media: Optional[int] = None) -> dict[str, Any]:
   """The 'openflamingo' variant of models/flamingo.py at these sizes."""
   for what, inner, heads in (('resampler', resampler_inner, resampler_heads),
                              ('cross-attention', xattn_inner, xattn_heads)):
@@ -315,6 +323,8 @@ def model_config(vision: dict[str, Any], lm: dict[str, Any], *,
       num_heads=resampler_heads, head_size=resampler_inner // resampler_heads,
       num_latents=num_latents, max_frames=max_frames,
       ffw_multiplier=FFW_MULTIPLIER)
+  if max_media is not None:
+    config['resampler']['max_media'] = max_media
   config['xattn'].update(
       every=every, attend=attend, num_heads=xattn_heads,
       head_size=xattn_inner // xattn_heads, ffw_multiplier=FFW_MULTIPLIER)
@@ -422,9 +432,6 @@ def convert(path: str, *, dtype: Any = np.float32,
   checkpoint = read(path, torch_backend)
   source = checkpoint.source
   resampler_names, lm_names, xattn_names = split(checkpoint)
-  if 'perceiver.media_time_embs' in resampler_names:
-    raise ValueError(f'{source} has perceiver.media_time_embs (a temporal '
-                     'embedding per medium of a sample): not supported.')
   shape = lambda n: (checkpoint.info(resampler_names[n]).shape
                      if n in resampler_names else None)
   latents = shape('perceiver.latents')
@@ -446,6 +453,7 @@ def convert(path: str, *, dtype: Any = np.float32,
         f'{source}: no gated_cross_attn_layer.attn.to_q.weight at LM layer '
         f'{min(xattn_names)}.')
   frames = shape('perceiver.frame_embs')
+  media_rows = shape('perceiver.media_time_embs')
   config = model_config(
       vision_config, lm_config, resampler_width=latents[1],
       resampler_layers=len({n.split('.')[2] for n in resampler_names
@@ -454,7 +462,7 @@ def convert(path: str, *, dtype: Any = np.float32,
       max_frames=frames[0] if frames else 1,
       xattn_inner=checkpoint.info(first['attn.to_q.weight']).shape[0],
       every=every, resampler_heads=resampler_heads, xattn_heads=xattn_heads,
-      attend=attend)
+      attend=attend, max_media=media_rows[0] if media_rows else None)
   params.update(_own_params(checkpoint, resampler_names, xattn_names, config,
                             every, dtype))
   checkpoint.close()
