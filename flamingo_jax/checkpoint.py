@@ -95,8 +95,13 @@ class Checkpointer:
     return self._manager.should_save(step)
 
   def save(self, step: int, state: PyTree, data: Mapping[str, Any], *,
-           force: bool = False) -> bool:
+           force: bool = False,
+           checks: Optional[tuple[dict[str, str], list[str]]] = None
+           ) -> bool:
     """Saves if the policy (interval or preemption) or `force` says so.
+
+    `checks`: `integrity.integrity(state)` when the caller has it (the
+    converter computes it in host memory, array by array).
 
     Raises:
       NonFiniteStateError: if an array of `state` holds a NaN or an inf
@@ -104,7 +109,7 @@ class Checkpointer:
     """
     if step in self.all_steps() or not (force or self.should_save(step)):
       return False
-    digests, nonfinite = integrity.integrity(state)
+    digests, nonfinite = checks or integrity.integrity(state)
     if nonfinite:
       raise NonFiniteStateError(
           f'Refusing to save step {step}: {len(nonfinite)} arrays hold NaN '
