@@ -39,7 +39,8 @@ a time (each released when done), into the output parameters, whose
 checksums are then taken slice by slice in host memory; orbax copies each
 array once more to write it. The peak is about twice the output (plus ~0.2
 GB of JAX): converting a 1.24 GB bf16 LLaMA-shaped checkpoint (14 layers of
-TinyLlama-1.1B's widths, 4 shards) to bf16 peaks at 2.6 GB RSS. Not yet
+TinyLlama-1.1B's widths, 4 shards; tests/weights/make_memory_checkpoint.py)
+to bf16 peaks at 2.6 GiB RSS, to float32 at 4.9 GiB. Not yet
 streamed: the whole output is in host memory before orbax writes it, so a
 7B model needs ~28 GB in bf16 and 80B does not fit one host; streaming it
 needs orbax to write arrays (or slices of the stacked ones) as they are
