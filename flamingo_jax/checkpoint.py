@@ -12,7 +12,9 @@ which needs no trainer). A checkpoint holds three items:
   checksums  a small JSON dict: one digest per array of `state` (and one of
              `data`), computed on device when saving.
 
-Layout: `<workdir>/checkpoints/<step>/{state,data,checksums}`.
+Layout: `<workdir>/checkpoints/<step>/{state,data,checksums}`. The
+converter writes the same layout with `save_in_parts` (orbax's partial
+saves), a part of the state at a time.
 
 Integrity. Every restore checks what it read against the checksums (orbax
 itself restores flipped bytes silently), that every value is finite, and
@@ -28,7 +30,7 @@ refuses a state with a non-finite value (`NonFiniteStateError`): no
 checkpoint is ever NaN.
 """
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 import functools
 import os
 from typing import Any, Optional
@@ -95,13 +97,8 @@ class Checkpointer:
     return self._manager.should_save(step)
 
   def save(self, step: int, state: PyTree, data: Mapping[str, Any], *,
-           force: bool = False,
-           checks: Optional[tuple[dict[str, str], list[str]]] = None
-           ) -> bool:
+           force: bool = False) -> bool:
     """Saves if the policy (interval or preemption) or `force` says so.
-
-    `checks`: `integrity.integrity(state)` when the caller has it (the
-    converter computes it in host memory, array by array).
 
     Raises:
       NonFiniteStateError: if an array of `state` holds a NaN or an inf
@@ -109,7 +106,7 @@ class Checkpointer:
     """
     if step in self.all_steps() or not (force or self.should_save(step)):
       return False
-    digests, nonfinite = checks or integrity.integrity(state)
+    digests, nonfinite = integrity.integrity(state)
     if nonfinite:
       raise NonFiniteStateError(
           f'Refusing to save step {step}: {len(nonfinite)} arrays hold NaN '
@@ -271,6 +268,38 @@ def abstract_like(tree: PyTree) -> PyTree:
 
 
 PARAM_PARTS = ('trainable', 'frozen')  # The train state's parameter items.
+
+
+def save_in_parts(directory: str, step: int, parts: Iterable[PyTree],
+                  data: Mapping[str, Any],
+                  checks: tuple[dict[str, str], list[str]]) -> None:
+  """Writes step `step` under `directory` as `Checkpointer.save` lays it out,
+  from disjoint parts of the state, each written before the next is made.
+
+  For a state too big to hold twice in host memory (the converter's: a
+  whole model): orbax's partial saves
+  (`orbax.checkpoint.experimental.v1.partial`) merge the parts into one
+  `state` item, which the readers here restore as any other; `data` and
+  `checksums` are orbax JSON items as `Checkpointer.save` writes them.
+  `checks` is `integrity.integrity` of the whole state (computed by the
+  caller, which holds it). Nothing is written for a non-finite state.
+  """
+  from orbax.checkpoint.experimental.v1 import partial  # pylint: disable=g-import-not-at-top
+  digests, nonfinite = checks
+  if nonfinite:
+    raise NonFiniteStateError(
+        f'Refusing to save step {step}: {len(nonfinite)} arrays hold NaN '
+        f'or inf (e.g. {", ".join(nonfinite[:3])}).')
+  step_dir = fs.join(fs.absolute(directory), str(step))
+  for part in parts:
+    partial.save(step_dir, part)
+    del part  # Before the next part is made.
+  partial.finalize(step_dir)
+  writer = ocp.Checkpointer(ocp.JsonCheckpointHandler())
+  sums = {'state': digests, 'data': integrity.data_digest(data)}
+  for item, value in (('data', dict(data)), ('checksums', sums)):
+    writer.save(fs.join(step_dir, item), args=ocp.args.JsonSave(value))
+  writer.close()
 
 
 def checkpoints_dir(path: str) -> str:

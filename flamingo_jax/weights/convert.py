@@ -24,7 +24,8 @@ load_params` and the other readers take it as it is):
                            `eval.max_len`, so `flamingo_jax.load(W)` takes it;
   W/checkpoints/<step>/    the parameters as the frozen part of a train state
                            (`{'step', 'trainable': {}, 'frozen': params}`),
-                           through `checkpoint.Checkpointer`;
+                           in `checkpoint.Checkpointer`'s layout
+                           (`checkpoint.save_in_parts`);
   W/tokenizer/             the source's tokenizer, when it has one
                            (`Tokenizer.save_dir`; `config.data.tokenizer`
                            names its flamingo_tokenizer.json, which
@@ -36,15 +37,18 @@ written, naming the tensors and both shapes.
 
 Memory: tensors are read one at a time from memory-mapped files, one shard at
 a time (each released when done), into the output parameters, whose
-checksums are then taken slice by slice in host memory; orbax copies each
-array once more to write it. The peak is about twice the output (plus ~0.2
-GB of JAX): converting a 1.24 GB bf16 LLaMA-shaped checkpoint (14 layers of
-TinyLlama-1.1B's widths, 4 shards; tests/weights/make_memory_checkpoint.py)
-to bf16 peaks at 2.6 GiB RSS, to float32 at 4.9 GiB. Not yet
-streamed: the whole output is in host memory before orbax writes it, so a
-7B model needs ~28 GB in bf16 and 80B does not fit one host; streaming it
-needs orbax to write arrays (or slices of the stacked ones) as they are
-filled, which its save does not offer. The peak RSS is printed at the end.
+checksums are then taken slice by slice in host memory; the parameters go to
+orbax in parts of about PART_BYTES (at least one array; orbax's partial
+saves, `checkpoint.save_in_parts`), each freed once written. The peak is
+the output plus one part (plus ~0.2 GB of JAX): converting a 1.24 GB bf16
+LLaMA-shaped checkpoint (14 layers of TinyLlama-1.1B's widths, 4 shards;
+tests/weights/make_memory_checkpoint.py) to bf16 peaks at 1.7 GiB RSS (4.4
+GiB before), to float32 at 3.2 GiB (6.1 GiB before).
+Not yet streamed: the mapped output is whole in host memory before the
+first part is written (its stacked arrays are complete only after the last
+shard), so 7B needs ~14 GB of host memory in bf16 and 80B ~140 GB; going
+below needs the mapping to fill one stacked array at a time across the
+shards. The peak RSS is printed at the end.
 
 Adding a source: a module in `flamingo_jax.weights` with `KIND`, `SUMMARY`,
 `read(path)`, `config_from(path, tensors, **options)`, `to_params(tensors,
@@ -203,27 +207,41 @@ def write_workdir(converted: Converted, workdir: str, *, kind: str,
   return workdir
 
 
+# Bytes of parameters written per orbax partial save (at least one array).
+PART_BYTES = 2**28
+
+
 def _save_params(params: mapping.Params, directory: str, step: int) -> None:
-  """Writes the parameters: the checksums first, in host memory slice by
-  slice (the checkpointer's one jitted pass would widen every array at
-  once: 3x the model), then the arrays, handed to orbax as device arrays,
-  each numpy output freed as it moves (orbax would otherwise make its own
-  copy of the whole tree and more). orbax still copies each array to host
-  memory to write it: the peak is about twice the output.
+  """Writes the parameters, freeing each part of them as it is written.
+
+  The checksums are taken first, in host memory slice by slice (the
+  checkpointer's one jitted pass would widen the whole model at once); then
+  the parameters go to orbax in parts of about PART_BYTES (orbax's partial
+  saves, `checkpoint.save_in_parts`), each numpy output dropped once its
+  part is written: orbax's own copy for writing is one part, not the model.
   """
   state = {'step': np.asarray(step, np.int32), 'trainable': {},
            'frozen': params}
   checks = integrity_lib.integrity(state, in_slices=True)
-  for leaves in params.values():
-    for name in leaves:
-      leaves[name] = jax.device_put(leaves[name])
-  checkpointer = checkpoint_lib.Checkpointer(directory, save_every=1, keep=1,
-                                             async_save=False)
-  try:
-    checkpointer.save(step, state, {'next_step': step}, force=True,
-                      checks=checks)
-  finally:
-    checkpointer.close()
+
+  def parts():
+    yield {'step': state['step'], 'trainable': {}}
+    part, size = {}, 0
+    for module in list(params):
+      leaves = params.pop(module)
+      for name in list(leaves):
+        array = leaves.pop(name)
+        part.setdefault(module, {})[name] = jax.device_put(array)
+        size += array.nbytes
+        del array
+        if size >= PART_BYTES:
+          yield {'frozen': part}
+          part, size = {}, 0
+    if part:
+      yield {'frozen': part}
+
+  checkpoint_lib.save_in_parts(directory, step, parts(),
+                               {'next_step': step}, checks)
 
 
 def peak_rss_mb() -> float:

@@ -23,7 +23,8 @@ def test_help_lists_every_source(capsys):
   assert exit_info.value.code == 0
   out = capsys.readouterr().out
   for kind in ('hf_clip', 'open_clip', 'nfnet_npz', 'timm_nfnet', 'hf_llama',
-               'hf_gpt_neox', 'hf_mpt', 'hf_gpt2', 'open_flamingo'):
+               'hf_gpt_neox', 'hf_mpt', 'hf_mosaic_gpt', 'hf_gpt2',
+               'open_flamingo'):
     assert kind in out
   with pytest.raises(SystemExit):
     convert.main(['open_clip', '--help'])
@@ -159,4 +160,34 @@ def test_lm_workdir(tmp_path):
                                    dtype=convert.DTYPES['bfloat16'])
   loaded = checkpoint_lib.load_params(workdir)
   assert jax.tree.structure(loaded) == jax.tree.structure(expected)
+  jax.tree.map(np.testing.assert_array_equal, loaded, expected)
+
+
+def test_parameters_are_written_and_freed_part_by_part(monkeypatch, tmp_path):
+  """The converter never hands orbax the whole model: with parts of one
+  array, each partial save holds one array, and the arrays already written
+  are gone from the converted tree; the step reads back as any other."""
+  from orbax.checkpoint.experimental.v1 import partial  # pylint: disable=g-import-not-at-top
+  path = fixtures.path('hf_mosaic_gpt')
+  converted = convert.convert('hf_mosaic_gpt', path, no_tokenizer=True)
+  expected = jax.tree.map(np.copy, converted.params)
+  total = len(jax.tree.leaves(expected))
+  seen = []
+  save = partial.save
+
+  def recording_save(directory, part):
+    left = len(jax.tree.leaves(converted.params))
+    seen.append((len(jax.tree.leaves(part.get('frozen', {}))), left))
+    save(directory, part)
+
+  monkeypatch.setattr(partial, 'save', recording_save)
+  monkeypatch.setattr(convert, 'PART_BYTES', 1)
+  workdir = convert.write_workdir(converted, str(tmp_path / 'w'),
+                                  kind='hf_mosaic_gpt', dtype='float32')
+  assert seen[0] == (0, total)  # The step first.
+  assert [n for n, _ in seen[1:]] == [1] * total
+  # By the k-th array, the k - 1 written ones have left the tree (and the
+  # k-th's module too: a module is taken out of the tree whole).
+  assert all(left <= total - k for k, (_, left) in enumerate(seen[1:], 1))
+  loaded = checkpoint_lib.load_params(workdir)  # Checksums verified.
   jax.tree.map(np.testing.assert_array_equal, loaded, expected)
