@@ -271,27 +271,33 @@ PARAM_PARTS = ('trainable', 'frozen')  # The train state's parameter items.
 
 
 def save_in_parts(directory: str, step: int, parts: Iterable[PyTree],
-                  data: Mapping[str, Any],
-                  checks: tuple[dict[str, str], list[str]]) -> None:
+                  data: Mapping[str, Any]) -> None:
   """Writes step `step` under `directory` as `Checkpointer.save` lays it out,
-  from disjoint parts of the state, each written before the next is made.
+  from disjoint parts of the state (numpy arrays), each written before the
+  next is made.
 
-  For a state too big to hold twice in host memory (the converter's: a
-  whole model): orbax's partial saves
-  (`orbax.checkpoint.experimental.v1.partial`) merge the parts into one
-  `state` item, which the readers here restore as any other; `data` and
-  `checksums` are orbax JSON items as `Checkpointer.save` writes them.
-  `checks` is `integrity.integrity` of the whole state (computed by the
-  caller, which holds it). Nothing is written for a non-finite state.
+  For a state too big to hold whole in host memory (the converter's: a
+  model): orbax's partial saves (`orbax.checkpoint.experimental.v1.partial`)
+  merge the parts into one `state` item, which the readers here restore as
+  any other; each part's checksums are taken in host memory, slice by slice
+  (`integrity.integrity(..., in_slices=True)`), before it goes to orbax as
+  device arrays; `data` and `checksums` are orbax JSON items as
+  `Checkpointer.save` writes them. A part with a non-finite value stops the
+  save (NonFiniteStateError); the caller removes what was written.
   """
   from orbax.checkpoint.experimental.v1 import partial  # pylint: disable=g-import-not-at-top
-  digests, nonfinite = checks
-  if nonfinite:
-    raise NonFiniteStateError(
-        f'Refusing to save step {step}: {len(nonfinite)} arrays hold NaN '
-        f'or inf (e.g. {", ".join(nonfinite[:3])}).')
   step_dir = fs.join(fs.absolute(directory), str(step))
+  digests = {}
   for part in parts:
+    sums, nonfinite = integrity.integrity(part, in_slices=True)
+    if nonfinite:
+      raise NonFiniteStateError(
+          f'Refusing to save step {step}: {len(nonfinite)} arrays hold NaN '
+          f'or inf (e.g. {", ".join(nonfinite[:3])}).')
+    digests.update(sums)
+    # Device arrays: orbax copies numpy leaves more than once.
+    part = jax.tree.map(
+        lambda x: jax.device_put(x) if np.ndim(x) else x, part)
     partial.save(step_dir, part)
     del part  # Before the next part is made.
   partial.finalize(step_dir)

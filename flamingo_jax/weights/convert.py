@@ -35,20 +35,21 @@ beside W and renamed when complete; a checkpoint that does not fit (missing,
 extra or misshaped tensors, another family) stops before anything is
 written, naming the tensors and both shapes.
 
-Memory: tensors are read one at a time from memory-mapped files, one shard at
-a time (each released when done), into the output parameters, whose
-checksums are then taken slice by slice in host memory; the parameters go to
-orbax in parts of about PART_BYTES (at least one array; orbax's partial
-saves, `checkpoint.save_in_parts`), each freed once written. The peak is
-the output plus one part (plus ~0.2 GB of JAX): converting a 1.24 GB bf16
-LLaMA-shaped checkpoint (14 layers of TinyLlama-1.1B's widths, 4 shards;
-tests/weights/make_memory_checkpoint.py) to bf16 peaks at 1.7 GiB RSS (4.4
-GiB before), to float32 at 3.2 GiB (6.1 GiB before).
-Not yet streamed: the mapped output is whole in host memory before the
-first part is written (its stacked arrays are complete only after the last
-shard), so 7B needs ~14 GB of host memory in bf16 and 80B ~140 GB; going
-below needs the mapping to fill one stacked array at a time across the
-shards. The peak RSS is printed at the end.
+Memory: a Hugging Face LM (hf_llama, hf_gpt_neox, hf_mpt, hf_mosaic_gpt,
+hf_gpt2: the 7B-80B sources) is mapped lazily (`mapping.LazyArray`): each
+parameter is filled from its tensors (each a memory map of its own, across
+the shards) only when the writer reaches it, and written to orbax in parts
+of about PART_BYTES (at least one array; orbax's partial saves,
+`checkpoint.save_in_parts`, which also takes their checksums in host
+memory, slice by slice), each freed once written. The peak is a few copies
+of the largest parameter (a stacked [layers, ...] array, e.g. LLaMA-7B's
+FFW, 2.9 GB in bf16) plus ~0.3 GB of JAX and orbax, whatever the model's
+size: converting a 1.24 GB bf16 LLaMA-shaped checkpoint (14 layers of
+TinyLlama-1.1B's widths, 4 shards; tests/weights/make_memory_checkpoint.py)
+peaks at 1.16 GiB RSS to bf16 (4.4 GiB before) and 2.0 GiB to float32 (6.1
+GiB before). The other sources (vision towers, open_flamingo's assembly)
+map eagerly: their output is whole in host memory before it is written.
+The peak RSS is printed at the end.
 
 Adding a source: a module in `flamingo_jax.weights` with `KIND`, `SUMMARY`,
 `read(path)`, `config_from(path, tensors, **options)`, `to_params(tensors,
@@ -68,15 +69,13 @@ import shutil
 import sys
 import tempfile
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from absl import logging
-import jax
 import ml_dtypes
 import numpy as np
 
 from flamingo_jax import checkpoint as checkpoint_lib
-from flamingo_jax import checkpoint_integrity as integrity_lib
 from flamingo_jax.data import tokenizer as tokenizer_lib
 from flamingo_jax.weights import hf_clip
 from flamingo_jax.weights import hf_gpt2
@@ -111,6 +110,8 @@ class Converted:
   # flamingo_jax.load takes), and other config.json sections (e.g. 'eval').
   task: str = 'import'
   extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+  # Frees the inputs once the (lazy, mapping.LazyArray) params are written.
+  release: Optional[Callable[[], None]] = None
 
 
 def _model_section(vision_config: dict[str, Any]) -> dict[str, Any]:
@@ -198,6 +199,8 @@ def write_workdir(converted: Converted, workdir: str, *, kind: str,
       json.dump(config, f, indent=2)
     _say(f'Writing {workdir} ...')
     _save_params(converted.params, os.path.join(partial, 'checkpoints'), step)
+    if converted.release is not None:
+      converted.release()
     if os.path.exists(workdir):
       shutil.rmtree(workdir)
     os.rename(partial, workdir)
@@ -207,31 +210,30 @@ def write_workdir(converted: Converted, workdir: str, *, kind: str,
   return workdir
 
 
-# Bytes of parameters written per orbax partial save (at least one array).
-PART_BYTES = 2**28
+# Bytes of parameters per orbax partial save (at least one array): small,
+# so that a part is about one array (each save adds an OCDBT file set).
+PART_BYTES = 2**26
 
 
 def _save_params(params: mapping.Params, directory: str, step: int) -> None:
-  """Writes the parameters, freeing each part of them as it is written.
+  """Writes the parameters part by part, each freed once written.
 
-  The checksums are taken first, in host memory slice by slice (the
-  checkpointer's one jitted pass would widen the whole model at once); then
-  the parameters go to orbax in parts of about PART_BYTES (orbax's partial
-  saves, `checkpoint.save_in_parts`), each numpy output dropped once its
-  part is written: orbax's own copy for writing is one part, not the model.
+  Parts of about PART_BYTES (at least one array) go to orbax's partial
+  saves (`checkpoint.save_in_parts`, which also takes their checksums in
+  host memory, slice by slice); a `mapping.LazyArray` is filled only when
+  its part is made, so with lazy parameters (the LM sources) the model is
+  never whole in host memory.
   """
-  state = {'step': np.asarray(step, np.int32), 'trainable': {},
-           'frozen': params}
-  checks = integrity_lib.integrity(state, in_slices=True)
-
   def parts():
-    yield {'step': state['step'], 'trainable': {}}
+    yield {'step': np.asarray(step, np.int32), 'trainable': {}}
     part, size = {}, 0
     for module in list(params):
       leaves = params.pop(module)
       for name in list(leaves):
         array = leaves.pop(name)
-        part.setdefault(module, {})[name] = jax.device_put(array)
+        if isinstance(array, mapping.LazyArray):
+          array = array.materialize()
+        part.setdefault(module, {})[name] = array
         size += array.nbytes
         del array
         if size >= PART_BYTES:
@@ -240,8 +242,7 @@ def _save_params(params: mapping.Params, directory: str, step: int) -> None:
     if part:
       yield {'frozen': part}
 
-  checkpoint_lib.save_in_parts(directory, step, parts(),
-                               {'next_step': step}, checks)
+  checkpoint_lib.save_in_parts(directory, step, parts(), {'next_step': step})
 
 
 def peak_rss_mb() -> float:

@@ -163,31 +163,43 @@ def test_lm_workdir(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, loaded, expected)
 
 
-def test_parameters_are_written_and_freed_part_by_part(monkeypatch, tmp_path):
-  """The converter never hands orbax the whole model: with parts of one
-  array, each partial save holds one array, and the arrays already written
-  are gone from the converted tree; the step reads back as any other."""
+def test_parameters_are_filled_and_written_part_by_part(monkeypatch,
+                                                        tmp_path):
+  """An LM conversion never holds the whole model: its parameters are
+  mapping.LazyArrays, each filled only when its part is made; with parts
+  of one array, each partial save holds one array and no more arrays have
+  been filled than written. The step reads back (checksums verified) as
+  the eager mapping's parameters."""
   from orbax.checkpoint.experimental.v1 import partial  # pylint: disable=g-import-not-at-top
+  from flamingo_jax.weights import hf_mosaic_gpt  # pylint: disable=g-import-not-at-top
+  from flamingo_jax.weights import mapping  # pylint: disable=g-import-not-at-top
   path = fixtures.path('hf_mosaic_gpt')
   converted = convert.convert('hf_mosaic_gpt', path, no_tokenizer=True)
-  expected = jax.tree.map(np.copy, converted.params)
-  total = len(jax.tree.leaves(expected))
-  seen = []
-  save = partial.save
+  lazy = [x for x in jax.tree.leaves(converted.params)
+          if isinstance(x, mapping.LazyArray)]
+  assert len(lazy) > 10
+  expected = hf_mosaic_gpt.to_params(hf_mosaic_gpt.read(path),
+                                     converted.model['lm'])
+  filled, seen = [], []
+  materialize, save = mapping.LazyArray.materialize, partial.save
+
+  def counting_materialize(self):
+    filled.append(self)
+    return materialize(self)
 
   def recording_save(directory, part):
-    left = len(jax.tree.leaves(converted.params))
-    seen.append((len(jax.tree.leaves(part.get('frozen', {}))), left))
+    seen.append((len(jax.tree.leaves(part.get('frozen', {}))),
+                 len(filled)))
     save(directory, part)
 
+  monkeypatch.setattr(mapping.LazyArray, 'materialize', counting_materialize)
   monkeypatch.setattr(partial, 'save', recording_save)
   monkeypatch.setattr(convert, 'PART_BYTES', 1)
   workdir = convert.write_workdir(converted, str(tmp_path / 'w'),
                                   kind='hf_mosaic_gpt', dtype='float32')
-  assert seen[0] == (0, total)  # The step first.
-  assert [n for n, _ in seen[1:]] == [1] * total
-  # By the k-th array, the k - 1 written ones have left the tree (and the
-  # k-th's module too: a module is taken out of the tree whole).
-  assert all(left <= total - k for k, (_, left) in enumerate(seen[1:], 1))
-  loaded = checkpoint_lib.load_params(workdir)  # Checksums verified.
+  assert seen[0] == (0, 0)  # The step first.
+  assert all(n == 1 for n, _ in seen[1:])
+  assert all(count <= k for k, (_, count) in enumerate(seen[1:], 1))
+  assert len(filled) == len(lazy)
+  loaded = checkpoint_lib.load_params(workdir)
   jax.tree.map(np.testing.assert_array_equal, loaded, expected)
