@@ -12,7 +12,9 @@ which needs no trainer). A checkpoint holds three items:
   checksums  a small JSON dict: one digest per array of `state` (and one of
              `data`), computed on device when saving.
 
-Layout: `<workdir>/checkpoints/<step>/{state,data,checksums}`.
+Layout: `<workdir>/checkpoints/<step>/{state,data,checksums}`. The
+converter writes the same layout with `save_in_parts` (orbax's partial
+saves), a part of the state at a time.
 
 Integrity. Every restore checks what it read against the checksums (orbax
 itself restores flipped bytes silently), that every value is finite, and
@@ -28,7 +30,7 @@ refuses a state with a non-finite value (`NonFiniteStateError`): no
 checkpoint is ever NaN.
 """
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 import functools
 import os
 from typing import Any, Optional
@@ -266,6 +268,44 @@ def abstract_like(tree: PyTree) -> PyTree:
 
 
 PARAM_PARTS = ('trainable', 'frozen')  # The train state's parameter items.
+
+
+def save_in_parts(directory: str, step: int, parts: Iterable[PyTree],
+                  data: Mapping[str, Any]) -> None:
+  """Writes step `step` under `directory` as `Checkpointer.save` lays it out,
+  from disjoint parts of the state (numpy arrays), each written before the
+  next is made.
+
+  For a state too big to hold whole in host memory (the converter's: a
+  model): orbax's partial saves (`orbax.checkpoint.experimental.v1.partial`)
+  merge the parts into one `state` item, which the readers here restore as
+  any other; each part's checksums are taken in host memory, slice by slice
+  (`integrity.integrity(..., in_slices=True)`), before it goes to orbax as
+  device arrays; `data` and `checksums` are orbax JSON items as
+  `Checkpointer.save` writes them. A part with a non-finite value stops the
+  save (NonFiniteStateError); the caller removes what was written.
+  """
+  from orbax.checkpoint.experimental.v1 import partial  # pylint: disable=g-import-not-at-top
+  step_dir = fs.join(fs.absolute(directory), str(step))
+  digests = {}
+  for part in parts:
+    sums, nonfinite = integrity.integrity(part, in_slices=True)
+    if nonfinite:
+      raise NonFiniteStateError(
+          f'Refusing to save step {step}: {len(nonfinite)} arrays hold NaN '
+          f'or inf (e.g. {", ".join(nonfinite[:3])}).')
+    digests.update(sums)
+    # Device arrays: orbax copies numpy leaves more than once.
+    part = jax.tree.map(
+        lambda x: jax.device_put(x) if np.ndim(x) else x, part)
+    partial.save(step_dir, part)
+    del part  # Before the next part is made.
+  partial.finalize(step_dir)
+  writer = ocp.Checkpointer(ocp.JsonCheckpointHandler())
+  sums = {'state': digests, 'data': integrity.data_digest(data)}
+  for item, value in (('data', dict(data)), ('checksums', sums)):
+    writer.save(fs.join(step_dir, item), args=ocp.args.JsonSave(value))
+  writer.close()
 
 
 def checkpoints_dir(path: str) -> str:

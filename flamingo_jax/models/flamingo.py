@@ -28,7 +28,8 @@ differ from the paper:
     - resampler: GELU feed-forward; OpenFlamingo's released models have no
       `frame_embs` / `media_time_embs`, so an import sets our
       `time_embeddings` to zero (`frame_embs`, when present, are those
-      rows; `media_time_embs`, per medium of a sample, are not supported);
+      rows; `media_time_embs`, per medium of a sample, are the resampler's
+      `media_time_embeddings`, its `max_media` their number);
     - `only_attend_immediate_media=True` is our `attend='last_image'`
       (the `<image>` token itself sees its image in both); False is
       'all_previous_images', except that OpenFlamingo then gives the tokens
@@ -232,7 +233,12 @@ class Flamingo:
       features = jax.lax.stop_gradient(features)  # [B*N*T, S, C]
     features = features.reshape(batch * num_media, frames,
                                 *features.shape[1:])  # [B*N, T, S, C]
-    visual = self.resampler(features)  # [B*N, R, D]
+    max_media = self.resampler.max_media
+    if max_media is not None and num_media > max_media:
+      raise ValueError(f'{num_media} media slots per sample, but the '
+                       f'resampler embeds at most max_media={max_media}.')
+    slots = jnp.tile(jnp.arange(num_media), batch)  # [B*N]
+    visual = self.resampler(features, slots)  # [B*N, R, D]
     return visual.reshape(batch, num_media, *visual.shape[1:])  # [B, N, R, D]
 
   def __call__(

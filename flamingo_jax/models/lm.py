@@ -28,7 +28,7 @@ the count that results. Numbers from `python -m flamingo_jax.summarize`.
 The same decoder takes the layouts of the published LMs that Flamingo-style
 checkpoints use (LLaMA, GPT-NeoX, MPT, GPT-2: rotary, ALiBi or learned
 positions, LayerNorm, SwiGLU, biases, parallel residual, tied embeddings,
-grouped-query attention) as fields of `DecoderLM`, i.e. of
+grouped-query attention, query/key norms) as fields of `DecoderLM`, i.e. of
 `config.model.lm`: see `models/lm_layout.py` (their attention is
 `models/self_attention.py`, their positions `models/positions.py`). Every
 layout keeps the module tree, the scanned stack and the cached decoding.
@@ -45,6 +45,7 @@ Glossary of shapes:
 
 from collections.abc import Callable
 import dataclasses
+import functools
 from typing import Optional
 
 import haiku as hk
@@ -258,7 +259,9 @@ class DecoderBlock(hk.Module):
         'none' if layout.positions in ('learned', 'none') else
         layout.positions, layout.rotary_fraction, layout.rotary_base,
         layout.alibi_bias_max, layout.use_bias, self.contiguous,
-        name='self_attention')
+        # MosaicGPT's q/k LayerNorms: the layout's norm, over H*K features.
+        functools.partial(lm_layout.norm, layout) if layout.qk_norm else
+        None, name='self_attention')
 
   @hk.transparent
   def _ffw(self) -> hk.Module:
@@ -297,7 +300,8 @@ class DecoderLM(hk.Module):
 
   The fields after `remat_policy` choose the layout of a published family
   (models/lm_layout.py: rotary/ALiBi/learned positions, LayerNorm, SwiGLU,
-  biases, parallel residual, tied embeddings, grouped-query attention);
+  biases, parallel residual, tied embeddings, grouped-query attention,
+  query/key norms);
   their defaults are Chinchilla's, whose parameter paths are the ones above.
   """
 
@@ -324,6 +328,7 @@ class DecoderLM(hk.Module):
   parallel_residual: bool = False
   tied_embeddings: bool = False
   num_kv_heads: Optional[int] = None
+  qk_norm: bool = False
   name: Optional[str] = 'lm'
 
   @property

@@ -1,5 +1,6 @@
 """Layouts of the decoder LM: Chinchilla's (the default) and the published
-families that Flamingo-style checkpoints use (LLaMA, GPT-NeoX, MPT, GPT-2).
+families that Flamingo-style checkpoints use (LLaMA, GPT-NeoX, MPT and
+its predecessor MosaicGPT, GPT-2).
 
 A layout is a set of fields of `config.model.lm` (plain data, read by
 `lm.DecoderLM`); the defaults give Chinchilla's layout, whose parameter
@@ -26,11 +27,15 @@ produces, with the sizes of the checkpoint.
   | tied_embeddings   | False; True: the output projection is the embedding   |
   |                   | table transposed (GPT-2, MPT): no `lm/unembed`        |
   | num_kv_heads      | None (= num_heads); fewer: grouped-query attention    |
+  | qk_norm           | False; True: the layout's norm on the projected       |
+  |                   | queries and keys, over all heads' features, before    |
+  |                   | the head split (MosaicGPT's attn_qk_ln, MPT's qk_ln)  |
 
 Parameters of one block under each layout (`lm/blocks/block/...`, [N, ...]):
   attention_norm, ffw_norm            scale (+ offset for 'layer' with bias)
   self_attention/{query,key,value,output}/w (+ b with use_bias);
-    with 'relative': also relative_key/w, content_bias, position_bias
+    with 'relative': also relative_key/w, content_bias, position_bias;
+    with qk_norm: also self_attention/{q_norm,k_norm}/scale (+ offset)
   ffw/hidden, ffw/output (+ ffw/gate for 'gated'), w (+ b)
 and `lm/position_embed/embeddings` [max_positions, D] for 'learned'.
 
@@ -60,6 +65,11 @@ FAMILIES: dict[str, dict[str, Any]] = {
                      parallel_residual=True),
     'mpt': dict(positions='alibi', norm='layer', norm_bias=False,
                 activation='gelu_exact', tied_embeddings=True),
+    # MPT-1B (mpt-1b-redpajama-200b, OpenFlamingo-3B's LM): MPT's layout
+    # with LayerNorms (no bias) on the queries and keys.
+    'mosaic_gpt': dict(positions='alibi', norm='layer', norm_bias=False,
+                       activation='gelu_exact', tied_embeddings=True,
+                       qk_norm=True),
     'gpt2': dict(positions='learned', max_positions=1024, norm='layer',
                  activation='gelu', use_bias=True, tied_embeddings=True),
 }
@@ -80,6 +90,7 @@ class Layout:
   use_bias: bool = False
   parallel_residual: bool = False
   num_kv_heads: Optional[int] = None
+  qk_norm: bool = False
 
   def check(self, num_heads: int) -> None:
     """Raises a ValueError naming a bad or unsupported field value."""
@@ -93,12 +104,13 @@ class Layout:
     if num_heads % kv_heads:
       raise ValueError(f'num_kv_heads={kv_heads} must divide num_heads='
                        f'{num_heads} (grouped-query attention).')
-    if self.positions == 'relative' and (self.use_bias or
+    if self.positions == 'relative' and (self.use_bias or self.qk_norm or
                                          kv_heads != num_heads):
       raise ValueError(
-          "positions='relative' (Chinchilla's attention) has no biases and "
-          'no grouped-query attention; use_bias and num_kv_heads need '
-          "positions 'rotary', 'alibi', 'learned' or 'none'.")
+          "positions='relative' (Chinchilla's attention) has no biases, "
+          'no query/key norms and no grouped-query attention; use_bias, '
+          "qk_norm and num_kv_heads need positions 'rotary', 'alibi', "
+          "'learned' or 'none'.")
 
 
 def family_config(family: str, **sizes: Any) -> dict[str, Any]:

@@ -10,6 +10,10 @@ their number does not depend on the image resolution or the number of frames.
 
 There are no spatial position embeddings: the vision encoder's features
 already encode position (the paper adds only temporal embeddings).
+OpenFlamingo's resampler can also embed each medium's place in its sample
+(`max_num_media`, its `media_time_embs`): with `max_media` set, row n of
+`media_time_embeddings` is added to every token of the sample's medium n
+(0-based), after the temporal embeddings; the paper has no such table.
 
 Published variants (`flamingo.VARIANTS`), each a field defaulting to the
 paper's layout:
@@ -26,6 +30,7 @@ their imports set `time_embeddings` to zero, which is the same function.
 Glossary of shapes:
   B: batch size.
   T: number of frames; F: max_frames, rows of the learned temporal table.
+  M: max_media, rows of the per-medium table (OpenFlamingo's; optional).
   S: spatial tokens per frame.
   N: T*S, the flattened visual tokens.
   Din: width of the vision encoder's features; D: resampler width.
@@ -174,8 +179,8 @@ class PerceiverResampler(hk.Module):
   """Maps [B, T, S, Din] visual features to [B, R, D] (or [B, N, D]) tokens.
 
   Parameters: `input_projection` (only when Din != D), `time_embeddings`
-  [F, D], `latents` [R, D] (the 'perceiver' type only), `layer_{i}/...` and
-  `output_norm`.
+  [F, D], `media_time_embeddings` [M, D] (only with `max_media`), `latents`
+  [R, D] (the 'perceiver' type only), `layer_{i}/...` and `output_norm`.
   """
 
   num_layers: int = 6  # Number of attention + FFW (or FFW only) layers.
@@ -190,6 +195,9 @@ class PerceiverResampler(hk.Module):
   ffw_activation: str = 'squared_relu'
   # IDEFICS's `qk_layer_norms_perceiver` (module docstring).
   qk_norm: bool = False
+  # M: OpenFlamingo's `max_num_media`, rows of `media_time_embeddings` (the
+  # medium's slot in its sample); None (the paper's): no such table.
+  max_media: Optional[int] = None
   name: Optional[str] = 'perceiver_resampler'
 
   def __post_init__(self):
@@ -199,11 +207,18 @@ class PerceiverResampler(hk.Module):
   def __call__(
       self,
       features: jax.Array,  # [B, T, S, Din]
+      media_slots: Optional[jax.Array] = None,  # [B] int, 0-based
   ) -> jax.Array:  # [B, R, D], or [B, N, D] for 'mlp' and 'transformer'
-    """Resamples visual features of images or videos into visual tokens."""
+    """Resamples visual features of images or videos into visual tokens.
+
+    `media_slots`: each medium's place in its sample (0..M-1), read only
+    with `max_media` (where it is required).
+    """
     check_rank(features, 4, 'resampler features', '[B, T, S, Din]')
     x = self._project(features)  # [B, T, S, D]
     x = self._add_time_embeddings(x)  # [B, T, S, D]
+    if self.max_media is not None:
+      x = self._add_media_time_embeddings(x, media_slots)  # [B, T, S, D]
     batch, frames, spatial, width = x.shape
     x = x.reshape(batch, frames * spatial, width)  # [B, N, D]
     if self.resampler_type == 'perceiver':
@@ -228,6 +243,22 @@ class PerceiverResampler(hk.Module):
     embeddings = interpolate_time_embeddings(table, x.shape[1])  # [T, D]
     # The same embedding for every spatial token of a frame.
     return x + embeddings[:, None, :].astype(x.dtype)  # [B, T, S, D]
+
+  @hk.transparent
+  def _add_media_time_embeddings(
+      self, x: jax.Array,  # [B, T, S, D]
+      media_slots: Optional[jax.Array],  # [B] int
+  ) -> jax.Array:  # [B, T, S, D]
+    """OpenFlamingo's `x + media_time_embs[:T]` (its T: the media of a
+    sample), one medium at a time."""
+    if media_slots is None:
+      raise ValueError('A resampler with max_media needs each medium\'s '
+                       'media_slots (its place in the sample).')
+    table = hk.get_parameter('media_time_embeddings',
+                             [self.max_media, self.width],
+                             init=_EMBEDDING_INIT)  # [M, D]
+    rows = jnp.take(table, media_slots, axis=0)  # [B, D]
+    return x + rows[:, None, None, :].astype(x.dtype)  # [B, T, S, D]
 
   @hk.transparent
   def _resample(self, features: jax.Array) -> jax.Array:  # [B, R, D]

@@ -10,6 +10,11 @@ embeddings, so here they are 'none'), grouped-query attention when
 heads reads one key/value head; `jax.nn.dot_product_attention` takes the
 grouped keys as they are), and the `output` projection.
 
+With `qk_norm` (MosaicGPT's `attn_qk_ln`, MPT's `attn_config.qk_ln`), the
+projected queries and keys are normalised (the layout's norm, parameters
+`q_norm`, `k_norm`) over all their heads' features at once, before the
+head split and before any rotation.
+
 With a cache (generation, `models/decoding.py`), keys are cached after
 their rotation, so each is rotated once; the cache holds num_kv_heads
 heads.
@@ -21,6 +26,7 @@ Glossary of shapes:
   H: number of query heads; G: number of key/value heads; K: head size.
 """
 
+from collections.abc import Callable
 import dataclasses
 from typing import Optional
 
@@ -38,7 +44,9 @@ class SelfAttention(hk.Module):
 
   `positions`: 'rotary', 'alibi' or 'none'. `contiguous`: positions are
   0..L-1 in every row and there is no cache (the training forward pass), so
-  the causal mask needs no array.
+  the causal mask needs no array. `qk_norm` (optional): name -> the norm
+  applied to the queries' and keys' H*K (G*K) features (see the module
+  docstring).
   """
 
   num_heads: int
@@ -50,12 +58,16 @@ class SelfAttention(hk.Module):
   alibi_bias_max: float = 8.0
   with_bias: bool = False
   contiguous: bool = False
+  qk_norm: Optional[Callable[[str], hk.Module]] = None
   name: Optional[str] = None
 
   @hk.transparent
-  def _project(self, x: jax.Array, heads: int, name: str) -> jax.Array:
+  def _project(self, x: jax.Array, heads: int, name: str,
+               norm: Optional[str] = None) -> jax.Array:
     y = hk.Linear(heads * self.head_size, with_bias=self.with_bias,
                   name=name)(x)  # [B, L, heads*K]
+    if norm is not None and self.qk_norm is not None:
+      y = self.qk_norm(norm)(y)  # [B, L, heads*K]
     return y.reshape(*x.shape[:-1], heads, self.head_size)  # [B, L, heads, K]
 
   def __call__(
@@ -70,8 +82,8 @@ class SelfAttention(hk.Module):
       raise ValueError(f'SelfAttention positions must be rotary, alibi or '
                        f'none; got {self.positions!r}.')
     kv_heads = self.num_kv_heads or self.num_heads
-    q = self._project(x, self.num_heads, 'query')  # [B, L, H, K]
-    k = self._project(x, kv_heads, 'key')  # [B, L, G, K]
+    q = self._project(x, self.num_heads, 'query', 'q_norm')  # [B, L, H, K]
+    k = self._project(x, kv_heads, 'key', 'k_norm')  # [B, L, G, K]
     v = self._project(x, kv_heads, 'value')  # [B, L, G, K]
     if self.positions == 'rotary':
       dims = positions_lib.rotary_dims(self.head_size, self.rotary_fraction)

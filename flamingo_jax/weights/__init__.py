@@ -10,7 +10,8 @@ lazy `{name: array}` (`tensors.TensorStore`; no code from pickles is run),
             torch_file.py, haiku_pickle.py, safe_pickle.py
   sources   hf_clip.py, open_clip.py (ViT towers), nfnet_npz.py (DeepMind),
             timm_nfnet.py; vision.py holds what they share;
-            hf_llama.py, hf_gpt_neox.py, hf_mpt.py, hf_gpt2.py (Hugging
-            Face causal LMs -> `lm/...`); hf_lm.py holds what they share
+            hf_llama.py, hf_gpt_neox.py, hf_mpt.py, hf_mosaic_gpt.py (MPT-1B),
+            hf_gpt2.py (Hugging Face causal LMs -> `lm/...`); hf_lm.py
+            holds what they share
   CLI       convert.py: `python -m flamingo_jax.weights.convert --help`
 """

@@ -25,7 +25,8 @@ load_params` and the other readers take it as it is):
                            `eval.max_len`, so `flamingo_jax.load(W)` takes it;
   W/checkpoints/<step>/    the parameters as the frozen part of a train state
                            (`{'step', 'trainable': {}, 'frozen': params}`),
-                           through `checkpoint.Checkpointer`;
+                           in `checkpoint.Checkpointer`'s layout
+                           (`checkpoint.save_in_parts`);
   W/tokenizer/             the source's tokenizer, when it has one
                            (`Tokenizer.save_dir`; `config.data.tokenizer`
                            names its flamingo_tokenizer.json, which
@@ -35,9 +36,21 @@ beside W and renamed when complete; a checkpoint that does not fit (missing,
 extra or misshaped tensors, another family) stops before anything is
 written, naming the tensors and both shapes.
 
-Memory: tensors are read one at a time from memory-mapped files, one shard at
-a time, into the output parameters: the peak is the output plus one tensor
-(the peak RSS is logged at the end).
+Memory: a Hugging Face LM (hf_llama, hf_gpt_neox, hf_mpt, hf_mosaic_gpt,
+hf_gpt2: the 7B-80B sources) is mapped lazily (`mapping.LazyArray`): each
+parameter is filled from its tensors (each a memory map of its own, across
+the shards) only when the writer reaches it, and written to orbax in parts
+of about PART_BYTES (at least one array; orbax's partial saves,
+`checkpoint.save_in_parts`, which also takes their checksums in host
+memory, slice by slice), each freed once written. The peak is a few copies
+of the largest parameter (a stacked [layers, ...] array, e.g. LLaMA-7B's
+FFW, 2.9 GB in bf16) plus ~0.3 GB of JAX and orbax, whatever the model's
+size: converting a 1.24 GB bf16 LLaMA-shaped checkpoint (14 layers of
+TinyLlama-1.1B's widths, 4 shards; tests/weights/make_memory_checkpoint.py)
+peaks at 1.16 GiB RSS to bf16 (4.4 GiB before) and 2.0 GiB to float32 (6.1
+GiB before). The other sources (vision towers, open_flamingo's assembly)
+map eagerly: their output is whole in host memory before it is written.
+The peak RSS is printed at the end.
 
 Adding a source: a module in `flamingo_jax.weights` with `KIND`, `SUMMARY`,
 `read(path)`, `config_from(path, tensors, **options)`, `to_params(tensors,
@@ -57,10 +70,9 @@ import shutil
 import sys
 import tempfile
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from absl import logging
-import jax
 import ml_dtypes
 import numpy as np
 
@@ -70,6 +82,7 @@ from flamingo_jax.weights import hf_clip
 from flamingo_jax.weights import hf_gpt2
 from flamingo_jax.weights import hf_gpt_neox
 from flamingo_jax.weights import hf_llama
+from flamingo_jax.weights import hf_mosaic_gpt
 from flamingo_jax.weights import hf_mpt
 from flamingo_jax.weights import idefics
 from flamingo_jax.weights import mapping
@@ -81,8 +94,9 @@ from flamingo_jax.weights import timm_nfnet
 from flamingo_jax.weights import torch_file
 
 SOURCES = {m.KIND: m for m in (hf_clip, open_clip, nfnet_npz, timm_nfnet,
-                                hf_llama, hf_gpt_neox, hf_mpt, hf_gpt2,
-                                open_flamingo, idefics)}
+                                hf_llama, hf_gpt_neox, hf_mpt,
+                                hf_mosaic_gpt, hf_gpt2, open_flamingo,
+                                idefics)}
 DTYPES = {'float32': np.dtype(np.float32),
           'bfloat16': np.dtype(ml_dtypes.bfloat16),
           'float16': np.dtype(np.float16)}
@@ -99,6 +113,8 @@ class Converted:
   # flamingo_jax.load takes), and other config.json sections (e.g. 'eval').
   task: str = 'import'
   extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+  # Frees the inputs once the (lazy, mapping.LazyArray) params are written.
+  release: Optional[Callable[[], None]] = None
 
 
 def _model_section(vision_config: dict[str, Any]) -> dict[str, Any]:
@@ -186,6 +202,8 @@ def write_workdir(converted: Converted, workdir: str, *, kind: str,
       json.dump(config, f, indent=2)
     _say(f'Writing {workdir} ...')
     _save_params(converted.params, os.path.join(partial, 'checkpoints'), step)
+    if converted.release is not None:
+      converted.release()
     if os.path.exists(workdir):
       shutil.rmtree(workdir)
     os.rename(partial, workdir)
@@ -195,20 +213,39 @@ def write_workdir(converted: Converted, workdir: str, *, kind: str,
   return workdir
 
 
+# Bytes of parameters per orbax partial save (at least one array): small,
+# so that a part is about one array (each save adds an OCDBT file set).
+PART_BYTES = 2**26
+
+
 def _save_params(params: mapping.Params, directory: str, step: int) -> None:
-  # Handed to orbax as device arrays, each numpy output freed as it moves:
-  # orbax would otherwise make its own copy of the whole tree.
-  for leaves in params.values():
-    for name in leaves:
-      leaves[name] = jax.device_put(leaves[name])
-  state = {'step': np.asarray(step, np.int32), 'trainable': {},
-           'frozen': params}
-  checkpointer = checkpoint_lib.Checkpointer(directory, save_every=1, keep=1,
-                                             async_save=False)
-  try:
-    checkpointer.save(step, state, {'next_step': step}, force=True)
-  finally:
-    checkpointer.close()
+  """Writes the parameters part by part, each freed once written.
+
+  Parts of about PART_BYTES (at least one array) go to orbax's partial
+  saves (`checkpoint.save_in_parts`, which also takes their checksums in
+  host memory, slice by slice); a `mapping.LazyArray` is filled only when
+  its part is made, so with lazy parameters (the LM sources) the model is
+  never whole in host memory.
+  """
+  def parts():
+    yield {'step': np.asarray(step, np.int32), 'trainable': {}}
+    part, size = {}, 0
+    for module in list(params):
+      leaves = params.pop(module)
+      for name in list(leaves):
+        array = leaves.pop(name)
+        if isinstance(array, mapping.LazyArray):
+          array = array.materialize()
+        part.setdefault(module, {})[name] = array
+        size += array.nbytes
+        del array
+        if size >= PART_BYTES:
+          yield {'frozen': part}
+          part, size = {}, 0
+    if part:
+      yield {'frozen': part}
+
+  checkpoint_lib.save_in_parts(directory, step, parts(), {'next_step': step})
 
 
 def peak_rss_mb() -> float:

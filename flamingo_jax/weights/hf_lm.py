@@ -1,5 +1,5 @@
 """What the Hugging Face causal-LM importers share (hf_llama, hf_gpt_neox,
-hf_mpt, hf_gpt2): reading a checkpoint directory, its config.json, the
+hf_mpt, hf_mosaic_gpt, hf_gpt2): reading a checkpoint directory, its config.json, the
 vocabulary rows, the tokenizer, and the conversion into `config.model.lm`
 and `lm/...` parameters.
 
@@ -156,14 +156,15 @@ def abstract_params(lm_config: dict[str, Any]
 
 def map_params(tensors: tensors_lib.TensorStore, lm_config: dict[str, Any],
                rules: list[mapping.Rule], ignore: list[str], *,
-               dtype: Any, what: str) -> mapping.Params:
-  """`lm/...` from the tensors; our `<EOC>` rows (no tensor) are zeros."""
+               dtype: Any, what: str, lazy: bool = False) -> mapping.Params:
+  """`lm/...` from the tensors; our `<EOC>` rows (no tensor) are zeros.
+  `lazy`: mapping.LazyArray parameters (mapping.map_tensors)."""
   abstract = abstract_params(lm_config)
   root = dict(abstract[ROOT])
   eoc = {name: root.pop(name) for name in EOC_PARAMS}
   abstract = dict(abstract, **{ROOT: root})
   params = mapping.map_tensors(tensors, rules, abstract, ignore=ignore,
-                               dtype=dtype, what=what)
+                               dtype=dtype, what=what, lazy=lazy)
   params.setdefault(ROOT, {}).update({name: np.zeros(x.shape, dtype)
                        for name, x in eoc.items()})
   return params
@@ -260,12 +261,12 @@ class Family:
     return lm_config
 
   def to_params(self, tensors: tensors_lib.TensorStore,
-                lm_config: dict[str, Any], *, dtype: Any = np.float32
-                ) -> mapping.Params:
+                lm_config: dict[str, Any], *, dtype: Any = np.float32,
+                lazy: bool = False) -> mapping.Params:
     prefix = prefix_of(tensors, self.ANCHOR, self.FAMILY)
     rules, ignore = self.rules(prefix, lm_config, lm_config['vocab_size'])
     return map_params(tensors, lm_config, rules, ignore, dtype=dtype,
-                      what=f'Hugging Face {self.FAMILY} LM')
+                      what=f'Hugging Face {self.FAMILY} LM', lazy=lazy)
 
   def convert(self, path: str, *, dtype: Any = np.float32,
               no_tokenizer: bool = False):
@@ -275,8 +276,9 @@ class Family:
     tokenizer = tokenizer_for(path, not no_tokenizer)
     vocab = tokenizer.vocab_size if tokenizer is not None else None
     lm_config = self.config_from(path, tensors, vocab_size=vocab)
-    params = self.to_params(tensors, lm_config, dtype=dtype)
-    tensors.close()
+    # Filled one parameter at a time as the workdir is written (7B-80B).
+    params = self.to_params(tensors, lm_config, dtype=dtype, lazy=True)
     return convert_lib.Converted(model={'lm': lm_config}, params=params,
                                  tokenizer=tokenizer,
-                                 inputs=[os.path.abspath(path)])
+                                 inputs=[os.path.abspath(path)],
+                                 release=tensors.close)

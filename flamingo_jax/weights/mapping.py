@@ -17,6 +17,14 @@ tensor names, the `module/param` path(s) each match fills, and a transform
 
 Stacked parameters (`hk.layer_stack`, leading [depth] axis): a rule whose
 regex has a `layer` group fills row `int(layer)` of its target.
+
+`map_tensors(..., lazy=True)` plans the same way (every problem raised
+before a byte is read) but copies nothing yet: each parameter is a
+`LazyArray`, filled from its tensors (across the shards, each tensor a
+memory map of its own) when `materialize()` is called, together with the
+parameters that share its tensors (a fused q/k/v projection), so that a
+caller writing one parameter at a time (the converter) never holds the
+whole model.
 """
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -84,6 +92,65 @@ class _Step:
   layer: Optional[int]
 
 
+class _Group:
+  """Parameters filled by the same tensors, and those tensors' steps."""
+
+  def __init__(self, store, steps: list[_Step],
+               shapes: Mapping[str, tuple[int, ...]], dtype: Any):
+    self._store, self._steps = store, steps
+    self._shapes, self._dtype = shapes, dtype
+    self._filled: Optional[dict[str, np.ndarray]] = None
+
+  def take(self, path: str) -> np.ndarray:
+    if self._filled is None:
+      self._filled = {t: np.empty(self._shapes[t], self._dtype)
+                      for t in self._shapes}
+      _copy(self._store, self._steps, self._filled, release=False)
+    return self._filled.pop(path)  # Each parameter is taken once.
+
+
+class LazyArray:
+  """A parameter that `map_tensors(lazy=True)` fills when asked."""
+
+  def __init__(self, group: _Group, path: str, shape: tuple[int, ...],
+               dtype: Any):
+    self._group, self._path = group, path
+    self.shape, self.dtype = shape, np.dtype(dtype)
+    self.nbytes = int(np.prod(shape)) * self.dtype.itemsize
+
+  def materialize(self) -> np.ndarray:
+    """The filled array (once: the group lets go of it)."""
+    return self._group.take(self._path)
+
+
+def _lazy(store, steps: list[_Step], shapes: Mapping[str, tuple[int, ...]],
+          dtype: Any) -> dict[str, LazyArray]:
+  """One LazyArray per parameter, grouped by shared tensors."""
+  owner = {path: path for path in shapes}  # Union-find over the targets.
+
+  def find(path):
+    while owner[path] != path:
+      owner[path] = owner[owner[path]]
+      path = owner[path]
+    return path
+
+  for step in steps:
+    for target in step.targets[1:]:
+      owner[find(target)] = find(step.targets[0])
+  members: dict[str, list[str]] = {}
+  for path in shapes:
+    members.setdefault(find(path), []).append(path)
+  group_steps: dict[str, list[_Step]] = {}
+  for step in steps:
+    group_steps.setdefault(find(step.targets[0]), []).append(step)
+  lazy = {}
+  for root, paths in members.items():
+    group = _Group(store, group_steps.get(root, []),
+                   {p: shapes[p] for p in paths}, dtype)
+    lazy.update({p: LazyArray(group, p, shapes[p], dtype) for p in paths})
+  return lazy
+
+
 def _split_path(path: str) -> tuple[str, str]:
   module, _, name = path.rpartition('/')
   return module, name
@@ -104,6 +171,7 @@ def map_tensors(
     ignore: Iterable[str] = (),
     dtype: Any = np.float32,
     what: str = 'checkpoint',
+    lazy: bool = False,
 ) -> Params:
   """Fills a parameter tree shaped like `abstract` from `store`.
 
@@ -116,9 +184,12 @@ def map_tensors(
       unused.
     dtype: the dtype of every output array.
     what: names the checkpoint and its family in messages.
+    lazy: return `LazyArray`s, filled on `materialize()` (see the module
+      docstring); `store` must stay open until then.
 
   Returns:
-    {module: {param: np.ndarray}}, every parameter of `abstract` filled.
+    {module: {param: np.ndarray}}, every parameter of `abstract` filled
+    (or a LazyArray).
 
   Raises:
     CheckpointMismatchError: see the module docstring.
@@ -130,8 +201,11 @@ def map_tensors(
                           [re.compile(p) for p in ignore])
   if problems:
     raise CheckpointMismatchError(_report(what, store, problems))
-  outputs = {path: np.empty(shape, dtype) for path, shape in shapes.items()}
-  _copy(store, steps, outputs)
+  if lazy:
+    outputs = _lazy(store, steps, shapes, dtype)
+  else:
+    outputs = {path: np.empty(shape, dtype) for path, shape in shapes.items()}
+    _copy(store, steps, outputs)
   params: Params = {}
   for path, array in outputs.items():
     module, name = _split_path(path)
@@ -238,12 +312,13 @@ def _report(what: str, store: tensors_lib.TensorStore,
 
 
 def _copy(store: tensors_lib.TensorStore, steps: list[_Step],
-          outputs: dict[str, np.ndarray]) -> None:
-  """Reads, transforms and writes each tensor; one group open at a time."""
+          outputs: dict[str, np.ndarray], release: bool = True) -> None:
+  """Reads, transforms and writes each tensor; one group open at a time
+  (`release`: each group released when done)."""
   current = None
   for step in steps:
     group = store.info(step.name).group
-    if current is not None and group != current:
+    if current is not None and group != current and release:
       store.release(current)
     current = group
     outs = step.rule.transform(store[step.name])
@@ -253,5 +328,5 @@ def _copy(store: tensors_lib.TensorStore, steps: list[_Step],
         outputs[target][...] = out
       else:
         outputs[target][step.layer] = out
-  if current is not None:
+  if current is not None and release:
     store.release(current)

@@ -28,8 +28,10 @@ What each input holds (open_flamingo 2.0.1, `src/flamingo.py`,
       (`open_clip`); OpenFlamingo feeds the resampler the last block's patch
       tokens (`--tokens=last_block`, open_clip < 2.23).
   --lm  the LM's Hugging Face directory (config.json, weights, tokenizer):
-      MPT (`hf_mpt`), GPT-NeoX / RedPajama-INCITE (`hf_gpt_neox`), LLaMA
-      (`hf_llama`), GPT-2 (`hf_gpt2`), from its config.json's model_type.
+      MPT (`hf_mpt`), MosaicGPT / MPT-1B (`hf_mosaic_gpt`: OpenFlamingo-3B's
+      mpt-1b-redpajama-200b), GPT-NeoX / RedPajama-INCITE (`hf_gpt_neox`),
+      LLaMA (`hf_llama`), GPT-2 (`hf_gpt2`), from its config.json's
+      model_type.
 
 The LM is assembled as OpenFlamingo's `load_state_dict(strict=False)` does:
 the LM directory's tensors, `resize_token_embeddings(len(tokenizer))`,
@@ -44,6 +46,9 @@ Name map (i: resampler layer; j: LM layer with a cross-attention block, row
   perceiver.latents                        perceiver_resampler/latents
   perceiver.frame_embs [F, D]              perceiver_resampler/
                                            time_embeddings (zeros if absent)
+  perceiver.media_time_embs [M, 1, D]      perceiver_resampler/
+                                           media_time_embeddings [M, D]
+                                           (max_media = M; none if absent)
   perceiver.layers.i.0.norm_media          layer_i/features_norm
   perceiver.layers.i.0.norm_latents        layer_i/latents_norm
   perceiver.layers.i.0.to_q / to_kv / to_out  layer_i/attention/query /
@@ -60,8 +65,9 @@ Name map (i: resampler layer; j: LM layer with a cross-attention block, row
 Heads are not in the shapes: OpenFlamingo's `PerceiverResampler` and
 `GatedCrossAttentionBlock` have 8 heads of 64 (`--resampler_heads`,
 `--xattn_heads` for another build). `cross_attn_every_n_layers` is read from
-which LM layers hold a block. `perceiver.media_time_embs` (no released model
-has them) is refused. OpenFlamingo's text before the first `<image>` sees
+which LM layers hold a block. `perceiver.media_time_embs` (`max_num_media`;
+no released model has them) are read; the slots of a sample beyond their M
+rows are then refused (open_flamingo fails on them). OpenFlamingo's text before the first `<image>` sees
 no image ('last_image', `only_attend_immediate_media=True`, its default).
 """
 
@@ -78,6 +84,7 @@ from flamingo_jax.weights import hf_gpt2
 from flamingo_jax.weights import hf_gpt_neox
 from flamingo_jax.weights import hf_llama
 from flamingo_jax.weights import hf_lm
+from flamingo_jax.weights import hf_mosaic_gpt
 from flamingo_jax.weights import hf_mpt
 from flamingo_jax.weights import mapping
 from flamingo_jax.weights import open_clip
@@ -88,9 +95,11 @@ SUMMARY = ("OpenFlamingo's checkpoint.pt + its CLIP tower (--vision) + its "
            'Hugging Face LM (--lm): a whole Flamingo that load() takes')
 
 VISION_SOURCES = {m.KIND: m for m in (hf_clip, open_clip)}
-LM_SOURCES = {m.KIND: m for m in (hf_mpt, hf_gpt_neox, hf_llama, hf_gpt2)}
-_LM_FAMILIES = {'mpt': 'hf_mpt', 'gpt_neox': 'hf_gpt_neox',
-                'llama': 'hf_llama', 'gpt2': 'hf_gpt2'}
+LM_SOURCES = {m.KIND: m for m in (hf_mpt, hf_mosaic_gpt, hf_gpt_neox,
+                                   hf_llama, hf_gpt2)}
+_LM_FAMILIES = {'mpt': 'hf_mpt', 'mosaic_gpt': 'hf_mosaic_gpt',
+                'gpt_neox': 'hf_gpt_neox', 'llama': 'hf_llama',
+                'gpt2': 'hf_gpt2'}
 
 # open_flamingo 2.0.1's fixed sizes (helpers.py defaults).
 HEADS = 8
@@ -242,7 +251,10 @@ def rules() -> list[mapping.Rule]:
   `xattn.<row>.<rest>` (`to_params` renames them)."""
   root, layer = 'perceiver_resampler', r'perceiver\.layers\.(?P<i>\d+)\.'
   table = [mapping.Rule(r'perceiver\.latents', f'{root}/latents'),
-           mapping.Rule(r'perceiver\.frame_embs', f'{root}/time_embeddings')]
+           mapping.Rule(r'perceiver\.frame_embs', f'{root}/time_embeddings'),
+           mapping.Rule(r'perceiver\.media_time_embs',
+                        f'{root}/media_time_embeddings',
+                        lambda x: x.reshape(x.shape[0], x.shape[-1]))]
   table += _norm(r'perceiver\.norm', f'{root}/output_norm')
   attention = f'{root}/layer_{{i}}/attention'
   table += _norm(rf'{layer}0\.norm_media', f'{root}/layer_{{i}}/features_norm')
@@ -285,8 +297,7 @@ def _lm_source(path: str):
   if model_type not in _LM_FAMILIES:
     raise ValueError(
         f'{config}: model_type {model_type!r} is none of the LM families '
-        f'read here ({sorted(_LM_FAMILIES)}); OpenFlamingo-3B\'s '
-        'mpt-1b-redpajama-200b (MosaicGPT) is not yet.')
+        f'read here ({sorted(_LM_FAMILIES)}).')
   return LM_SOURCES[_LM_FAMILIES[model_type]]
 
 
@@ -294,7 +305,8 @@ def model_config(vision: dict[str, Any], lm: dict[str, Any], *,
                  resampler_width: int, resampler_layers: int,
                  resampler_inner: int, num_latents: int, max_frames: int,
                  xattn_inner: int, every: int, resampler_heads: int,
-                 xattn_heads: int, attend: str) -> dict[str, Any]:
+                 xattn_heads: int, attend: str,
+                 max_media: Optional[int] = None) -> dict[str, Any]:
   """The 'openflamingo' variant of models/flamingo.py at these sizes."""
   for what, inner, heads in (('resampler', resampler_inner, resampler_heads),
                              ('cross-attention', xattn_inner, xattn_heads)):
@@ -311,6 +323,8 @@ def model_config(vision: dict[str, Any], lm: dict[str, Any], *,
       num_heads=resampler_heads, head_size=resampler_inner // resampler_heads,
       num_latents=num_latents, max_frames=max_frames,
       ffw_multiplier=FFW_MULTIPLIER)
+  if max_media is not None:
+    config['resampler']['max_media'] = max_media
   config['xattn'].update(
       every=every, attend=attend, num_heads=xattn_heads,
       head_size=xattn_inner // xattn_heads, ffw_multiplier=FFW_MULTIPLIER)
@@ -418,9 +432,6 @@ def convert(path: str, *, dtype: Any = np.float32,
   checkpoint = read(path, torch_backend)
   source = checkpoint.source
   resampler_names, lm_names, xattn_names = split(checkpoint)
-  if 'perceiver.media_time_embs' in resampler_names:
-    raise ValueError(f'{source} has perceiver.media_time_embs (a temporal '
-                     'embedding per medium of a sample): not supported.')
   shape = lambda n: (checkpoint.info(resampler_names[n]).shape
                      if n in resampler_names else None)
   latents = shape('perceiver.latents')
@@ -442,6 +453,7 @@ def convert(path: str, *, dtype: Any = np.float32,
         f'{source}: no gated_cross_attn_layer.attn.to_q.weight at LM layer '
         f'{min(xattn_names)}.')
   frames = shape('perceiver.frame_embs')
+  media_rows = shape('perceiver.media_time_embs')
   config = model_config(
       vision_config, lm_config, resampler_width=latents[1],
       resampler_layers=len({n.split('.')[2] for n in resampler_names
@@ -450,7 +462,7 @@ def convert(path: str, *, dtype: Any = np.float32,
       max_frames=frames[0] if frames else 1,
       xattn_inner=checkpoint.info(first['attn.to_q.weight']).shape[0],
       every=every, resampler_heads=resampler_heads, xattn_heads=xattn_heads,
-      attend=attend)
+      attend=attend, max_media=media_rows[0] if media_rows else None)
   params.update(_own_params(checkpoint, resampler_names, xattn_names, config,
                             every, dtype))
   checkpoint.close()

@@ -24,6 +24,8 @@ FAMILY_CONFIGS = {
     'mpt': lm_layout.family_config('mpt', **dict(SIZES, num_heads=2,
                                                  head_size=16)),
     'gpt2': lm_layout.family_config('gpt2', **dict(SIZES, max_positions=40)),
+    # MPT-1B's: MPT with LayerNorms on the queries and keys.
+    'mosaic_gpt': lm_layout.family_config('mosaic_gpt', **SIZES),
 }
 
 
@@ -94,6 +96,11 @@ def test_parameters_of_each_layout():
   assert set(mpt[f'{block}/ffw_norm']) == {'scale'}  # LayerNorm, no bias.
   gpt2 = _lm_params(FAMILY_CONFIGS['gpt2'])
   assert gpt2['lm/position_embed']['embeddings'].shape == (40, 32)
+  assert not any('q_norm' in m for m in (*llama, *neox, *mpt, *gpt2))
+  mosaic = _lm_params(FAMILY_CONFIGS['mosaic_gpt'])
+  for norm in ('q_norm', 'k_norm'):  # Over all heads' features, no bias.
+    assert jax.tree.map(jnp.shape, mosaic[f'{block}/self_attention/{norm}']
+                        ) == {'scale': (2, 32)}
 
 
 def test_tied_embeddings_read_the_table():
@@ -152,6 +159,8 @@ def test_bad_layouts_are_named():
     _lm_params(dict(FAMILY_CONFIGS['llama_gqa'], num_kv_heads=3))
   with pytest.raises(ValueError, match="positions='relative'"):
     _lm_params(dict(SIZES, use_bias=True))
+  with pytest.raises(ValueError, match='no query/key norms'):
+    _lm_params(dict(SIZES, qk_norm=True))
   with pytest.raises(ValueError, match="Unknown lm positions 'sinusoid'"):
     _lm_params(dict(SIZES, positions='sinusoid'))
   with pytest.raises(ValueError, match='past the 40 rows'):

@@ -181,3 +181,27 @@ def test_unknown_type_raises():
   f = _transformed(resampler_type='lstm')
   with pytest.raises(ValueError, match='lstm'):
     f.init(jax.random.PRNGKey(0), jnp.zeros((1, 1, 5, 24)))
+
+
+def test_media_time_embeddings_add_the_slots_row():
+  """OpenFlamingo's `max_num_media`: the medium in slot n gets row n of
+  `media_time_embeddings` on every token, before the layers (the same as
+  resampling features that already carry it)."""
+  with_media = hk.transform(lambda x, s: resampler.PerceiverResampler(
+      **TINY, max_media=3)(x, s))
+  features = _features((2, 2, 5, TINY_WIDTH))  # No input projection.
+  slots = jnp.array([0, 2])
+  params = with_media.init(jax.random.PRNGKey(0), features, slots)
+  table = params['perceiver_resampler']['media_time_embeddings']
+  assert table.shape == (3, TINY_WIDTH)
+  plain = {k: {n: v for n, v in leaves.items()
+               if n != 'media_time_embeddings'}
+           for k, leaves in params.items()}
+  out = with_media.apply(params, None, features, slots)
+  expected = _transformed().apply(
+      plain, None, features + table[slots][:, None, None, :])
+  np.testing.assert_allclose(out, expected, atol=1e-5)
+  assert np.abs(out - with_media.apply(params, None, features,
+                                       slots[::-1])).max() > 1e-3
+  with pytest.raises(ValueError, match='needs each medium'):
+    with_media.apply(params, None, features, None)

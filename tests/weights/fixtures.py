@@ -71,6 +71,15 @@ HF_LMS = {
 }
 
 
+# MosaicGPT (MPT-1B's remote code `mosaic_gpt.py`, restated in torch by
+# mosaic_gpt_reference.py: q/k LayerNorms, no biases, ALiBi over 4 heads,
+# its head count a power of two), stored as MPT-1B is: a bfloat16
+# pytorch_model.bin with config.json (MPT-1B's fields at these sizes).
+# `expected.npz` as for HF_LMS, the greedy tokens through its cache.
+MOSAIC_GPT = dict(vocab_size=LM_VOCAB, d_model=32, n_heads=4, n_layers=2,
+                  max_seq_len=64)
+
+
 def lm_tokens(seed: int) -> np.ndarray:
   """[BATCH, 11] int64 token ids made from `seed`."""
   return np.random.default_rng(seed).integers(0, LM_VOCAB, (BATCH, 11))
@@ -131,13 +140,22 @@ OF_EVERY = 2  # cross_attn_every_n_layers.
 OF_NEOX = dict(vocab_size=48, hidden_size=24, intermediate_size=48,
                num_hidden_layers=2, num_attention_heads=3, rotary_pct=0.5,
                bos_token_id=0, eos_token_id=0)
+# A third, testdata/open_flamingo_mosaic_gpt/: OpenFlamingo-3B's shape,
+# MPT-1B's MosaicGPT (mosaic_gpt_reference.py; q/k LayerNorms, no biases)
+# as a bfloat16 pytorch_model.bin, cross-attention before every block.
+OF_MOSAIC_GPT = dict(vocab_size=48, d_model=24, n_heads=4, n_layers=2,
+                     max_seq_len=128)
 # name: (transformers config, model, kwargs, LM folder, decoder layers,
-#        cross_attn_every_n_layers, checkpoint.pt dtype).
+#        cross_attn_every_n_layers, checkpoint.pt dtype); MosaicGPT has no
+#        transformers classes (mosaic_gpt_reference.py).
 OPEN_FLAMINGOS = {
     'open_flamingo': ('MptConfig', 'MptForCausalLM', OF_MPT, 'mpt',
                       'transformer.blocks', OF_EVERY, 'float32'),
     'open_flamingo_neox': ('GPTNeoXConfig', 'GPTNeoXForCausalLM', OF_NEOX,
                            'gpt_neox', 'gpt_neox.layers', 1, 'bfloat16'),
+    'open_flamingo_mosaic_gpt': (None, 'MosaicGPT', OF_MOSAIC_GPT,
+                                 'mpt-1b-redpajama-200b',
+                                 'transformer.blocks', 1, 'float32'),
 }
 OF_WORDS = ('<|endoftext|>', 'Output', ':', 'a', 'the', 'cat', 'dog', 'red',
             'blue', 'sits', 'runs', 'on', 'in', 'mat', 'grass', 'ball',

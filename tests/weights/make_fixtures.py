@@ -10,7 +10,8 @@ torch (tests/weights/test_parity.py).
 Needs the `[parity]` extra (torch, transformers, timm, open_clip_torch,
 dill; timm and open_clip need torchvision; the Hugging Face LMs,
 `--only hf_llama,hf_gpt_neox,hf_mpt,hf_gpt2`, need torch and transformers
-only; OpenFlamingo, `--only open_flamingo,open_flamingo_neox`, also open_flamingo 2.0.1
+only; MosaicGPT, `--only hf_mosaic_gpt`, torch only: its reference is
+mosaic_gpt_reference.py; OpenFlamingo, `--only open_flamingo,open_flamingo_neox`, also open_flamingo 2.0.1
 installed without its pins: see make_open_flamingo.py; IDEFICS,
 `--only idefics,idefics_float`, torch and transformers: make_idefics.py)
 and, for DeepMind's
@@ -37,7 +38,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fixtures  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 FAMILIES = ('hf_clip', 'open_clip', 'nfnet_npz', 'timm_nfnet',
-            *fixtures.HF_LMS, *fixtures.OPEN_FLAMINGOS, *fixtures.IDEFICSES)
+            *fixtures.HF_LMS, 'hf_mosaic_gpt', *fixtures.OPEN_FLAMINGOS,
+            *fixtures.IDEFICSES)
 
 
 def _fresh(name: str) -> str:
@@ -242,6 +244,34 @@ def make_hf_lm(name: str) -> None:
         prompt, max_new_tokens=fixtures.LM_STEPS,
         min_new_tokens=fixtures.LM_STEPS, do_sample=False, eos_token_id=None,
         pad_token_id=0)[0, fixtures.LM_PROMPT:]
+  np.savez_compressed(os.path.join(directory, 'expected.npz'), tokens=tokens,
+                      logits=logits.numpy().astype(np.float32),
+                      greedy=greedy.numpy())
+
+
+def make_hf_mosaic_gpt() -> None:
+  """A tiny random MosaicGPT (MPT-1B's layout) as MPT-1B is published."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import mosaic_gpt_reference  # pylint: disable=g-import-not-at-top
+  directory = _fresh('hf_mosaic_gpt')
+  config = mosaic_gpt_reference.config(**fixtures.MOSAIC_GPT)
+  torch.manual_seed(0)
+  model = mosaic_gpt_reference.MosaicGPT(config).init_weights().eval()
+  _randomise_torch(model, 9, torch.bfloat16)
+  torch.save({k: v.to(torch.bfloat16) for k, v in model.state_dict().items()},
+             os.path.join(directory, 'pytorch_model.bin'))
+  with open(os.path.join(directory, 'config.json'), 'w') as f:
+    json.dump(config, f, indent=1)
+  tokens = fixtures.lm_tokens(seed=10)
+  prompt = torch.from_numpy(tokens[:1, :fixtures.LM_PROMPT])
+  with torch.no_grad():
+    logits = model(torch.from_numpy(tokens)).logits
+    greedy = model.greedy(prompt, fixtures.LM_STEPS)
+    # The cache changes nothing: the same tokens by whole forward passes.
+    ids = prompt
+    for _ in range(fixtures.LM_STEPS):
+      ids = torch.cat([ids, model(ids).logits[:, -1:].argmax(-1)], dim=1)
+    assert ids[0, fixtures.LM_PROMPT:].tolist() == greedy.tolist()
   np.savez_compressed(os.path.join(directory, 'expected.npz'), tokens=tokens,
                       logits=logits.numpy().astype(np.float32),
                       greedy=greedy.numpy())

@@ -13,10 +13,21 @@ at the tiny configuration of fixtures.py (`OF_*`):
           is checked by the open_clip fixture).
   LM      transformers' `MptForCausalLM` (open_flamingo/) or
           `GPTNeoXForCausalLM` (open_flamingo_neox/, checkpoint.pt in
-          bfloat16) with a word-level tokenizer.json,
+          bfloat16), or MPT-1B's MosaicGPT (open_flamingo_mosaic_gpt/:
+          OpenFlamingo-3B's LM, restated by mosaic_gpt_reference.py, stored
+          as a bfloat16 pytorch_model.bin, cross-attention before every
+          block as in OpenFlamingo-3B) with a word-level tokenizer.json,
           extended as open_flamingo's `create_model_and_transforms` does:
           markers added to the tokenizer, `FlamingoLMMixin`, decoder layers
           `transformer.blocks`, `resize_token_embeddings(len(tokenizer))`.
+
+MosaicGPT has no `generate` here (its remote code has transformers'):
+open_flamingo's `Flamingo.generate` is followed step by step instead, as
+transformers' greedy search drives it with MosaicGPT's
+`prepare_inputs_for_generation`: media cached (`_use_cached_vision_x`,
+`_encode_vision_x`), the prompt, then each new token alone with the
+`past_key_values` and an all-ones `attention_mask`, stopping after
+`<|endofchunk|>` (its `eos_token_id`) or OF_NEW_TOKENS tokens.
 
 Two adaptations, both outside open_flamingo's code:
   - `open_flamingo/__init__.py` imports its factory, which imports open_clip
@@ -57,6 +68,7 @@ import json
 import os
 import sys
 import types
+from typing import Optional
 
 import numpy as np
 
@@ -136,9 +148,39 @@ def _trainable_state(model):
           and 'vision_encoder' not in k}
 
 
-def make(directory: str, name: str = 'open_flamingo', seed: int = 31) -> None:
+def _generate_with_cache(model, vision_x, lang_x, eoc_id):
+  """open_flamingo's `Flamingo.generate` (greedy, one beam) over an LM
+  without transformers' `generate`: see the module docstring."""
+  import torch  # pylint: disable=g-import-not-at-top
+  lm = model.lang_encoder
+  lm._use_cached_vision_x = True  # pylint: disable=protected-access
+  model._encode_vision_x(vision_x=vision_x)  # pylint: disable=protected-access
+  mask = torch.ones_like(lang_x)
+  out = lm(input_ids=lang_x, attention_mask=mask, use_cache=True)
+  tokens = []
+  while len(tokens) < fixtures.OF_NEW_TOKENS:
+    token = out.logits[:, -1].argmax(-1, keepdim=True)  # [1, 1]
+    tokens.append(int(token))
+    if tokens[-1] == eoc_id:
+      break
+    mask = torch.cat([mask, torch.ones_like(token)], dim=1)
+    out = lm(input_ids=token, attention_mask=mask,
+             past_key_values=out.past_key_values, use_cache=True)
+  lm.clear_conditioned_layers()
+  lm._use_cached_vision_x = False  # pylint: disable=protected-access
+  return torch.tensor(tokens)
+
+
+# The seed of the Flamingo-level parameters per fixture (default 31): one
+# whose greedy continuation is not a single repeated token where one exists.
+SEEDS = {'open_flamingo_mosaic_gpt': 40}
+
+
+def make(directory: str, name: str = 'open_flamingo',
+         seed: Optional[int] = None) -> None:
   """Writes fixture `name` (fixtures.OPEN_FLAMINGOS) into `directory`
   (emptied by the caller)."""
+  seed = seed if seed is not None else SEEDS.get(name, 31)
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
   flamingo_class, mixin, extend_instance = _import_open_flamingo()
@@ -158,11 +200,22 @@ def make(directory: str, name: str = 'open_flamingo', seed: int = 31) -> None:
   _round(clip, 1)
   clip.save_pretrained(clip_dir)
 
-  lm = getattr(transformers, model_class)(
-      getattr(transformers, config_class)(**lm_kwargs)).eval()
-  _round(lm, 2)
-  lm.to(torch.bfloat16).save_pretrained(lm_dir)
-  lm.to(torch.float32)
+  if model_class == 'MosaicGPT':
+    import mosaic_gpt_reference  # pylint: disable=g-import-not-at-top
+    lm_config = mosaic_gpt_reference.config(**lm_kwargs)
+    lm = mosaic_gpt_reference.MosaicGPT(lm_config).init_weights().eval()
+    _round(lm, 2)
+    os.makedirs(lm_dir)
+    torch.save({k: v.to(torch.bfloat16) for k, v in lm.state_dict().items()},
+               os.path.join(lm_dir, 'pytorch_model.bin'))
+    with open(os.path.join(lm_dir, 'config.json'), 'w') as f:
+      json.dump(lm_config, f, indent=1)
+  else:
+    lm = getattr(transformers, model_class)(
+        getattr(transformers, config_class)(**lm_kwargs)).eval()
+    _round(lm, 2)
+    lm.to(torch.bfloat16).save_pretrained(lm_dir)
+    lm.to(torch.float32)
   for extra in ('generation_config.json',):
     if os.path.exists(os.path.join(lm_dir, extra)):
       os.remove(os.path.join(lm_dir, extra))
@@ -216,10 +269,13 @@ def make(directory: str, name: str = 'open_flamingo', seed: int = 31) -> None:
   lang_x = torch.tensor([ids])
   with torch.no_grad():
     logits = model(vision_x, lang_x).logits[0]  # [L, V]
-    generated = model.generate(
-        vision_x, lang_x, attention_mask=torch.ones_like(lang_x),
-        max_new_tokens=fixtures.OF_NEW_TOKENS, num_beams=1, do_sample=False,
-        pad_token_id=tokenizer.pad_token_id)[0, len(ids):]
+    if hasattr(model.lang_encoder, 'generate'):
+      generated = model.generate(
+          vision_x, lang_x, attention_mask=torch.ones_like(lang_x),
+          max_new_tokens=fixtures.OF_NEW_TOKENS, num_beams=1,
+          do_sample=False, pad_token_id=tokenizer.pad_token_id)[0, len(ids):]
+    else:
+      generated = _generate_with_cache(model, vision_x, lang_x, eoc_id)
   greedy = generated.numpy()
   # flamingo_jax's generation bans <image> and <PAD> and also stops at
   # <|endoftext|>: a continuation with them would not compare like for like.
@@ -237,6 +293,10 @@ def make(directory: str, name: str = 'open_flamingo', seed: int = 31) -> None:
                transformers.__version__, 'torch': torch.__version__,
                'seed': seed, 'eoc_id': eoc_id, 'image_id': image_id,
                'cross_attn_every_n_layers': every, 'lm': model_class,
+               'generate': ('Flamingo.generate' if hasattr(
+                   model.lang_encoder, 'generate') else
+                            'Flamingo.generate step by step (module '
+                            'docstring)'),
                'prompt': prompt, 'greedy_text': tokenizer.decode(greedy)},
               f, indent=1)
   print('greedy', greedy, repr(tokenizer.decode(greedy)))

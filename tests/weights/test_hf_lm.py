@@ -2,8 +2,9 @@
 MPT, GPT-2 at the tiny configurations of fixtures.HF_LMS, fresh random
 weights in float32, saved with `save_pretrained` (LLaMA sharded), imported
 and compared logit for logit; config mapping, errors, the tokenizer and
-the convert CLI. (test_parity.py checks the committed fixtures without
-torch, greedy generation included.)
+the convert CLI; MPT-1B's MosaicGPT against its torch restatement
+(mosaic_gpt_reference.py), with and without biases. (test_parity.py checks
+the committed fixtures without torch, greedy generation included.)
 
 Needs torch and transformers (the `[parity]` extra); skipped without them.
 """
@@ -147,3 +148,31 @@ def test_convert_cli_fits_the_rows_to_the_tokenizer(saved, tmp_path):
   stop_ids, banned_ids = generate.special_ids(tok, tok.vocab_size)
   assert stop_ids == (tok.eoc_id, 0)
   assert set(banned_ids) == {tok.pad_id, tok.image_id, tok.vocab_size}
+
+
+@pytest.mark.parametrize('no_bias', [False, True])
+def test_mosaic_gpt_against_its_restatement(no_bias, tmp_path):
+  """MPT-1B's MosaicGPT (tests/weights/mosaic_gpt_reference.py), fresh and
+  random in float32, as pytorch_model.bin: with `no_bias: false` every
+  Linear and LayerNorm (q_ln, k_ln included) keeps its bias."""
+  from tests.weights import mosaic_gpt_reference  # pylint: disable=g-import-not-at-top
+  from flamingo_jax.weights import hf_mosaic_gpt  # pylint: disable=g-import-not-at-top
+  config = mosaic_gpt_reference.config(**dict(fixtures.MOSAIC_GPT,
+                                               no_bias=no_bias))
+  torch.manual_seed(5)
+  model = mosaic_gpt_reference.MosaicGPT(config).eval()
+  with torch.no_grad():
+    for param in model.parameters():
+      param.add_(0.05 * torch.randn_like(param))
+  torch.save(model.state_dict(), tmp_path / 'pytorch_model.bin')
+  (tmp_path / 'config.json').write_text(json.dumps(config))
+  store = hf_mosaic_gpt.read(str(tmp_path))
+  lm_config = hf_mosaic_gpt.config_from(str(tmp_path), store)
+  assert lm_config['use_bias'] == lm_config['norm_bias'] == (not no_bias)
+  assert any(n.endswith('q_ln.bias') for n in store) == (not no_bias)
+  tokens = np.random.default_rng(4).integers(0, VOCAB, (2, 11))
+  with torch.no_grad():
+    theirs = model(torch.from_numpy(tokens)).logits.numpy()
+  ours = lm_logits(lm_config, hf_mosaic_gpt.to_params(store, lm_config),
+                   tokens)
+  assert relative_difference(ours[..., :VOCAB], theirs) <= TOLERANCE

@@ -2,7 +2,9 @@
 
 testdata/open_flamingo/ (make_open_flamingo.py) holds what a user
 downloads, at a tiny random size: checkpoint.pt as OpenFlamingo's training
-saves it, the CLIP tower's and the MPT LM's Hugging Face folders, and
+saves it, the CLIP tower's and the LM's Hugging Face folders (MPT;
+open_flamingo_neox/: GPT-NeoX; open_flamingo_mosaic_gpt/: OpenFlamingo-3B's
+MosaicGPT, MPT-1B's layout, as a pytorch_model.bin), and
 open_flamingo's own outputs: fp32 logits on a few-shot captioning prompt
 and its greedy `Flamingo.generate` continuation. Here the convert CLI turns
 them into a workdir, `flamingo_jax.load` loads it, and the notebook API's
@@ -10,7 +12,10 @@ them into a workdir, `flamingo_jax.load` loads it, and the notebook API's
 by our restricted unpickler when torch is absent).
 """
 
+import importlib.util
 import os
+import sys
+import types
 
 import jax.numpy as jnp
 import numpy as np
@@ -196,3 +201,56 @@ def test_help_names_the_inputs(capsys):
   out = capsys.readouterr().out
   for option in ('--vision', '--lm', '--xattn_heads', '--max_len'):
     assert option in out
+
+
+def test_media_time_embs_are_imported(monkeypatch):
+  """`perceiver.media_time_embs` [M, 1, D] (`max_num_media`) become the
+  resampler's `media_time_embeddings` [M, D], with max_media = M."""
+  rows = np.random.default_rng(0).normal(size=[3, 1, 16]).astype(np.float32)
+  _patched_read(monkeypatch,
+                lambda a: a.update({'perceiver.media_time_embs': rows}))
+  data = fixtures.path('open_flamingo')
+  converted = convert.convert(
+      'open_flamingo', CHECKPOINT, vision=os.path.join(data, 'clip'),
+      lm=os.path.join(data, 'mpt'))
+  assert converted.model['resampler']['max_media'] == 3
+  np.testing.assert_array_equal(
+      converted.params['perceiver_resampler']['media_time_embeddings'],
+      rows[:, 0])
+
+
+def test_media_time_embs_against_open_flamingos_resampler(monkeypatch):
+  """Live, where open_flamingo and torch are installed (make_open_flamingo.py
+  says how): its PerceiverResampler with max_num_media and max_num_frames,
+  imported by our rules, on 3 media of 2 frames."""
+  torch = pytest.importorskip('torch')
+  pytest.importorskip('einops_exts')
+  if importlib.util.find_spec('open_flamingo') is None:
+    pytest.skip('open_flamingo is not installed')
+  if importlib.util.find_spec('open_clip') is None:  # Its factory's import.
+    monkeypatch.setitem(sys.modules, 'open_clip', types.ModuleType('open_clip'))
+  from open_flamingo.src import helpers  # pylint: disable=g-import-not-at-top
+  import haiku as hk  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from flamingo_jax.models import resampler  # pylint: disable=g-import-not-at-top
+  from flamingo_jax.weights import mapping  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  theirs = helpers.PerceiverResampler(dim=16, depth=2, num_latents=8,
+                                      max_num_media=3, max_num_frames=2)
+  with torch.no_grad():
+    for param in theirs.parameters():
+      param.add_(0.1 * torch.randn_like(param))
+  features = np.random.default_rng(1).normal(
+      size=[1, 3, 2, 5, 16]).astype(np.float32)  # [b, T media, F, v, D]
+  with torch.no_grad():
+    want = theirs(torch.from_numpy(features)).numpy()[0]  # [3, 8, 16]
+  ours = hk.transform(lambda x, s: resampler.PerceiverResampler(
+      num_layers=2, width=16, num_heads=8, head_size=64, num_latents=8,
+      max_frames=2, ffw_activation='gelu_exact', max_media=3)(x, s))
+  slots = np.arange(3)
+  abstract = jax.eval_shape(ours.init, jax.random.key(0), features[0], slots)
+  params = mapping.map_tensors(
+      {f'perceiver.{k}': v.numpy() for k, v in theirs.state_dict().items()},
+      open_flamingo.rules(), abstract)
+  got = ours.apply(params, None, features[0], slots)  # [3, 8, 16]
+  assert test_parity.relative_difference(got, want) <= test_parity.TOLERANCE

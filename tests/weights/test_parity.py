@@ -9,6 +9,7 @@ compared live here, and fresh random LMs in test_hf_lm.py.
 """
 
 import functools
+import json
 import os
 
 import haiku as hk
@@ -22,6 +23,7 @@ from flamingo_jax.weights import hf_clip
 from flamingo_jax.weights import hf_gpt2
 from flamingo_jax.weights import hf_gpt_neox
 from flamingo_jax.weights import hf_llama
+from flamingo_jax.weights import hf_mosaic_gpt
 from flamingo_jax.weights import hf_mpt
 from flamingo_jax.weights import nfnet_npz
 from flamingo_jax.weights import open_clip
@@ -255,7 +257,9 @@ def test_live_open_clip():
 # -- Hugging Face causal LMs (fixtures.HF_LMS) ---------------------------------
 
 HF_LM_SOURCES = {'hf_llama': hf_llama, 'hf_gpt_neox': hf_gpt_neox,
-                 'hf_mpt': hf_mpt, 'hf_gpt2': hf_gpt2}
+                 'hf_mpt': hf_mpt, 'hf_gpt2': hf_gpt2,
+                 # MPT-1B's MosaicGPT, against mosaic_gpt_reference.py.
+                 'hf_mosaic_gpt': hf_mosaic_gpt}
 
 
 def lm_logits(config, params, tokens):
@@ -287,7 +291,8 @@ def test_hf_lm(name):
 @pytest.mark.parametrize('name', sorted(HF_LM_SOURCES))
 def test_hf_lm_greedy_generation_in_flamingo(name):
   """Each imported LM (LLaMA's grouped-query attention, GPT-NeoX's rotary,
-  MPT's ALiBi, GPT-2's learned positions) inside Flamingo (gates
+  MPT's ALiBi, GPT-2's learned positions, MosaicGPT's q/k norms) inside
+  Flamingo (gates
   closed: exactly the LM), decoded greedily through the cached path
   (`Flamingo.prefill`, one `decode_step` per token), gives transformers'
   greedy tokens."""
@@ -330,3 +335,78 @@ def test_hf_lm_greedy_generation_in_flamingo(name):
     tokens.append(int(token[0, 0]))
     logits, state = step(params, None, token.astype(np.int32), state)
   assert tokens == expected['greedy'].tolist()
+
+
+# -- MosaicGPT (MPT-1B) and MPT's qk_ln -----------------------------------------
+
+# MosaicGPT's names -> MPT's (llm-foundry's remote code and transformers).
+_MPT_NAMES = (('.ln_1.', '.norm_1.'), ('.ln_2.', '.norm_2.'),
+              ('ln_f.', 'norm_f.'), ('mlp.mlp_up', 'ffn.up_proj'),
+              ('mlp.mlp_down', 'ffn.down_proj'))
+
+
+def _mosaic_gpt_copy(directory, config_update=None, rename=False,
+                     drop=()) -> str:
+  """The MosaicGPT fixture as safetensors in `directory`, its config.json
+  updated; with `rename`, in MPT's names and config (`attn_config.qk_ln`)."""
+  store = hf_mosaic_gpt.read(fixtures.path('hf_mosaic_gpt'))
+  arrays = {}
+  for name in store:
+    new = name
+    for old, mpt in _MPT_NAMES if rename else ():
+      new = new.replace(old, mpt)
+    if not any(d in new for d in drop):
+      arrays[new] = np.asarray(store[name])
+  safetensors_file.write(os.path.join(directory, 'model.safetensors'),
+                         arrays)
+  with open(fixtures.path('hf_mosaic_gpt', 'config.json')) as f:
+    config = json.load(f)
+  if rename:
+    config = dict(model_type='mpt', d_model=config['d_model'],
+                  n_heads=config['n_heads'], n_layers=config['n_layers'],
+                  max_seq_len=config['max_seq_len'],
+                  vocab_size=config['vocab_size'], no_bias=True,
+                  attn_config=dict(alibi=True, qk_ln=True))
+  config.update(config_update or {})
+  with open(os.path.join(directory, 'config.json'), 'w') as f:
+    json.dump(config, f)
+  return directory
+
+
+def test_hf_mpt_with_qk_ln_is_mosaic_gpt_renamed(tmp_path):
+  """MPT's `attn_config.qk_ln` (MosaicML's remote-code MPT; transformers'
+  MptForCausalLM has no q/k norms) maps `attn.q_ln`/`k_ln` as MosaicGPT
+  does: the MosaicGPT fixture in MPT's names gives its logits."""
+  directory = _mosaic_gpt_copy(str(tmp_path), rename=True)
+  store = hf_mpt.read(directory)
+  config = hf_mpt.config_from(directory, store)
+  assert config['qk_norm'] and not config['use_bias']
+  logits = lm_logits(config, hf_mpt.to_params(store, config),
+                     fixtures.expected_lm('hf_mosaic_gpt')['tokens'])
+  assert relative_difference(
+      logits[..., :fixtures.LM_VOCAB],
+      fixtures.expected_lm('hf_mosaic_gpt')['logits']) <= TOLERANCE
+
+
+def test_mosaic_gpt_config_and_refusals(tmp_path):
+  config = hf_mosaic_gpt.config_from(fixtures.path('hf_mosaic_gpt'))
+  assert (config['qk_norm'], config['positions'], config['norm_bias'],
+          config['use_bias'], config['tied_embeddings'],
+          config['activation'], config['ffw_hidden']) == (
+              True, 'alibi', False, False, True, 'gelu_exact', 128)
+  for update, match in (({'n_heads': 6, 'd_model': 48}, "'n_heads': 6"),
+                        ({'prefix_lm': True}, 'prefix_lm'),
+                        ({'alibi': False}, "'alibi': False"),
+                        ({'model_type': 'mpt'}, 'not a MosaicGPT')):
+    directory = tmp_path / str(len(list(tmp_path.iterdir())))
+    directory.mkdir()
+    _mosaic_gpt_copy(str(directory), update)
+    with pytest.raises(ValueError, match=match):
+      hf_mosaic_gpt.config_from(str(directory))
+  # qk_ln without the norms' tensors: named, not silently skipped.
+  directory = tmp_path / 'no_qk'
+  directory.mkdir()
+  _mosaic_gpt_copy(str(directory), rename=True, drop=('k_ln',))
+  store = hf_mpt.read(str(directory))
+  with pytest.raises(ValueError, match='k_norm'):
+    hf_mpt.to_params(store, hf_mpt.config_from(str(directory), store))
