@@ -10,16 +10,16 @@ Three checks of the byte counts, from exact to estimated:
     those that depend on the batch, i.e. not weight copies), for each remat
     policy;
   * temporaries (gradients, weight copies, saved activations and working
-    set): within 25% of XLA's `temp_size_in_bytes` on the CPU. That is the
-    honest tolerance: the saved activations are counted exactly, but the
-    rest is XLA's buffer assignment -- which intermediates it fuses away,
-    which it keeps alive together, whether it all-reduces gradients into a
-    new buffer -- and it differs between backends. On CPU the estimate came
-    within -9%..+15% of XLA on 18 fp32 variants (remat none/dots/full, batch,
-    sequence, media, data/fsdp/model/mixed meshes, one and two datasets); in
-    bf16 the CPU backend emulates bf16 arithmetic with extra fp32 buffers
-    (XLA used 1.6x the estimate), which TPUs and GPUs do not, so the
-    compiled check runs in fp32.
+    set): within 10% of XLA's `temp_size_in_bytes` on the CPU, in fp32,
+    without remat, on ZeRO-3 (2, 4, 1) and data-parallel (8, 1, 1) meshes.
+    Measured on the synthetic config (plan / XLA): (2,4,1) 1.010, (8,1,1) 1.013, (4,1,2) 1.040, (1,8,1) 0.995,
+    batch 16 1.020, sequence 64 0.998. Not within 10%: remat 'dots' 1.076
+    and 'full' 1.152 (both stacks) -- the working set of a recomputed
+    layer counts all of its 'none' residuals alive at once, where XLA
+    frees them as the layer's backward pass consumes them; an estimate
+    that errs towards not fitting. In bf16 the CPU backend emulates bf16
+    arithmetic with extra fp32 buffers (XLA used 1.6x the estimate), which
+    TPUs and GPUs do not, so the compiled check runs in fp32.
 """
 
 import json
@@ -174,11 +174,9 @@ def test_the_xattn_policy_alone_changes_the_estimate():
 # Against the compiled step.
 
 
-@pytest.fixture(scope='module')
-def compiled_fsdp_step():
-  """The synthetic tiny config's step compiled on (data 2, fsdp 4, model 1)."""
+def _compile(mesh_sizes):
+  """(plan, memory_analysis) of the synthetic tiny config's step."""
   config = synthetic.config()
-  mesh_sizes = (2, 4, 1)
   mesh = sharding.make_mesh(list(zip(memory.AXES, mesh_sizes)))
   with jax.set_mesh(mesh):
     model = loop.task_of(config).transform(config.model)
@@ -202,6 +200,12 @@ def compiled_fsdp_step():
   return planned, analysis
 
 
+@pytest.fixture(scope='module')
+def compiled_fsdp_step():
+  """The step compiled on (data 2, fsdp 4, model 1)."""
+  return _compile((2, 4, 1))
+
+
 @pytest.mark.slow
 def test_arguments_match_compiled(compiled_fsdp_step):
   planned, analysis = compiled_fsdp_step
@@ -214,7 +218,16 @@ def test_arguments_match_compiled(compiled_fsdp_step):
 def test_temporaries_within_the_stated_tolerance(compiled_fsdp_step):
   planned, analysis = compiled_fsdp_step
   assert planned.temporaries == pytest.approx(analysis.temp_size_in_bytes,
-                                              rel=0.25)
+                                              rel=0.10)
+
+
+@pytest.mark.slow
+def test_data_parallel_temporaries_within_the_stated_tolerance():
+  """One gradient buffer: the all-reduce reuses it (counting a second copy
+  overshot by 27% here)."""
+  planned, analysis = _compile((8, 1, 1))
+  assert planned.temporaries == pytest.approx(analysis.temp_size_in_bytes,
+                                              rel=0.10)
 
 
 # The chooser, on the full-size 3B config (shapes only).
