@@ -562,6 +562,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # 'fsdp' > 1 is ZeRO-3; `python -m flamingo_jax.plan` says how much.
   config.mesh = [(axis, MODEL_PARALLEL[size] if axis == 'model' else n)
                  for axis, n in sharding.DEFAULT_MESH]
+  # Or --config.auto_mesh.enabled=True: the planner's mesh, at startup.
+  config.auto_mesh = dict(sharding.AUTO_MESH)
   config.param_rules = list(sharding.FLAMINGO_PARAM_RULES)
   config.zero_axis = 'data'  # ZeRO-1: Adam moments also split over 'data'.
   config.compute_dtype = 'bfloat16'

@@ -286,3 +286,10 @@ def test_cli():
   assert out['devices'] == 8 and out['fits']
   assert out['mesh'] == [8, 1, 1]
   assert out['total'] == sum(out['bytes'].values())
+
+
+def test_local_slice_takes_the_memory_it_is_given():
+  local = slices.local_slice(jax.devices(), memory_gib=2.0)
+  assert (local.platform, local.devices, local.hbm) == ('cpu', 8, 2 * 2**30)
+  with pytest.raises(ValueError, match='config.auto_mesh.hbm_gib'):
+    slices.local_slice(jax.devices())  # The CPU reports no memory size.

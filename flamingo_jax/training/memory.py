@@ -43,6 +43,7 @@ for how close the whole estimate comes to `compiled.memory_analysis()`).
 """
 
 from collections.abc import Mapping, Sequence
+import copy
 import dataclasses
 import math
 from typing import Any, Optional
@@ -497,3 +498,54 @@ def choose_mesh(state: StateModel, slice_: slices.Slice,
       return tried[-1], tried
   return None, tried
 
+
+# ------------------------------------------------- the mesh, at startup --
+
+
+def auto_mesh(config: ml_collections.ConfigDict,
+              devices: Optional[Sequence[jax.Device]] = None
+              ) -> tuple[Plan, list[Plan]]:
+  """`choose_mesh` for the devices this run has (`config.auto_mesh`).
+
+  Memory per device is `config.auto_mesh.hbm_gib` (the chip's HBM; the
+  platform's USABLE_FRACTION of it is used), else the runtime's
+  `bytes_limit` (already net of the runtime's own and, on GPU, of JAX's
+  preallocation; 90% of it is used, for fragmentation).
+
+  Raises:
+    ValueError: no mesh of these devices fits the step.
+  """
+  devices = list(devices if devices is not None else jax.devices())
+  hbm_gib = config.get('auto_mesh', {}).get('hbm_gib', 0.0) or 0.0
+  slice_ = slices.local_slice(devices, hbm_gib)
+  usable = slices.USABLE_FRACTION[slice_.platform] if hbm_gib else 0.9
+  chosen, tried = choose_mesh(StateModel(config), slice_, usable)
+  if chosen is None:
+    raise ValueError(
+        f'No (data, fsdp, model) mesh of {slice_.name} fits the train step '
+        f'in {usable * slice_.hbm / slices.GiB:.2f} GiB per device: '
+        + '; '.join(f'{p.mesh} needs {p.total / slices.GiB:.2f} GiB'
+                    for p in tried[:8])
+        + ('' if tried else ' (no mesh divides the batch sizes)')
+        + '. Shrink the batch, add devices or remat more.')
+  return chosen, tried
+
+
+def reasons(chosen: Plan, tried: Sequence[Plan]) -> list[str]:
+  """Lines that say why the chooser took `chosen`: each plan tried, in
+  order, with its bytes per device against the usable memory."""
+  lines = [f'mesh {p.mesh} (data, fsdp, model): {p.total / slices.GiB:.3f} '
+           f'GiB per device of {p.usable / slices.GiB:.3f} usable: '
+           + ('fits' if p.fits else 'does not fit') for p in tried]
+  lines.append(f'chose {chosen.mesh}: the config\'s model degree and the '
+               'least FSDP (ZeRO-3 gathers weights every step) that fits.')
+  return lines
+
+
+def with_mesh(config: ml_collections.ConfigDict,
+              mesh: Sequence[int]) -> ml_collections.ConfigDict:
+  """A copy of `config` that trains on the (data, fsdp, model) `mesh`."""
+  config = copy.deepcopy(config)
+  with config.unlocked():
+    config.mesh = [(axis, int(size)) for axis, size in zip(AXES, mesh)]
+  return config
