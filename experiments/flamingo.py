@@ -53,7 +53,9 @@ given slice is for the planner to say, e.g.
 
 prints the mesh it chooses -- the least FSDP (ZeRO-3, the 'fsdp' axis:
 weights, gradients and moments split over it) that fits -- and the
-`--config.mesh[i]=...` overrides that train with it.
+`--config.mesh[i]=...` overrides that train with it; or train with
+`--config.auto_mesh.enabled=True` and the run makes that choice at startup
+for the devices it has.
 
 Each ablation changes only what its name says, on top of the chosen size;
 the paper ran them on Flamingo-3B. Each row carries the paper's figures

@@ -1,7 +1,8 @@
 """A gs:// workdir end to end, on a fake Cloud Storage (tests/fake_gcs.py).
 
-The smoke config's model trains 2 steps in `gs://bucket/run`, then
-`flamingo_jax.load` reads it back; the path string stays `gs://...` through
+The smoke config's model trains 2 steps in `gs://bucket/run`, with its
+data_dir, tokenizer, init_from source and TensorBoard events in the bucket
+too, then `flamingo_jax.load` reads it back; the path string stays `gs://...` through
 flamingo_jax.fs, orbax and tensorstore (which uploads over HTTP to the fake),
 and nothing may land on the local disk. Before flamingo_jax.fs the
 checkpointer made `<cwd>/gs:/bucket/run/checkpoints` of it and orbax
