@@ -82,6 +82,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.optim.warmup_steps = 10
   config.freeze = list(optim.FLAMINGO_FREEZE_RULES)
   config.mesh = list(sharding.DEFAULT_MESH)
+  config.auto_mesh = dict(sharding.AUTO_MESH)
   config.param_rules = list(sharding.FLAMINGO_PARAM_RULES)
   config.compute_dtype = 'float32'
   config.total_steps = 100

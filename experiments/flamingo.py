@@ -53,7 +53,9 @@ given slice is for the planner to say, e.g.
 
 prints the mesh it chooses -- the least FSDP (ZeRO-3, the 'fsdp' axis:
 weights, gradients and moments split over it) that fits -- and the
-`--config.mesh[i]=...` overrides that train with it.
+`--config.mesh[i]=...` overrides that train with it; or train with
+`--config.auto_mesh.enabled=True` and the run makes that choice at startup
+for the devices it has.
 
 Each ablation changes only what its name says, on top of the chosen size;
 the paper ran them on Flamingo-3B. Each row carries the paper's figures
@@ -562,6 +564,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # 'fsdp' > 1 is ZeRO-3; `python -m flamingo_jax.plan` says how much.
   config.mesh = [(axis, MODEL_PARALLEL[size] if axis == 'model' else n)
                  for axis, n in sharding.DEFAULT_MESH]
+  # Or --config.auto_mesh.enabled=True: the planner's mesh, at startup.
+  config.auto_mesh = dict(sharding.AUTO_MESH)
   config.param_rules = list(sharding.FLAMINGO_PARAM_RULES)
   config.zero_axis = 'data'  # ZeRO-1: Adam moments also split over 'data'.
   config.compute_dtype = 'bfloat16'

@@ -31,6 +31,7 @@ checkpoint is ever NaN.
 """
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
+import contextlib
 import functools
 import os
 from typing import Any, Optional
@@ -474,7 +475,11 @@ def load_params_and_step(
             restored['checksums'] if has_checksums else None)
     return restored['state']
 
-  state, step = _newest_intact(path, step, read)
+  # Host-bound reads place arrays on one device: a caller's mesh (the loop
+  # reads `init_from` inside its own) would make jit reject them.
+  with (jax.set_mesh(None) if shardings is None
+        else contextlib.nullcontext()):
+    state, step = _newest_intact(path, step, read)
   params = merge_parts(state)
   if shardings is None:
     params = jax.tree.map(np.asarray, params)

@@ -25,6 +25,7 @@ import contextlib
 import io
 import os
 import posixpath
+import shutil
 from typing import IO, Iterator
 
 from etils import epath
@@ -221,6 +222,25 @@ def write_bytes(path: PathLike, data: bytes) -> None:
 def write_text(path: PathLike, text: str) -> None:
   """`write_bytes` of UTF-8 text."""
   write_bytes(path, text.encode('utf-8'))
+
+
+def copy_tree(source: PathLike, target: PathLike) -> list[str]:
+  """Copies every file under the local directory `source` to the same
+  relative path under `target` (local or URL); returns the targets.
+
+  For writers that only reach a local disk (ArrayRecord's writer opens a
+  file descriptor), which then build locally and upload the result.
+  """
+  source, copied = os.fspath(source), []
+  for root, _, names in os.walk(source):
+    for name in sorted(names):
+      local = os.path.join(root, name)
+      parts = os.path.relpath(local, source).split(os.sep)
+      copied.append(join(target, *parts))
+      makedirs(dirname(copied[-1]))
+      with open(local, 'rb') as f, open_file(copied[-1], 'wb') as out:
+        shutil.copyfileobj(f, out)  # Streamed: shards can be large.
+  return copied
 
 
 def save_figure(fig, path: PathLike) -> None:

@@ -14,7 +14,9 @@ policy), whether that fits the chip, and the overrides that train with it.
 Nothing is allocated or compiled: the state comes from `jax.eval_shape`, the
 temporaries from the config (flamingo_jax/training/memory.py says how).
 `--mesh` plans one mesh instead of choosing. Config overrides work as for
-training (`--config.data.datasets.m3w.batch_size=64`).
+training (`--config.data.datasets.m3w.batch_size=64`). Training makes the
+same choice by itself with `--config.auto_mesh.enabled=True`
+(`loop.resolve_mesh`, for the devices it runs on).
 """
 
 import json

@@ -1,28 +1,40 @@
 """A fake Cloud Storage in one process, for gs:// workdirs without a network.
 
-One in-memory bucket store, reached the two ways a pod reaches real GCS:
+One in-memory bucket store, reached the ways a pod reaches real GCS:
   HTTP     the GCS JSON API subset that tensorstore's `gcs` driver (orbax's
-           array data) and google-cloud-storage (orbax's bucket lookup)
-           speak, served on 127.0.0.1; `FakeGcs.environment()` points them
-           at it (TENSORSTORE_GCS_HTTP_URL, STORAGE_EMULATOR_HOST) with a
-           fixed token (GOOGLE_AUTH_TOKEN_FOR_TESTING).
+           array data), google-cloud-storage (orbax's bucket lookup) and
+           google-cloud-cpp (ArrayRecord's reader: the datasets) speak,
+           served on 127.0.0.1; `FakeGcs.environment()` points them at it
+           (TENSORSTORE_GCS_HTTP_URL, STORAGE_EMULATOR_HOST,
+           CLOUD_STORAGE_EMULATOR_ENDPOINT) with a fixed token
+           (GOOGLE_AUTH_TOKEN_FOR_TESTING).
+  HTTPS    TensorFlow's own client (tf.io.gfile in C++: TensorBoard's event
+           files) has no endpoint variable; its libcurl takes `https_proxy`
+           and `CURL_CA_BUNDLE`, so a CONNECT proxy here ends the tunnel
+           itself and serves the same API over TLS, with a self-signed
+           certificate for Google's storage hosts (`_Tunnel`).
   epath    an `etils.epath` backend with object-store semantics (no real
            directories, renames are copies, no append in place), put where
            epath keeps tf.io.gfile, the backend it uses for gs:// when
-           TensorFlow is installed (`install_epath_backend`).
+           TensorFlow is installed (`install_epath_backend`); in-process, so
+           the many small files of a workdir cost no HTTP round trips.
 Every `gs://bucket/...` path string thus travels unchanged through
-flamingo_jax.fs, orbax and tensorstore; only the transport under them is
-fake. Not covered: TensorFlow's own C++ GCS client (TensorBoard's event
-files, tf.data reading TFRecords), which would need TLS.
+flamingo_jax.fs, orbax, tensorstore, TFDS and TensorFlow; only the transport
+under them is fake.
 """
 
 import contextlib
+import datetime
 import fnmatch
 import http.server
 import io
 import json
 import os
 import posixpath
+import shutil
+import socketserver
+import ssl
+import tempfile
 import threading
 import time
 from typing import Any, Iterator, Optional
@@ -41,6 +53,7 @@ class Store:
     self.lock = threading.Lock()
     self._generation = 0
     self.requests: list[str] = []  # 'METHOD path' of each HTTP request.
+    self.sessions: list[tuple[str, str]] = []  # Resumable uploads' targets.
 
   def put(self, bucket: str, name: str, data: bytes) -> int:
     with self.lock:
@@ -100,6 +113,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
   def _route(self):
     url = parse.urlsplit(self.path)
     query = dict(parse.parse_qsl(url.query))
+    if self.headers.get('Host', '').startswith('storage.googleapis.com'):
+      # TensorFlow reads object data from the XML host: /bucket/name.
+      bucket, _, name = url.path[1:].partition('/')
+      return False, bucket, ['o', name], parse.unquote(name), {
+          **query, 'alt': 'media'}
     parts = url.path.split('/')
     # ['', ('upload'), 'storage', 'v1', 'b', bucket, ('o', (name))]
     upload = parts[1] == 'upload'
@@ -112,6 +130,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     return upload, bucket, rest, name, query
 
   def _body(self) -> bytes:
+    if self.headers.get('Transfer-Encoding', '').lower() == 'chunked':
+      chunks = []  # TensorFlow's uploads: '<hex size>\r\n<data>\r\n'... '0'.
+      while size := int(self.rfile.readline().split(b';')[0], 16):
+        chunks.append(self.rfile.read(size))
+        self.rfile.readline()
+      while self.rfile.readline() not in (b'\r\n', b'\n', b''):
+        pass  # Trailers.
+      return b''.join(chunks)
     length = int(self.headers.get('Content-Length') or 0)
     return self.rfile.read(length) if length else b''
 
@@ -190,9 +216,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     if route is None or not route[0] or route[2] != ['o']:
       return self._json(404, {'error': {'code': 404}})
     _, bucket, _, _, query = route
+    if query.get('uploadType') == 'resumable' and query.get('name'):
+      return self._start_resumable(bucket, query['name'])
     if query.get('uploadType') != 'media' or not query.get('name'):
       return self._json(400, {'error': {'code': 400, 'message':
-                                        'only uploadType=media'}})
+                                        'only uploadType=media|resumable'}})
     name = query['name']
     entry = self.store.get(bucket, name)
     if 'ifGenerationMatch' in query:
@@ -201,6 +229,35 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                                                  or entry[1] != wanted)):
         return self._reply(412)
     self.store.put(bucket, name, body)
+    self._json(200, _metadata(bucket, name, self.store.get(bucket, name)))
+
+  # Resumable uploads (TensorFlow's client): POST opens a session at the
+  # Location it is given, one PUT with the whole body completes it (TF
+  # uploads a file whole at each flush), `Content-Range: bytes */N` asks.
+  def _start_resumable(self, bucket: str, name: str) -> None:
+    with self.store.lock:
+      self.store.sessions.append((bucket, name))
+      upload_id = len(self.store.sessions) - 1
+    host = self.headers.get('Host', 'www.googleapis.com')
+    self._reply(200, headers={
+        'Location': f'https://{host}/upload/storage/v1/b/{bucket}/o'
+                    f'?uploadType=resumable&upload_id={upload_id}'})
+
+  def do_PUT(self):  # pylint: disable=invalid-name
+    content_range = self.headers.get('Content-Range', '')
+    self.store.requests.append(f'PUT {self.path} {content_range}')
+    body = self._body()
+    query = dict(parse.parse_qsl(parse.urlsplit(self.path).query))
+    if 'upload_id' not in query:
+      return self._json(404, {'error': {'code': 404}})
+    bucket, name = self.store.sessions[int(query['upload_id'])]
+    if content_range.startswith('bytes */'):  # A status query.
+      if self.store.get(bucket, name) is None:
+        return self._reply(308)  # Nothing received yet.
+    elif content_range.rpartition('/')[2] != str(len(body)):
+      return self._reply(400)  # Only whole-body uploads here.
+    else:
+      self.store.put(bucket, name, body)
     self._json(200, _metadata(bucket, name, self.store.get(bucket, name)))
 
   def do_DELETE(self):  # pylint: disable=invalid-name
@@ -402,6 +459,65 @@ class Backend(backend_lib.Backend):
                                  mode=None)
 
 
+# -- HTTPS: TensorFlow's own GCS client ---------------------------------------
+
+
+def _self_signed(directory: str) -> tuple[str, str]:
+  """A certificate for Google's storage hosts, and its key (PEM files)."""
+  # pylint: disable=g-import-not-at-top
+  from cryptography import x509
+  from cryptography.hazmat.primitives import hashes
+  from cryptography.hazmat.primitives import serialization
+  from cryptography.hazmat.primitives.asymmetric import ec
+  from cryptography.x509.oid import NameOID
+  # pylint: enable=g-import-not-at-top
+  key = ec.generate_private_key(ec.SECP256R1())
+  name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, 'fake gcs')])
+  now = datetime.datetime.now(datetime.timezone.utc)
+  cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+          .public_key(key.public_key())
+          .serial_number(x509.random_serial_number())
+          .not_valid_before(now - datetime.timedelta(days=1))
+          .not_valid_after(now + datetime.timedelta(days=1))
+          .add_extension(x509.SubjectAlternativeName(
+              [x509.DNSName(h) for h in TLS_HOSTS]), critical=False)
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None),
+                         critical=True)
+          .sign(key, hashes.SHA256()))
+  cert_path = os.path.join(directory, 'cert.pem')
+  key_path = os.path.join(directory, 'key.pem')
+  with open(cert_path, 'wb') as f:
+    f.write(cert.public_bytes(serialization.Encoding.PEM))
+  with open(key_path, 'wb') as f:
+    f.write(key.private_bytes(serialization.Encoding.PEM,
+                              serialization.PrivateFormat.PKCS8,
+                              serialization.NoEncryption()))
+  return cert_path, key_path
+
+
+TLS_HOSTS = ('www.googleapis.com', 'storage.googleapis.com')
+
+
+class _Tunnel(socketserver.StreamRequestHandler):
+  """An HTTPS proxy that is its own far end: TensorFlow's GCS client has its
+  endpoints built in (https://www.googleapis.com, storage.googleapis.com),
+  but its libcurl honours `https_proxy` and `CURL_CA_BUNDLE`; so the CONNECT
+  is accepted and the tunnel served here, over TLS with `_self_signed`."""
+
+  def handle(self):
+    request = self.rfile.readline()
+    while self.rfile.readline() not in (b'\r\n', b'\n', b''):
+      pass
+    if not request.startswith(b'CONNECT '):
+      self.wfile.write(b'HTTP/1.1 405 Method Not Allowed\r\n'
+                       b'Content-Length: 0\r\n\r\n')
+      return
+    self.wfile.write(b'HTTP/1.1 200 Connection established\r\n\r\n')
+    self.wfile.flush()  # Curl sends its TLS hello only after this.
+    tls = self.server.context.wrap_socket(self.connection, server_side=True)
+    self.server.handler(tls, self.client_address, self.server)
+
+
 # -- Together ----------------------------------------------------------------
 
 
@@ -414,18 +530,33 @@ class FakeGcs:
     self.server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), handler)
     self.server.daemon_threads = True
     self.url = f'http://127.0.0.1:{self.server.server_address[1]}'
-    self._thread = threading.Thread(target=self.server.serve_forever,
-                                    daemon=True)
-    self._thread.start()
+    self._certs = tempfile.mkdtemp(prefix='fake_gcs_')
+    self.cert, key = _self_signed(self._certs)
+    self.proxy = socketserver.ThreadingTCPServer(('127.0.0.1', 0), _Tunnel)
+    self.proxy.daemon_threads = True
+    self.proxy.handler = handler
+    self.proxy.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    self.proxy.context.load_cert_chain(self.cert, key)
+    self._threads = [threading.Thread(target=s.serve_forever, daemon=True)
+                     for s in (self.server, self.proxy)]
+    for thread in self._threads:
+      thread.start()
     self.backend = Backend(self.store)
 
   def environment(self) -> dict[str, str]:
-    """The variables that send tensorstore and google-cloud-storage here."""
+    """The variables that send each GCS client here: tensorstore (orbax's
+    arrays), google-cloud-storage (orbax's bucket lookup), google-cloud-cpp
+    (ArrayRecord's reader), TensorFlow's own (tf.io.gfile: TensorBoard's
+    event files; through the HTTPS proxy)."""
     return {'TENSORSTORE_GCS_HTTP_URL': self.url,
             'TENSORSTORE_GCS_HTTP_VERSION': '1',
             'GOOGLE_AUTH_TOKEN_FOR_TESTING': 'fake-token',
             'STORAGE_EMULATOR_HOST': self.url,
-            'GOOGLE_CLOUD_PROJECT': 'fake-project'}
+            'CLOUD_STORAGE_EMULATOR_ENDPOINT': self.url,
+            'GOOGLE_CLOUD_PROJECT': 'fake-project',
+            'https_proxy': f'http://127.0.0.1:{self.proxy.server_address[1]}',
+            'no_proxy': '127.0.0.1,localhost',
+            'CURL_CA_BUNDLE': self.cert}
 
   def files(self, url: str) -> list[str]:
     """The object names under gs://bucket/prefix, relative to it."""
@@ -434,8 +565,10 @@ class FakeGcs:
     return [n[len(prefix):] for n in self.store.names(bucket, prefix)]
 
   def close(self) -> None:
-    self.server.shutdown()
-    self.server.server_close()
+    for server in (self.server, self.proxy):
+      server.shutdown()
+      server.server_close()
+    shutil.rmtree(self._certs, ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -1,7 +1,8 @@
 """A gs:// workdir end to end, on a fake Cloud Storage (tests/fake_gcs.py).
 
-The smoke config's model trains 2 steps in `gs://bucket/run`, then
-`flamingo_jax.load` reads it back; the path string stays `gs://...` through
+The smoke config's model trains 2 steps in `gs://bucket/run`, with its
+data_dir, tokenizer, init_from source and TensorBoard events in the bucket
+too, then `flamingo_jax.load` reads it back; the path string stays `gs://...` through
 flamingo_jax.fs, orbax and tensorstore (which uploads over HTTP to the fake),
 and nothing may land on the local disk. Before flamingo_jax.fs the
 checkpointer made `<cwd>/gs:/bucket/run/checkpoints` of it and orbax
@@ -12,7 +13,6 @@ import json
 import os
 import time
 
-from clu import metric_writers
 import jax
 import numpy as np
 import pytest
@@ -30,31 +30,19 @@ from flamingo_jax.training import metrics as metrics_lib
 from flamingo_jax.training import optim
 from flamingo_jax.training import workdir as workdir_lib
 from tests import fake_gcs
-from tests.training import test_loop
+from tests.evaluation import test_runner
 
 RUN = 'gs://bucket/run'
 
 
 @pytest.fixture(scope='module')
 def gcs():
-  """The fake, reached as a pod reaches GCS (see fake_gcs's docstring).
-
-  TensorBoard's writer is the one thing swapped: TensorFlow writes its event
-  files with its own C++ GCS client, which only real GCS (TLS) serves; the
-  test records that it was handed the gs:// path.
-  """
+  """The fake, reached as a pod reaches GCS (see fake_gcs's docstring): by
+  every client, TensorFlow's own (TensorBoard's event files) included."""
   fake = fake_gcs.FakeGcs()
-  fake.tensorboard_dirs = []
-  create = metric_writers.create_default_writer
-
-  def create_writer(logdir, **kwargs):
-    fake.tensorboard_dirs.append(logdir)
-    return create(None, **{**kwargs, 'just_logging': True})
-
   with pytest.MonkeyPatch.context() as monkeypatch:
     for key, value in fake.environment().items():
       monkeypatch.setenv(key, value)
-    monkeypatch.setattr(metric_writers, 'create_default_writer', create_writer)
     with fake_gcs.install_epath_backend(fake.backend):
       yield fake
   fake.close()
@@ -140,17 +128,51 @@ def _config(tokenizer: str):
   return config
 
 
+def _save_pretrained(config, path: str) -> dict[str, dict[str, np.ndarray]]:
+  """Random weights (not the run's init) saved as a one-step run in `path`."""
+  params = test_runner.random_params(config.model, seed=7)
+  frozen = {k: v for k, v in params.items() if k.startswith('lm/')}
+  saver = checkpoint_lib.Checkpointer(fs.join(path, 'checkpoints'),
+                                      save_every=1, async_save=False)
+  saver.save(1, {'frozen': frozen, 'trainable': {
+      k: v for k, v in params.items() if k not in frozen}}, {}, force=True)
+  saver.close()
+  return frozen
+
+
+def _events(logdir: str) -> dict[str, list[int]]:
+  """tag -> steps of the TensorBoard event files in `logdir`, read back
+  through TensorFlow's GCS client."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  steps = {}
+  for path in tf.io.gfile.glob(f'{logdir}/events.out.tfevents.*'):
+    for record in tf.data.TFRecordDataset(path).as_numpy_iterator():
+      event = tf.compat.v1.Event.FromString(record)
+      for value in event.summary.value:
+        steps.setdefault(value.tag, []).append(event.step)
+  return steps
+
+
 def test_a_run_and_load_on_a_gs_workdir(gcs, tmp_path, monkeypatch):
+  """Workdir, data_dir, tokenizer, init_from and TensorBoard all on gs://.
+
+  The run builds the world's pairs into the bucket (ArrayRecord's writer
+  only writes locally: built in a temporary directory, then uploaded),
+  reads them back through ArrayRecord's own GCS client, and takes its LM
+  from a pretrained run on the bucket.
+  """
   monkeypatch.chdir(tmp_path)  # Where '<cwd>/gs:/...' would appear.
   tokenizer = 'gs://bucket/data/tokenizer.model'
   config = _config(tokenizer)
+  config.data.data_dir, config.data.sizes = 'gs://bucket/data', 'tiny'
+  config.init_from = [dict(workdir='gs://bucket/pretrained',
+                           include=['lm/.*'], exclude=['lm/eoc_.*'])]
+  pretrained = _save_pretrained(config, 'gs://bucket/pretrained')
   tokenizer_lib.Tokenizer.train(
       prepare.world_corpus(num_scenes=200, num_videos=50, num_documents=50),
       config.data.vocab_size, path=tokenizer)
 
-  data = test_loop._Data  # pylint: disable=protected-access
-  state = loop.train_and_evaluate(config, RUN, data,
-                                  on_finished=plots.write_plots)
+  state = loop.train_and_evaluate(config, RUN, on_finished=plots.write_plots)
 
   files = set(gcs.files(RUN))
   for name in ('config.json', 'metrics.jsonl', 'finished.json',
@@ -160,11 +182,24 @@ def test_a_run_and_load_on_a_gs_workdir(gcs, tmp_path, monkeypatch):
     assert name in files, sorted(files)
   assert workdir_lib.LOCK_FILE not in files  # Released.
   assert os.listdir(tmp_path) == []  # Nothing local.
-  assert gcs.tensorboard_dirs == [f'{RUN}/tensorboard']
   # The arrays went through tensorstore's gcs driver, over HTTP.
   assert any(r.startswith('POST /upload/storage/v1/b/bucket/o')
              and 'checkpoints%2F2%2Fstate' in r for r in gcs.store.requests)
   assert [r['step'] for r in loop.read_metrics(RUN)] == [1, 2]
+  assert _events(f'{RUN}/tensorboard')['loss'] == [1, 2]
+  # The data: built into the bucket, read by ArrayRecord over HTTP.
+  assert any(n.startswith('world_pairs-train.array_record') for n in
+             gcs.files('gs://bucket/data/world_pairs/tiny/1.4.0'))
+  assert any(r.startswith('GET /storage/v1/b/bucket/o/data%2Fworld_pairs')
+             and 'alt=media' in r for r in gcs.store.requests)
+  # init_from: the frozen LM is the pretrained one, not this run's init.
+  for key, leaves in pretrained.items():
+    if not key.startswith('lm/eoc_'):
+      for name, value in leaves.items():
+        np.testing.assert_array_equal(
+            np.asarray(state.frozen[key][name], np.float32),
+            np.asarray(value.astype(state.frozen[key][name].dtype),
+                       np.float32))
   assert workdir_lib.finished_step(RUN) == 2
   assert workdir_lib.saved_config(RUN)['data']['tokenizer'] == tokenizer
   assert checkpoint_lib.saved_steps(RUN) == [1, 2]

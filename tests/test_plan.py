@@ -10,16 +10,18 @@ Three checks of the byte counts, from exact to estimated:
     those that depend on the batch, i.e. not weight copies), for each remat
     policy;
   * temporaries (gradients, weight copies, saved activations and working
-    set): within 25% of XLA's `temp_size_in_bytes` on the CPU. That is the
-    honest tolerance: the saved activations are counted exactly, but the
-    rest is XLA's buffer assignment -- which intermediates it fuses away,
-    which it keeps alive together, whether it all-reduces gradients into a
-    new buffer -- and it differs between backends. On CPU the estimate came
-    within -9%..+15% of XLA on 18 fp32 variants (remat none/dots/full, batch,
-    sequence, media, data/fsdp/model/mixed meshes, one and two datasets); in
-    bf16 the CPU backend emulates bf16 arithmetic with extra fp32 buffers
-    (XLA used 1.6x the estimate), which TPUs and GPUs do not, so the
-    compiled check runs in fp32.
+    set): within 10% of XLA's `temp_size_in_bytes` on the CPU, in fp32, on
+    ZeRO-3 (2, 4, 1) and data-parallel (8, 1, 1) meshes and with remat
+    'dots' and 'full'. Measured on the synthetic config (plan / XLA):
+    (2,4,1) 1.010, (8,1,1) 1.013, (4,1,2) 1.040, (1,8,1) 0.995, batch 16
+    1.020, sequence 64 0.998, remat dots 1.004, full 1.049. Three things
+    the planner once counted that XLA does not keep: a second gradient
+    buffer for the data-parallel all-reduce, the compute-dtype copy of the
+    frozen vision encoder at the peak, and (under remat) the elementwise
+    intermediates of the recomputed layer. In bf16 the CPU backend
+    emulates bf16 arithmetic with extra fp32 buffers (XLA used 1.6x the
+    estimate), which TPUs and GPUs do not, so the compiled check runs in
+    fp32; the figures on a TPU or GPU are still to be taken.
 """
 
 import json
@@ -174,11 +176,12 @@ def test_the_xattn_policy_alone_changes_the_estimate():
 # Against the compiled step.
 
 
-@pytest.fixture(scope='module')
-def compiled_fsdp_step():
-  """The synthetic tiny config's step compiled on (data 2, fsdp 4, model 1)."""
+def _compile(mesh_sizes, remat_policy='none'):
+  """(plan, memory_analysis) of the synthetic tiny config's step, both
+  stacks with `remat_policy`."""
   config = synthetic.config()
-  mesh_sizes = (2, 4, 1)
+  config.model.lm.remat_policy = remat_policy
+  config.model.xattn.remat_policy = remat_policy
   mesh = sharding.make_mesh(list(zip(memory.AXES, mesh_sizes)))
   with jax.set_mesh(mesh):
     model = loop.task_of(config).transform(config.model)
@@ -202,6 +205,12 @@ def compiled_fsdp_step():
   return planned, analysis
 
 
+@pytest.fixture(scope='module')
+def compiled_fsdp_step():
+  """The step compiled on (data 2, fsdp 4, model 1)."""
+  return _compile((2, 4, 1))
+
+
 @pytest.mark.slow
 def test_arguments_match_compiled(compiled_fsdp_step):
   planned, analysis = compiled_fsdp_step
@@ -214,7 +223,24 @@ def test_arguments_match_compiled(compiled_fsdp_step):
 def test_temporaries_within_the_stated_tolerance(compiled_fsdp_step):
   planned, analysis = compiled_fsdp_step
   assert planned.temporaries == pytest.approx(analysis.temp_size_in_bytes,
-                                              rel=0.25)
+                                              rel=0.10)
+
+
+@pytest.mark.slow
+def test_data_parallel_temporaries_within_the_stated_tolerance():
+  """One gradient buffer: the all-reduce reuses it (counting a second copy
+  overshot by 27% here)."""
+  planned, analysis = _compile((8, 1, 1))
+  assert planned.temporaries == pytest.approx(analysis.temp_size_in_bytes,
+                                              rel=0.10)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('policy', ['dots', 'full'])
+def test_remat_temporaries_within_the_stated_tolerance(policy):
+  planned, analysis = _compile((2, 4, 1), policy)
+  assert planned.temporaries == pytest.approx(analysis.temp_size_in_bytes,
+                                              rel=0.10)
 
 
 # The chooser, on the full-size 3B config (shapes only).
@@ -273,3 +299,10 @@ def test_cli():
   assert out['devices'] == 8 and out['fits']
   assert out['mesh'] == [8, 1, 1]
   assert out['total'] == sum(out['bytes'].values())
+
+
+def test_local_slice_takes_the_memory_it_is_given():
+  local = slices.local_slice(jax.devices(), memory_gib=2.0)
+  assert (local.platform, local.devices, local.hbm) == ('cpu', 8, 2 * 2**30)
+  with pytest.raises(ValueError, match='config.auto_mesh.hbm_gib'):
+    slices.local_slice(jax.devices())  # The CPU reports no memory size.

@@ -27,7 +27,7 @@ saving. `config.debug.poison_step` = N puts NaN into the loss masks of step
 N's batches, to test exactly that from outside the process.
 """
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 import re
 from typing import Any, NamedTuple, Optional
 
@@ -279,9 +279,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       # pylint: enable=g-import-not-at-top
       prepare.ensure_data(config)
       make_data = pipeline.make_train_data
+    config = resolve_mesh(config)
     mesh = sharding.make_mesh(config.mesh)
     with jax.set_mesh(mesh):
       return _train(config, workdir, mesh, make_data, on_finished)
+
+
+def resolve_mesh(config: ml_collections.ConfigDict,
+                 devices: Optional[Sequence[jax.Device]] = None
+                 ) -> ml_collections.ConfigDict:
+  """`config`, or with `config.auto_mesh.enabled` a copy whose `mesh` is the
+  one the memory planner chooses for these devices (the least FSDP that
+  fits; training/memory.py), logged with the plans it tried. The resolved
+  mesh is what W/config.json records."""
+  if not config.get('auto_mesh', {}).get('enabled', False):
+    return config
+  from flamingo_jax.training import memory  # pylint: disable=g-import-not-at-top
+  chosen, tried = memory.auto_mesh(config, devices)
+  for line in memory.reasons(chosen, tried):
+    logging.info('auto_mesh: %s', line)
+  return memory.with_mesh(config, chosen.mesh)
 
 
 def _check_batch_sizes(config, mesh) -> None:

@@ -11,9 +11,12 @@ the train step on `mesh` (sizes of 'data', 'fsdp', 'model'):
   temporaries (estimated from the config, below)
     gradients          fp32 like the trainable params; a second copy while
                        several datasets' gradients are accumulated, a third
-                       for micro-batch accumulation
-    weight copies      parameters cast to the compute dtype; with FSDP, one
-                       layer group's weights gathered (twice: prefetch)
+                       for micro-batch accumulation (the data-parallel
+                       all-reduce reuses the buffer)
+    weight copies      parameters the backward pass reads (all but the
+                       frozen vision encoder's) cast to the compute dtype;
+                       with FSDP, one layer group's weights gathered (twice:
+                       prefetch)
     activations        what autodiff saves for the backward pass, of every
                        dataset (XLA keeps them all until the update), plus
                        the largest working set on top (`working`)
@@ -31,8 +34,8 @@ backward pass for each pair of policies.
 Under model parallelism the head, feed-forward and vocabulary dimensions
 split over 'model'; widths D do not.
 
-The working set is the largest of: one LM block recomputed and
-differentiated (remat), the loss over the vocabulary, and the frozen vision
+The working set is the largest of: one layer recomputed and
+differentiated (remat; its matmul outputs, the rest fused), the loss over the vocabulary, and the frozen vision
 encoder's forward pass (nothing of it is saved; its activations live one
 block at a time; each device encodes only its own rows of the batch). It is the least certain term: XLA's buffer assignment and
 fusion decide it, and they differ between backends (see tests/test_plan.py
@@ -40,6 +43,7 @@ for how close the whole estimate comes to `compiled.memory_analysis()`).
 """
 
 from collections.abc import Mapping, Sequence
+import copy
 import dataclasses
 import math
 from typing import Any, Optional
@@ -218,9 +222,13 @@ def working_set(d: ModelDims, spec: Mapping[str, Any], policy: str, c: int,
   """Peak bytes per example on top of the saved activations."""
   length, images = spec['seq_len'], spec['max_media'] * spec['frames']
   xattn_policy = policy if xattn_policy is None else xattn_policy
-  layer = max(  # One layer recomputed for its backward pass.
-      lm_block_saved(d, length, 'none', c, m) if policy != 'none' else 0.0,
-      (xattn_block_saved(d, length, visual, 'none', c, m)
+  # One layer recomputed for its backward pass: its matmul outputs (what
+  # 'dots' saves); the elementwise intermediates that 'none' would save
+  # (GELU, norms) XLA fuses into the backward pass that consumes them
+  # (counting them overshot XLA on CPU by 8% with 'dots', 15% with 'full').
+  layer = max(
+      lm_block_saved(d, length, 'dots', c, m) if policy != 'none' else 0.0,
+      (xattn_block_saved(d, length, visual, 'dots', c, m)
        if xattn_policy != 'none' and d.xattn_layers else 0.0))
   gradients = 3 * F32 * length * d.width  # The residual stream's.
   loss = (c + 2 * F32) * length * d.vocab / m
@@ -340,14 +348,19 @@ def _gathered_layer_bytes(state: StateModel, c: int, m: int) -> int:
 
 
 def _cast_bytes(abstract, shardings, c: int) -> int:
-  """Bytes of the parameters cast to the compute dtype (split as stored)."""
+  """Bytes of the parameters cast to the compute dtype (split as stored)
+  that the backward pass reads: not the frozen vision encoder's, which runs
+  forward only, so its copies die before the peak (measured on CPU)."""
   total = 0
   for part in ('trainable', 'frozen'):
-    for leaf, spec in zip(jax.tree.leaves(getattr(abstract, part)),
-                          jax.tree.leaves(getattr(shardings, part))):
-      if jnp.issubdtype(leaf.dtype, jnp.floating) and (
-          _itemsize(leaf.dtype) != c):
-        total += math.prod(spec.shard_shape(leaf.shape)) * c
+    for module, leaves in getattr(abstract, part).items():
+      if module.startswith('vision_encoder/'):
+        continue
+      specs = getattr(shardings, part)[module]
+      for name, leaf in leaves.items():
+        if jnp.issubdtype(leaf.dtype, jnp.floating) and (
+            _itemsize(leaf.dtype) != c):
+          total += math.prod(specs[name].shard_shape(leaf.shape)) * c
   return total
 
 
@@ -381,12 +394,10 @@ def plan(state: StateModel, mesh_sizes: Sequence[int], hbm: int,
   microbatches = config.optim.get('microbatches', 1)
   accumulate = config.optim.get('dataset_updates', 'accumulate') == (
       'accumulate')
-  # The gradient, the running sums over datasets and over micro-batches,
-  # and the all-reduced copy when 'data' replicates it (with ZeRO-1 over
-  # 'data' XLA reduce-scatters it instead).
-  all_reduced = data > 1 and config.get('zero_axis', None) != 'data'
-  copies = (1 + (accumulate and len(datasets) > 1) + (microbatches > 1)
-            + all_reduced)
+  # The gradient and the running sums over datasets and over micro-batches.
+  # The data-parallel all-reduce takes no second copy: XLA reuses the
+  # gradient's buffer (measured on CPU: counting one overshot by 20-30%).
+  copies = (1 + (accumulate and len(datasets) > 1) + (microbatches > 1))
   gathers = 0
   if fsdp > 1:
     gathers = (1 if platform == 'cpu' else 2) * _gathered_layer_bytes(
@@ -490,3 +501,55 @@ def choose_mesh(state: StateModel, slice_: slices.Slice,
     if tried[-1].fits:
       return tried[-1], tried
   return None, tried
+
+
+# ------------------------------------------------- the mesh, at startup --
+
+
+def auto_mesh(config: ml_collections.ConfigDict,
+              devices: Optional[Sequence[jax.Device]] = None
+              ) -> tuple[Plan, list[Plan]]:
+  """`choose_mesh` for the devices this run has (`config.auto_mesh`).
+
+  Memory per device is `config.auto_mesh.hbm_gib` (the chip's HBM; the
+  platform's USABLE_FRACTION of it is used), else the runtime's
+  `bytes_limit` (already net of the runtime's own and, on GPU, of JAX's
+  preallocation; 90% of it is used, for fragmentation).
+
+  Raises:
+    ValueError: no mesh of these devices fits the step.
+  """
+  devices = list(devices if devices is not None else jax.devices())
+  hbm_gib = config.get('auto_mesh', {}).get('hbm_gib', 0.0) or 0.0
+  slice_ = slices.local_slice(devices, hbm_gib)
+  usable = slices.USABLE_FRACTION[slice_.platform] if hbm_gib else 0.9
+  chosen, tried = choose_mesh(StateModel(config), slice_, usable)
+  if chosen is None:
+    raise ValueError(
+        f'No (data, fsdp, model) mesh of {slice_.name} fits the train step '
+        f'in {usable * slice_.hbm / slices.GiB:.2f} GiB per device: '
+        + '; '.join(f'{p.mesh} needs {p.total / slices.GiB:.2f} GiB'
+                    for p in tried[:8])
+        + ('' if tried else ' (no mesh divides the batch sizes)')
+        + '. Shrink the batch, add devices or remat more.')
+  return chosen, tried
+
+
+def reasons(chosen: Plan, tried: Sequence[Plan]) -> list[str]:
+  """Lines that say why the chooser took `chosen`: each plan tried, in
+  order, with its bytes per device against the usable memory."""
+  lines = [f'mesh {p.mesh} (data, fsdp, model): {p.total / slices.GiB:.3f} '
+           f'GiB per device of {p.usable / slices.GiB:.3f} usable: '
+           + ('fits' if p.fits else 'does not fit') for p in tried]
+  lines.append(f'chose {chosen.mesh}: the config\'s model degree and the '
+               'least FSDP (ZeRO-3 gathers weights every step) that fits.')
+  return lines
+
+
+def with_mesh(config: ml_collections.ConfigDict,
+              mesh: Sequence[int]) -> ml_collections.ConfigDict:
+  """A copy of `config` that trains on the (data, fsdp, model) `mesh`."""
+  config = copy.deepcopy(config)
+  with config.unlocked():
+    config.mesh = [(axis, int(size)) for axis, size in zip(AXES, mesh)]
+  return config

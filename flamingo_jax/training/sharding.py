@@ -66,6 +66,11 @@ Spec = Sequence[AxisEntry]
 MeshConfig = Sequence[tuple[str, int]]
 
 DEFAULT_MESH = (('data', -1), ('fsdp', 1), ('model', 1))
+# config.auto_mesh: enabled, the loop replaces `mesh` at startup by the one
+# the memory planner chooses for the devices it has (training/memory.py:
+# the config's model degree, the least FSDP that fits); hbm_gib: memory per
+# device to plan for (0: what the runtime reports; the CPU reports none).
+AUTO_MESH = {'enabled': False, 'hbm_gib': 0.0}
 # Mesh axes the batch dimension is split over: ('data', 'fsdp'), defined with
 # the model layers that keep activations split over them.
 BATCH_AXES = layers.BATCH_AXES

@@ -13,6 +13,7 @@ HBM_GIB.
 """
 
 import dataclasses
+from typing import Any, Sequence
 
 GiB = 2**30
 
@@ -24,7 +25,7 @@ HBM_GIB = {
 TPU_KINDS = ('v4', 'v5e', 'v5p', 'v6e')
 # Usable share of HBM: headroom for the TPU runtime and fragmentation; on
 # GPUs, JAX preallocates 75% of the memory (XLA_PYTHON_CLIENT_MEM_FRACTION).
-USABLE_FRACTION = {'tpu': 0.9, 'gpu': 0.75}
+USABLE_FRACTION = {'tpu': 0.9, 'gpu': 0.75, 'cpu': 1.0}
 _TPU_GENERATIONS = {  # Accelerator-type prefix: (kind, cores per chip).
     'v4': ('v4', 2), 'v5p': ('v5p', 2), 'v5litepod': ('v5e', 1),
     'v5e': ('v5e', 1), 'v6e': ('v6e', 1)}
@@ -38,18 +39,21 @@ _SLICE_FORMS = ("a Cloud TPU accelerator type ('v4-32', 'v5p-128', "
 class Slice:
   """Accelerators to plan for."""
   name: str  # As given, e.g. 'v4-32'.
-  kind: str  # A key of HBM_GIB.
+  kind: str  # A key of HBM_GIB; or a platform, for `local_slice`.
   devices: int  # JAX devices in all slices.
   hosts: int
   slices: int = 1  # TPU slices joined over the data-centre network.
+  memory: int = 0  # Bytes per device, if not HBM_GIB[kind]'s.
 
   @property
   def platform(self) -> str:
+    if self.kind in ('cpu', 'gpu', 'tpu'):  # A `local_slice`'s.
+      return self.kind
     return 'tpu' if self.kind in TPU_KINDS else 'gpu'
 
   @property
   def hbm(self) -> int:
-    return int(HBM_GIB[self.kind] * GiB)
+    return self.memory or int(HBM_GIB[self.kind] * GiB)
 
 
 def parse_slice(text: str) -> Slice:
@@ -88,3 +92,25 @@ def parse_slice(text: str) -> Slice:
   if devices < 1 or copies < 1:
     raise ValueError(f'Slice {text!r} has no device.')
   return Slice(text, kind, devices * copies, hosts * copies, copies)
+
+
+def local_slice(devices: Sequence[Any], memory_gib: float = 0.0) -> Slice:
+  """The devices a run sees, as a Slice to plan for.
+
+  Memory per device: `memory_gib` if given, else what the runtime reports
+  (`memory_stats()['bytes_limit']`: TPU and GPU; the CPU reports none).
+  """
+  first = devices[0]
+  kind = first.platform if first.platform in ('tpu', 'gpu') else 'cpu'
+  memory = int(memory_gib * GiB)
+  if not memory:
+    stats = first.memory_stats() if hasattr(first, 'memory_stats') else None
+    memory = int((stats or {}).get('bytes_limit', 0))
+  if not memory:
+    raise ValueError(
+        f'{first.device_kind} ({first.platform}) reports no memory size: '
+        'give it as config.auto_mesh.hbm_gib.')
+  hosts = len({d.process_index for d in devices})
+  count = len({getattr(d, 'slice_index', 0) for d in devices})
+  return Slice(f'{len(devices)} x {first.device_kind}', kind, len(devices),
+               hosts, count, memory)

@@ -20,6 +20,7 @@ import pytest
 from flamingo_jax.models import flamingo
 from flamingo_jax.models import precision
 from flamingo_jax.training import loop
+from flamingo_jax.training import memory
 from flamingo_jax.training import optim
 from flamingo_jax.training import sharding
 from flamingo_jax.training import train_step as train_step_lib
@@ -40,8 +41,8 @@ MESH_SHAPES = {'one_device': (1, 1, 1), 'data': (8, 1, 1),
 # batch over ('data', 'fsdp'); with input_projection at ('fsdp', None) the
 # mixed mesh matches too. `test_xla_mixed_mesh_miscompile` is the pure-JAX
 # reproduction.
-def _mesh(name: str) -> jax.sharding.Mesh:
-  shape = MESH_SHAPES[name]
+def _mesh(name: str | tuple[int, ...]) -> jax.sharding.Mesh:
+  shape = MESH_SHAPES.get(name, name)
   devices = jax.devices()[:int(np.prod(shape))]
   return sharding.make_mesh(list(zip(AXES, shape)), devices)
 
@@ -64,8 +65,11 @@ def _setup():
 
 
 @functools.cache
-def _train(mesh_name: str):
-  """(losses, trainable params on the host, final state) after STEPS steps."""
+def _train(mesh_name: str | tuple[int, ...]):
+  """(losses, trainable params on the host, final state) after STEPS steps
+  on a mesh of MESH_SHAPES, or of that (data, fsdp, model) shape."""
+  if mesh_name in MESH_SHAPES:
+    return _train(MESH_SHAPES[mesh_name])
   config, step_fn, created, _ = _setup()
   initial = jax.device_get(created)
   mesh = _mesh(mesh_name)
@@ -155,6 +159,35 @@ def test_sharded_steps_match_one_device(mesh_name):
     for leaf in (query, hidden):  # [layers, D_in, D_out]: D_in over 'fsdp'.
       assert leaf.addressable_shards[0].data.shape == (
           leaf.shape[0], leaf.shape[1] // 4, leaf.shape[2])
+
+
+def test_auto_mesh_adds_fsdp_when_memory_requires_it_and_trains_the_same():
+  """config.auto_mesh: with room the planner keeps pure data parallelism;
+  with a device memory that only (2, 4, 1)'s plan fits, it picks that FSDP
+  mesh, and training on it equals the one-device run."""
+  config = synthetic.config()
+  config.auto_mesh = dict(enabled=True, hbm_gib=1.0)
+  assert dict(loop.resolve_mesh(config).mesh) == {
+      'data': 8, 'fsdp': 1, 'model': 1}
+  state = memory.StateModel(config)
+  needs = {mesh: memory.plan(state, mesh, 2**30, 1.0, 'cpu').total
+           for mesh in ((8, 1, 1), (4, 2, 1), (2, 4, 1))}
+  assert needs[8, 1, 1] > needs[4, 2, 1] > needs[2, 4, 1]  # FSDP saves.
+  config.auto_mesh.hbm_gib = needs[2, 4, 1] / 2**30
+  resolved = loop.resolve_mesh(config)
+  assert [tuple(axis) for axis in resolved.mesh] == [
+      ('data', 2), ('fsdp', 4), ('model', 1)]
+  assert dict(config.mesh)['fsdp'] == 1  # The caller's config is untouched.
+
+  expected_losses, expected, _ = _train('one_device')
+  losses, trained, state = _train(tuple(n for _, n in resolved.mesh))
+  assert dict(state.trainable['gated_xattn/block/cross_attention/query'][
+      'w'].sharding.mesh.shape) == {'data': 2, 'fsdp': 4, 'model': 1}
+  np.testing.assert_allclose(losses, expected_losses, rtol=1e-5, atol=1e-6)
+  for module, leaves in expected.items():
+    for name, value in leaves.items():
+      np.testing.assert_allclose(trained[module][name], value, rtol=1e-4,
+                                 atol=1e-5, err_msg=f'{module}/{name}')
 
 
 @pytest.mark.xfail(strict=True, raises=AssertionError,
