@@ -163,7 +163,7 @@ class Task:
   support: list[Example]  # Empty for the nonce task (episodes carry theirs).
   class_names: tuple[str, ...] = ()  # Classification only.
   max_new_tokens: int | None = None  # Overrides the eval decoding's.
-  vqa_eval_version: str = '2016'  # VQA metrics: '2016' or '2021'.
+  vqa_eval_version: str = '2016'  # '2016', '2021' or 'openflamingo'.
 
   @property
   def scored(self) -> bool:
@@ -415,7 +415,7 @@ def default_tasks(frames: int = 4) -> dict[str, dict[str, Any]]:
   A task may also set `metric`, `max_new_tokens` (a different value costs a
   compilation of its own), `support_size`, `data_dir`, `class_names`,
   `query_split` (default 'query') and `vqa_eval_version` ('2016', the
-  default, or '2021': see evaluation/vqa.py; an OK-VQA task sets
+  default, '2021' or 'openflamingo': see evaluation/vqa.py; an OK-VQA task sets
   metric='okvqa_accuracy').
   """
   return dict(
