@@ -1,4 +1,5 @@
-"""The training configs: full sizes complete, ablations, flag overrides.
+"""The training configs: full sizes complete, ablations, flag overrides, the
+paper's per-step sampling (a random 256-token M3W window, 8-frame clips).
 
 Full-size configs are checked with `jax.eval_shape` only: the train state,
 its shardings on the config's mesh and the optimizer come from the loop's
