@@ -28,13 +28,22 @@ INSTALL_REQUIRES = [
     'tensorflow-datasets',
 ]
 
+# Apache Beam for distributed dataset builds (flamingo_jax.data.formats
+# .distributed). 2.78.0 is the first release whose Pillow bound (<14) admits
+# the pinned 13.0.0 (2.72 and 2.77 ask <13; 2.71 and older ask no Pillow but
+# grpcio<1.66 and pyarrow<19); it asks protobuf<7 and pyarrow<26, i.e.
+# 6.33.x and 25.x, which TensorFlow 2.21 and TFDS accept.
+BEAM = ['apache-beam>=2.78.0']
+
 EXTRAS_REQUIRE = {
     # pycocoevalcap: the reference CIDEr implementation the metric tests
     # compare against (pure Python; its tokenizer test also needs Java).
     # nbclient, nbformat, ipykernel: tests/test_notebook.py runs the notebook.
     # tokenizers: tests/data/test_imported_tokenizers.py (the hf extra).
+    # BEAM: tests/data/formats/test_distributed.py.
     'test': ['pytest', 'pytest-xdist', 'pycocoevalcap', 'nbclient', 'nbformat',
-             'ipykernel', 'tokenizers'],
+             'ipykernel', 'tokenizers', *BEAM],
+    'beam': BEAM,
     # A checkpoint's own Hugging Face tokenizer (data/hf_tokenizer.py).
     'hf': ['tokenizers'],
     # The reference implementations that tests/weights/make_fixtures.py

@@ -17,8 +17,8 @@ def default_tasks(frames: int = 4) -> dict[str, dict[str, Any]]:
   A task may also set `metric`, `max_new_tokens` (a different value costs a
   compilation of its own), `support_size`, `data_dir`, `class_names`,
   `query_split` (default 'query') and `vqa_eval_version` ('2016', the
-  default, or '2021': see evaluation/vqa.py; an OK-VQA task sets
-  metric='okvqa_accuracy').
+  default, '2021' or 'openflamingo': see evaluation/vqa.py; an OK-VQA task
+  sets metric='okvqa_accuracy').
   """
   return dict(
       captions=dict(dataset='world_captions', kind='captioning'),

@@ -6,7 +6,8 @@ Metric               | Reproduces                              | Scale
 `cider_d_scores`     |   (COCO, Flickr30k, VATEX captioning)   | show x 100
 `vqa_accuracy`       | official VQAv2 accuracy (also OK-VQA,   | [0, 1]; papers
 `mean_vqa_accuracy`  |   VizWiz, TextVQA, ...); eval_version   | show x 100
-`accuracy_by_answer_type` | '2016' or '2021'; stem=True: OK-VQA | [0, 1]
+`accuracy_by_answer_type` | '2016', '2021', 'openflamingo';   | [0, 1]
+                     |   stem=True: OK-VQA                     |
 `exact_match`        | single-answer QA (MSRVTT-QA, MSVD-QA)   | bool
 `mean_exact_match`   |   after the VQA answer normalisation    | [0, 1]
 `top1_accuracy`      | classification, multiple choice (STAR)  | [0, 1]

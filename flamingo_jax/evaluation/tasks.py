@@ -163,7 +163,7 @@ class Task:
   support: list[Example]  # Empty for the nonce task (episodes carry theirs).
   class_names: tuple[str, ...] = ()  # Classification only.
   max_new_tokens: int | None = None  # Overrides the eval decoding's.
-  vqa_eval_version: str = '2016'  # VQA metrics: '2016' or '2021'.
+  vqa_eval_version: str = '2016'  # '2016', '2021' or 'openflamingo'.
 
   @property
   def scored(self) -> bool:

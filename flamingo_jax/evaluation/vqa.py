@@ -1,9 +1,10 @@
 """VQA accuracy and answer normalisation, as the official VQA evaluation.
 
 Reproduces `PythonEvaluationTools/vqaEvaluation/vqaEval.py` of
-github.com/GT-Vision-Lab/VQA in either of its two versions, chosen by
-`eval_version` (the score of the same predictions differs between them, so
-say which one a number used):
+github.com/GT-Vision-Lab/VQA in either of its two versions, or OpenFlamingo's
+copy, chosen by `eval_version` (the score of the same predictions differs
+between them, so say which one a number used; tests/evaluation/
+test_vqa_reference.py compares each with a restatement of its code):
 
   '2016' (the default; the code from the 2016 apostrophe fix 458a8b2 to
   2021, and the EvalAI server's copy, Cloud-CV/VQA-Evaluation):
@@ -14,13 +15,19 @@ say which one a number used):
     through `process_punctuation` only, and only when they are not all the
     same (so raw references, e.g. 'Two', should be normalised first).
 
-  '2021' (commit a013f00, the current official code; OpenFlamingo's
-  vqa_metric.py follows it): the ends of the prediction and of the answers
-  are stripped; then, only when the annotators disagree, both go through
-  `process_punctuation` and `process_digit_article`. When all agree nothing
-  else is done, so 'Yes' scores 0 against ten 'yes'.
+  '2021' (commit a013f00 of 2021-03-11, the current official code): the
+  ends of the prediction and of the answers are stripped; then, only when
+  the (stripped) answers disagree, both go through `process_punctuation`
+  and `process_digit_article`. When all agree nothing else is done, so 'Yes'
+  scores 0 against ten 'yes'.
 
-In both, accuracy = mean over the n annotators i of
+  'openflamingo' (mlfoundations/open_flamingo `open_flamingo/eval/
+  vqa_metric.py` since its commit 60a5fd6 of 2023-05-24, "always postprocess
+  gt answers", in its 2.0.0 and 2.0.1 releases): as '2021', but the
+  prediction and the answers are always normalised, agreeing or not, so
+  'Yes' scores 1 against ten 'yes'. (Its earlier copies were neither.)
+
+In all three, accuracy = mean over the n annotators i of
 min(1, #{j != i : answer_j == prediction} / 3), n = 10 in VQAv2.
 
 OK-VQA (`stem=True`): its annotations' `answer`s are stemmed ('racing' ->
@@ -144,7 +151,7 @@ def normalize_vqa_answer(answer: str) -> str:
   return process_digit_article(process_punctuation(answer))
 
 
-EVAL_VERSIONS = ('2016', '2021')
+EVAL_VERSIONS = ('2016', '2021', 'openflamingo')
 
 
 def vqa_accuracy(prediction: str, answers: Sequence[str], *,
@@ -157,7 +164,7 @@ def vqa_accuracy(prediction: str, answers: Sequence[str], *,
     answers: the annotators' answers (10 in VQAv2), as the dataset gives
       them. With m of n matching: m >= 4 gives 1, m = 3 gives 0.9
       (leaving out a match leaves 2/3), m = 2 gives 0.6, m = 1 gives 0.3.
-    eval_version: '2016' or '2021' (see the module docstring).
+    eval_version: '2016', '2021' or 'openflamingo' (the module docstring).
     stem: OK-VQA: stem the prediction (the answers are stemmed already).
     raw_answers: OK-VQA's unstemmed answers, in the order of `answers`: a
       prediction equal to one takes its stem from `answers`.
@@ -176,15 +183,14 @@ def vqa_accuracy(prediction: str, answers: Sequence[str], *,
   if stem:
     prediction = stem_prediction(prediction, answers, raw_answers)
   prediction = prediction.replace('\n', ' ').replace('\t', ' ').strip()
-  disagree = len(set(answers)) > 1
   if eval_version == '2016':
     prediction = normalize_vqa_answer(prediction)
-    if disagree:
+    if len(set(answers)) > 1:  # The answers as given, not stripped.
       answers = [process_punctuation(answer) for answer in answers]
   else:
     answers = [a.replace('\n', ' ').replace('\t', ' ').strip()
                for a in answers]
-    if disagree:
+    if eval_version == 'openflamingo' or len(set(answers)) > 1:
       prediction = process_digit_article(process_punctuation(prediction))
       answers = [process_digit_article(process_punctuation(a))
                  for a in answers]

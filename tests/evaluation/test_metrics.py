@@ -235,6 +235,10 @@ def test_vqa_eval_versions(prediction, answers, v2016, v2021):
   assert metrics.vqa_accuracy(prediction, answers) == pytest.approx(v2016)
   assert metrics.vqa_accuracy(prediction, answers,
                               eval_version='2021') == pytest.approx(v2021)
+  # OpenFlamingo's copy always normalises both sides.
+  assert metrics.vqa_accuracy(prediction, answers,
+                              eval_version='openflamingo') == pytest.approx(
+                                  max(v2016, v2021))
 
 
 @pytest.mark.parametrize('word,stem', [
@@ -283,7 +287,7 @@ def test_vqa_results_file(tmp_path):
 @pytest.mark.parametrize('call,match', [
     (lambda: metrics.vqa_accuracy('yes', []), 'answers is empty'),
     (lambda: metrics.vqa_accuracy('yes', ['yes'], eval_version='2017'),
-     r"eval_version must be one of \('2016', '2021'\)"),
+     r"eval_version must be one of \('2016', '2021', 'openflamingo'\)"),
     (lambda: metrics.vqa_accuracy('yes', ['yes'], stem=True,
                                   raw_answers=['a', 'b']),
      'raw_answers has 2 answers, answers 1'),

@@ -1,4 +1,5 @@
-"""The training configs: full sizes complete, ablations, flag overrides.
+"""The training configs: full sizes complete, ablations, flag overrides, the
+paper's per-step sampling (a random 256-token M3W window, 8-frame clips).
 
 Full-size configs are checked with `jax.eval_shape` only: the train state,
 its shardings on the config's mesh and the optimizer come from the loop's
@@ -8,13 +9,16 @@ sections are built by the same code as the full sizes'.
 """
 
 import functools
+import io
 import math
 import os
 
 from absl import flags
 import jax
 import jax.numpy as jnp
+import ml_collections
 from ml_collections import config_flags
+import numpy as np
 import pytest
 
 from experiments import flamingo as flamingo_config
@@ -255,3 +259,74 @@ def test_weights_and_batch_sizes_from_flags(path, overrides, expected):
   assert {n: (s.weight, s.batch_size) for n, s in datasets.items()} == (
       expected)
   assert isinstance(datasets[next(iter(expected))].weight, float)
+
+
+@functools.cache
+def _paper_loaders(size: str):
+  """ExampleLoaders on each paper dataset spec of `size` (images 8x8)."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from tests.data import test_tokenizer  # pylint: disable=g-import-not-at-top
+  config = flamingo_config.get_config(size)
+  tokenizer = test_tokenizer.train_tiny_tokenizer()
+
+  def png(value):
+    out = io.BytesIO()
+    Image.fromarray(np.full([8, 8, 3], value, np.uint8)).save(out, 'PNG')
+    return out.getvalue()
+
+  # A page of 60 images and ~1000 tokens: longer than the 256-token window.
+  texts, images = [], []
+  for i in range(60):
+    texts += ['', f' Part {i}: a red circle is next to a blue square.']
+    images += [i, -1]
+  document = {'chunks': {'text': texts, 'image': images},
+              'images': [png(i) for i in range(60)]}
+  video = {'video': [png(3 * i) for i in range(40)],  # 40 s at 1 FPS.
+           'caption': b'a red circle moves'}
+  loaders = {}
+  for name, spec in config.data.datasets.items():
+    if spec.kind not in ('documents', 'video_pairs'):
+      continue
+    spec = ml_collections.ConfigDict(dict(spec.to_dict(), name=name,
+                                          image_size=8))
+    source = [document if spec.kind == 'documents' else video]
+    loaders[name] = lambda seed, s=source, sp=spec: pipeline.ExampleLoader(
+        s, sp, tokenizer, seed=seed, dataset_index=0)
+  return config, loaders
+
+
+@pytest.mark.parametrize('size', ['3B', '9B', '80B'])
+def test_paper_configs_sample_a_window_and_a_clip_per_step(size):
+  """App. A.3: M3W a random 256-token window, VTP 8 frames at 1 FPS, per step.
+
+  The paper config's own dataset specs (images shrunk to 8x8) on one long page
+  and one 40-frame video: each step reads another part of it, a resumed
+  loader reads the same part.
+  """
+  config, loaders = _paper_loaders(size)
+  m3w, vtp = config.data.datasets.m3w, config.data.datasets.vtp
+  assert (m3w.kind, m3w.seq_len, m3w.random_window) == ('documents', 256, True)
+  assert (vtp.kind, vtp.frames, vtp.fps, vtp.random_clip) == (
+      'video_pairs', 8, 1.0, True)
+  assert set(loaders) == {'m3w', 'vtp'}
+  # One example: position g is step g's read of it.
+  m3w_rows = [loaders['m3w'](0)(g)['tokens'] for g in range(6)]
+  assert len({row.tobytes() for row in m3w_rows}) == 6
+  np.testing.assert_array_equal(loaders['m3w'](0)(4)['tokens'], m3w_rows[4])
+  starts = []
+  for g in range(6):
+    clip = loaders['vtp'](0)(g)['media'][0, :, 0, 0, 0].astype(int)  # [8]
+    np.testing.assert_array_equal(np.diff(clip), 3)  # 8 frames in a row.
+    starts.append(clip[0])
+  assert len(set(starts)) > 3
+  assert loaders['vtp'](0)(3)['media'][0, 0, 0, 0, 0] == starts[3]
+
+
+@pytest.mark.parametrize('name', TRAINING_ABLATIONS)
+def test_training_ablations_keep_the_papers_sampling(name):
+  config = flamingo_config.get_config(f'3B,{name}')
+  for spec in config.data.datasets.values():
+    if spec.kind == 'documents':
+      assert spec.random_window and spec.seq_len == 256, name
+    if spec.kind == 'video_pairs':
+      assert spec.random_clip and spec.frames == 8, name

@@ -4,7 +4,8 @@
 command line's --beam_runner / --beam_arg) builds a dataset with a Beam
 pipeline instead of one process: the same records, examples, keys and ids,
 written as the same ArrayRecord shards, and the same statistics (from Beam
-counters). `apache_beam` is needed only then (pip install apache-beam).
+counters). `apache_beam` is needed only then (the `beam` extra:
+pip install -e '.[beam]').
 
 The pipeline of a split: its parts (`FormatBuilder.split_units`: the
 source's files for the training formats; the whole split for the

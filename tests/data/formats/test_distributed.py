@@ -1,7 +1,7 @@
 """Beam builds (DirectRunner, 2 worker processes) equal one-process builds.
 
-Skipped without apache_beam, which the test environment does not install:
-it would replace the pinned Pillow (see README, "Your own data").
+Needs apache_beam (the `test` and `beam` extras of setup.py); skipped
+without it.
 """
 
 import json
