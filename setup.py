@@ -40,9 +40,11 @@ EXTRAS_REQUIRE = {
     # compare against (pure Python; its tokenizer test also needs Java).
     # nbclient, nbformat, ipykernel: tests/test_notebook.py runs the notebook.
     # tokenizers: tests/data/test_imported_tokenizers.py (the hf extra).
-    # BEAM: tests/data/formats/test_distributed.py.
+    # tests/data/formats/test_distributed.py also needs the beam extra (it is
+    # skipped without it): Beam pins protobuf<7 and pyarrow<26, older than
+    # what the rest of the stack installs, so CI leaves it out for now.
     'test': ['pytest', 'pytest-xdist', 'pycocoevalcap', 'nbclient', 'nbformat',
-             'ipykernel', 'tokenizers', *BEAM],
+             'ipykernel', 'tokenizers'],
     'beam': BEAM,
     # A checkpoint's own Hugging Face tokenizer (data/hf_tokenizer.py).
     'hf': ['tokenizers'],

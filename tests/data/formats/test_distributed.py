@@ -1,6 +1,6 @@
 """Beam builds (DirectRunner, 2 worker processes) equal one-process builds.
 
-Needs apache_beam (the `test` and `beam` extras of setup.py); skipped
+Needs apache_beam (the `beam` extra of setup.py); skipped
 without it.
 """
 
