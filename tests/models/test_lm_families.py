@@ -205,8 +205,8 @@ def test_openflamingo_variant_with_mpt():
 
 
 def test_variant_errors():
-  with pytest.raises(ValueError, match="Unknown Flamingo variant 'idefics'"):
-    flamingo.with_variant(flamingo.model_config('tiny'), 'idefics')
+  with pytest.raises(ValueError, match="Unknown Flamingo variant 'llava'"):
+    flamingo.with_variant(flamingo.model_config('tiny'), 'llava')
 
 
 def test_vanilla_xattn_needs_a_sequential_block():
