@@ -101,8 +101,7 @@ def synthetic_batches(config: ml_collections.ConfigDict, seed: int = 0
 
 def check_batches(config: ml_collections.ConfigDict, mesh) -> None:
   """Refuses a batch that the mesh's data-parallel devices cannot split."""
-  parallel = int(np.prod([mesh.shape[a] for a in sharding.BATCH_AXES
-                          if a in mesh.shape]))
+  parallel = sharding.data_parallel_size(mesh)
   for name, spec in config.data.datasets.items():
     if spec.batch_size % parallel:
       raise BenchFlagError(

@@ -302,8 +302,7 @@ def resolve_mesh(config: ml_collections.ConfigDict,
 
 
 def _check_batch_sizes(config, mesh) -> None:
-  parallel = int(np.prod([mesh.shape[a] for a in sharding.BATCH_AXES
-                          if a in mesh.shape]))
+  parallel = sharding.data_parallel_size(mesh)
   for name, spec in config.data.datasets.items():
     if spec.batch_size % parallel:
       raise ValueError(

@@ -345,10 +345,19 @@ def optimizer_state_shardings(opt_state_abstract: Any,
   return jax.tree.map(shard, opt_state_abstract, is_leaf=is_params)
 
 
+def batch_axes(mesh: jax.sharding.Mesh) -> tuple[str, ...]:
+  """The BATCH_AXES that `mesh` has, in order."""
+  return tuple(a for a in BATCH_AXES if a in mesh.shape)
+
+
+def data_parallel_size(mesh: jax.sharding.Mesh) -> int:
+  """How many ways `mesh` splits a batch: the product of its batch axes."""
+  return math.prod(mesh.shape[a] for a in batch_axes(mesh))
+
+
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
   """Leading (batch) dimension over ('data', 'fsdp'), the rest replicated."""
-  axes = tuple(a for a in BATCH_AXES if a in mesh.shape)
-  return NamedSharding(mesh, P(axes))
+  return NamedSharding(mesh, P(batch_axes(mesh)))
 
 
 def constrain(x: jax.Array, spec: Spec) -> jax.Array:

@@ -16,8 +16,11 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from experiments import flamingo as flamingo_config
+from experiments import tiny
+from flamingo_jax import bench_inputs
 from flamingo_jax.models import flamingo
 from flamingo_jax.models import stacking
+from flamingo_jax.training import loop
 from flamingo_jax.training import memory
 from flamingo_jax.training import optim
 from flamingo_jax.training import sharding
@@ -164,6 +167,12 @@ def test_optimizer_state_follows_params(meshes, abstract):
 
 def test_batch_sharding(meshes):
   assert sharding.batch_sharding(meshes['mixed']).spec == P(('data', 'fsdp'))
+
+
+@pytest.mark.parametrize('name, size', [('data', 8), ('mixed', 4),
+                                        ('model', 1)])
+def test_data_parallel_size(meshes, name, size):
+  assert sharding.data_parallel_size(meshes[name]) == size
 
 
 def test_constrain_is_a_no_op_without_mesh():
@@ -326,3 +335,12 @@ def test_zero1_splits_moments_of_matrices_the_rules_name_fully(meshes,
   kernel = 'perceiver_resampler/layer_0/attention/query'
   assert trainable_sh[kernel]['w'].spec == P('fsdp', 'model')
   assert adam.mu[kernel]['w'].spec == P('data', 'model')
+
+
+def test_batch_checks_name_the_data_parallel_size(meshes):
+  config = tiny.get_config('smoke')
+  config.data.datasets.pairs.batch_size = 6  # Not a multiple of 4.
+  with pytest.raises(bench_inputs.BenchFlagError, match='the 4 data-parallel'):
+    bench_inputs.check_batches(config, meshes['mixed'])
+  with pytest.raises(ValueError, match='the 4 data-parallel'):
+    loop._check_batch_sizes(config, meshes['mixed'])  # pylint: disable=protected-access
