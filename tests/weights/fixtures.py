@@ -85,8 +85,9 @@ def lm_tokens(seed: int) -> np.ndarray:
   return np.random.default_rng(seed).integers(0, LM_VOCAB, (BATCH, 11))
 
 
-def expected_lm(name: str) -> dict[str, np.ndarray]:
-  """tokens, logits [BATCH, 11, LM_VOCAB], greedy [LM_STEPS] of `name`."""
+def load_expected(name: str) -> dict[str, np.ndarray]:
+  """The arrays of fixture `name`'s expected.npz (for an LM: tokens, logits
+  [BATCH, 11, LM_VOCAB], greedy [LM_STEPS])."""
   with np.load(path(name, 'expected.npz'), allow_pickle=False) as data:
     return dict(data)
 
@@ -106,8 +107,7 @@ def path(*parts: str) -> str:
 def expected(name: str, size: int, seed: int
              ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
   """The images of `seed` and the reference outputs on them."""
-  with np.load(path(name, 'expected.npz'), allow_pickle=False) as data:
-    outputs = dict(data)
+  outputs = load_expected(name)
   inputs = images(size, seed)
   stored_sum = outputs.pop('images_sum')
   if not np.isclose(inputs.sum(dtype=np.float64), stored_sum):

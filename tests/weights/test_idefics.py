@@ -13,16 +13,15 @@ import json
 import os
 import shutil
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import flamingo_jax
 from flamingo_jax.inference import prompts
 from flamingo_jax.models import flamingo
 from flamingo_jax.weights import convert
 from flamingo_jax.weights import idefics
 from flamingo_jax.weights import tensors as tensors_lib
+from tests.weights import converted
 from tests.weights import fixtures
 from tests.weights import test_parity
 
@@ -43,28 +42,20 @@ def name_fixture(request):
 
 @pytest.fixture(name='expected', scope='module')
 def expected_fixture(name):
-  with np.load(fixtures.path(name, 'expected.npz'), allow_pickle=False) as f:
-    return dict(f)
+  return fixtures.load_expected(name)
 
 
 @pytest.fixture(name='model', scope='module')
 def model_fixture(tmp_path_factory, name):
-  workdir = tmp_path_factory.mktemp(name) / 'workdir'
-  assert convert.main(_args(workdir, fixtures.path(name))) == 0
-  return flamingo_jax.load(workdir, placement='device')
+  return converted.convert_and_load(
+      tmp_path_factory, name, lambda w: _args(w, fixtures.path(name)))
 
 
 @pytest.fixture(name='ours', scope='module')
 def ours_fixture(model, expected):
   """Our fp32 logits [L, V + 1] on fixtures.IDEFICS_PROMPT, its encoding."""
-  images = expected['images']
-  encoded = prompts.encode(model.tokenizer, fixtures.IDEFICS_PROMPT,
-                           list(images), model.image_size)
-  logits = flamingo.transform(model.model_config).apply(
-      model.params, None, jnp.asarray(encoded.tokens)[None],
-      jnp.asarray(encoded.media)[None], jnp.ones([1, len(images)], bool),
-      jnp.asarray(encoded.media_index)[None])  # [1, L, V + 1]
-  return np.asarray(logits[0]), encoded
+  return converted.prompt_logits(model, fixtures.IDEFICS_PROMPT,
+                                 expected['images'])
 
 
 def test_config_is_idefics(model, name):

@@ -17,18 +17,16 @@ import os
 import sys
 import types
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import flamingo_jax
 from flamingo_jax.data import formatting
-from flamingo_jax.inference import prompts
-from flamingo_jax.models import flamingo
 from flamingo_jax.weights import convert
 from flamingo_jax.weights import open_flamingo
 from flamingo_jax.weights import tensors as tensors_lib
 from flamingo_jax.weights import torch_file
+from tests.weights import converted
 from tests.weights import fixtures
 from tests.weights import test_parity
 
@@ -55,15 +53,13 @@ def name_fixture(request):
 
 @pytest.fixture(name='expected', scope='module')
 def expected_fixture(name):
-  with np.load(fixtures.path(name, 'expected.npz'), allow_pickle=False) as f:
-    return dict(f)
+  return fixtures.load_expected(name)
 
 
 @pytest.fixture(name='model', scope='module')
 def model_fixture(tmp_path_factory, name):
-  workdir = tmp_path_factory.mktemp(name) / 'workdir'
-  assert convert.main(_args(workdir, name)) == 0
-  return flamingo_jax.load(workdir, placement='device')
+  return converted.convert_and_load(tmp_path_factory, name,
+                                    lambda w: _args(w, name))
 
 
 def _prompt() -> str:
@@ -90,18 +86,13 @@ def test_config_is_open_flamingos(model, name):
 
 
 def test_logits_match_open_flamingo(model, expected):
-  images = expected['images']
-  encoded = prompts.encode(model.tokenizer, _prompt(), list(images),
-                           model.image_size)
+  logits, encoded = converted.prompt_logits(model, _prompt(),
+                                            expected['images'])  # [L, V + 1]
   # The notebook API's prompt is the one open_flamingo was given.
   np.testing.assert_array_equal(encoded.tokens, expected['prompt_ids'])
-  logits = flamingo.transform(model.model_config).apply(
-      model.params, None, jnp.asarray(encoded.tokens)[None],
-      jnp.asarray(encoded.media)[None], jnp.ones([1, len(images)], bool),
-      jnp.asarray(encoded.media_index)[None])  # [1, L, V + 1]
   vocab = model.model_config['lm']['vocab_size']
   assert test_parity.relative_difference(
-      logits[0, :, :vocab], expected['logits']) <= test_parity.TOLERANCE
+      logits[:, :vocab], expected['logits']) <= test_parity.TOLERANCE
 
 
 def test_few_shot_captioning_gives_open_flamingos_tokens(model, expected):

@@ -278,7 +278,7 @@ def _import_lm(name):
 @pytest.mark.parametrize('name', sorted(HF_LM_SOURCES))
 def test_hf_lm(name):
   config, params, store = _import_lm(name)
-  expected = fixtures.expected_lm(name)
+  expected = fixtures.load_expected(name)
   logits = lm_logits(config, params, expected['tokens'])
   vocab = fixtures.LM_VOCAB
   assert logits.shape[-1] == vocab + 1  # + our <EOC>, unused here.
@@ -297,7 +297,7 @@ def test_hf_lm_greedy_generation_in_flamingo(name):
   (`Flamingo.prefill`, one `decode_step` per token), gives transformers'
   greedy tokens."""
   config, lm_params, _ = _import_lm(name)
-  expected = fixtures.expected_lm(name)
+  expected = fixtures.load_expected(name)
   model_config = flamingo.model_config('tiny')
   model_config['lm'] = config
   resampler = model_config['resampler']
@@ -382,10 +382,10 @@ def test_hf_mpt_with_qk_ln_is_mosaic_gpt_renamed(tmp_path):
   config = hf_mpt.config_from(directory, store)
   assert config['qk_norm'] and not config['use_bias']
   logits = lm_logits(config, hf_mpt.to_params(store, config),
-                     fixtures.expected_lm('hf_mosaic_gpt')['tokens'])
+                     fixtures.load_expected('hf_mosaic_gpt')['tokens'])
   assert relative_difference(
       logits[..., :fixtures.LM_VOCAB],
-      fixtures.expected_lm('hf_mosaic_gpt')['logits']) <= TOLERANCE
+      fixtures.load_expected('hf_mosaic_gpt')['logits']) <= TOLERANCE
 
 
 def test_mosaic_gpt_config_and_refusals(tmp_path):
