@@ -182,6 +182,17 @@ class ContrastiveModel:
                          name='image_projection')(pooled)  # [B, E]
     return l2_normalize(embedded)  # [B, E]
 
+  def image_features(
+      self,
+      images: jax.Array,  # [B, H, W, 3] uint8
+  ) -> jax.Array:  # [B, C]
+    """The spatial mean of the visual tokens Flamingo's resampler reads
+    (the attribute probe's features; inference mode)."""
+    x = images.astype(jnp.float32) / 255.0  # [B, H, W, 3]
+    x = (x - jnp.asarray(self._mean)) / jnp.asarray(self._std)  # [B, H, W, 3]
+    tokens = self.vision_encoder(x, is_training=False)['tokens']  # [B, S, C]
+    return tokens.mean(axis=1)  # [B, C]
+
   def embed_text(self, tokens: jax.Array) -> jax.Array:  # [B, L] -> [B, E]
     pooled = self.text_encoder(tokens)  # [B, Dt]
     embedded = hk.Linear(self.embed_dim, with_bias=False,
@@ -244,6 +255,13 @@ def transform(config: Mapping[str, Any]) -> hk.Transformed:
     return ContrastiveModel(config)(tokens, media, is_training=is_training)
 
   return hk.transform(forward)
+
+
+def transform_features(config: Mapping[str, Any]) -> hk.Transformed:
+  """apply(params, rng, images [B, H, W, 3] uint8) -> [B, C]
+  (`ContrastiveModel.image_features`)."""
+  return hk.transform(lambda images: ContrastiveModel(config).image_features(
+      images))
 
 
 def example_inputs(config: Mapping[str, Any], batch: int = 1,

@@ -6,7 +6,10 @@
                       over training (the paper's Fig. 6);
   W/plots/probe.png   the binding probe (training/probe.py): margin and
                       accuracy over training, when the run logged it;
-  W/plots/text_probe.png  the same for the text probe (an LM stage's).
+  W/plots/text_probe.png  the same for the text probe (an LM stage's);
+  W/plots/vision_probe.png  the attribute probe (a vision stage's): how well
+                      a linear read-out of the features tells each
+                      attribute's values apart, over training.
 The recipe writes them at the end of every stage too (the training loop's
 `on_finished`).
 """
@@ -86,6 +89,23 @@ def plot_probe(rows, path: str, prefix: str = probe_lib.BINDING,
   plt.close(fig)
 
 
+def plot_attribute_probe(rows, path: str) -> None:
+  keys = sorted({k for r in rows for k in r
+                 if k.startswith(probe_lib.VISION + '_')})
+  fig, ax = plt.subplots(figsize=(7, 4))
+  for key in keys:
+    ax.plot(*_series(rows, key), marker='.',
+            label=key[len(probe_lib.VISION) + 1:-len('_accuracy')])
+  ax.set_title('linear read-out accuracy of the vision features')
+  ax.set_xlabel('step')
+  ax.set_ylim(0.0, 1.0)
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fs.save_figure(fig, path)
+  plt.close(fig)
+
+
 def write_plots(workdir: str) -> list[str]:
   """Writes the plots of `workdir`; returns their paths."""
   rows = metrics_lib.read_metrics(workdir)
@@ -100,5 +120,8 @@ def write_plots(workdir: str) -> list[str]:
     if any(f'{prefix}_margin' in r for r in rows):
       paths.append(fs.join(out, name))
       plot_probe(rows, paths[-1], prefix, tuple(titles))
+  if any(k.startswith(probe_lib.VISION + '_') for r in rows for k in r):
+    paths.append(fs.join(out, 'vision_probe.png'))
+    plot_attribute_probe(rows, paths[-1])
   return paths
 

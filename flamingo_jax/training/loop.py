@@ -12,7 +12,8 @@
   after the final step is saved: W/finished.json, then `on_finished(W)` on
       process 0 (the recipe writes W/plots/ there; this room plots nothing)
   config.probe (optional): the binding probe (probe.py; in an 'lm' run, the
-      text probe) before the first step and every config.probe.every
+      text probe; in a 'contrastive' one, the attribute probe of the vision
+      encoder) before the first step and every config.probe.every
       steps, into the metrics
 
 A run killed at any point resumes from its last checkpoint and continues
@@ -492,16 +493,20 @@ def _make_probe(config, model):
   config.probe: every (steps), episodes, seed, ways, shots, seq_len; the
   episodes are `data.world.probe`'s, in the run's tokenizer and image size:
   picture episodes for Flamingo (`probe_batch`), their keyed text for an
-  LM alone (`config.task = 'lm'`, `text_probe_batch`). Other tasks: off.
+  LM alone (`config.task = 'lm'`, `text_probe_batch`). A contrastive run
+  (the vision stage) probes its encoder's features instead: every, seed
+  and images (per attribute; `attribute_probe_images`). Other tasks: off.
   """
   spec = config.get('probe', None)
   task = config.get('task', 'flamingo')
-  if not spec or task not in ('flamingo', 'lm'):
+  if not spec or task not in ('flamingo', 'lm', 'contrastive'):
     return None, 0
   # pylint: disable=g-import-not-at-top
   from flamingo_jax.data import tokenizer as tokenizer_lib
   from flamingo_jax.data.world import probe as probe_data
   # pylint: enable=g-import-not-at-top
+  if task == 'contrastive':
+    return _make_attribute_probe(config, spec, probe_data), spec.every
   make_batch, prefix = ((probe_data.text_probe_batch, probe_lib.TEXT)
                         if task == 'lm' else
                         (probe_data.probe_batch, probe_lib.BINDING))
@@ -513,6 +518,20 @@ def _make_probe(config, model):
   apply_fn = precision.with_compute_dtype(
       model, jnp.dtype(config.compute_dtype)).apply
   return probe_lib.make_probe_fn(apply_fn, batch, prefix), spec.every
+
+
+def _make_attribute_probe(config, spec, probe_data):
+  """The vision stage's attribute probe (`probe_lib.make_attribute_probe_fn`)."""
+  # pylint: disable=g-import-not-at-top
+  from flamingo_jax.data.world import nonce
+  from flamingo_jax.models import contrastive as contrastive_model
+  # pylint: enable=g-import-not-at-top
+  pictures = {a: probe_data.attribute_probe_images(
+      a, num_images=spec.get('images', 1024), seed=spec.seed,
+      image_size=config.model.image_size) for a in nonce.ATTRIBUTES}
+  features = contrastive_model.transform_features(config.model)
+  return probe_lib.make_attribute_probe_fn(
+      lambda params, images: features.apply(params, None, images), pictures)
 
 
 def read_metrics(workdir: str) -> list[dict[str, float]]:

@@ -24,6 +24,16 @@ pictures in words, the query's line up to its word), scored the same way:
                           the same whatever the query).
   probe/text_accuracy     as binding_accuracy (chance 1 / ways).
 
+The attribute probe asks the vision encoder alone (a contrastive run's,
+`config.task = 'contrastive'`), on held-out one-object pictures
+(`data.world.probe.attribute_probe_images`), whether a linear read-out of
+its features (the spatial mean of the visual tokens Flamingo's resampler
+reads) tells each attribute's values apart:
+
+  probe/vision_<attribute>_accuracy  test accuracy of a ridge-regression
+                          read-out to the one-hot labels, fitted in closed
+                          form on the other pictures (chance 1 / values).
+
 The training loop logs them every `config.probe.every` steps (and before
 the first step): the binding probe in a Flamingo run, the text probe in an
 LM run (`config.task = 'lm'`), so that the emergence of binding can be seen
@@ -32,6 +42,8 @@ over training (W/plots/probe.png, W/lm/plots/text_probe.png).
 Glossary of shapes:
   R: rows = E * Q * C (episodes, queries, candidates; Q = C = ways).
   L: sequence length; V: vocabulary.
+  M: attribute probe pictures (Mt of them fit the read-out); C: feature
+    width; K: an attribute's values.
 """
 
 from collections.abc import Callable, Mapping
@@ -45,6 +57,8 @@ MODEL_INPUTS = ('tokens', 'media', 'media_mask', 'media_index')
 # The metrics' name prefixes: '<prefix>_margin', '<prefix>_accuracy'.
 BINDING = 'probe/binding'
 TEXT = 'probe/text'
+VISION = 'probe/vision'  # '<VISION>_<attribute>_accuracy'.
+READOUT_L2 = 1e-2  # The ridge penalty, on standardised features.
 
 
 def binding_scores(logits: jax.Array, targets: jax.Array,
@@ -103,6 +117,60 @@ def make_probe_fn(apply_fn: Callable[..., jax.Array], batch: Mapping[str, Any],
                       is_training=False)  # [R, L, V]
     return binding_scores(logits, arrays['targets'], arrays['score_mask'],
                           ways, prefix)
+
+  def run(params) -> dict[str, float]:
+    return {k: float(v) for k, v in
+            jax.device_get(probe(params, arrays)).items()}
+
+  return run
+
+
+def readout_accuracy(features: jax.Array, labels: jax.Array, num_train: int,
+                     num_classes: int, l2: float = READOUT_L2) -> jax.Array:
+  """Test accuracy of a linear read-out of `features` [M, C] to `labels`.
+
+  Ridge regression to the one-hot labels, fitted in closed form on the
+  first `num_train` rows (features standardised by their statistics, plus
+  a bias), and scored by its argmax on the rest: deterministic, and cheap
+  enough to run while training.
+  """
+  features = features.astype(jnp.float32)  # [M, C]
+  fit, test = features[:num_train], features[num_train:]  # [Mt, C], [M-Mt, C]
+  mean, std = fit.mean(0), fit.std(0) + 1e-6  # [C]
+
+  def design(x):
+    x = (x - mean) / std  # [., C]
+    return jnp.concatenate([x, jnp.ones_like(x[:, :1])], axis=1)  # [., C+1]
+
+  x = design(fit)  # [Mt, C + 1]
+  targets = jax.nn.one_hot(labels[:num_train], num_classes)  # [Mt, K]
+  gram = x.T @ x + l2 * num_train * jnp.eye(x.shape[1])  # [C+1, C+1]
+  weights = jnp.linalg.solve(gram, x.T @ targets)  # [C + 1, K]
+  predicted = jnp.argmax(design(test) @ weights, axis=-1)  # [M - Mt]
+  return (predicted == labels[num_train:]).mean()
+
+
+def make_attribute_probe_fn(
+    features_fn: Callable[[Any, jax.Array], jax.Array],
+    pictures: Mapping[str, Mapping[str, Any]]
+) -> Callable[[Any], dict[str, float]]:
+  """params -> '<VISION>_<attribute>_accuracy' per attribute, jitted once.
+
+  Args:
+    features_fn: `(params, images uint8 [M, H, W, 3]) -> [M, C]`.
+    pictures: attribute -> `attribute_probe_images`'s arrays.
+  """
+  arrays = {a: jax.device_put({'images': np.asarray(p['images']),
+                               'labels': np.asarray(p['labels'])})
+            for a, p in pictures.items()}
+  sizes = {a: (int(p['num_train']), int(p['num_classes']))
+           for a, p in pictures.items()}
+
+  @jax.jit
+  def probe(params, arrays):
+    return {f'{VISION}_{a}_accuracy': readout_accuracy(
+        features_fn(params, x['images']), x['labels'], *sizes[a])
+            for a, x in arrays.items()}
 
   def run(params) -> dict[str, float]:
     return {k: float(v) for k, v in

@@ -155,8 +155,6 @@ def test_the_loop_runs_the_text_probe_in_an_lm_run(smoke_workdir):
   config.probe = dict(every=10, episodes=1, seed=0, ways=WAYS, shots=SHOTS,
                       seq_len=_TEXT_LEN)
   make_probe = loop._make_probe  # pylint: disable=protected-access
-  config.task = 'contrastive'
-  assert make_probe(config, None) == (None, 0)
   config.task = 'lm'
   run, every = make_probe(config,
                           loop.task_of(config).transform(config.model))
@@ -294,3 +292,72 @@ def test_bad_text_probe_arguments_raise(text_setup):
     probe_data.text_probe_batch(tokenizer, ways=1)
   with pytest.raises(ValueError, match='raise it'):
     probe_data.text_probe_batch(tokenizer, num_episodes=1, seq_len=24)
+
+
+# ------------------------------------------------------- attribute probe --
+
+
+def test_readout_reads_what_the_features_hold():
+  rng = np.random.default_rng(0)
+  labels = jnp.asarray(rng.integers(8, size=512))
+  noise = rng.normal(size=(512, 16)).astype(np.float32)
+  told = jnp.asarray(noise * 0.1).at[:, :8].add(jax.nn.one_hot(labels, 8))
+  assert probe.readout_accuracy(told, labels, 384, 8) == 1.0
+  blind = probe.readout_accuracy(jnp.asarray(noise), labels, 384, 8)
+  assert blind < 0.3  # Chance 1/8 (128 test rows).
+
+
+def test_attribute_probe_pictures_are_seeded_and_checked():
+  one = probe_data.attribute_probe_images('colour', num_images=32, seed=0)
+  again = probe_data.attribute_probe_images('colour', num_images=32, seed=0)
+  other = probe_data.attribute_probe_images('colour', num_images=32, seed=1)
+  np.testing.assert_array_equal(one['images'], again['images'])
+  assert not np.array_equal(one['images'], other['images'])
+  assert one['images'].shape == (32, 64, 64, 3)
+  assert (int(one['num_train']), int(one['num_classes'])) == (24, 8)
+  with pytest.raises(ValueError, match='Unknown attribute'):
+    probe_data.attribute_probe_images('size')
+  with pytest.raises(ValueError, match='at least 8 pictures'):
+    probe_data.attribute_probe_images('shape', num_images=16)
+
+
+def _object_colour(params, images):
+  """Hand-built features: the mean RGB of the pixels far from the corner's
+  (the background's) colour, i.e. the object's."""
+  del params
+  x = images.astype(jnp.float32)  # [M, H, W, 3]
+  far = jnp.abs(x - x[:, :1, :1]).sum(-1, keepdims=True) > 80  # [M, H, W, 1]
+  return (x * far).sum((1, 2)) / jnp.maximum(far.sum((1, 2)), 1)  # [M, 3]
+
+
+def test_attribute_probe_tells_colour_from_colour_features():
+  pictures = {a: probe_data.attribute_probe_images(a, num_images=256)
+              for a in ('shape', 'colour')}
+  out = probe.make_attribute_probe_fn(_object_colour, pictures)(None)
+  assert set(out) == {'probe/vision_shape_accuracy',
+                      'probe/vision_colour_accuracy'}
+  assert out['probe/vision_colour_accuracy'] > 0.7  # Chance 1/8.
+  assert out['probe/vision_shape_accuracy'] < 0.4  # Colour says no shape.
+
+
+def test_the_loop_runs_the_attribute_probe_in_a_vision_stage(tmp_path):
+  # pylint: disable=g-import-not-at-top
+  from experiments import tiny
+  from flamingo_jax.models import contrastive
+  from flamingo_jax.orchestration import plots
+  from flamingo_jax.training import loop
+  # pylint: enable=g-import-not-at-top
+  stage = tiny.get_config('default').stages.vision
+  assert stage.task == 'contrastive' and stage.probe.every == 250
+  stage.probe.images = 64
+  run, every = loop._make_probe(stage, None)  # pylint: disable=protected-access
+  params = contrastive.transform_features(stage.model).init(
+      jax.random.key(0), jnp.zeros([1, 64, 64, 3], jnp.uint8))
+  out = run(params)
+  assert every == 250
+  assert all(0.0 <= v <= 1.0 for v in out.values())
+  rows = [{'step': 0, **out}, {'step': 250, **out}]
+  (tmp_path / 'metrics.jsonl').write_text(
+      ''.join(json.dumps(r) + '\n' for r in rows))
+  assert str(tmp_path / 'plots' / 'vision_probe.png') in plots.write_plots(
+      str(tmp_path))

@@ -17,6 +17,12 @@ and the text of a query's prompt does not depend on which picture it shows:
 a model blind to the pictures gives every query the same candidate scores,
 so its margin, averaged over the episode's queries, is exactly 0.
 
+The attribute probe (`attribute_probe_images`) asks it of the vision
+encoder alone, a step before: can a linear read-out of its features tell
+the values of an attribute apart (the shape, the colour of a one-object
+picture, as the nonce episodes show them)? An attribute the features do not
+separate can't be bound to a word by any cross-attention.
+
 The text probe (`text_probe_batch`) asks the same of an LM alone, on
 held-out episodes in the LM stage's keyed episode text
 (`nonce.episode_text`): the support pictures in words, then the query's
@@ -55,6 +61,8 @@ from flamingo_jax.data.world import scenes
 
 PROBE_NAME = 'binding_probe'  # Its episodes' generator name (held out).
 TEXT_PROBE_NAME = 'text_binding_probe'  # The text probe's.
+ATTRIBUTE_PROBE_NAME = 'attribute_probe'  # The attribute probe's pictures.
+ATTRIBUTE_PROBE_TRAIN = 0.75  # Share of the pictures the read-out fits.
 
 
 def _continuation(tokenizer, line: str, prefix: str) -> tuple[list[int], int]:
@@ -203,3 +211,45 @@ def text_probe_batch(tokenizer: Any, *, num_episodes: int = 16, seed: int = 0,
             media=np.zeros([1, 1, image_size, image_size, 3], np.uint8),
             media_mask=out['media_mask'], media_index=out['media_index']))
   return _stack(rows, ways)
+
+
+def attribute_probe_images(attribute: str, *, num_images: int = 1024,
+                           seed: int = 0, image_size: int = 64
+                           ) -> dict[str, np.ndarray]:
+  """One-object pictures of held-out scenes, labelled by `attribute`.
+
+  Each picture shows one object as a nonce episode does (`nonce.scene`):
+  its `attribute` drawn uniformly, everything else (the other attributes,
+  the cell, the background) random.
+
+  Args:
+    attribute: one of `nonce.ATTRIBUTES` ('shape', 'colour').
+    num_images: pictures, split ATTRIBUTE_PROBE_TRAIN / rest into the
+      read-out's fitting and test sets.
+    seed: which held-out pictures.
+    image_size: H = W.
+
+  Returns:
+    images uint8 [num_images, H, W, 3]; labels int32 [num_images] (indices
+    into scenes.VALUES[attribute]); num_train int32 [] (the first
+    num_train are for fitting); num_classes int32 [].
+  """
+  if attribute not in nonce.ATTRIBUTES:
+    raise ValueError(f'Unknown attribute {attribute!r}; expected one of '
+                     f'{nonce.ATTRIBUTES}.')
+  values = scenes.VALUES[attribute]
+  num_train = int(num_images * ATTRIBUTE_PROBE_TRAIN)
+  if num_train < len(values) or num_images - num_train < len(values):
+    raise ValueError(f'The attribute probe needs at least {len(values)} '
+                     f'pictures to fit and to test; {num_images} pictures '
+                     f'give {num_train} and {num_images - num_train}.')
+  images, labels = [], []
+  for i in range(num_images):
+    rng = scenes.example_rng(ATTRIBUTE_PROBE_NAME, attribute, i, seed)
+    label = int(rng.integers(len(values)))
+    images.append(scenes.render_scene(
+        nonce.scene(rng, attribute, values[label]), image_size))
+    labels.append(label)
+  return dict(images=np.stack(images), labels=np.asarray(labels, np.int32),
+              num_train=np.int32(num_train),
+              num_classes=np.int32(len(values)))
