@@ -1,6 +1,8 @@
 """OpenCLIP / OpenAI CLIP vision towers (the `visual.` part of a CLIP
 state dict): `open_clip_pytorch_model.bin`, `open_clip_model.safetensors`,
-or any `.pt`/`.bin`/`.safetensors` holding `model.state_dict()`.
+any `.pt`/`.bin`/`.safetensors` holding `model.state_dict()`, or OpenAI's
+original release (`ViT-L-14.pt`: a TorchScript archive, read without
+running its code by `torch_file`).
 
 Tensor layout (`P` = `visual.`, found from the names; a bare tower has no
 prefix):
@@ -43,7 +45,8 @@ from flamingo_jax.weights import vision
 
 KIND = 'open_clip'
 SUMMARY = ('OpenCLIP / OpenAI CLIP vision tower (state dict: .bin, .pt or '
-           '.safetensors; open_clip_config.json beside it if any)')
+           ".safetensors, or OpenAI's TorchScript .pt; "
+           'open_clip_config.json beside it if any)')
 _ANCHOR = 'conv1.weight'
 
 

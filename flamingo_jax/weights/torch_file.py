@@ -15,16 +15,24 @@ Formats the builtin reader understands:
           number, protocol, system info and the object pickle, then the
           storages back to back, each after an 8-byte element count; their
           offsets are found by seeking, and each is mapped when touched.
-Not read: the pre-1.0 tar format, TorchScript archives (`torch.jit.save`,
-e.g. OpenAI's original CLIP `.pt`: their pickle names the model's classes),
-quantized and sparse tensors, and big-endian files.
+  TorchScript (`torch.jit.save`, e.g. OpenAI's original CLIP `.pt`): the
+          zip format whose `data.pkl` is the module itself, objects of the
+          archive's own `__torch__.*` classes; each becomes a
+          `_ScriptModule` holding its attributes, and the tensors among
+          them are the file's tensors under their attribute paths, the
+          names of the module's `state_dict()`. The archive's `code/` is
+          never compiled or run, so it is read by the builtin reader with
+          either backend (`torch.load(weights_only=True)` refuses such
+          archives, and `torch.jit.load` would compile their code).
+Not read: the pre-1.0 tar format, quantized and sparse tensors, and
+big-endian files.
 
 Nested dicts (`{'state_dict': {...}}`, OpenFlamingo's `checkpoint.pt`) are
 flattened with '.'; values that are not tensors (an epoch number, a config)
 are left out.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 import functools
 import io
 import json
@@ -109,6 +117,36 @@ def _rebuild_from_type(func, new_type, args, state):
 _TENSOR_TYPE = object()  # Stands for torch.Tensor / torch.nn.Parameter.
 
 
+class _ScriptModule:
+  """Stands for any class of a TorchScript archive (`__torch__.*`): it
+  keeps the attributes the pickle BUILDs it with, and runs nothing."""
+
+  def __setstate__(self, state):
+    if not isinstance(state, dict):
+      raise pickle.UnpicklingError(
+          f'a TorchScript object with state of type {type(state).__name__}.')
+    self.attributes = dict(state)
+
+
+class _WithScriptClasses(Mapping):
+  """`_ALLOWED`, plus `_ScriptModule` for the `__torch__.*` classes."""
+
+  def __init__(self, allowed: Mapping[tuple[str, str], Any]):
+    self._allowed = allowed
+
+  def __getitem__(self, key: tuple[str, str]) -> Any:
+    module = key[0]
+    if module == '__torch__' or module.startswith('__torch__.'):
+      return _ScriptModule
+    return self._allowed[key]
+
+  def __iter__(self):
+    return iter(self._allowed)
+
+  def __len__(self) -> int:
+    return len(self._allowed)
+
+
 def _torch_globals() -> dict[tuple[str, str], Any]:
   allowed = dict(safe_pickle.BUILTIN_GLOBALS)
   allowed.update(safe_pickle.NUMPY_GLOBALS)
@@ -139,11 +177,21 @@ def read(path: str, *, backend: str = 'auto') -> tensors_lib.TensorStore:
   path = os.fspath(path)
   if backend not in BACKENDS:
     raise ValueError(f'backend must be one of {BACKENDS}; got {backend!r}.')
+  is_zip = zipfile.is_zipfile(path)
+  if is_zip and is_torchscript(path):
+    return _read_zip(path, torchscript=True)  # Either backend.
   if backend == 'torch' or (backend == 'auto' and _torch_available()):
     return _read_with_torch(path)
-  if zipfile.is_zipfile(path):
+  if is_zip:
     return _read_zip(path)
   return _read_legacy(path)
+
+
+def is_torchscript(path: str) -> bool:
+  """Whether the zip at `path` is a TorchScript archive (it has code/)."""
+  with zipfile.ZipFile(path) as archive:
+    return any(n.count('/') >= 2 and n.split('/')[1] == 'code'
+               for n in archive.namelist())
 
 
 def read_index(path: str, *, backend: str = 'auto') -> tensors_lib.TensorStore:
@@ -175,9 +223,12 @@ def _torch_available() -> bool:
 
 def flatten(tree: Any, is_tensor: Callable[[Any], bool],
             prefix: str = '') -> dict[str, Any]:
-  """Nested dicts/lists -> {'a.b.0': tensor}; other leaves are dropped."""
+  """Nested dicts/lists (and TorchScript modules' attributes) ->
+  {'a.b.0': tensor}; other leaves are dropped."""
   if is_tensor(tree):
     return {prefix: tree}
+  if isinstance(tree, _ScriptModule):
+    tree = tree.attributes
   if isinstance(tree, dict):
     items = tree.items()
   elif isinstance(tree, (list, tuple)):
@@ -194,19 +245,16 @@ def flatten(tree: Any, is_tensor: Callable[[Any], bool],
 # -- The zip format ------------------------------------------------------------
 
 
-def _read_zip(path: str) -> tensors_lib.TensorStore:
+def _read_zip(path: str, torchscript: bool = False
+              ) -> tensors_lib.TensorStore:
   with zipfile.ZipFile(path) as archive:
     names = archive.namelist()
     pickles = [n for n in names if n.endswith('/data.pkl') and
                n.count('/') == 1]
     if len(pickles) != 1:
-      hint = (' It looks like a TorchScript archive (torch.jit.save), which '
-              'this reader does not take; load it with torch.jit.load and '
-              'save its state_dict.' if any(n.endswith('/code/') or '/code/'
-                                            in n for n in names) else '')
       raise ValueError(f'{path} is a zip file but not a PyTorch checkpoint: '
                        f'expected one <archive>/data.pkl, found '
-                       f'{pickles}.{hint}')
+                       f'{pickles}.')
     root = pickles[0][:-len('data.pkl')]
     if f'{root}byteorder' in names:
       order = archive.read(f'{root}byteorder').decode().strip()
@@ -218,8 +266,9 @@ def _read_zip(path: str) -> tensors_lib.TensorStore:
     def persistent_load(pid):
       return _storage_from_pid(pid, storages, path)
 
+    allowed = _WithScriptClasses(_ALLOWED) if torchscript else _ALLOWED
     with archive.open(pickles[0]) as f:
-      tree = safe_pickle.load(io.BytesIO(f.read()), _ALLOWED,
+      tree = safe_pickle.load(io.BytesIO(f.read()), allowed,
                               what=path, persistent_load=persistent_load)
     locations = {key: _zip_location(archive, f'{root}data/{key}', path)
                  for key in storages}

@@ -29,6 +29,9 @@ OPEN_CLIP_VISION = dict(layers=3, width=16, head_width=8, patch_size=4,
 OPEN_CLIP_TEXT = dict(context_length=4, vocab_size=16, width=8, heads=2,
                       layers=1)
 OPEN_CLIP_EMBED_DIM = 8
+# The open_clip fixture's state dict again, as OpenAI's original CLIP `.pt`
+# files are: a TorchScript archive (make_fixtures.make_openai_torchscript).
+OPENAI_TORCHSCRIPT = 'openai_torchscript.pt'
 
 # NFNet structures (models/nfnet.py:NFNET_PARAMS entries) for the two NFNet
 # references: DeepMind's code fixes the stem at (16, 32, 64, widths[0] / 2),

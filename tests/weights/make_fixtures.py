@@ -42,6 +42,9 @@ FAMILIES = ('hf_clip', 'open_clip', 'nfnet_npz', 'timm_nfnet',
             *fixtures.IDEFICSES)
 
 
+OPENAI_TORCHSCRIPT = fixtures.OPENAI_TORCHSCRIPT
+
+
 def _fresh(name: str) -> str:
   directory = fixtures.path(name)
   shutil.rmtree(directory, ignore_errors=True)
@@ -97,6 +100,32 @@ def make_hf_clip() -> None:
                  post_ln=post_ln, image_embeds=out.image_embeds)
 
 
+def make_openai_torchscript(directory: str, state) -> None:
+  """`state` as OpenAI's CLIP release ships it: a TorchScript archive
+  (`torch.jit.save` of a traced model) whose modules hold the tensors under
+  the state dict's names (OpenAI's `visual.` names are OpenCLIP's)."""
+  import torch  # pylint: disable=g-import-not-at-top
+
+  class Tree(torch.nn.Module):
+
+    def forward(self, x):
+      return x
+
+  root = Tree()
+  for name, value in state.items():
+    *path, leaf = name.split('.')
+    module = root
+    for part in path:
+      if not hasattr(module, part):
+        module.add_module(part, Tree())
+      module = getattr(module, part)
+    module.register_parameter(
+        leaf, torch.nn.Parameter(value.clone(), requires_grad=False))
+  traced = torch.jit.trace(root, torch.zeros(1))
+  assert set(traced.state_dict()) == set(state)
+  traced.save(os.path.join(directory, OPENAI_TORCHSCRIPT))
+
+
 def make_open_clip() -> None:
   import open_clip  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
@@ -112,6 +141,7 @@ def make_open_clip() -> None:
   torch.save(state, os.path.join(directory, 'open_clip_pytorch_model.bin'))
   torch.save(state, os.path.join(directory, 'legacy.pt'),
              _use_new_zipfile_serialization=False)
+  make_openai_torchscript(directory, state)
   with open(os.path.join(directory, 'open_clip_config.json'), 'w') as f:
     json.dump({'model_cfg': {
         'embed_dim': fixtures.OPEN_CLIP_EMBED_DIM,

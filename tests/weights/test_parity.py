@@ -103,7 +103,8 @@ def test_hf_clip_sharded(tmp_path):
       out['tokens'], expected['last_hidden_state'][:, 1:]) <= TOLERANCE
 
 
-@pytest.mark.parametrize('file', ['open_clip_pytorch_model.bin', 'legacy.pt'])
+@pytest.mark.parametrize('file', ['open_clip_pytorch_model.bin', 'legacy.pt',
+                                  fixtures.OPENAI_TORCHSCRIPT])
 @pytest.mark.parametrize('tokens,key', [('ln_post', 'tokens'),
                                         ('last_block', 'last_block')])
 def test_open_clip(file, tokens, key):

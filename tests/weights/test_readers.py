@@ -161,6 +161,46 @@ def test_torch_backend_agrees_with_builtin():
       np.testing.assert_array_equal(ours[name], theirs[name])
 
 
+@pytest.mark.parametrize('backend', ['builtin', 'auto'])
+def test_torchscript_archive_reads_as_its_state_dict(backend):
+  """OpenAI's CLIP `.pt` layout: the tensors under the state dict's names,
+  by the builtin reader whatever the backend (no TorchScript code runs)."""
+  path = fixtures.path('open_clip', fixtures.OPENAI_TORCHSCRIPT)
+  assert torch_file.is_torchscript(path)
+  script = torch_file.read(path, backend=backend)
+  plain = torch_file.read(
+      fixtures.path('open_clip', 'open_clip_pytorch_model.bin'),
+      backend='builtin')
+  assert sorted(script) == sorted(plain)
+  for name in plain:
+    assert script.info(name).dtype == np.float16
+    np.testing.assert_array_equal(script[name], plain[name])
+
+
+def test_torchscript_archive_equals_torch_jit_load():
+  torch = pytest.importorskip('torch')
+  path = fixtures.path('open_clip', fixtures.OPENAI_TORCHSCRIPT)
+  theirs = torch.jit.load(path, map_location='cpu').state_dict()
+  ours = torch_file.read(path, backend='torch')
+  assert sorted(ours) == sorted(theirs)
+  for name, tensor in theirs.items():
+    np.testing.assert_array_equal(ours[name], tensor.numpy())
+
+
+def test_malicious_torchscript_is_refused_and_runs_nothing(tmp_path):
+  marker = tmp_path / 'pwned'
+  path = str(tmp_path / 'ViT-L-14.pt')
+  _torch_zip(path, pickle.dumps({'w': _Exploit(str(marker))}, protocol=2))
+  with zipfile.ZipFile(path, 'a') as archive:
+    archive.writestr('archive/code/__torch__.py', 'class M: ...\n')
+  assert torch_file.is_torchscript(path)
+  for backend in ('builtin', 'auto'):
+    with pytest.raises(safe_pickle.RefusedGlobalError,
+                       match=r'global (posix|os|nt)\.system'):
+      torch_file.read(path, backend=backend)
+  assert not marker.exists()
+
+
 def test_torch_zip_maps_only_touched_storages(monkeypatch):
   path = fixtures.path('open_clip', 'open_clip_pytorch_model.bin')
   store = torch_file.read(path, backend='builtin')
