@@ -20,7 +20,6 @@ benchmark itself feeds random batches of those shapes.
 'tiny' is the same layout at the tiny sizes, for tests of the bench.
 """
 
-import os
 
 import ml_collections
 
@@ -67,8 +66,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.seed = 0
   config.task = 'flamingo'
   config.model = model
-  data_dir = os.path.join(os.path.expanduser('~'), '.cache', 'flamingo_jax',
-                          'world')
+  data_dir = prepare.default_world_dir()
   config.data = dict(
       data_dir=data_dir,
       sizes='default',

@@ -33,7 +33,6 @@ the rest evaluated at 0/2/4/8 shots on 256 queries:
   python -m flamingo_jax.train --config experiments/tiny.py:icl --workdir /tmp/w
 """
 
-import os
 
 import ml_collections
 
@@ -144,8 +143,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   model['xattn']['remat_policy'] = 'none'
   config.model = model
 
-  data_dir = os.path.join(os.path.expanduser('~'), '.cache', 'flamingo_jax',
-                          'world')
+  data_dir = prepare.default_world_dir()
   config.data = dict(
       data_dir=data_dir,
       sizes='default',  # Of the embedded world's splits: 'default' | 'tiny'.

@@ -21,8 +21,9 @@ datasets if they are missing; runs every task of config.eval x every shots
   W/eval/cache/         RICES vision features (re-runs skip the encoding)
 
 and prints a table of the scores (VQAv2: one row per answer type). A config
-without `eval` (an older run) gets `evaluation.configs.default_eval_config`
-for its data.
+whose `eval` names no tasks (an older run, or a checkpoint converted by
+`flamingo_jax.weights.convert`) gets `evaluation.configs.default_eval_config`:
+the embedded world's tasks, in --data_dir (default the world's cache).
 """
 
 import json
@@ -60,6 +61,14 @@ _VQA_RESULTS = flags.DEFINE_boolean(
     'vqa_results', None, 'Also write the VQA evaluation server\'s results '
     'file (W/eval/vqa_results/) for VQA tasks with answers; a split without '
     'answers (test-dev) always gets one (default: config.eval.vqa_results).')
+_DATA_DIR = flags.DEFINE_string(
+    'data_dir', None, 'Where the evaluation datasets are (the embedded '
+    "world's are built there if missing); default config.eval.data_dir, "
+    "else config.data.data_dir, else the world's cache "
+    '(~/.cache/flamingo_jax/world): a converted checkpoint has none.')
+_SIZES = flags.DEFINE_enum(
+    'sizes', None, ['default', 'tiny'], "The world's split table, for the "
+    "world's datasets (default: config.eval.sizes, else 'default').")
 _STEP = flags.DEFINE_integer(
     'step', None, 'Checkpoint step to evaluate (default: the latest).')
 _OUT = flags.DEFINE_string(
@@ -80,17 +89,41 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   if config.get('task', 'flamingo') != 'flamingo':
     raise ValueError(f'{workdir} trained a {config.task!r} model; evaluate a '
                      'Flamingo workdir (the recipe\'s top-level W).')
-  if config.get('eval') is None:
-    # pylint: disable-next=g-import-not-at-top
-    from flamingo_jax.evaluation import configs as eval_configs
-    logging.info('The config has no eval section; using '
-                 'evaluation.configs.default_eval_config for its data.')
-    frames = [spec.frames for spec in config.data.datasets.values()
-              if spec.frames > 1]
-    config.eval = eval_configs.default_eval_config(
-        config.data.data_dir, sizes=config.data.sizes,
-        image_size=config.model.image_size, frames=max(frames or [4]))
+  config.eval = _eval_section(config)
   return config
+
+
+def _eval_section(config: ml_collections.ConfigDict
+                  ) -> ml_collections.ConfigDict:
+  """config.eval, with --data_dir / --sizes. A config without one, or with
+  one that names no tasks (an older run; a converted checkpoint, whose eval
+  section holds only max_len), gets `default_eval_config`'s world tasks,
+  its own fields kept over the defaults."""
+  given = config.get('eval', None) or ml_collections.ConfigDict()
+  data = config.get('data', None) or ml_collections.ConfigDict()
+  data_dir = (_DATA_DIR.value or given.get('data_dir', None)
+              or data.get('data_dir', None))
+  sizes = _SIZES.value or given.get('sizes', None) or data.get('sizes',
+                                                               'default')
+  if 'tasks' in given:
+    section = ml_collections.ConfigDict(given.to_dict())
+  else:
+    # pylint: disable=g-import-not-at-top
+    from flamingo_jax.data import prepare
+    from flamingo_jax.evaluation import configs as eval_configs
+    # pylint: enable=g-import-not-at-top
+    logging.info('The config names no evaluation tasks; using '
+                 'evaluation.configs.default_eval_config (the world\'s).')
+    frames = [spec.frames for spec in data.get('datasets', {}).values()
+              if spec.frames > 1]
+    section = eval_configs.default_eval_config(
+        data_dir or prepare.default_world_dir(), sizes=sizes,
+        image_size=config.model.image_size, frames=max(frames or [4]))
+    section.update(given.to_dict())
+  if data_dir:
+    section.data_dir = data_dir
+  section.sizes = sizes
+  return section
 
 
 def main(argv: list[str]) -> None:

@@ -6,6 +6,7 @@ prepared by their own builders; a missing one is reported, not guessed.
 """
 
 from collections.abc import Iterator
+import os
 
 from absl import logging
 import ml_collections
@@ -51,6 +52,12 @@ def world_corpus(num_scenes: int = 5000, num_videos: int = 2000,
     for chunk in documents.sample_document(rng).chunks:
       if 'text' in chunk:
         yield chunk['text']
+
+
+def default_world_dir() -> str:
+  """Where the embedded world's datasets go by default: ~/.cache/...world."""
+  return os.path.join(os.path.expanduser('~'), '.cache', 'flamingo_jax',
+                      'world')
 
 
 def world_tokenizer_path(data_dir: str) -> str:

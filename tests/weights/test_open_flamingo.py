@@ -13,7 +13,9 @@ by our restricted unpickler when torch is absent).
 """
 
 import importlib.util
+import json
 import os
+import subprocess
 import sys
 import types
 
@@ -22,6 +24,7 @@ import pytest
 
 import flamingo_jax
 from flamingo_jax.data import formatting
+from flamingo_jax.data import world
 from flamingo_jax.weights import convert
 from flamingo_jax.weights import open_flamingo
 from flamingo_jax.weights import tensors as tensors_lib
@@ -175,6 +178,24 @@ def test_an_open_clip_tower(tmp_path):
   vision = model.model_config['vision']
   assert (vision['depth'], vision['activation'], vision['tokens']) == (
       3, 'gelu', 'last_block')
+
+
+def test_evaluate_takes_the_converted_workdir(tmp_path):
+  """`flamingo_jax.evaluate` on a converted workdir (its eval section holds
+  only max_len): the world's tasks, in --data_dir."""
+  world.build_all(tmp_path / 'world', 'tiny', datasets=['world_captions'],
+                  num_workers=1, log=lambda line: None)
+  workdir = tmp_path / 'w'
+  assert convert.main(_args(workdir)) == 0
+  result = subprocess.run(
+      [sys.executable, '-m', 'flamingo_jax.evaluate', '--workdir',
+       str(workdir), '--data_dir', str(tmp_path / 'world'), '--sizes', 'tiny',
+       '--tasks', 'captions', '--shots', '0,1', '--num_queries', '2'],
+      capture_output=True, text=True, timeout=300, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  results = json.loads((workdir / 'eval' / 'results.json').read_text())
+  assert set(results['scores']['captions']) == {'0', '1'}
+  assert results['metadata']['num_queries'] == {'captions': 2}
 
 
 def test_list_and_missing_inputs(capsys, tmp_path):
