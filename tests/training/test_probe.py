@@ -351,8 +351,14 @@ def test_the_loop_runs_the_attribute_probe_in_a_vision_stage(tmp_path):
   assert stage.task == 'contrastive' and stage.probe.every == 250
   stage.probe.images = 64
   run, every = loop._make_probe(stage, None)  # pylint: disable=protected-access
-  params = contrastive.transform_features(stage.model).init(
-      jax.random.key(0), jnp.zeros([1, 64, 64, 3], jnp.uint8))
+  # Seeded random values of the encoder's shapes (its init would compile
+  # for tens of seconds on 2 cores).
+  shapes = jax.eval_shape(contrastive.transform_features(stage.model).init,
+                          jax.random.key(0),
+                          jnp.zeros([1, 64, 64, 3], jnp.uint8))
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(
+      lambda x: 0.1 * rng.standard_normal(x.shape).astype(x.dtype), shapes)
   out = run(params)
   assert every == 250
   assert all(0.0 <= v <= 1.0 for v in out.values())

@@ -190,11 +190,11 @@ def test_evaluate_takes_the_converted_workdir(tmp_path):
   result = subprocess.run(
       [sys.executable, '-m', 'flamingo_jax.evaluate', '--workdir',
        str(workdir), '--data_dir', str(tmp_path / 'world'), '--sizes', 'tiny',
-       '--tasks', 'captions', '--shots', '0,1', '--num_queries', '2'],
+       '--tasks', 'captions', '--shots', '1', '--num_queries', '2'],
       capture_output=True, text=True, timeout=300, check=False)
   assert result.returncode == 0, result.stderr[-3000:]
   results = json.loads((workdir / 'eval' / 'results.json').read_text())
-  assert set(results['scores']['captions']) == {'0', '1'}
+  assert set(results['scores']['captions']) == {'1'}
   assert results['metadata']['num_queries'] == {'captions': 2}
 
 
