@@ -149,6 +149,20 @@ def vision_encoder(config: Mapping[str, Any]) -> hk.Module:
                    "'vit'.")
 
 
+def _check_one_dtype(x: jax.Array, *params: stacking.Params) -> None:
+  """The LM's and the cross-attention's weights must share the embeddings'
+  dtype: the interleaved stack carries one residual stream."""
+  dtypes = {str(leaf.dtype) for leaf in jax.tree.leaves(params)
+            if jnp.issubdtype(leaf.dtype, jnp.floating)} | {str(x.dtype)}
+  if len(dtypes) > 1:
+    raise TypeError(
+        f'The parameters mix dtypes {sorted(dtypes)} (the embeddings give '
+        f'{x.dtype}). A training checkpoint keeps its frozen weights in '
+        'bfloat16: apply through precision.with_compute_dtype(transform, '
+        'dtype), as flamingo_jax.load\'s Model does, or cast the parameters '
+        'to one dtype first.')
+
+
 def _as_dict(config: Mapping[str, Any]) -> dict[str, Any]:
   """A plain nested dict from a dict or an ml_collections.ConfigDict."""
   return config.to_dict() if hasattr(config, 'to_dict') else dict(config)
@@ -274,6 +288,7 @@ class Flamingo:
     xattn_stack, xattn_params = self._xattn(stream, *xattn_args)
 
     def trunk(x, lm_blocks, lm_params, positions):
+      _check_one_dtype(x, lm_params, xattn_params)
       if self.xattn_kwargs['xattn_type'] == 'grafting':
         x = lm_blocks.scan(lm_params, x, positions)  # [B, L, D]
         return xattn_stack.scan(xattn_params, x, *xattn_args)  # [B, L, D]
@@ -393,6 +408,7 @@ class Flamingo:
       xattn_per_layer['cache'] = state.grafted
 
     def trunk(x, lm_blocks, lm_params, positions):
+      _check_one_dtype(x, lm_params, xattn_params)
       main_per_layer = {'cache': state.lm}
       if self._grafting:
         x, lm_chunk = lm_blocks.scan(lm_params, x, positions, view,

@@ -11,6 +11,7 @@ from experiments import flamingo as flamingo_config
 from flamingo_jax import summarize
 from flamingo_jax.data import media_index as media_index_lib
 from flamingo_jax.models import flamingo
+from flamingo_jax.models import precision
 
 TINY = flamingo.model_config('tiny')
 B, L, N = 2, 12, 3
@@ -115,6 +116,20 @@ def test_video_forward_runs(tiny):
   tokens, media, media_mask, phi = _inputs(frames=2)
   logits = apply(_open_gates(params), None, tokens, media, media_mask, phi)
   assert np.isfinite(np.asarray(logits)).all()
+
+
+def test_mixed_parameter_dtypes_are_named(tiny):
+  """A checkpoint's bf16 frozen LM with fp32 cross-attention, applied raw:
+  a TypeError saying what to do (not a scan-carry mismatch)."""
+  apply, params = tiny
+  mixed = {k: jax.tree.map(lambda x: x.astype(jnp.bfloat16), v)
+           if k.startswith('lm') else v for k, v in params.items()}
+  with pytest.raises(TypeError, match='with_compute_dtype'):
+    apply(mixed, None, *_inputs())
+  logits = precision.with_compute_dtype(flamingo.transform(TINY),
+                                        jnp.float32).apply(
+                                            mixed, None, *_inputs())
+  assert logits.dtype == jnp.float32
 
 
 PINNED_PATHS = pathlib.Path(__file__).parent / 'testdata' / 'tiny_param_paths.txt'
