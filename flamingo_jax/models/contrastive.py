@@ -161,10 +161,9 @@ class ContrastiveModel:
     self.embed_dim = config['embed_dim']
     self.temperature = LearnedTemperature(config['init_temperature'],
                                           config['max_logit_scale'])
-    encoder = config['vision']['encoder']
-    self._mean, self._std = (
-        (flamingo.IMAGENET_MEAN, flamingo.IMAGENET_STD)
-        if encoder == 'nfnet' else (flamingo.CLIP_MEAN, flamingo.CLIP_STD))
+
+  def _normalise(self, images: jax.Array) -> jax.Array:  # [B, H, W, 3]
+    return flamingo.normalise_pixels(images, self.config['vision']['encoder'])
 
   def embed_images(
       self,
@@ -173,9 +172,7 @@ class ContrastiveModel:
       is_training: bool = False,
   ) -> jax.Array:  # [B, E], unit norm
     layers.check_rank(media, 6, 'media', '[B, N, T, H, W, 3]')
-    images = media[:, 0, 0].astype(jnp.float32) / 255.0  # [B, H, W, 3]
-    mean, std = jnp.asarray(self._mean), jnp.asarray(self._std)  # [3]
-    images = (images - mean) / std  # [B, H, W, 3]
+    images = self._normalise(media[:, 0, 0])  # [B, H, W, 3]
     features = self.vision_encoder(images, is_training=is_training)
     pooled = features['pooled']  # [B, C]
     embedded = hk.Linear(self.embed_dim, with_bias=False,
@@ -188,9 +185,8 @@ class ContrastiveModel:
   ) -> jax.Array:  # [B, C]
     """The spatial mean of the visual tokens Flamingo's resampler reads
     (the attribute probe's features; inference mode)."""
-    x = images.astype(jnp.float32) / 255.0  # [B, H, W, 3]
-    x = (x - jnp.asarray(self._mean)) / jnp.asarray(self._std)  # [B, H, W, 3]
-    tokens = self.vision_encoder(x, is_training=False)['tokens']  # [B, S, C]
+    tokens = self.vision_encoder(self._normalise(images),
+                                 is_training=False)['tokens']  # [B, S, C]
     return tokens.mean(axis=1)  # [B, C]
 
   def embed_text(self, tokens: jax.Array) -> jax.Array:  # [B, L] -> [B, E]

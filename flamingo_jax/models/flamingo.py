@@ -114,6 +114,16 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+def normalise_pixels(pixels: jax.Array,  # [..., H, W, 3] uint8
+                     encoder: str) -> jax.Array:  # [..., H, W, 3] float32
+  """Pixels as `encoder` ('nfnet': ImageNet's statistics; 'vit': CLIP's)
+  was pretrained to read them."""
+  mean, std = ((IMAGENET_MEAN, IMAGENET_STD) if encoder == 'nfnet'
+               else (CLIP_MEAN, CLIP_STD))
+  x = pixels.astype(jnp.float32) / 255.0  # [..., H, W, 3]
+  return (x - jnp.asarray(mean)) / jnp.asarray(std)  # [..., H, W, 3]
+
+
 def xattn_positions(num_layers: int, every: int, placement: str,
                     xattn_type: str) -> tuple[int, ...]:
   """LM block indices before which a cross-attention block is inserted.
@@ -221,13 +231,9 @@ class Flamingo:
                                      xattn['xattn_type'])
     self.stop_vision_gradient = config['stop_vision_gradient']
     self._xattn_memo = None
-    encoder = config['vision']['encoder']
-    self._mean, self._std = ((IMAGENET_MEAN, IMAGENET_STD)
-                             if encoder == 'nfnet' else (CLIP_MEAN, CLIP_STD))
 
   def _normalise(self, media: jax.Array) -> jax.Array:
-    x = media.astype(jnp.float32) / 255.0  # [..., H, W, 3]
-    return (x - jnp.asarray(self._mean)) / jnp.asarray(self._std)  # [..., H, W, 3]
+    return normalise_pixels(media, self.config['vision']['encoder'])
 
   def encode_media(
       self,
