@@ -179,7 +179,7 @@ def read(path: str, *, backend: str = 'auto') -> tensors_lib.TensorStore:
     raise ValueError(f'backend must be one of {BACKENDS}; got {backend!r}.')
   is_zip = zipfile.is_zipfile(path)
   if is_zip and is_torchscript(path):
-    return _read_zip(path, torchscript=True)  # Either backend.
+    return _read_zip(path)  # Either backend.
   if backend == 'torch' or (backend == 'auto' and _torch_available()):
     return _read_with_torch(path)
   if is_zip:
@@ -190,8 +190,12 @@ def read(path: str, *, backend: str = 'auto') -> tensors_lib.TensorStore:
 def is_torchscript(path: str) -> bool:
   """Whether the zip at `path` is a TorchScript archive (it has code/)."""
   with zipfile.ZipFile(path) as archive:
-    return any(n.count('/') >= 2 and n.split('/')[1] == 'code'
-               for n in archive.namelist())
+    return _has_code(archive.namelist())
+
+
+def _has_code(names: list[str]) -> bool:
+  """A zip's entry names hold `<archive>/code/...`: TorchScript."""
+  return any(n.count('/') >= 2 and n.split('/')[1] == 'code' for n in names)
 
 
 def read_index(path: str, *, backend: str = 'auto') -> tensors_lib.TensorStore:
@@ -245,8 +249,7 @@ def flatten(tree: Any, is_tensor: Callable[[Any], bool],
 # -- The zip format ------------------------------------------------------------
 
 
-def _read_zip(path: str, torchscript: bool = False
-              ) -> tensors_lib.TensorStore:
+def _read_zip(path: str) -> tensors_lib.TensorStore:
   with zipfile.ZipFile(path) as archive:
     names = archive.namelist()
     pickles = [n for n in names if n.endswith('/data.pkl') and
@@ -266,7 +269,7 @@ def _read_zip(path: str, torchscript: bool = False
     def persistent_load(pid):
       return _storage_from_pid(pid, storages, path)
 
-    allowed = _WithScriptClasses(_ALLOWED) if torchscript else _ALLOWED
+    allowed = _WithScriptClasses(_ALLOWED) if _has_code(names) else _ALLOWED
     with archive.open(pickles[0]) as f:
       tree = safe_pickle.load(io.BytesIO(f.read()), allowed,
                               what=path, persistent_load=persistent_load)
