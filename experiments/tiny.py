@@ -273,18 +273,16 @@ def _lm_stage(config: ml_collections.ConfigDict,
   stage.freeze = [('lm/.*', optim.TRAIN), ('.*', optim.FROZEN)]
   stage.total_steps = 6 if variant == 'smoke' else 1500
   if variant == 'icl':
-    # Half the text is bursty episodes with words standing in for the
-    # pictures and each word right after its key ('(small red striped
-    # circle) This is a circle dax.'): the LM learns to copy the word that
-    # followed the same key, the circuit the frozen LM lends Flamingo's
+    # Half the text is bursty episodes with each picture's key standing in
+    # for it where <image> sits ('circle This is a dax. square This is a
+    # blicket.'): the LM learns to copy the word of the earlier line that
+    # began with the same key, the circuit the frozen LM lends Flamingo's
     # cross-attention to bind pictures.
     stage.data.datasets.episode_text = _dataset(
         'world_episode_text', 'text', 1.0, 16, 128, 1, 1)
     stage.total_steps = ICL_LM_STEPS
     # config.probe, copied with the rest: in an 'lm' stage the loop runs
-    # the text probe (held-out keyed episode text) into W/lm/metrics.jsonl
-    # and W/lm/plots/text_probe.png. One line per word: in the world's
-    # tokenizer 3 words x 2 lines and the query take 148-186 tokens, more
-    # than the 128 the LM trains on; with one line each, 83-108.
-    stage.probe.shots = 1
+    # the text probe (held-out keyed episode text, 3 words x 2 lines and
+    # the query, as the binding probe's pictures) into W/lm/metrics.jsonl
+    # and W/lm/plots/text_probe.png.
   return stage

@@ -189,7 +189,7 @@ def test_a_run_and_load_on_a_gs_workdir(gcs, tmp_path, monkeypatch):
   assert _events(f'{RUN}/tensorboard')['loss'] == [1, 2]
   # The data: built into the bucket, read by ArrayRecord over HTTP.
   assert any(n.startswith('world_pairs-train.array_record') for n in
-             gcs.files('gs://bucket/data/world_pairs/tiny/1.4.0'))
+             gcs.files(f'gs://bucket/data/world_pairs/tiny/{prepare.WORLD_VERSION}'))
   assert any(r.startswith('GET /storage/v1/b/bucket/o/data%2Fworld_pairs')
              and 'alt=media' in r for r in gcs.store.requests)
   # init_from: the frozen LM is the pretrained one, not this run's init.

@@ -1,6 +1,7 @@
 """The binding probe: its episodes, its scores, and 0 for a blind model."""
 
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -176,29 +177,39 @@ def _table_lm(params, rng, tokens, media, media_mask, media_index,
   return params[tokens]  # [R, L, V]
 
 
-def _copying_lm(params, rng, tokens, media, media_mask, media_index,
-                is_training=False):
-  """A hand-built binder: after the two tokens (a, b), the token that
-  followed their latest earlier occurrence gets logit `params` (a scalar),
-  every other token 0 (no earlier occurrence: all 0)."""
-  del rng, media, media_mask, media_index, is_training
-  length = tokens.shape[1]
-  prev = jnp.pad(tokens, ((0, 0), (1, 0)), constant_values=-1)[:, :-1]
-  # [R, t, s]: (prev, token) at s < t equals (prev, token) at t.
-  match = ((tokens[:, :, None] == tokens[:, None, :]) &
-           (prev[:, :, None] == prev[:, None, :]) &
-           (jnp.arange(length)[None, :, None] > jnp.arange(length)[None, None]))
-  latest = jnp.max(jnp.where(match, jnp.arange(length), -1), axis=-1)  # [R, t]
-  follower = jnp.take_along_axis(tokens, jnp.clip(latest + 1, 0, length - 1),
-                                 axis=1)  # [R, t]
-  logits = jax.nn.one_hot(follower, _VOCAB) * params  # [R, t, V]
-  return jnp.where((latest >= 0)[..., None], logits, 0.0)
+def _line_copying_lm(line_ends):
+  """A hand-built binder of line-keyed text: at a token of a line, the
+  token that followed the same token in the latest earlier line that began
+  with the same key (its first two tokens: a key may take two pieces) gets
+  logit `params` (a scalar), every other token 0. `line_ends`: bool [V],
+  the ids after which a line starts (<BOS>, pieces ending '.' or '!')."""
+  def lm(params, rng, tokens, media, media_mask, media_index,
+         is_training=False):
+    del rng, media, media_mask, media_index, is_training
+    length = tokens.shape[1]
+    pos = jnp.arange(length)
+    starts = jnp.pad(line_ends[tokens], ((0, 0), (1, 0)))[:, :-1]  # [R, L]
+    start = jax.lax.cummax(jnp.where(starts, pos, 0), axis=1)  # [R, L]
+    first = jnp.take_along_axis(tokens, start, axis=1)
+    second = jnp.take_along_axis(tokens, jnp.minimum(start + 1, length - 1),
+                                 axis=1)
+    # The second token only once it has been read (causal).
+    key = jnp.where(pos > start, first * _VOCAB + second, -1 - first)
+    # [R, t, s]: s < t, in an earlier line of the same key, the same token.
+    match = ((key[:, :, None] == key[:, None, :]) &
+             (tokens[:, :, None] == tokens[:, None, :]) &
+             (start[:, :, None] > start[:, None, :]) &
+             (pos[None, :, None] > pos[None, None, :]))
+    latest = jnp.max(jnp.where(match, pos, -1), axis=-1)  # [R, t]
+    follower = jnp.take_along_axis(
+        tokens, jnp.clip(latest + 1, 0, length - 1), axis=1)  # [R, t]
+    logits = jax.nn.one_hot(follower, _VOCAB) * params  # [R, t, V]
+    return jnp.where((latest >= 0)[..., None], logits, 0.0)
+  return lm
 
 
 _VOCAB = 520  # > the smoke tokenizer's ids, markers included (checked).
-# The smoke tokenizer, trained on a small corpus, cuts the descriptions'
-# words finer than the recipe's: a text probe row takes up to ~145 tokens.
-_TEXT_LEN = 192
+_TEXT_LEN = 128
 
 
 @pytest.fixture(scope='module')
@@ -208,9 +219,14 @@ def text_setup(smoke_workdir):
       tokenizer, num_episodes=EPISODES, ways=WAYS, shots=SHOTS,
       seq_len=_TEXT_LEN)
   assert batch['tokens'].max() < _VOCAB
+  line_ends = np.zeros(_VOCAB, bool)
+  line_ends[tokenizer.bos_id] = True
+  for i in range(tokenizer.vocab_size):
+    line_ends[i] |= tokenizer.decode([i]).rstrip().endswith(('.', '!'))
   return (tokenizer, batch,
           probe.make_probe_fn(_table_lm, batch, probe.TEXT),
-          probe.make_probe_fn(_copying_lm, batch, probe.TEXT))
+          probe.make_probe_fn(_line_copying_lm(jnp.asarray(line_ends)),
+                              batch, probe.TEXT))
 
 
 def test_text_probe_rows_end_with_the_key_and_score_the_word(text_setup):
@@ -236,10 +252,13 @@ def test_text_probe_rows_end_with_the_key_and_score_the_word(text_setup):
         assert decode(targets[e, q, c][scored[e, q, c]]).strip() in (
             words[c] + '.', words[c] + '!')
         prompt = decode(targets[e, q, c, :start])
-        # Ends with the query's key, which keyed the support's word c = q.
-        key = prompt.split()[-1]
-        assert f'{key} {words[q]}' in prompt
-        assert f'{key} {words[c]}' in prompt or c != q
+        # The query's line starts with its key, which started the support's
+        # lines of word q, and only those.
+        *support, query = re.split(r'(?<=[.!]) ', prompt.strip())
+        key = query.split()[0]
+        keyed = [line.split()[-1][:-1] for line in support
+                 if line.split()[0] == key]
+        assert keyed and set(keyed) == {words[q]}
         keys[e, q] = key
     assert len({keys[e, q] for q in range(WAYS)}) == WAYS
 
@@ -276,8 +295,8 @@ def test_text_probe_equals_a_hand_computation(text_setup):
 
 
 def test_copying_model_binds(text_setup):
-  """A model that copies what followed the same two tokens before finds
-  every query's word: the key before it is the query's alone."""
+  """A model that copies from the earlier lines that began with the same
+  key finds every query's word: the key is the query's alone."""
   _, _, _, copying_probe = text_setup
   out = copying_probe(jnp.float32(20.0))
   assert out['probe/text_accuracy'] == 1.0

@@ -89,8 +89,8 @@ EPISODES (nonce.py; Chan et al. 2022's bursty sequences)
   half of the word space, world_nonce's from the 'eval' half
   (`nonce.word_half`), so no evaluation word is ever trained on.
   world_episode_text: the same episodes for the LM alone, each picture
-  replaced by what it shows and each word right after its key (the value
-  it is bound to): '(small red striped circle) This is a circle dax.'
+  replaced by its key (the value its word is bound to) at the start of its
+  line, where <image> sits: 'circle This is a dax. square This is a ...'
 
 DATASETS (`builders.DATASETS`; splits: default / tiny; 'id' = index)
   world_pairs           train 50_000/32, validation 1_000/8

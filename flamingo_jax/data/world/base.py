@@ -37,6 +37,8 @@ RELEASE_NOTES = {
               'of the word space.'),
     '1.4.0': ("world_episode_text: each word right after its key, the value "
               "it is bound to ('This is a circle dax.')."),
+    '1.5.0': ("world_episode_text: each picture's key at the start of its "
+              "line, where <image> sits ('circle This is a dax.')."),
 }
 SIZES = ('default', 'tiny')
 DEFAULT_IMAGE_SIZE = scenes.DEFAULT_IMAGE_SIZE

@@ -22,15 +22,16 @@ and again in the evaluation's format ('<image>This is a dax.<EOC><image>This
 is a blicket.<EOC><image>This is a' dax): after its first showing, a word can
 be predicted only by looking back at the earlier picture of the same shape or
 colour. `episode_text` is the same episode for an LM alone, each picture
-replaced by the words of what it shows ('(small red striped circle)'), and
-each word keyed: written right after the value it is bound to ('This is a
-circle dax.', 'It is red blicket.'). In text the word then follows its key
-directly, as on every earlier line of the same value, so that a copying
-circuit of induction heads (attend to where the current token came before,
-copy what followed it) can predict it from the token just before it.
-Without the key the word follows the same template words ('This is a') on
-every line, and its cue is the description a few tokens back: the LM stage
-did not learn to bind from that text (README, `tiny.py:icl`).
+replaced by its key, the value its word is bound to, written where the
+`<image>` marker sits: at the start of the picture's line ('circle This is a
+dax. square This is a blicket. circle This is a' dax). An LM that binds this
+text (an induction circuit: find the earlier line that began with the same
+token, copy its word) reads the key from the line's first position, which is
+the position that cross-attention at the marker can write a picture's
+identity to. Keys written right before the word ('This is a circle dax.',
+world 1.4.0) taught the LM to bind in words, but by a circuit that reads the
+key from its own position, which cross-attention cannot write (README,
+`tiny.py:icl`).
 """
 
 from collections.abc import Sequence
@@ -166,20 +167,20 @@ class Episode:
     return [self.template.format(self.binding.words[w]) for w in self.order]
 
   def keyed_texts(self) -> list[str]:
-    """Each picture's line with the word's key ('This is a circle dax.')."""
+    """Each picture's line after its key ('circle This is a dax.')."""
     return [keyed_line(self.template, self.binding.values[w],
                        self.binding.words[w]) for w in self.order]
 
 
 def keyed_line(template: str, key: str, made_up: str) -> str:
-  """`template` naming `made_up` right after its `key`: 'This is a circle
-  dax.' (the key: the value of the binding's attribute that it names)."""
-  return template.format(f'{key} {made_up}')
+  """`template` naming `made_up`, after its `key` (the value of the
+  binding's attribute that it names): 'circle This is a dax.'."""
+  return f'{key} {template.format(made_up)}'
 
 
 def keyed_prompt(template: str, key: str) -> str:
-  """`keyed_line` up to the word: 'This is a circle'."""
-  return template.split('{}')[0] + key
+  """`keyed_line` up to the word: 'circle This is a'."""
+  return f'{key} {template.split("{}")[0].rstrip()}'
 
 
 def episode(rng: np.random.Generator, *, ways: int | None = None,
@@ -217,23 +218,10 @@ def episode(rng: np.random.Generator, *, ways: int | None = None,
   return Episode(binding, template, order, episode_scenes)
 
 
-def describe_object(obj: scenes.Obj) -> str:
-  """What a one-object picture shows, in words: 'small red striped circle'."""
-  return f'{obj.size} {obj.colour} {obj.texture} {obj.shape}'
-
-
-def picture_text(picture: scenes.Scene, line: str) -> str:
-  """A one-object picture in words, then its line: '(small red plain
-  circle) This is a circle dax.'."""
-  return f'({describe_object(picture.objects[0])}) {line}'
-
-
 def episode_text(ep: Episode) -> str:
-  """The episode for an LM alone: each picture as the words it shows, each
-  word right after its key (`Episode.keyed_texts`).
+  """The episode for an LM alone: each picture replaced by its key, at the
+  start of its line (`Episode.keyed_texts`).
 
-  '(small red plain circle) This is a circle dax. (large blue dotted
-  square) This is a square blicket. (small green striped circle) ...'
+  'circle This is a dax. square This is a blicket. circle This is a dax.'
   """
-  return ' '.join(picture_text(s, line)
-                  for s, line in zip(ep.scenes, ep.keyed_texts()))
+  return ' '.join(ep.keyed_texts())

@@ -25,12 +25,12 @@ separate can't be bound to a word by any cross-attention.
 
 The text probe (`text_probe_batch`) asks the same of an LM alone, on
 held-out episodes in the LM stage's keyed episode text
-(`nonce.episode_text`): the support pictures in words, then the query's
-picture in words and its line up to the word, continued by every word:
+(`nonce.episode_text`): the support pictures as their keys at the start of
+their lines, then the query's key and its line up to the word, continued by
+every word:
 
-  <BOS>(small red plain circle) This is a circle dax. (large blue dotted
-      square) This is a square blicket. ... (large red striped circle)
-      This is a circle| dax.      (row: query q, candidate c)
+  <BOS>circle This is a dax. square This is a blicket. ... circle This is
+      a| dax.      (row: query q, candidate c)
 
 `score_mask` marks the candidate's line after '|' (the word and the
 punctuation). Here the query's text names its key, so a model must read
@@ -181,20 +181,16 @@ def text_probe_batch(tokenizer: Any, *, num_episodes: int = 16, seed: int = 0,
   _check_sizes(num_episodes, ways, shots)
   rows = []
   for e in range(num_episodes):
-    rng, binding, template, order = _held_out_episode(TEXT_PROBE_NAME, seed,
-                                                      e, ways, shots)
-    attribute, values, words = (binding.attribute, binding.values,
-                                binding.words)
-    support = nonce.episode_text(nonce.Episode(
-        binding, template, order,
-        tuple(nonce.scene(rng, attribute, values[w]) for w in order)))
+    _, binding, template, order = _held_out_episode(TEXT_PROBE_NAME, seed,
+                                                    e, ways, shots)
+    values, words = binding.values, binding.words
+    # As nonce.episode_text writes an episode (its pictures not needed).
+    support = ' '.join(nonce.keyed_line(template, values[w], words[w])
+                       for w in order)
     for q in range(ways):
-      query = nonce.scene(rng, attribute, values[q])
-      prompt = f'{support} ' + nonce.picture_text(
-          query, nonce.keyed_prompt(template, values[q]))
+      prompt = f'{support} ' + nonce.keyed_prompt(template, values[q])
       for c in range(ways):
-        text = f'{support} ' + nonce.picture_text(
-            query, nonce.keyed_line(template, values[q], words[c]))
+        text = f'{support} ' + nonce.keyed_line(template, values[q], words[c])
         ids, start = _continuation(tokenizer, text, prompt)
         out = formatting.format_document([{'text': text}], tokenizer,
                                          seq_len=seq_len, max_media=1)

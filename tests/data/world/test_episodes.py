@@ -96,36 +96,24 @@ def test_episode_document_is_the_evaluation_format():
   assert (before == Ids.eoc_id).all()
 
 
-def test_episode_text_puts_words_for_pictures():
-  ep = nonce.episode(_rng(5))
-  text = nonce.episode_text(ep)
-  pieces = text.split('(')[1:]
-  assert len(pieces) == len(ep.scenes)
-  for piece, scene, line in zip(pieces, ep.scenes, ep.keyed_texts()):
-    (obj,) = scene.objects
-    seen, said = piece.split(') ')
-    assert seen.split() == [obj.size, obj.colour, obj.texture, obj.shape]
-    assert said.strip() == line
-  assert tasks.episode_text_example(_rng(5)) == {'text': text}
-
-
-def test_episode_text_puts_every_word_right_after_its_key():
-  """'This is a circle dax.': the key (the value the word is bound to)
-  is the word just before it, on every line, for shapes and colours."""
+def test_episode_text_puts_each_pictures_key_where_its_marker_sits():
+  """'circle This is a dax.': a picture's line in the text starts with its
+  key (the value its word is bound to), then the picture's own line."""
   attributes = set()
   for ep in _episodes(60):
     binding = ep.binding
     attributes.add(binding.attribute)
-    words = nonce.episode_text(ep).replace('!', ' ').replace('.', ' ').split()
-    made_up = [i for i, w in enumerate(words) if w in binding.words]
-    assert len(made_up) == len(ep.order)  # One word per picture.
-    for i, way in zip(made_up, ep.order):
-      assert words[i] == binding.words[way]
-      assert words[i - 1] == binding.values[way]
-    for way, line in zip(ep.order, ep.keyed_texts()):
-      prompt = nonce.keyed_prompt(ep.template, binding.values[way])
+    lines = ep.keyed_texts()
+    assert nonce.episode_text(ep) == ' '.join(lines)
+    for line, plain, way in zip(lines, ep.texts(), ep.order):
+      key, rest = line.split(' ', 1)
+      assert key == binding.values[way] and rest == plain
+      prompt = nonce.keyed_prompt(ep.template, key)
       assert line == f'{prompt} {binding.words[way]}' + line[-1]
   assert attributes == set(nonce.ATTRIBUTES)
+  ep = nonce.episode(_rng(5))
+  assert tasks.episode_text_example(_rng(5)) == {
+      'text': nonce.episode_text(ep)}
 
 
 def test_image_episodes_keep_the_evaluation_lines():
