@@ -44,8 +44,10 @@ EXTRAS_REQUIRE = {
     # protobuf 6.33 and pyarrow 25 in place of 7.x and 26; the whole suite
     # passes on them (1059 passed with Beam 2.78.0, protobuf 6.33.6, pyarrow
     # 25.0.1).
+    # datasets: tests/data/formats/test_distributions.py writes a
+    # save_to_disk folder with it (the reader itself needs only pyarrow).
     'test': ['pytest', 'pytest-xdist', 'pycocoevalcap', 'nbclient', 'nbformat',
-             'ipykernel', 'tokenizers', *BEAM],
+             'ipykernel', 'tokenizers', 'datasets', *BEAM],
     'beam': BEAM,
     # A checkpoint's own Hugging Face tokenizer (data/hf_tokenizer.py).
     'hf': ['tokenizers'],
