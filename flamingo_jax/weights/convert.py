@@ -42,13 +42,15 @@ parameter is filled from its tensors (each a memory map of its own, across
 the shards) only when the writer reaches it, and written to orbax in parts
 of about PART_BYTES (at least one array; orbax's partial saves,
 `checkpoint.save_in_parts`, which also takes their checksums in host
-memory, slice by slice), each freed once written. The peak is a few copies
+memory, slice by slice), each freed once written. The peak is two copies
 of the largest parameter (a stacked [layers, ...] array, e.g. LLaMA-7B's
-FFW, 2.9 GB in bf16) plus ~0.3 GB of JAX and orbax, whatever the model's
-size: converting a 1.24 GB bf16 LLaMA-shaped checkpoint (14 layers of
-TinyLlama-1.1B's widths, 4 shards; tests/weights/make_memory_checkpoint.py)
-peaks at 1.16 GiB RSS to bf16 (4.4 GiB before) and 2.0 GiB to float32 (6.1
-GiB before). The other sources (vision towers, open_flamingo's assembly)
+FFW, 2.9 GB in bf16: the device array handed to orbax, whose host copy
+was freed, and orbax's own copy for writing) plus ~0.3 GB of JAX and
+orbax, whatever the model's size: converting a 1.24 GB bf16 LLaMA-shaped
+checkpoint (14 layers of TinyLlama-1.1B's widths, largest array 323 MB, 4
+shards; tests/weights/make_memory_checkpoint.py) peaks at 892 MB RSS to
+bf16 (1138 MB with three copies, 4.4 GiB when mapped eagerly) and 1519 MB
+to float32 (2373 MB, 6.1 GiB). The other sources (vision towers, open_flamingo's assembly)
 map eagerly: their output is whole in host memory before it is written.
 The peak RSS is printed at the end.
 
