@@ -10,6 +10,9 @@ safetensors writer (no torch), one shard in memory at a time:
   /usr/bin/time -v python -m flamingo_jax.weights.convert hf_llama \
       /tmp/bigllama --workdir /tmp/bigllama_jax --dtype bfloat16
   rm -r /tmp/bigllama /tmp/bigllama_jax
+
+`make_memory_checkpoint.py DIR llama7b` writes LLaMA-7B's shape instead
+(D 4096, FFW 11008, 32 layers, 32 heads, vocabulary 32000: 13.5 GB).
 """
 
 import json
@@ -21,7 +24,11 @@ import numpy as np
 
 from flamingo_jax.weights import safetensors_file
 
-WIDTH, FFW, LAYERS, VOCAB, HEADS, KV_HEADS = 2048, 5632, 14, 1024, 32, 4
+SIZES = {  # width, ffw, layers, vocab, heads, kv_heads
+    'tinyllama14': (2048, 5632, 14, 1024, 32, 4),
+    'llama7b': (4096, 11008, 32, 32000, 32, 32),
+}
+WIDTH, FFW, LAYERS, VOCAB, HEADS, KV_HEADS = SIZES['tinyllama14']
 LAYERS_PER_SHARD = 4
 
 
@@ -74,4 +81,6 @@ def main(directory: str) -> None:
 
 
 if __name__ == '__main__':
+  if len(sys.argv) > 2:
+    WIDTH, FFW, LAYERS, VOCAB, HEADS, KV_HEADS = SIZES[sys.argv[2]]
   main(sys.argv[1])

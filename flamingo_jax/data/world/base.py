@@ -39,6 +39,9 @@ RELEASE_NOTES = {
               "it is bound to ('This is a circle dax.')."),
     '1.5.0': ("world_episode_text: each picture's key at the start of its "
               "line, where <image> sits ('circle This is a dax.')."),
+    '1.6.0': ("world_episode_text: half of the episodes with each key right "
+              "before its word ('This is a circle dax.'), a scaffold for "
+              "the line-keyed half."),
 }
 SIZES = ('default', 'tiny')
 DEFAULT_IMAGE_SIZE = scenes.DEFAULT_IMAGE_SIZE

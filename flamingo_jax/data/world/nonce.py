@@ -31,7 +31,11 @@ the position that cross-attention at the marker can write a picture's
 identity to. Keys written right before the word ('This is a circle dax.',
 world 1.4.0) taught the LM to bind in words, but by a circuit that reads the
 key from its own position, which cross-attention cannot write (README,
-`tiny.py:icl`).
+`tiny.py:icl`). Trained on line-keyed text alone, an LM learns no binding
+in 5000 steps (world 1.5.0); so a share of the episodes (ADJACENT_SHARE,
+world 1.6.0) is written the 1.4.0 way, a scaffold: the induction that copies
+the word after an adjacent key is learned first, and carries over to the
+line-keyed form (fine-tuned from it, 500 steps).
 """
 
 from collections.abc import Sequence
@@ -171,6 +175,13 @@ class Episode:
     return [keyed_line(self.template, self.binding.values[w],
                        self.binding.words[w]) for w in self.order]
 
+  def adjacent_texts(self) -> list[str]:
+    """Each picture's line, its key right before the word ('This is a
+    circle dax.')."""
+    return [self.template.format(f'{self.binding.values[w]} '
+                                 f'{self.binding.words[w]}')
+            for w in self.order]
+
 
 def keyed_line(template: str, key: str, made_up: str) -> str:
   """`template` naming `made_up`, after its `key` (the value of the
@@ -218,10 +229,16 @@ def episode(rng: np.random.Generator, *, ways: int | None = None,
   return Episode(binding, template, order, episode_scenes)
 
 
-def episode_text(ep: Episode) -> str:
+# The share of `world_episode_text` written with each key right before its
+# word (`Episode.adjacent_texts`) instead of at the start of its line.
+ADJACENT_SHARE = 0.5
+
+
+def episode_text(ep: Episode, adjacent: bool = False) -> str:
   """The episode for an LM alone: each picture replaced by its key, at the
-  start of its line (`Episode.keyed_texts`).
+  start of its line (`Episode.keyed_texts`), or right before its word.
 
   'circle This is a dax. square This is a blicket. circle This is a dax.'
+  'This is a circle dax. This is a square blicket. This is a circle dax.'
   """
-  return ' '.join(ep.keyed_texts())
+  return ' '.join(ep.adjacent_texts() if adjacent else ep.keyed_texts())

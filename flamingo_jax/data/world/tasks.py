@@ -98,8 +98,12 @@ def episode_example(rng: np.random.Generator, image_size: int) -> Example:
 
 
 def episode_text_example(rng: np.random.Generator) -> Example:
-  """A bursty nonce episode for the LM alone (`nonce.episode_text`)."""
-  return {'text': nonce.episode_text(nonce.episode(rng))}
+  """A bursty nonce episode for the LM alone (`nonce.episode_text`),
+  keyed at its lines' starts or, in a share ADJACENT_SHARE, before its
+  words."""
+  ep = nonce.episode(rng)
+  adjacent = bool(rng.random() < nonce.ADJACENT_SHARE)
+  return {'text': nonce.episode_text(ep, adjacent=adjacent)}
 
 
 # -------------------------------------------------------------- evaluation --

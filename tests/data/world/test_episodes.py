@@ -111,9 +111,26 @@ def test_episode_text_puts_each_pictures_key_where_its_marker_sits():
       prompt = nonce.keyed_prompt(ep.template, key)
       assert line == f'{prompt} {binding.words[way]}' + line[-1]
   assert attributes == set(nonce.ATTRIBUTES)
-  ep = nonce.episode(_rng(5))
-  assert tasks.episode_text_example(_rng(5)) == {
-      'text': nonce.episode_text(ep)}
+
+
+def test_a_share_of_episode_text_keys_each_word_right_before_it():
+  """'This is a circle dax.': the scaffold's lines are the pictures' lines
+  with the key inserted before the word; about ADJACENT_SHARE of the
+  examples are written so, the rest line-keyed."""
+  for ep in _episodes(20):
+    for line, plain, way in zip(ep.adjacent_texts(), ep.texts(), ep.order):
+      word, key = ep.binding.words[way], ep.binding.values[way]
+      assert line == plain.replace(word, f'{key} {word}')
+    assert nonce.episode_text(ep, adjacent=True) == ' '.join(
+        ep.adjacent_texts())
+  kinds = []
+  for seed in range(200):
+    text = tasks.episode_text_example(_rng(seed))['text']
+    ep = nonce.episode(_rng(seed))
+    adjacent = text == nonce.episode_text(ep, adjacent=True)
+    assert adjacent or text == nonce.episode_text(ep)
+    kinds.append(adjacent)
+  assert abs(np.mean(kinds) - nonce.ADJACENT_SHARE) < 0.1
 
 
 def test_image_episodes_keep_the_evaluation_lines():
