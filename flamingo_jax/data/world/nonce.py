@@ -31,11 +31,11 @@ the position that cross-attention at the marker can write a picture's
 identity to. Keys written right before the word ('This is a circle dax.',
 world 1.4.0) taught the LM to bind in words, but by a circuit that reads the
 key from its own position, which cross-attention cannot write (README,
-`tiny.py:icl`). Trained on line-keyed text alone, an LM learns no binding
-in 5000 steps (world 1.5.0); so a share of the episodes (ADJACENT_SHARE,
-world 1.6.0) is written the 1.4.0 way, a scaffold: the induction that copies
-the word after an adjacent key is learned first, and carries over to the
-line-keyed form (fine-tuned from it, 500 steps).
+`tiny.py:icl`). Trained on line-keyed text alone, the icl recipe's LM
+learned no binding in 4100 steps (world 1.5.0); with a share of the
+episodes (ADJACENT_SHARE, world 1.6.0) written the 1.4.0 way, a scaffold
+(the induction that copies the word after an adjacent key is the easier
+one), it binds the line-keyed text from about step 2700 on.
 """
 
 from collections.abc import Sequence
