@@ -299,6 +299,7 @@ def save_in_parts(directory: str, step: int, parts: Iterable[PyTree],
           f'or inf (e.g. {", ".join(nonfinite[:3])}).')
     digests.update(sums)
     _to_device_in_place(part)
+    gc.collect()  # device_put leaves the host arrays in reference cycles.
     partial.save(step_dir, part)
     del part  # Before the next part is made.
     _return_freed_memory()
@@ -315,17 +316,14 @@ def _to_device_in_place(tree: dict[str, Any]) -> None:
 
   Orbax copies numpy leaves more than once, so it is given device arrays;
   replacing each in the dict itself (not in a new tree) drops the host
-  array as soon as its copy is made, also from a caller that still holds
-  the dict (a suspended generator), so a part is in memory once, not twice.
+  array (once garbage-collected) while the caller still holds the dict (a
+  suspended generator), so orbax's write of the part finds it there once.
   """
   for key, value in tree.items():
     if isinstance(value, dict):
       _to_device_in_place(value)
     elif np.ndim(value):
       tree[key] = jax.device_put(value).block_until_ready()
-      del value
-      # device_put leaves the host array in a reference cycle: free it now.
-      gc.collect()
 
 
 def _return_freed_memory() -> None:
