@@ -50,8 +50,9 @@ orbax, whatever the model's size: converting a 1.24 GB bf16 LLaMA-shaped
 checkpoint (14 layers of TinyLlama-1.1B's widths, largest array 323 MB, 4
 shards; tests/weights/make_memory_checkpoint.py) peaks at 892 MB RSS to
 bf16 (1138 MB with three copies, 4.4 GiB when mapped eagerly) and 1519 MB
-to float32 (2373 MB, 6.1 GiB). The other sources (vision towers, open_flamingo's assembly)
-map eagerly: their output is whole in host memory before it is written.
+to float32 (2373 MB, 6.1 GiB). The other sources (vision towers,
+open_flamingo's assembly) map eagerly: their output is whole in host memory
+before it is written.
 The peak RSS is printed at the end.
 
 Adding a source: a module in `flamingo_jax.weights` with `KIND`, `SUMMARY`,
