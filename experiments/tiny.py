@@ -219,8 +219,9 @@ def _icl(config: ml_collections.ConfigDict) -> None:
       'world_episodes', 'documents', ICL_EPISODES_WEIGHT, 8, 128, 9, 1)
   config.total_steps = ICL_STEPS
   config.checkpoint.every = 500
-  # The binding probe (flamingo_jax/training/probe.py) into metrics.jsonl
-  # and W/plots/probe.png; the LM stage runs its text probe.
+  # The binding and keyed probes (flamingo_jax/training/probe.py) into
+  # metrics.jsonl and W/plots/probe.png, keyed_probe.png; the LM stage runs
+  # its text probe.
   config.probe = dict(every=100, episodes=16, seed=0, ways=3, shots=2,
                       seq_len=128)
 

@@ -71,6 +71,9 @@ PROBES = (
     ('text_probe.png', probe_lib.TEXT,
      'text binding margin (nats; context-blind = 0)',
      'text binding accuracy'),
+    ('keyed_probe.png', probe_lib.KEYED,
+     'keyed binding margin (nats; the LM alone binds it)',
+     'keyed binding accuracy'),
 )
 
 

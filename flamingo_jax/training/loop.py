@@ -492,9 +492,9 @@ def _make_probe(config, model):
 
   config.probe: every (steps), episodes, seed, ways, shots, seq_len; the
   episodes are `data.world.probe`'s, in the run's tokenizer and image size:
-  picture episodes for Flamingo (`probe_batch`), their keyed text for an
-  LM alone (`config.task = 'lm'`, `text_probe_batch`). A contrastive run
-  (the vision stage) probes its encoder's features instead: every, seed
+  picture episodes for Flamingo (`probe_batch`, plain and keyed), their
+  keyed text for an LM alone (`config.task = 'lm'`, `text_probe_batch`).
+  A contrastive run (the vision stage) probes its encoder's features instead: every, seed
   and images (per attribute; `attribute_probe_images`). Other tasks: off.
   """
   spec = config.get('probe', None)
@@ -507,17 +507,22 @@ def _make_probe(config, model):
   # pylint: enable=g-import-not-at-top
   if task == 'contrastive':
     return _make_attribute_probe(config, spec, probe_data), spec.every
-  make_batch, prefix = ((probe_data.text_probe_batch, probe_lib.TEXT)
-                        if task == 'lm' else
-                        (probe_data.probe_batch, probe_lib.BINDING))
-  batch = make_batch(
-      tokenizer_lib.Tokenizer.load(config.data.tokenizer),
-      num_episodes=spec.episodes, seed=spec.seed, ways=spec.ways,
-      shots=spec.shots, image_size=config.model.image_size,
-      seq_len=spec.seq_len)
+  probes = ([(probe_data.text_probe_batch, {}, probe_lib.TEXT)]
+            if task == 'lm' else
+            [(probe_data.probe_batch, {}, probe_lib.BINDING),
+             (probe_data.probe_batch, {'keyed': True}, probe_lib.KEYED)])
+  tokenizer = tokenizer_lib.Tokenizer.load(config.data.tokenizer)
   apply_fn = precision.with_compute_dtype(
       model, jnp.dtype(config.compute_dtype)).apply
-  return probe_lib.make_probe_fn(apply_fn, batch, prefix), spec.every
+  runs = [probe_lib.make_probe_fn(apply_fn, make_batch(
+      tokenizer, num_episodes=spec.episodes, seed=spec.seed, ways=spec.ways,
+      shots=spec.shots, image_size=config.model.image_size,
+      seq_len=spec.seq_len, **options), prefix)
+          for make_batch, options, prefix in probes]
+  def probe(params) -> dict[str, float]:
+    return {k: v for run in runs for k, v in run(params).items()}
+
+  return probe, spec.every
 
 
 def _make_attribute_probe(config, spec, probe_data):

@@ -24,6 +24,17 @@ pictures in words, the query's line up to its word), scored the same way:
                           the same whatever the query).
   probe/text_accuracy     as binding_accuracy (chance 1 / ways).
 
+The keyed probe asks a Flamingo model the binding probe's question with
+every picture's key also written in words at the start of its line, the
+query's too (`probe_batch(keyed=True)`), the LM stage's format:
+
+  probe/keyed_margin, probe/keyed_accuracy
+                          as binding_*; a model whose frozen LM binds the
+                          LM stage's text scores high with its gates at 0
+                          (Flamingo is then that LM), so a drop while
+                          training says that the cross-attention layers'
+                          writes break the LM's binding circuit.
+
 The attribute probe asks the vision encoder alone (a contrastive run's,
 `config.task = 'contrastive'`), on held-out one-object pictures
 (`data.world.probe.attribute_probe_images`), whether a linear read-out of
@@ -35,7 +46,7 @@ reads) tells each attribute's values apart:
                           form on the other pictures (chance 1 / values).
 
 The training loop logs them every `config.probe.every` steps (and before
-the first step): the binding probe in a Flamingo run, the text probe in an
+the first step): the binding and keyed probes in a Flamingo run, the text probe in an
 LM run (`config.task = 'lm'`), so that the emergence of binding can be seen
 over training (W/plots/probe.png, W/lm/plots/text_probe.png).
 
@@ -57,6 +68,7 @@ MODEL_INPUTS = ('tokens', 'media', 'media_mask', 'media_index')
 # The metrics' name prefixes: '<prefix>_margin', '<prefix>_accuracy'.
 BINDING = 'probe/binding'
 TEXT = 'probe/text'
+KEYED = 'probe/keyed'
 VISION = 'probe/vision'  # '<VISION>_<attribute>_accuracy'.
 READOUT_L2 = 1e-2  # The ridge penalty, on standardised features.
 

@@ -119,11 +119,13 @@ def test_probe_is_plotted_and_linked_from_the_report(tmp_path):
            'probe/binding_accuracy': 1 / 3},
           {'step': 10, 'loss': 2.0},
           {'step': 10, 'probe/binding_margin': 0.5,
-           'probe/binding_accuracy': 0.5}]
+           'probe/binding_accuracy': 0.5, 'probe/keyed_margin': 9.0,
+           'probe/keyed_accuracy': 1.0}]
   (tmp_path / 'metrics.jsonl').write_text(
       ''.join(json.dumps(r) + '\n' for r in rows))
   paths = plots.write_plots(str(tmp_path))
   assert str(tmp_path / 'plots' / 'probe.png') in paths
+  assert str(tmp_path / 'plots' / 'keyed_probe.png') in paths
   assert str(tmp_path / 'plots' / 'text_probe.png') not in paths
   # An LM stage's text probe, in W/lm.
   lm_rows = [{'step': 0, 'probe/text_margin': 0.0,
@@ -140,6 +142,7 @@ def test_probe_is_plotted_and_linked_from_the_report(tmp_path):
   with open(report.write_report(str(tmp_path))) as f:
     text = f.read()
   assert '](plots/probe.png)' in text
+  assert '](plots/keyed_probe.png)' in text
   assert '| probe/binding_margin | 0 | 0.5 |' in text
   assert '](lm/plots/text_probe.png)' in text
   assert '| probe/text_margin | 0 | 2.5 |' in text
@@ -165,6 +168,29 @@ def test_the_loop_runs_the_text_probe_in_an_lm_run(smoke_workdir):
   assert np.isfinite(out['probe/text_margin'])
   assert out['probe/text_accuracy'] * WAYS == pytest.approx(
       round(out['probe/text_accuracy'] * WAYS))  # One episode, 3 queries.
+
+
+def test_the_loop_runs_the_binding_and_keyed_probes_in_a_flamingo_run(
+    smoke_workdir):
+  # pylint: disable=g-import-not-at-top
+  import ml_collections
+  from flamingo_jax.training import loop
+  # pylint: enable=g-import-not-at-top
+  config = ml_collections.ConfigDict(
+      json.loads((smoke_workdir / 'config.json').read_text()))
+  config.probe = dict(every=10, episodes=1, seed=0, ways=WAYS, shots=SHOTS,
+                      seq_len=128)
+  run, _ = loop._make_probe(  # pylint: disable=protected-access
+      config, loop.task_of(config).transform(config.model))
+  params = checkpoint.load_params(str(smoke_workdir))
+  out = run(params)
+  assert set(out) == {'probe/binding_margin', 'probe/binding_accuracy',
+                      'probe/keyed_margin', 'probe/keyed_accuracy'}
+  # Gates at 0: the plain probe is blind (margin 0), the keyed one is the
+  # LM's alone, which reads the keys in the text.
+  blind = run(_with_gates(params, 0.0))
+  assert abs(blind['probe/binding_margin']) < 1e-4
+  assert abs(blind['probe/keyed_margin']) > 1e-3
 
 
 # ------------------------------------------------------------ text probe --
@@ -303,6 +329,44 @@ def test_copying_model_binds(text_setup):
   assert out['probe/text_margin'] > 10.0
   assert copying_probe(jnp.float32(0.0))['probe/text_margin'] == (
       pytest.approx(0.0, abs=1e-4))
+
+
+def test_keyed_probe_keys_every_line_and_a_text_binder_solves_it(
+    text_setup):
+  """The keyed probe's lines begin with their pictures' keys (the query's
+  too): a picture-blind model that copies from the earlier line of the same
+  key finds every word, and scores exactly 0 on the plain probe."""
+  tokenizer = text_setup[0]
+  line_ends = np.zeros(_VOCAB, bool)
+  for i in range(tokenizer.vocab_size):
+    line_ends[i] = tokenizer.decode([i]).rstrip().endswith(('.', '!'))
+  line_ends[[tokenizer.bos_id, tokenizer.eoc_id, tokenizer.image_id]] = True
+  copying = _line_copying_lm(jnp.asarray(line_ends))
+  batches = {keyed: probe_data.probe_batch(
+      tokenizer, num_episodes=EPISODES, ways=WAYS, shots=SHOTS,
+      image_size=16, seq_len=160, keyed=keyed) for keyed in (False, True)}
+  plain, keyed = batches[False], batches[True]
+  # The same pictures; the keyed text is the plain one with ' <key>' after
+  # every <image>, the query's key that of its picture's word.
+  np.testing.assert_array_equal(plain['media'], keyed['media'])
+  decode = lambda ids: tokenizer.decode([int(t) for t in ids if t])
+  for row in (e * WAYS * WAYS + q * (WAYS + 1) for e in range(EPISODES)
+              for q in range(WAYS)):  # The rows (e, q, c = q).
+    lines = decode(keyed['tokens'][row]).split('<image>')[1:]
+    assert all(line.startswith(' ') for line in lines)
+    keys = [line.split()[0] for line in lines]
+    plain_lines = decode(plain['tokens'][row]).split('<image>')[1:]
+    assert [' '.join(line.split()[1:]) for line in lines] == [
+        ' '.join(line.split()) for line in plain_lines]
+    word = lines[-1].split()[-1]  # The query's line up to its word's end.
+    assert {line.split()[-1].split('.')[0].split('!')[0]
+            for line in lines[:-1] if line.split()[0] == keys[-1]} == {
+                word.split('.')[0].split('!')[0].split('<')[0]}
+  out = probe.make_probe_fn(copying, keyed, probe.KEYED)(jnp.float32(20.0))
+  assert out['probe/keyed_accuracy'] == 1.0
+  assert out['probe/keyed_margin'] > 10.0
+  blind = probe.make_probe_fn(copying, plain)(jnp.float32(20.0))
+  assert blind['probe/binding_margin'] == pytest.approx(0.0, abs=1e-4)
 
 
 def test_bad_text_probe_arguments_raise(text_setup):

@@ -17,6 +17,13 @@ and the text of a query's prompt does not depend on which picture it shows:
 a model blind to the pictures gives every query the same candidate scores,
 so its margin, averaged over the episode's queries, is exactly 0.
 
+The keyed probe (`probe_batch(keyed=True)`) writes every picture's key in
+words at the start of its line, the query's too, as the LM stage's episode
+text does (`<image> circle This is a dax.<EOC> ... <image> circle This is
+a| dax.<EOC>`): the binding is in the text, so the frozen LM's own circuit
+solves it (Flamingo with its gates at 0 is that LM), and a drop below it
+says the cross-attention layers' writes break that circuit.
+
 The attribute probe (`attribute_probe_images`) asks it of the vision
 encoder alone, a step before: can a linear read-out of its features tell
 the values of an attribute apart (the shape, the colour of a one-object
@@ -77,6 +84,21 @@ def _continuation(tokenizer, line: str, prefix: str) -> tuple[list[int], int]:
   return line_ids, len(prefix_ids)
 
 
+def _line(template: str, key: str, made_up: str, keyed: bool) -> str:
+  """A picture's line, 'This is a dax.', or keyed: ' circle This is a
+  dax.'."""
+  if keyed:
+    return ' ' + nonce.keyed_line(template, key, made_up)
+  return template.format(made_up)
+
+
+def _prompt(template: str, key: str, keyed: bool) -> str:
+  """`_line` up to the word: 'This is a', or keyed: ' circle This is a'."""
+  if keyed:
+    return ' ' + nonce.keyed_prompt(template, key)
+  return template.split('{}')[0].rstrip()
+
+
 def _check_sizes(num_episodes: int, ways: int, shots: int) -> None:
   if num_episodes < 1 or ways < 2 or shots < 1:
     raise ValueError(f'The probe needs num_episodes >= 1, ways >= 2 and '
@@ -103,8 +125,9 @@ def _stack(rows: list[dict[str, np.ndarray]], ways: int
 
 def probe_batch(tokenizer: Any, *, num_episodes: int = 16, seed: int = 0,
                 ways: int = 3, shots: int = 2, image_size: int = 64,
-                seq_len: int = 128) -> dict[str, np.ndarray]:
-  """The probe's rows (see the module docstring).
+                seq_len: int = 128, keyed: bool = False
+                ) -> dict[str, np.ndarray]:
+  """The probe's rows (see the module docstring); `keyed`: the keyed probe's.
 
   Args:
     tokenizer: the run's tokenizer (`encode`, and the marker ids).
@@ -114,6 +137,9 @@ def probe_batch(tokenizer: Any, *, num_episodes: int = 16, seed: int = 0,
     shots: support pictures per word.
     image_size: H = W.
     seq_len: L; must hold the longest row.
+    keyed: every line, the query's too, after its picture's key in words
+      (' circle This is a dax.': the key's tokens as mid-line in the LM
+      stage's episode text).
 
   Returns:
     tokens, targets int32 [R, L]; score_mask float32 [R, L]; media uint8
@@ -126,20 +152,21 @@ def probe_batch(tokenizer: Any, *, num_episodes: int = 16, seed: int = 0,
   for e in range(num_episodes):
     rng, binding, template, order = _held_out_episode(PROBE_NAME, seed, e,
                                                       ways, shots)
-    prefix = template.split('{}')[0].rstrip()
     attribute, values, words = (binding.attribute, binding.values,
                                 binding.words)
     support = [scenes.render_scene(nonce.scene(rng, attribute, values[w]),
                                    image_size) for w in order]
     chunks = []
     for i, w in enumerate(order):
-      chunks += [{'image': i}, {'text': template.format(words[w])}]
+      chunks += [{'image': i},
+                 {'text': _line(template, values[w], words[w], keyed)}]
     for q in range(ways):
       query = scenes.render_scene(nonce.scene(rng, attribute, values[q]),
                                   image_size)
       media = np.stack(support + [query])[:, None]  # [N, 1, H, W, 3]
+      prefix = _prompt(template, values[q], keyed)
       for c in range(ways):
-        line = template.format(words[c])
+        line = _line(template, values[q], words[c], keyed)
         out = formatting.format_document(
             chunks + [{'image': num_support}, {'text': line}], tokenizer,
             seq_len=seq_len, max_media=num_support + 1)
