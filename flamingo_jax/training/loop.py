@@ -11,10 +11,10 @@
   for step: batches -> global arrays -> train_step -> metrics / checkpoint
   after the final step is saved: W/finished.json, then `on_finished(W)` on
       process 0 (the recipe writes W/plots/ there; this room plots nothing)
-  config.probe (optional): the binding probe (probe.py; in an 'lm' run, the
-      text probe; in a 'contrastive' one, the attribute probe of the vision
-      encoder) before the first step and every config.probe.every
-      steps, into the metrics
+  config.probe (optional): the binding and keyed probes (probe.py; in an
+      'lm' run, the text probe; in a 'contrastive' one, the attribute probe
+      of the vision encoder) before the first step and every
+      config.probe.every steps, into the metrics
 
 A run killed at any point resumes from its last checkpoint and continues
 bit-exactly: the step rng is fold_in(rng, step), the data position and the
@@ -29,6 +29,7 @@ N's batches, to test exactly that from outside the process.
 """
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
+import functools
 import re
 from typing import Any, NamedTuple, Optional
 
@@ -494,8 +495,9 @@ def _make_probe(config, model):
   episodes are `data.world.probe`'s, in the run's tokenizer and image size:
   picture episodes for Flamingo (`probe_batch`, plain and keyed), their
   keyed text for an LM alone (`config.task = 'lm'`, `text_probe_batch`).
-  A contrastive run (the vision stage) probes its encoder's features instead: every, seed
-  and images (per attribute; `attribute_probe_images`). Other tasks: off.
+  A contrastive run (the vision stage) probes its encoder's features
+  instead: every, seed and images (per attribute;
+  `attribute_probe_images`). Other tasks: off.
   """
   spec = config.get('probe', None)
   task = config.get('task', 'flamingo')
@@ -507,18 +509,19 @@ def _make_probe(config, model):
   # pylint: enable=g-import-not-at-top
   if task == 'contrastive':
     return _make_attribute_probe(config, spec, probe_data), spec.every
-  probes = ([(probe_data.text_probe_batch, {}, probe_lib.TEXT)]
+  probes = ([(probe_data.text_probe_batch, probe_lib.TEXT)]
             if task == 'lm' else
-            [(probe_data.probe_batch, {}, probe_lib.BINDING),
-             (probe_data.probe_batch, {'keyed': True}, probe_lib.KEYED)])
+            [(probe_data.probe_batch, probe_lib.BINDING),
+             (functools.partial(probe_data.probe_batch, keyed=True),
+              probe_lib.KEYED)])
   tokenizer = tokenizer_lib.Tokenizer.load(config.data.tokenizer)
   apply_fn = precision.with_compute_dtype(
       model, jnp.dtype(config.compute_dtype)).apply
   runs = [probe_lib.make_probe_fn(apply_fn, make_batch(
       tokenizer, num_episodes=spec.episodes, seed=spec.seed, ways=spec.ways,
       shots=spec.shots, image_size=config.model.image_size,
-      seq_len=spec.seq_len, **options), prefix)
-          for make_batch, options, prefix in probes]
+      seq_len=spec.seq_len), prefix) for make_batch, prefix in probes]
+
   def probe(params) -> dict[str, float]:
     return {k: v for run in runs for k, v in run(params).items()}
 

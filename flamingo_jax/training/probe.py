@@ -46,9 +46,10 @@ reads) tells each attribute's values apart:
                           form on the other pictures (chance 1 / values).
 
 The training loop logs them every `config.probe.every` steps (and before
-the first step): the binding and keyed probes in a Flamingo run, the text probe in an
-LM run (`config.task = 'lm'`), so that the emergence of binding can be seen
-over training (W/plots/probe.png, W/lm/plots/text_probe.png).
+the first step): the binding and keyed probes in a Flamingo run, the text
+probe in an LM run (`config.task = 'lm'`), so that the emergence of binding
+can be seen over training (W/plots/probe.png, keyed_probe.png,
+W/lm/plots/text_probe.png).
 
 Glossary of shapes:
   R: rows = E * Q * C (episodes, queries, candidates; Q = C = ways).
