@@ -235,6 +235,16 @@ def _line_copying_lm(line_ends):
 
 
 _VOCAB = 520  # > the smoke tokenizer's ids, markers included (checked).
+
+
+def _line_ends(tokenizer, marker_ids):
+  """bool [V]: the ids after which a line starts (`_line_copying_lm`):
+  pieces ending '.' or '!', and `marker_ids`."""
+  line_ends = np.zeros(_VOCAB, bool)
+  for i in range(tokenizer.vocab_size):
+    line_ends[i] = tokenizer.decode([i]).rstrip().endswith(('.', '!'))
+  line_ends[marker_ids] = True
+  return jnp.asarray(line_ends)
 _TEXT_LEN = 128
 
 
@@ -245,13 +255,10 @@ def text_setup(smoke_workdir):
       tokenizer, num_episodes=EPISODES, ways=WAYS, shots=SHOTS,
       seq_len=_TEXT_LEN)
   assert batch['tokens'].max() < _VOCAB
-  line_ends = np.zeros(_VOCAB, bool)
-  line_ends[tokenizer.bos_id] = True
-  for i in range(tokenizer.vocab_size):
-    line_ends[i] |= tokenizer.decode([i]).rstrip().endswith(('.', '!'))
+  line_ends = _line_ends(tokenizer, [tokenizer.bos_id])
   return (tokenizer, batch,
           probe.make_probe_fn(_table_lm, batch, probe.TEXT),
-          probe.make_probe_fn(_line_copying_lm(jnp.asarray(line_ends)),
+          probe.make_probe_fn(_line_copying_lm(line_ends),
                               batch, probe.TEXT))
 
 
@@ -337,11 +344,8 @@ def test_keyed_probe_keys_every_line_and_a_text_binder_solves_it(
   too): a picture-blind model that copies from the earlier line of the same
   key finds every word, and scores exactly 0 on the plain probe."""
   tokenizer = text_setup[0]
-  line_ends = np.zeros(_VOCAB, bool)
-  for i in range(tokenizer.vocab_size):
-    line_ends[i] = tokenizer.decode([i]).rstrip().endswith(('.', '!'))
-  line_ends[[tokenizer.bos_id, tokenizer.eoc_id, tokenizer.image_id]] = True
-  copying = _line_copying_lm(jnp.asarray(line_ends))
+  copying = _line_copying_lm(_line_ends(
+      tokenizer, [tokenizer.bos_id, tokenizer.eoc_id, tokenizer.image_id]))
   batches = {keyed: probe_data.probe_batch(
       tokenizer, num_episodes=EPISODES, ways=WAYS, shots=SHOTS,
       image_size=16, seq_len=160, keyed=keyed) for keyed in (False, True)}
@@ -358,10 +362,10 @@ def test_keyed_probe_keys_every_line_and_a_text_binder_solves_it(
     plain_lines = decode(plain['tokens'][row]).split('<image>')[1:]
     assert [' '.join(line.split()[1:]) for line in lines] == [
         ' '.join(line.split()) for line in plain_lines]
-    word = lines[-1].split()[-1]  # The query's line up to its word's end.
-    assert {line.split()[-1].split('.')[0].split('!')[0]
-            for line in lines[:-1] if line.split()[0] == keys[-1]} == {
-                word.split('.')[0].split('!')[0].split('<')[0]}
+    # The query's word is the one its key's support lines name.
+    word = lambda line: re.match(r'[^.!<]+', line.split()[-1]).group()
+    assert {word(line) for line in lines[:-1]
+            if line.split()[0] == keys[-1]} == {word(lines[-1])}
   out = probe.make_probe_fn(copying, keyed, probe.KEYED)(jnp.float32(20.0))
   assert out['probe/keyed_accuracy'] == 1.0
   assert out['probe/keyed_margin'] > 10.0
