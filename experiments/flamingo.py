@@ -257,7 +257,7 @@ def _cotrain_text(config, substitutes):
   _unfreeze('lm', pretrained=True)(config, substitutes)
   name, spec = substitutes['text']
   config.data.datasets[name] = spec
-  config.optim.lr_multipliers = [tuple(r) for r in COTRAIN_LM_MULTIPLIERS]
+  config.optim.lr_multipliers = tuple(tuple(r) for r in COTRAIN_LM_MULTIPLIERS)
 
 
 # name -> Ablation. One table for the architecture and the training rows.

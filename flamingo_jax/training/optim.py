@@ -28,8 +28,8 @@ options). Weight decay 0.1 is decoupled as in optax (the update is
     recipes). The paper says only "0.1 for the other trainable parameters";
     this is the conventional reading for 1-d and embedding parameters.
 
-Learning-rate multipliers (`config.optim.lr_multipliers`, `[(regex,
-float)]`, first match wins, unmatched parameters 1.0; empty by default)
+Learning-rate multipliers (`config.optim.lr_multipliers`, `((regex,
+float), ...)`, first match wins, unmatched parameters 1.0; empty by default)
 scale the final update of the parameters they match, so both the Adam step
 and the weight decay run at that fraction of the learning rate. The paper's
 LM co-trained on text (arXiv v1 §4.4.3, Table 10 (vi)) uses 0.1 on the LM.
@@ -157,8 +157,10 @@ def default_optim_config() -> ml_collections.ConfigDict:
   # Split each dataset's batch into this many micro-batches whose gradients
   # are summed (memory, not maths: the step equals the full-batch one).
   config.microbatches = 1
-  # [(regex, multiplier)] of the learning rate; unmatched: 1 (see above).
-  config.lr_multipliers = []
+  # ((regex, multiplier), ...) of the learning rate; unmatched: 1 (see
+  # above). A tuple, so that the command line can set it:
+  # --config.optim.lr_multipliers="(('.*/ffw_gate', 0.0),)".
+  config.lr_multipliers = ()
   return config
 
 

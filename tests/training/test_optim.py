@@ -1,10 +1,12 @@
 """Freeze rules, weight-decay mask, schedule, and one step of the optimizer."""
 
+from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from ml_collections import config_flags
 
 from experiments import flamingo as flamingo_config
 from flamingo_jax import summarize
@@ -119,6 +121,16 @@ def test_lr_multipliers_scale_the_update_of_what_they_match():
   assert np.abs(plain['lm/blocks']['w']).min() > 0
   with pytest.raises(ValueError, match='lr_multipliers'):
     first_update([('lm/.*', 'slow')])
+
+
+def test_lr_multipliers_can_be_set_from_the_command_line():
+  """ml_collections overrides tuples but not lists from the command line."""
+  argv = ['train', '--config=experiments/tiny.py:smoke',
+          "--config.optim.lr_multipliers=(('.*/ffw_gate', 0.0),)"]
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', flag_values=values, sys_argv=argv)
+  values(argv)
+  assert values.config.optim.lr_multipliers == (('.*/ffw_gate', 0.0),)
 
 
 def test_paper_defaults():
