@@ -517,15 +517,10 @@ def _make_probe(config, model):
   tokenizer = tokenizer_lib.Tokenizer.load(config.data.tokenizer)
   apply_fn = precision.with_compute_dtype(
       model, jnp.dtype(config.compute_dtype)).apply
-  runs = [probe_lib.make_probe_fn(apply_fn, make_batch(
+  return probe_lib.make_probe_fn(apply_fn, {prefix: make_batch(
       tokenizer, num_episodes=spec.episodes, seed=spec.seed, ways=spec.ways,
       shots=spec.shots, image_size=config.model.image_size,
-      seq_len=spec.seq_len), prefix) for make_batch, prefix in probes]
-
-  def probe(params) -> dict[str, float]:
-    return {k: v for run in runs for k, v in run(params).items()}
-
-  return probe, spec.every
+      seq_len=spec.seq_len) for make_batch, prefix in probes}), spec.every
 
 
 def _make_attribute_probe(config, spec, probe_data):

@@ -84,7 +84,7 @@ def binding_scores(logits: jax.Array, targets: jax.Array,
     targets: [R, L] int.
     score_mask: [R, L]: the candidate's scored targets.
     ways: Q = C.
-    prefix: the metrics' names, BINDING or TEXT.
+    prefix: the metrics' names: BINDING, KEYED or TEXT.
 
   Returns:
     '<prefix>_margin' and '<prefix>_accuracy', scalars.
@@ -106,22 +106,28 @@ def binding_scores(logits: jax.Array, targets: jax.Array,
           f'{prefix}_accuracy': (best == jnp.arange(ways)).mean()}
 
 
-def make_probe_fn(apply_fn: Callable[..., jax.Array], batch: Mapping[str, Any],
-                  prefix: str = BINDING
+def make_probe_fn(apply_fn: Callable[..., jax.Array],
+                  batches: Mapping[str, Mapping[str, Any]]
                   ) -> Callable[[Any], dict[str, float]]:
-  """params -> the probe's scalars on `batch`, jitted once.
+  """params -> the probes' scalars on each of `batches`, jitted once.
 
   Args:
     apply_fn: the model's apply, `(params, rng, tokens, media, media_mask,
       media_index, is_training=False) -> logits [R, L, V]` (Flamingo's, or
       the LM's alone: `flamingo.transform_lm`).
-    batch: `probe_batch`'s or `text_probe_batch`'s arrays (kept on the
-      device between calls).
-    prefix: the metrics' names: BINDING, or TEXT for the text probe.
+    batches: {prefix: batch}, the metrics' name prefix (BINDING, KEYED,
+      TEXT) of each of `probe_batch`'s or `text_probe_batch`'s arrays (kept
+      on the device between calls). One jitted function scores them all, so
+      batches of one shape (the binding and keyed probes') compile once.
   """
-  ways = int(batch['ways'])
-  arrays = jax.device_put({k: np.asarray(batch[k])
-                           for k in MODEL_INPUTS + ('targets', 'score_mask')})
+  ways = {int(batch['ways']) for batch in batches.values()}
+  if len(ways) != 1:
+    raise ValueError(f'The probe batches have different ways: {ways}.')
+  ways = ways.pop()
+  arrays = {prefix: jax.device_put(
+      {k: np.asarray(batch[k])
+       for k in MODEL_INPUTS + ('targets', 'score_mask')})
+            for prefix, batch in batches.items()}
 
   @jax.jit
   def probe(params, arrays):
@@ -129,11 +135,12 @@ def make_probe_fn(apply_fn: Callable[..., jax.Array], batch: Mapping[str, Any],
                       *(arrays[k] for k in MODEL_INPUTS),
                       is_training=False)  # [R, L, V]
     return binding_scores(logits, arrays['targets'], arrays['score_mask'],
-                          ways, prefix)
+                          ways, prefix='')
 
   def run(params) -> dict[str, float]:
-    return {k: float(v) for k, v in
-            jax.device_get(probe(params, arrays)).items()}
+    return {prefix + k: float(v)
+            for prefix, batch in arrays.items()
+            for k, v in jax.device_get(probe(params, batch)).items()}
 
   return run
 

@@ -32,7 +32,7 @@ def setup(smoke_workdir):
   model = precision.with_compute_dtype(flamingo.transform(config['model']),
                                       jnp.float32)
   params = checkpoint.load_params(str(smoke_workdir))
-  return tokenizer, batch, probe.make_probe_fn(model.apply, batch), params
+  return tokenizer, batch, probe.make_probe_fn(model.apply, {probe.BINDING: batch}), params
 
 
 def _with_gates(params, value):
@@ -257,9 +257,9 @@ def text_setup(smoke_workdir):
   assert batch['tokens'].max() < _VOCAB
   line_ends = _line_ends(tokenizer, [tokenizer.bos_id])
   return (tokenizer, batch,
-          probe.make_probe_fn(_table_lm, batch, probe.TEXT),
+          probe.make_probe_fn(_table_lm, {probe.TEXT: batch}),
           probe.make_probe_fn(_line_copying_lm(line_ends),
-                              batch, probe.TEXT))
+                              {probe.TEXT: batch}))
 
 
 def test_text_probe_rows_end_with_the_key_and_score_the_word(text_setup):
@@ -366,11 +366,19 @@ def test_keyed_probe_keys_every_line_and_a_text_binder_solves_it(
     word = lambda line: re.match(r'[^.!<]+', line.split()[-1]).group()
     assert {word(line) for line in lines[:-1]
             if line.split()[0] == keys[-1]} == {word(lines[-1])}
-  out = probe.make_probe_fn(copying, keyed, probe.KEYED)(jnp.float32(20.0))
+  traces = []
+
+  def counted(*args, **kwargs):
+    traces.append(1)
+    return copying(*args, **kwargs)
+
+  # Both probes from one function, traced (compiled) once: same shapes.
+  out = probe.make_probe_fn(counted, {probe.KEYED: keyed,
+                                      probe.BINDING: plain})(jnp.float32(20.0))
+  assert len(traces) == 1
   assert out['probe/keyed_accuracy'] == 1.0
   assert out['probe/keyed_margin'] > 10.0
-  blind = probe.make_probe_fn(copying, plain)(jnp.float32(20.0))
-  assert blind['probe/binding_margin'] == pytest.approx(0.0, abs=1e-4)
+  assert out['probe/binding_margin'] == pytest.approx(0.0, abs=1e-4)
 
 
 def test_bad_text_probe_arguments_raise(text_setup):
