@@ -21,7 +21,10 @@ as its training finishes; then the few-shot evaluation of the main stage
 """
 
 
+import re
+
 from absl import logging
+import jax
 import ml_collections
 
 from flamingo_jax import checkpoint
@@ -111,6 +114,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> bool:
   for name, stage in stages.items():  # Before anything trains.
     validation.validate_config(stage, f'config.stages.{name}')
   validation.validate_config(config)
+  check_stage_parameters(config, stages, workdir)
   with workdir_lib.lock(workdir):
     try:
       _run_stages(config, workdir, stages)
@@ -121,6 +125,59 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> bool:
       evaluate_final(config, workdir)
     logging.info('Wrote %s', report.write_report(workdir))
   return True
+
+
+def param_shapes(config: ml_collections.ConfigDict) -> dict[str, tuple]:
+  """{'module/param': shape} of `config`'s model (`jax.eval_shape`)."""
+  task = loop.task_of(config)
+  params = jax.eval_shape(task.transform(config.model).init,
+                          jax.random.PRNGKey(0),
+                          *task.example_inputs(config.model))
+  return {f'{module}/{name}': tuple(leaf.shape)
+          for module, leaves in params.items()
+          for name, leaf in leaves.items()}
+
+
+def check_stage_parameters(config: ml_collections.ConfigDict,
+                           stages: dict[str, ml_collections.ConfigDict],
+                           workdir: str) -> None:
+  """Every parameter a run reads from a stage (`init_from`) is one the
+  stage's model has, in the same shape: checked before anything trains.
+
+  Raises:
+    ValueError: naming the stage, the parameter and both shapes. The usual
+      cause: a `--config.model...` override changes the main model, not the
+      stages' (each stage's config is built with the config file's).
+  """
+  stage_dirs = {fs.normpath(fs.join(workdir, name)): name for name in stages}
+  runs = [('config', config, workdir)] + [
+      (f'config.stages.{name}', stage, fs.join(workdir, name))
+      for name, stage in stages.items()]
+  shapes = {}
+  for label, run_config, run_dir in runs:
+    for source in run_config.get('init_from', None) or []:
+      name = stage_dirs.get(fs.normpath(fs.join(run_dir, source['workdir'])))
+      if name is None:
+        continue
+      for cfg_key in (label, name):
+        if cfg_key not in shapes:
+          shapes[cfg_key] = param_shapes(
+              run_config if cfg_key == label else stages[name])
+      include = [re.compile(r) for r in source.get('include', ['.*'])]
+      exclude = [re.compile(r) for r in source.get('exclude', [])]
+      for key, shape in shapes[label].items():
+        if (not any(r.fullmatch(key) for r in include)
+            or any(r.fullmatch(key) for r in exclude)):
+          continue
+        found = shapes[name].get(key)
+        if found != shape:
+          raise ValueError(
+              f'{label} reads {key} from stage {name!r} (init_from), but '
+              f'the stage\'s model ' + (
+                  f'has it in shape {found}, not {shape}'
+                  if found is not None else 'has no such parameter') +
+              f'. A --config.model... override changes the main model only: '
+              f'set config.stages.{name}.model... to match.')
 
 
 def write_plots(workdir: str) -> None:

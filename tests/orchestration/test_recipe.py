@@ -38,3 +38,17 @@ def test_stages_share_the_main_runs_data_location_and_tokenizer():
     assert stage.task == config.stages[name].task
     assert stage.data.datasets.to_dict() == (
         config.stages[name].data.datasets.to_dict())
+
+
+def test_a_model_override_the_stages_lack_is_named_before_training(tmp_path):
+  """--config.model.lm.num_layers=2 changes the main model, not the LM stage
+  it reads: the recipe says so before any stage trains."""
+  from experiments import tiny  # pylint: disable=g-import-not-at-top
+  config = tiny.get_config('smoke')
+  stages = {name: recipe.stage_config(config, name) for name in config.stages}
+  recipe.check_stage_parameters(config, stages, str(tmp_path))  # Matches.
+  config.model.lm.num_layers = 2
+  with pytest.raises(ValueError, match=r"lm/blocks/.* from stage 'lm'.*"
+                     r"\(4, 64\), not \(2, 64\).*config\.stages\.lm\.model"):
+    recipe.run(config, str(tmp_path))
+  assert not (tmp_path / 'lm').exists() and not (tmp_path / 'vision').exists()
