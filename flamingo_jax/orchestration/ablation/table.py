@@ -131,7 +131,22 @@ def build(workdir: str, rows: Sequence[str], seeds: int,
     entry['above_spread'] = (
         None if spread is None or base_spread is None or math.isnan(delta)
         else abs(delta) > spread + base_spread)
+    entry['tasks_apart'] = _tasks_apart(entry['scores'], base['scores'])
   return dict(rows=out_rows, tasks=tasks, seeds=seeds)
+
+
+def _tasks_apart(scores, base_scores) -> Optional[list[str]]:
+  """['captions-', 'vqa+']: the tasks whose mean moves from the baseline's
+  by more than the two seed spreads together (None: under 2 seeds). The
+  overall score can hide them: a task near 0 makes its ratio noise."""
+  apart = []
+  for task, (mean, std) in scores.items():
+    base_mean, base_std = base_scores.get(task, (math.nan, None))
+    if std is None or base_std is None:
+      return None
+    if abs(mean - base_mean) > std + base_std:
+      apart.append(task + ('+' if mean > base_mean else '-'))
+  return apart
 
 
 def _setting(row: str) -> str:
@@ -157,9 +172,16 @@ def summary(table: Mapping[str, Any]) -> str:
   if spread:
     text += (f'Difference from the baseline above the seed spread: {above} '
              f'of {len(spread)} rows.')
+    apart = [r for r in spread if r.get('tasks_apart')]
+    text += (f' Rows with a task apart from the baseline by more than the '
+             f'seed spread: {len(apart)} of {len(spread)}.')
   else:
     text += 'Seed spread: needs 2 or more seeds per row.'
   return text
+
+
+def _task_list(tasks: Optional[list[str]]) -> str:
+  return '-' if tasks is None else (', '.join(tasks) or 'none')
 
 
 def to_markdown(table: Mapping[str, Any]) -> str:
@@ -167,7 +189,7 @@ def to_markdown(table: Mapping[str, Any]) -> str:
   head = (['row', 'setting', 'changed', 'params', 'step time (s)'] + tasks +
           ['overall (% of baseline)', 'paper: params / step (s) / overall '
            '(% of its baseline)', 'direction as paper', '> seed spread',
-           'seeds'])
+           'tasks > seed spread', 'seeds'])
   lines = ['| ' + ' | '.join(head) + ' |',
            '|' + '---|' * len(head)]
   for r in table['rows']:
@@ -185,7 +207,7 @@ def to_markdown(table: Mapping[str, Any]) -> str:
                  _yes_no(r.get('agrees')))
     cells += [_fmt(*r['overall']), paper_text,
               direction, _yes_no(r.get('above_spread')),
-              str(r['seeds'])]
+              _task_list(r.get('tasks_apart')), str(r['seeds'])]
     lines.append('| ' + ' | '.join(cells) + ' |')
   shots = sorted({s for r in table['rows'] for s in r['shots']})
   return '\n'.join([
@@ -205,7 +227,8 @@ def write_csv(table: Mapping[str, Any], path: str) -> None:
              'step_time_std'] + [x for t in tasks for x in (t, f'{t}_std')] +
             ['overall', 'overall_std', 'delta', 'paper_params_b',
              'paper_step_time_s', 'paper_overall', 'paper_overall_relative',
-             'paper_delta', 'direction_agrees', 'above_spread', 'seeds'])
+             'paper_delta', 'direction_agrees', 'above_spread',
+             'tasks_above_spread', 'seeds'])
   with open(path, 'w', newline='') as f:
     writer = csv.DictWriter(f, fieldnames=fields)
     writer.writeheader()
@@ -222,7 +245,9 @@ def write_csv(table: Mapping[str, Any], path: str) -> None:
           paper_overall_relative=r['paper_relative'],
           paper_delta=r.get('paper_delta'),
           direction_agrees=r.get('agrees'),
-          above_spread=r.get('above_spread'), seeds=r['seeds'])
+          above_spread=r.get('above_spread'),
+          tasks_above_spread=';'.join(r.get('tasks_apart') or []),
+          seeds=r['seeds'])
       for t in tasks:
         record[t], record[f'{t}_std'] = r['scores'][t]
       writer.writerow(record)
