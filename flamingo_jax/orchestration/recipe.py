@@ -21,8 +21,6 @@ as its training finishes; then the few-shot evaluation of the main stage
 """
 
 
-import re
-
 from absl import logging
 import jax
 import ml_collections
@@ -163,11 +161,9 @@ def check_stage_parameters(config: ml_collections.ConfigDict,
         if cfg_key not in shapes:
           shapes[cfg_key] = param_shapes(
               run_config if cfg_key == label else stages[name])
-      include = [re.compile(r) for r in source.get('include', ['.*'])]
-      exclude = [re.compile(r) for r in source.get('exclude', [])]
+      reads = loop.init_from_reads(source)
       for key, shape in shapes[label].items():
-        if (not any(r.fullmatch(key) for r in include)
-            or any(r.fullmatch(key) for r in exclude)):
+        if not reads(key):
           continue
         found = shapes[name].get(key)
         if found != shape:

@@ -184,6 +184,15 @@ def state_shardings(abstract: TrainState, config, mesh) -> TrainState:
       consecutive_skips=replicated)
 
 
+def init_from_reads(source: Mapping[str, Any]) -> Callable[[str], bool]:
+  """'module/param' -> whether an `init_from` source overwrites it: a full
+  match of one of its `include` regexes (default all) and of no `exclude`."""
+  include = [re.compile(r) for r in source.get('include', ['.*'])]
+  exclude = [re.compile(r) for r in source.get('exclude', [])]
+  return lambda key: (any(r.fullmatch(key) for r in include)
+                      and not any(r.fullmatch(key) for r in exclude))
+
+
 def _init_from(state: TrainState, config, workdir: str) -> TrainState:
   """Overwrites parameters with those of other runs (`config.init_from`).
 
@@ -198,8 +207,7 @@ def _init_from(state: TrainState, config, workdir: str) -> TrainState:
     path = fs.join(workdir, path)  # Absolute paths and URLs stay.
     # A recipe stage's final step (never an older one in its place).
     loaded = checkpoint_lib.load_params(path, workdir_lib.finished_step(path))
-    include = [re.compile(r) for r in source.get('include', ['.*'])]
-    exclude = [re.compile(r) for r in source.get('exclude', [])]
+    reads = init_from_reads(source)
 
     def replace(params):
       count = 0
@@ -208,8 +216,7 @@ def _init_from(state: TrainState, config, workdir: str) -> TrainState:
         out[module] = dict(leaves)
         for name, old in leaves.items():
           key = f'{module}/{name}'
-          if (not any(r.fullmatch(key) for r in include)
-              or any(r.fullmatch(key) for r in exclude)):
+          if not reads(key):
             continue
           if name not in loaded.get(module, {}):
             raise ValueError(f'init_from {path}: it has no parameter {key}.')
