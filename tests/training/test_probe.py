@@ -32,7 +32,8 @@ def setup(smoke_workdir):
   model = precision.with_compute_dtype(flamingo.transform(config['model']),
                                       jnp.float32)
   params = checkpoint.load_params(str(smoke_workdir))
-  return tokenizer, batch, probe.make_probe_fn(model.apply, {probe.BINDING: batch}), params
+  run = probe.make_probe_fn(model.apply, {probe.BINDING: batch})
+  return tokenizer, batch, run, params
 
 
 def _with_gates(params, value):
