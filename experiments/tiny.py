@@ -90,6 +90,14 @@ ICL_EPISODES_WEIGHT = 1.0
 # (world 1.5.0) it was still at chance at step 4100.
 ICL_LM_STEPS = 4000
 ICL_STEPS = 2000
+# The icl LM ties its input and output embeddings (in both the LM stage and
+# Flamingo's LM): what cross-attention learns to write to name an object
+# (captions) is then what the LM reads as that object's word, the key its
+# binding circuit matches. The Flamingo stage holds the dense layers' gates
+# at 0: opened, they adapt the frozen LM to the other datasets' text and
+# break that circuit (the keyed probe fell from 1.00 to 0.81 by step 1500).
+ICL_TIED_EMBEDDINGS = True
+ICL_LR_MULTIPLIERS = (('.*/ffw_gate', 0.0),)
 ICL_QUERIES = 256
 ICL_VISION_BATCH = 128  # The vision stage's pairs per step (_vision_stage).
 
@@ -191,6 +199,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # initialise Flamingo's frozen vision encoder and LM (stage 3, in W).
   config.stages = dict(vision=_vision_stage(config, variant),
                        lm=_lm_stage(config, variant))
+  if variant == 'icl':  # The Flamingo stage's alone (see ICL_LR_MULTIPLIERS).
+    config.optim.lr_multipliers = ICL_LR_MULTIPLIERS
   config.init_from = [
       dict(workdir='vision', include=['vision_encoder/.*'], exclude=[]),
       dict(workdir='lm', include=['lm/.*'], exclude=[]),
@@ -219,6 +229,7 @@ def _icl(config: ml_collections.ConfigDict) -> None:
       'world_episodes', 'documents', ICL_EPISODES_WEIGHT, 8, 128, 9, 1)
   config.total_steps = ICL_STEPS
   config.checkpoint.every = 500
+  config.model.lm.tied_embeddings = ICL_TIED_EMBEDDINGS  # The stages copy it.
   # The binding and keyed probes (flamingo_jax/training/probe.py) into
   # metrics.jsonl and W/plots/probe.png, keyed_probe.png; the LM stage runs
   # its text probe.

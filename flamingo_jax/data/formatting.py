@@ -4,6 +4,9 @@ Two kinds of example become the same sequence layout:
 
 - Interleaved documents (M3W): a list of chunks, `{'text': str}` or
   `{'image': i}` (i: index of the image in the document's own image list).
+  A text chunk may carry `'supervised': False`: its tokens are read but not
+  learned (loss_mask 0), e.g. a made-up word at its first showing, which no
+  reader could predict (the world's nonce episodes).
 - Image/video-text pairs (ALIGN, LTIP, VTP): a caption, seen as the
   one-image document `[{'image': 0}, {'text': caption}]`.
 
@@ -44,10 +47,11 @@ For [img 0] 'd1 d2' [img 1] 'c1 c2' (d*, c*: text ids) and L = 11:
   media_index   1  1  2  2  2  2  0  0  0  0  0   (next image: p_next)
   kept_media [0, 1, -1, -1, -1] for N = 5; num_media 2; media_mask [T T F F F]
 
-`loss_mask` is 0 at padding and where the target is an `<image>` marker
-(which image comes next is not text to predict); `<EOC>` and `<EOS>` targets
-are supervised. `media_index` is phi from `compute_media_index` over the kept
-tokens, 0 at padding; per document, with probability `p_next` text attends
+`loss_mask` is 0 at padding, where the target is an `<image>` marker
+(which image comes next is not text to predict) and at the text of chunks
+marked `'supervised': False`; `<EOC>` and `<EOS>` targets are supervised.
+`media_index` is phi from `compute_media_index` over the kept tokens, 0 at
+padding; per document, with probability `p_next` text attends
 to the next image instead of the previous one (Table 10 iii).
 
 Truncation. S' is S cut at the first of
@@ -85,7 +89,8 @@ import numpy as np
 from flamingo_jax.data import media_index as media_index_lib
 from flamingo_jax.data import tokenizer as tokenizer_lib
 
-Chunk = Mapping[str, str | int]  # {'text': str} or {'image': int}
+# {'text': str}, {'text': str, 'supervised': bool} or {'image': int}.
+Chunk = Mapping[str, str | int | bool]
 Example = dict[str, np.ndarray]
 
 # Skip reasons, for the pipeline's counters.
@@ -140,17 +145,18 @@ def format_document(
   stream = _build_stream(chunks, tokenizer)
   if stream is None:
     return Skip(NO_TEXT, 'the document has no non-blank text')
-  ids, source, is_text = stream
+  ids, source, is_text, unlearned = stream
   if window_rng is not None and len(ids) > seq_len + 1:
     offset = int(window_rng.integers(0, len(ids) - seq_len))
     keep = np.r_[0, offset + 1:offset + 1 + seq_len]  # <BOS>, the window.
-    ids, source, is_text = ids[keep], source[keep], is_text[keep]
+    ids, source, is_text, unlearned = (ids[keep], source[keep],
+                                       is_text[keep], unlearned[keep])
   end = _cut(source, seq_len, max_media)
   if not is_text[1:end].any():
     return Skip(NO_TEXT_KEPT, f'no text left with seq_len={seq_len}, '
                 f'max_media={max_media}')
-  return _to_arrays(ids[:end], source[:end], seq_len, max_media, attend_next,
-                    tokenizer.pad_id)
+  return _to_arrays(ids[:end], source[:end], unlearned[:end], seq_len,
+                    max_media, attend_next, tokenizer.pad_id)
 
 
 def format_pair(
@@ -235,30 +241,39 @@ def _coin(p: float, rng: np.random.Generator | None, name: str) -> bool:
   return bool(rng.random() < p)
 
 
-def _parse_chunk(chunk: Chunk, position: int) -> tuple[str, str | int]:
-  """('text', str) or ('image', int), or a ValueError naming the chunk."""
-  if not isinstance(chunk, Mapping) or len(chunk) != 1:
-    raise ValueError(f'Chunk {position} must be {{"text": str}} or '
-                     f'{{"image": int}}; got {chunk!r}.')
-  (kind, value), = chunk.items()
+def _parse_chunk(chunk: Chunk, position: int
+                 ) -> tuple[str, str | int, bool]:
+  """('text', str, supervised) or ('image', int, False), or a ValueError
+  naming the chunk."""
+  supervised = chunk.get('supervised', True) if isinstance(
+      chunk, Mapping) else None
+  if (not isinstance(chunk, Mapping) or not isinstance(supervised, bool)
+      or len(chunk) != 1 + ('supervised' in chunk)):
+    raise ValueError(f'Chunk {position} must be {{"text": str}} (with an '
+                     f'optional "supervised": bool) or {{"image": int}}; '
+                     f'got {chunk!r}.')
+  (kind, value), = ((k, v) for k, v in chunk.items() if k != 'supervised')
   if kind == 'text' and isinstance(value, str):
-    return kind, value
-  if (kind == 'image' and isinstance(value, (int, np.integer))
+    return kind, value, supervised
+  if (kind == 'image' and 'supervised' not in chunk
+      and isinstance(value, (int, np.integer))
       and not isinstance(value, bool) and value >= 0):
-    return kind, int(value)
+    return kind, int(value), False
   raise ValueError(f'Chunk {position} must be {{"text": str}} or '
                    f'{{"image": int >= 0}}; got {chunk!r}.')
 
 
 def _build_stream(
     chunks: Sequence[Chunk], tokenizer: tokenizer_lib.Tokenizer,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-  """The whole document's ids S, their source image (-1: none), is-text.
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+  """The whole document's ids S, their source image (-1: none), is-text,
+  and unlearned (text of a chunk marked 'supervised': False).
 
   Returns None when the document has no non-blank text.
   """
-  ids, source, is_text = [tokenizer.bos_id], [-1], [False]
-  pending = []  # Consecutive text chunks, encoded together.
+  ids, source, is_text, unlearned = [tokenizer.bos_id], [-1], [False], [False]
+  # Consecutive text chunks of one supervision, encoded together.
+  pending, pending_supervised = [], [True]
 
   def flush_text():
     text = ''.join(pending)
@@ -268,15 +283,20 @@ def _build_stream(
       ids.extend(text_ids)
       source.extend([-1] * len(text_ids))
       is_text.extend([True] * len(text_ids))
+      unlearned.extend([not pending_supervised[0]] * len(text_ids))
 
   def append(token_id, image=-1):
     ids.append(token_id)
     source.append(image)
     is_text.append(False)
+    unlearned.append(False)
 
   for position, chunk in enumerate(chunks):
-    kind, value = _parse_chunk(chunk, position)
+    kind, value, supervised = _parse_chunk(chunk, position)
     if kind == 'text':
+      if pending and supervised != pending_supervised[0]:
+        flush_text()
+      pending_supervised[0] = supervised
       pending.append(value)
       continue
     flush_text()
@@ -289,7 +309,7 @@ def _build_stream(
   append(tokenizer.eoc_id)
   append(tokenizer.eos_id)
   return (np.array(ids, np.int32), np.array(source, np.int32),
-          np.array(is_text, bool))
+          np.array(is_text, bool), np.array(unlearned, bool))
 
 
 def _cut(source: np.ndarray, seq_len: int, max_media: int) -> int:
@@ -304,6 +324,7 @@ def _cut(source: np.ndarray, seq_len: int, max_media: int) -> int:
 def _to_arrays(
     ids: np.ndarray,  # [n + 1] S'
     source: np.ndarray,  # [n + 1]
+    unlearned: np.ndarray,  # [n + 1]
     seq_len: int,
     max_media: int,
     attend_next: bool,
@@ -315,7 +336,8 @@ def _to_arrays(
   kept = source[:n][is_marker]  # [num_media]
   phi = media_index_lib.compute_media_index(is_marker, len(kept),
                                             attend_next)  # [n]
-  supervised = source[1:] < 0  # [n]: the target is not an <image> marker.
+  # [n]: the target is not an <image> marker, nor text marked unsupervised.
+  supervised = (source[1:] < 0) & ~unlearned[1:]
 
   def pad(x, value, length=seq_len):
     return np.pad(x, (0, length - len(x)), constant_values=value)

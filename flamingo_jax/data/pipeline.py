@@ -127,10 +127,17 @@ def read_pair(raw: Mapping[str, Any]):
 
 
 def read_document(raw: Mapping[str, Any]):
+  """A document's chunks (with 'supervised' where its features have it)."""
   chunks = []
-  for text, image in zip(raw['chunks']['text'], raw['chunks']['image']):
+  fields = raw['chunks']
+  supervised = fields.get('supervised', [True] * len(fields['image']))
+  for text, image, learn in zip(fields['text'], fields['image'], supervised):
     image = int(image)
-    chunks.append({'image': image} if image >= 0 else {'text': _text(text)})
+    if image >= 0:
+      chunks.append({'image': image})
+    else:
+      chunks.append({'text': _text(text)} if learn else
+                    {'text': _text(text), 'supervised': False})
   return chunks, list(raw['images'])
 
 

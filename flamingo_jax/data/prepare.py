@@ -19,7 +19,7 @@ from flamingo_jax.data import tokenizer as tokenizer_lib
 # It lives here, importable without TensorFlow, because configs name the
 # tokenizer file by it and the benchmark reads configs on machines without
 # TensorFlow.
-WORLD_VERSION = '1.6.0'
+WORLD_VERSION = '1.7.0'
 # Prompt words of the evaluation formats, so they tokenize compactly too.
 PROMPT_TEXT = 'Output: Question: Answer: yes no This is a picture of'
 CORPUS_SEED = 20221129  # Fixed: the tokenizer is part of the recipe.

@@ -464,7 +464,8 @@ def model_config(size: str = '3B') -> dict[str, Any]:
       vision=dict(encoder='nfnet', variant=spec.get('vision', 'F6')),
       image_size=spec.get('image_size', 320),
       resampler=resampler,
-      lm=dict(lm_lib.LM_PARAMS[spec['lm']], remat_policy='none'),
+      lm=dict(lm_lib.LM_PARAMS[spec['lm']], remat_policy='none',
+              tied_embeddings=False),
       xattn=dict(
           every=spec['xattn_every'],
           placement='interleaved',

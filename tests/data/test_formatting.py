@@ -305,10 +305,39 @@ def test_draws_need_an_rng(tok):
     [{'image': True}],
     [{'text': 3}],
     ['plain string'],
+    [{'text': 'a dog', 'supervised': 'no'}],
+    [{'image': 0, 'supervised': False}],
+    [{'text': 'a dog', 'supervised': False, 'image': 0}],
 ])
 def test_malformed_chunks_raise(tok, chunks):
   with pytest.raises(ValueError, match='Chunk 0 must be'):
     formatting.format_document(chunks, tok)
+
+
+def test_an_unsupervised_chunk_is_read_but_not_learned(tok):
+  """{'text': ..., 'supervised': False}: its ids are inputs as any text's,
+  its targets masked; the <EOC> that ends its chunk is still learned, and
+  a supervised chunk next to it keeps its own ids and loss."""
+  dog, cat = tok.encode(DOG), tok.encode(CAT)
+  chunks = [{'image': 0}, {'text': DOG, 'supervised': False},
+            {'image': 1}, {'text': CAT}]
+  plain = formatting.format_document(FIG7, tok, seq_len=40)
+  ex = formatting.format_document(chunks, tok, seq_len=40)
+  for key in ('tokens', 'targets', 'media_index'):
+    np.testing.assert_array_equal(ex[key], plain[key])
+  mask = [0] * (1 + len(dog)) + [1, 0] + [1] * (len(cat) + 2)
+  np.testing.assert_array_equal(ex['loss_mask'][:len(mask)], mask)
+  assert ex['loss_mask'].sum() == plain['loss_mask'].sum() - len(dog)
+  # Consecutive text chunks of different supervision: each keeps its own.
+  mixed = formatting.format_document(
+      [{'image': 0}, {'text': 'My dog.', 'supervised': False},
+       {'text': ' My cat.'}], tok, seq_len=40)
+  first, second = tok.encode('My dog.'), tok.encode(' My cat.')
+  np.testing.assert_array_equal(
+      _valid(mixed['tokens']), [BOS, IMAGE, *first, *second, EOC])
+  np.testing.assert_array_equal(
+      mixed['loss_mask'][:len(first) + len(second) + 3],
+      [0] * (1 + len(first)) + [1] * (len(second) + 2))
 
 
 def test_empty_example_has_no_supervision():

@@ -42,6 +42,9 @@ RELEASE_NOTES = {
     '1.6.0': ("world_episode_text: half of the episodes with each key right "
               "before its word ('This is a circle dax.'), a scaffold for "
               "the line-keyed half."),
+    '1.7.0': ("world_episodes: each word's first showing after its key in "
+              "words ('<image> circle This is a dax.') and not learned "
+              "(chunks' 'supervised' feature), later showings plain."),
 }
 SIZES = ('default', 'tiny')
 DEFAULT_IMAGE_SIZE = scenes.DEFAULT_IMAGE_SIZE

@@ -144,13 +144,23 @@ class WorldEpisodes(WorldBuilder):
   SPLITS = {'default': {'train': 20_000, 'validation': 500},
             'tiny': {'train': 16, 'validation': 4}}
 
-  features = WorldDocuments.features
+  def features(self):
+    # world_documents' chunks, and whether a text chunk is learned (a
+    # word's first showing is not: `tasks.episode_example`).
+    return {
+        'images': tfds.features.Sequence(
+            base.image_feature(self.builder_config)),
+        'chunks': tfds.features.Sequence({'text': tfds.features.Text(),
+                                          'image': np.int32,
+                                          'supervised': np.bool_}),
+    }
 
   @staticmethod
   def make_example(rng, params):
     ex = tasks.episode_example(rng, params.image_size)
     return {'images': [base.encode_png(image) for image in ex['images']],
-            'chunks': [{'text': c.get('text', ''), 'image': c.get('image', -1)}
+            'chunks': [{'text': c.get('text', ''), 'image': c.get('image', -1),
+                        'supervised': c.get('supervised', True)}
                        for c in ex['chunks']]}
 
 

@@ -36,6 +36,19 @@ learned no binding in 4100 steps (world 1.5.0); with a share of the
 episodes (ADJACENT_SHARE, world 1.6.0) written the 1.4.0 way, a scaffold
 (the induction that copies the word after an adjacent key is the easier
 one), it binds the line-keyed text from about step 2700 on.
+
+The image episodes (`world_episodes`, world 1.7.0) write each word's first
+showing after its key in words and every later showing plain
+(`Episode.first_keyed_texts`): '<image> circle This is a dax.<EOC><image>
+This is a dax.'. A later showing's word is then known from the earlier
+line whose key, in words, names what the later picture shows, so the
+cross-attention's write of the key at the later picture pays on its own
+(with plain episodes it pays only once written at both pictures, and it was
+never learned, README `tiny.py:icl`). The write is the same at every
+picture, so it binds plain episodes too. The first showings' lines are not
+learned ('supervised': False in `tasks.episode_example`): their words are
+fresh, so no reader could predict them, and with them learned the binding
+came slower (README `tiny.py:icl`).
 """
 
 from collections.abc import Sequence
@@ -174,6 +187,16 @@ class Episode:
     """Each picture's line after its key ('circle This is a dax.')."""
     return [keyed_line(self.template, self.binding.values[w],
                        self.binding.words[w]) for w in self.order]
+
+  def first_keyed_texts(self) -> list[str]:
+    """The lines after the pictures in the image episodes: each word's
+    first showing after its key in words (' circle This is a dax.', as the
+    keyed probe writes it), every later showing plain ('This is a dax.')."""
+    seen, lines = set(), []
+    for w, text, keyed in zip(self.order, self.texts(), self.keyed_texts()):
+      lines.append(text if w in seen else ' ' + keyed)
+      seen.add(w)
+    return lines
 
   def adjacent_texts(self) -> list[str]:
     """Each picture's line, its key right before the word ('This is a

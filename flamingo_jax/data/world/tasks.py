@@ -88,11 +88,17 @@ def text_example(rng: np.random.Generator) -> Example:
 
 def episode_example(rng: np.random.Generator, image_size: int) -> Example:
   """A bursty nonce episode (`nonce.episode`) as a document: its images
-  [N, H, W, 3] and chunks, each picture followed by its line."""
+  [N, H, W, 3] and chunks, each picture followed by its line, each word's
+  first line keyed in words (`Episode.first_keyed_texts`) and not learned
+  ('supervised': False: its word is fresh, no reader could predict it)."""
   ep = nonce.episode(rng)
   chunks = []
-  for i, text in enumerate(ep.texts()):
-    chunks += [{'image': i}, {'text': text}]
+  seen = set()
+  for i, (way, text) in enumerate(zip(ep.order, ep.first_keyed_texts())):
+    line = {'text': text} if way in seen else {'text': text,
+                                               'supervised': False}
+    chunks += [{'image': i}, line]
+    seen.add(way)
   return {'images': np.stack([_render(s, image_size) for s in ep.scenes]),
           'chunks': chunks}
 

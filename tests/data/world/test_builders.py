@@ -11,6 +11,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from flamingo_jax.data import pipeline
 from flamingo_jax.data.world import builders
 from flamingo_jax.data.world import scenes
 from flamingo_jax.data.world import tasks
@@ -107,6 +108,21 @@ def test_stored_examples_are_the_generated_ones(tiny):
     expected = tasks.pair_example(rng, 64)
     np.testing.assert_array_equal(stored[index]['image'], expected['image'])
     assert stored[index]['caption'].decode() == expected['caption']
+
+
+def test_stored_episodes_read_back_with_their_supervision(tiny):
+  """world_episodes stores which lines are learned; the pipeline's reader
+  gives format_document the generated chunks, 'supervised': False too."""
+  _, built = tiny
+  source = built['world_episodes'].as_data_source(split='train')
+  stored = {int(e['id']): e for e in (source[i] for i in range(len(source)))}
+  for index in (0, 3):
+    rng = scenes.example_rng('world_episodes', 'train', index)
+    expected = tasks.episode_example(rng, 64)
+    chunks, images = pipeline.read_document(stored[index])
+    assert chunks == expected['chunks']
+    assert any(c.get('supervised') is False for c in chunks)
+    np.testing.assert_array_equal(np.stack(images), expected['images'])
 
 
 def test_images_are_stored_as_png(tiny):

@@ -133,16 +133,32 @@ def test_a_share_of_episode_text_keys_each_word_right_before_it():
   assert abs(np.mean(kinds) - nonce.ADJACENT_SHARE) < 0.1
 
 
-def test_image_episodes_keep_the_evaluation_lines():
-  """Only the text is keyed: the pictures' lines are the nonce task's."""
-  for ep in _episodes(20):
-    for text, keyed, way in zip(ep.texts(), ep.keyed_texts(), ep.order):
-      assert ep.binding.values[way] not in text.split()
-      assert keyed == nonce.keyed_line(ep.template, ep.binding.values[way],
-                                       ep.binding.words[way])
+def test_image_episodes_key_each_words_first_showing_in_words():
+  """' circle This is a dax.' at a word's first picture, the evaluation's
+  plain line at every later one, whose word the earlier keyed line names:
+  the later picture's key is what binds it."""
+  repeats = 0
+  for ep in _episodes(40):
+    keyed_by_word = {}
+    for line, text, way in zip(ep.first_keyed_texts(), ep.texts(), ep.order):
+      word, key = ep.binding.words[way], ep.binding.values[way]
+      if word in keyed_by_word:
+        assert line == text and key not in line.split()
+        assert keyed_by_word[word] == f' {key} {text}'
+        repeats += 1
+      else:
+        assert line == ' ' + nonce.keyed_line(ep.template, key, word)
+        keyed_by_word[word] = line
+  assert repeats > 40
   example = tasks.episode_example(_rng(0), 16)
-  assert [c['text'] for c in example['chunks'][1::2]] == nonce.episode(
-      _rng(0)).texts()
+  ep = nonce.episode(_rng(0))
+  lines = example['chunks'][1::2]
+  assert [c['text'] for c in lines] == ep.first_keyed_texts()
+  # A word's first line is not learned (its word is fresh), later ones are.
+  firsts = [way not in ep.order[:i] for i, way in enumerate(ep.order)]
+  assert [c.get('supervised', True) for c in lines] == [
+      not first for first in firsts]
+  assert any(firsts) and not all(firsts)
 
 
 def test_bad_episode_arguments_raise():
