@@ -99,13 +99,18 @@ def test_feature_shapes(tiny):
   assert np.shape(ex['query']['word']) == (tasks.NONCE_QUERIES,)
 
 
+def _stored(built, name, split):
+  """A built dataset's examples of one split, by their id."""
+  source = built[name].as_data_source(split=split)
+  return {int(e['id']): e for e in (source[i] for i in range(len(source)))}
+
+
 def test_stored_examples_are_the_generated_ones(tiny):
   _, built = tiny
-  source = built['world_pairs'].as_data_source(split='validation')
-  stored = {int(e['id']): e for e in (source[i] for i in range(len(source)))}
+  stored = _stored(built, 'world_pairs', 'validation')
   for index in (0, 5):
-    rng = scenes.example_rng('world_pairs', 'validation', index)
-    expected = tasks.pair_example(rng, 64)
+    expected = tasks.pair_example(
+        scenes.example_rng('world_pairs', 'validation', index), 64)
     np.testing.assert_array_equal(stored[index]['image'], expected['image'])
     assert stored[index]['caption'].decode() == expected['caption']
 
@@ -114,11 +119,10 @@ def test_stored_episodes_read_back_with_their_supervision(tiny):
   """world_episodes stores which lines are learned; the pipeline's reader
   gives format_document the generated chunks, 'supervised': False too."""
   _, built = tiny
-  source = built['world_episodes'].as_data_source(split='train')
-  stored = {int(e['id']): e for e in (source[i] for i in range(len(source)))}
+  stored = _stored(built, 'world_episodes', 'train')
   for index in (0, 3):
-    rng = scenes.example_rng('world_episodes', 'train', index)
-    expected = tasks.episode_example(rng, 64)
+    expected = tasks.episode_example(
+        scenes.example_rng('world_episodes', 'train', index), 64)
     chunks, images = pipeline.read_document(stored[index])
     assert chunks == expected['chunks']
     assert any(c.get('supervised') is False for c in chunks)
