@@ -165,6 +165,21 @@ def test_short_video_is_an_error():
     pipeline.media_array(np.zeros([2, 8, 8, 3], np.uint8), 4, 8)
 
 
+def test_a_document_reader_keeps_unsupervised_chunks():
+  """A documents feature with 'supervised' (world_episodes) marks its
+  unlearned text chunks; one without it (world_documents) learns all."""
+  raw = {'images': ['a', 'b'],
+         'chunks': {'text': [b'', b' red x.', b'', b'y.'],
+                    'image': np.array([0, -1, 1, -1]),
+                    'supervised': np.array([True, False, True, True])}}
+  chunks, images = pipeline.read_document(raw)
+  assert chunks == [{'image': 0}, {'text': ' red x.', 'supervised': False},
+                    {'image': 1}, {'text': 'y.'}] and images == ['a', 'b']
+  del raw['chunks']['supervised']
+  chunks, _ = pipeline.read_document(raw)
+  assert all('supervised' not in c for c in chunks)
+
+
 def test_missing_dataset_names_the_command(tmp_path):
   config = tiny.get_config('smoke')
   spec = ml_collections.ConfigDict(dict(config.data.datasets.pairs.to_dict(),

@@ -43,8 +43,8 @@ RELEASE_NOTES = {
               "before its word ('This is a circle dax.'), a scaffold for "
               "the line-keyed half."),
     '1.7.0': ("world_episodes: each word's first showing after its key in "
-              "words ('<image> circle This is a dax.') and not learned "
-              "(chunks' 'supervised' feature), later showings plain."),
+              "words ('<image> circle This is a dax.'), later showings "
+              "plain; chunks have a 'supervised' feature."),
 }
 SIZES = ('default', 'tiny')
 DEFAULT_IMAGE_SIZE = scenes.DEFAULT_IMAGE_SIZE

@@ -145,8 +145,8 @@ class WorldEpisodes(WorldBuilder):
             'tiny': {'train': 16, 'validation': 4}}
 
   def features(self):
-    # world_documents' chunks, and whether a text chunk is learned (a
-    # word's first showing is not: `tasks.episode_example`).
+    # world_documents' chunks, and whether a text chunk is learned
+    # (`tasks.LEARN_FIRST_SHOWINGS`).
     return {
         'images': tfds.features.Sequence(
             base.image_feature(self.builder_config)),

@@ -45,10 +45,8 @@ line whose key, in words, names what the later picture shows, so the
 cross-attention's write of the key at the later picture pays on its own
 (with plain episodes it pays only once written at both pictures, and it was
 never learned, README `tiny.py:icl`). The write is the same at every
-picture, so it binds plain episodes too. The first showings' lines are not
-learned ('supervised': False in `tasks.episode_example`): their words are
-fresh, so no reader could predict them, and with them learned the binding
-came slower (README `tiny.py:icl`).
+picture, so it binds plain episodes too (`tasks.LEARN_FIRST_SHOWINGS`:
+whether the first showings, whose words are fresh, are learned).
 """
 
 from collections.abc import Sequence

@@ -115,9 +115,9 @@ def test_stored_examples_are_the_generated_ones(tiny):
     assert stored[index]['caption'].decode() == expected['caption']
 
 
-def test_stored_episodes_read_back_with_their_supervision(tiny):
+def test_stored_episodes_read_back_as_generated(tiny):
   """world_episodes stores which lines are learned; the pipeline's reader
-  gives format_document the generated chunks, 'supervised': False too."""
+  gives format_document the generated chunks."""
   _, built = tiny
   stored = _stored(built, 'world_episodes', 'train')
   for index in (0, 3):
@@ -125,7 +125,6 @@ def test_stored_episodes_read_back_with_their_supervision(tiny):
         scenes.example_rng('world_episodes', 'train', index), 64)
     chunks, images = pipeline.read_document(stored[index])
     assert chunks == expected['chunks']
-    assert any(c.get('supervised') is False for c in chunks)
     np.testing.assert_array_equal(np.stack(images), expected['images'])
 
 

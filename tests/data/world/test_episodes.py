@@ -150,11 +150,15 @@ def test_image_episodes_key_each_words_first_showing_in_words():
         assert line == ' ' + nonce.keyed_line(ep.template, key, word)
         keyed_by_word[word] = line
   assert repeats > 40
-  example = tasks.episode_example(_rng(0), 16)
   ep = nonce.episode(_rng(0))
-  lines = example['chunks'][1::2]
+  learned = tasks.episode_example(_rng(0), 16, learn_first_showings=True)
+  assert [c['text'] for c in learned['chunks'][1::2]] == (
+      ep.first_keyed_texts())
+  assert all('supervised' not in c for c in learned['chunks'])
+  # Not learned: a word's first line is read only, later ones are learned.
+  lines = tasks.episode_example(_rng(0), 16, learn_first_showings=False)[
+      'chunks'][1::2]
   assert [c['text'] for c in lines] == ep.first_keyed_texts()
-  # A word's first line is not learned (its word is fresh), later ones are.
   firsts = [way not in ep.order[:i] for i, way in enumerate(ep.order)]
   assert [c.get('supervised', True) for c in lines] == [
       not first for first in firsts]
