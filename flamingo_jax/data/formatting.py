@@ -273,7 +273,7 @@ def _build_stream(
   """
   ids, source, is_text, unlearned = [tokenizer.bos_id], [-1], [False], [False]
   # Consecutive text chunks of one supervision, encoded together.
-  pending, pending_supervised = [], [True]
+  pending, pending_supervised = [], True
 
   def flush_text():
     text = ''.join(pending)
@@ -283,7 +283,7 @@ def _build_stream(
       ids.extend(text_ids)
       source.extend([-1] * len(text_ids))
       is_text.extend([True] * len(text_ids))
-      unlearned.extend([not pending_supervised[0]] * len(text_ids))
+      unlearned.extend([not pending_supervised] * len(text_ids))
 
   def append(token_id, image=-1):
     ids.append(token_id)
@@ -294,9 +294,9 @@ def _build_stream(
   for position, chunk in enumerate(chunks):
     kind, value, supervised = _parse_chunk(chunk, position)
     if kind == 'text':
-      if pending and supervised != pending_supervised[0]:
+      if pending and supervised != pending_supervised:
         flush_text()
-      pending_supervised[0] = supervised
+      pending_supervised = supervised
       pending.append(value)
       continue
     flush_text()

@@ -101,12 +101,16 @@ class WorldDocuments(WorldBuilder):
   SPLITS = {'default': {'train': 20_000, 'validation': 500},
             'tiny': {'train': 16, 'validation': 4}}
 
+  # Extra per-chunk features of a subclass: name -> dtype.
+  CHUNK_FEATURES = {}
+
   def features(self):
     return {
         'images': tfds.features.Sequence(
             base.image_feature(self.builder_config)),
         'chunks': tfds.features.Sequence({'text': tfds.features.Text(),
-                                          'image': np.int32}),
+                                          'image': np.int32,
+                                          **self.CHUNK_FEATURES}),
     }
 
   @staticmethod
@@ -144,16 +148,10 @@ class WorldEpisodes(WorldBuilder):
   SPLITS = {'default': {'train': 20_000, 'validation': 500},
             'tiny': {'train': 16, 'validation': 4}}
 
-  def features(self):
-    # world_documents' chunks, and whether a text chunk is learned
-    # (`tasks.LEARN_FIRST_SHOWINGS`).
-    return {
-        'images': tfds.features.Sequence(
-            base.image_feature(self.builder_config)),
-        'chunks': tfds.features.Sequence({'text': tfds.features.Text(),
-                                          'image': np.int32,
-                                          'supervised': np.bool_}),
-    }
+  # world_documents' chunks, and whether a text chunk is learned
+  # (`tasks.LEARN_FIRST_SHOWINGS`).
+  CHUNK_FEATURES = {'supervised': np.bool_}
+  features = WorldDocuments.features
 
   @staticmethod
   def make_example(rng, params):

@@ -186,15 +186,16 @@ class Episode:
     return [keyed_line(self.template, self.binding.values[w],
                        self.binding.words[w]) for w in self.order]
 
+  def first_showings(self) -> list[bool]:
+    """Whether picture i is the first of its word."""
+    return [w not in self.order[:i] for i, w in enumerate(self.order)]
+
   def first_keyed_texts(self) -> list[str]:
     """The lines after the pictures in the image episodes: each word's
     first showing after its key in words (' circle This is a dax.', as the
     keyed probe writes it), every later showing plain ('This is a dax.')."""
-    seen, lines = set(), []
-    for w, text, keyed in zip(self.order, self.texts(), self.keyed_texts()):
-      lines.append(text if w in seen else ' ' + keyed)
-      seen.add(w)
-    return lines
+    return [' ' + keyed if first else text for first, text, keyed in zip(
+        self.first_showings(), self.texts(), self.keyed_texts())]
 
   def adjacent_texts(self) -> list[str]:
     """Each picture's line, its key right before the word ('This is a

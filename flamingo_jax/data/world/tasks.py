@@ -106,12 +106,11 @@ def episode_example(rng: np.random.Generator, image_size: int,
   (read, not learned: their words are fresh)."""
   ep = nonce.episode(rng)
   chunks = []
-  seen = set()
-  for i, (way, text) in enumerate(zip(ep.order, ep.first_keyed_texts())):
-    line = ({'text': text} if way in seen or learn_first_showings
+  for i, (first, text) in enumerate(zip(ep.first_showings(),
+                                        ep.first_keyed_texts())):
+    line = ({'text': text} if learn_first_showings or not first
             else {'text': text, 'supervised': False})
     chunks += [{'image': i}, line]
-    seen.add(way)
   return {'images': np.stack([_render(s, image_size) for s in ep.scenes]),
           'chunks': chunks}
 
