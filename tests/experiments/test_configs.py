@@ -25,6 +25,7 @@ from experiments import flamingo as flamingo_config
 from experiments import tiny
 from flamingo_jax.data import pipeline
 from flamingo_jax.models import flamingo
+from flamingo_jax.orchestration.ablation import plan as ablation_plan
 from flamingo_jax.training import loop
 from flamingo_jax.training import optim
 from flamingo_jax.training import sharding
@@ -214,6 +215,12 @@ def test_tiny_icl_variant_adds_what_it_says():
   assert lm.total_steps == tiny.ICL_LM_STEPS  # Where its binding appeared.
   assert list(icl.eval.shots) == [0, 2, 4, 8]
   assert icl.eval.num_queries >= 256
+  # Its model: the tied LM and the wider resampler, nothing else. The
+  # resampler trains in the Flamingo stage, so no stage has to match it.
+  assert ablation_plan.config_diff(default.model, icl.model) == [
+      'lm.tied_embeddings', 'resampler.num_heads', 'resampler.width']
+  assert not any(rule['include'][0].startswith('perceiver_resampler')
+                 for rule in icl.init_from)
   # The default recipe is unchanged.
   assert 'probe' not in default and 'probe' not in default.stages.lm
   assert default.total_steps == 800 and default.stages.lm.total_steps == 1500
