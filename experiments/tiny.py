@@ -157,8 +157,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.task = 'flamingo'  # Stage 'vision' is 'contrastive', 'lm' 'lm'.
-  model = flamingo_config.apply_model_ablations(
-      flamingo.model_config('tiny'), ablations, TINY_STANDINS)
+  model = flamingo.model_config('tiny')
+  if variant == 'icl':  # Before the ablations, which may change it again.
+    model['resampler'].update(ICL_RESAMPLER)
+  model = flamingo_config.apply_model_ablations(model, ablations,
+                                                TINY_STANDINS)
   # Per stack: 'full' | 'dots' trade time for memory (stacking.py).
   model['lm']['remat_policy'] = 'none'
   model['xattn']['remat_policy'] = 'none'
@@ -242,7 +245,6 @@ def _icl(config: ml_collections.ConfigDict) -> None:
   config.total_steps = ICL_STEPS
   config.checkpoint.every = 500
   config.model.lm.tied_embeddings = ICL_TIED_EMBEDDINGS  # The stages copy it.
-  config.model.resampler.update(ICL_RESAMPLER)  # Trained here, not staged.
   # The binding and keyed probes (flamingo_jax/training/probe.py) into
   # metrics.jsonl and W/plots/probe.png, keyed_probe.png; the LM stage runs
   # its text probe.

@@ -221,6 +221,11 @@ def test_tiny_icl_variant_adds_what_it_says():
       'lm.tied_embeddings', 'resampler.num_heads', 'resampler.width']
   assert not any(rule['include'][0].startswith('perceiver_resampler')
                  for rule in icl.init_from)
+  # A resampler ablation still changes what it names.
+  assert tiny.get_config('icl,resampler_mlp').model.resampler.width == (
+      tiny.ICL_RESAMPLER['width'])
+  assert (tiny.get_config('icl,resampler_large').model.resampler.to_dict()
+          == tiny.get_config('resampler_large').model.resampler.to_dict())
   # The default recipe is unchanged.
   assert 'probe' not in default and 'probe' not in default.stages.lm
   assert default.total_steps == 800 and default.stages.lm.total_steps == 1500
