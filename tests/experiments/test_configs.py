@@ -213,6 +213,11 @@ def test_tiny_icl_variant_adds_what_it_says():
   assert lm.task == 'lm' and lm.probe.every == icl.probe.every
   assert lm.probe.seq_len <= lm.data.datasets.episode_text.seq_len
   assert lm.total_steps == tiny.ICL_LM_STEPS  # Where its binding appeared.
+  # The vision stage learns shape too: more pairs a batch, more steps.
+  vision = icl.stages.vision
+  assert vision.data.datasets.pairs.batch_size == tiny.ICL_VISION_BATCH
+  assert vision.total_steps == tiny.ICL_VISION_STEPS > (
+      default.stages.vision.total_steps)
   assert list(icl.eval.shots) == [0, 2, 4, 8]
   assert icl.eval.num_queries >= 256
   # Its model: the tied LM and the wider resampler, nothing else. The
