@@ -125,6 +125,12 @@ TINY_STANDINS = {
     # CLIP ViT-L/14 at 224 px -> the tiny ViT at the world's 64 px.
     'vision_clip_vit_l14': {
         'vision': {'encoder': 'vit', 'variant': 'tiny', 'image_size': 64}},
+    # The resampler's size is its depth: the paper's Small / Medium / Large
+    # have 2 / 6 / 12 layers (RESAMPLER_PARAMS), all 1536 wide. The tiny
+    # resampler (2 layers, 32 wide) is Medium here; a 1536-wide one would
+    # change its width 48-fold along with the depth.
+    'resampler_small': {'resampler.num_layers': 1},
+    'resampler_large': {'resampler.num_layers': 4},
 }
 
 

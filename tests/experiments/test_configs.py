@@ -226,16 +226,30 @@ def test_tiny_icl_variant_adds_what_it_says():
       'lm.tied_embeddings', 'resampler.num_heads', 'resampler.width']
   assert not any(rule['include'][0].startswith('perceiver_resampler')
                  for rule in icl.init_from)
-  # A resampler ablation still changes what it names.
+  # A resampler ablation still changes what it names, and only that.
   assert tiny.get_config('icl,resampler_mlp').model.resampler.width == (
       tiny.ICL_RESAMPLER['width'])
-  assert (tiny.get_config('icl,resampler_large').model.resampler.to_dict()
-          == tiny.get_config('resampler_large').model.resampler.to_dict())
+  assert ablation_plan.config_diff(
+      icl.model, tiny.get_config('icl,resampler_large').model) == [
+          'resampler.num_layers']
   # The default recipe is unchanged.
   assert 'probe' not in default and 'probe' not in default.stages.lm
   assert default.total_steps == 800 and default.stages.lm.total_steps == 1500
   # Ablations follow the variant.
   assert tiny.get_config('icl,lm_unfrozen').data.datasets.episodes
+
+
+@pytest.mark.parametrize('variant', ['default', 'icl'])
+def test_tiny_resampler_sizes_change_its_depth_only(variant):
+  """Small < the tiny resampler < Large in depth, as 2 < 6 < 12 layers."""
+  base = tiny.get_config(variant).model
+  depth = {}
+  for row in ('resampler_small', 'resampler_large'):
+    model = tiny.get_config(f'{variant},{row}').model
+    assert ablation_plan.config_diff(base, model) == ['resampler.num_layers']
+    depth[row] = model.resampler.num_layers
+  assert depth['resampler_small'] < base.resampler.num_layers < (
+      depth['resampler_large'])
 
 
 def test_tiny_vit_standin_matches_its_pretraining_stage():
