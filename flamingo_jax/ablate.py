@@ -5,6 +5,9 @@ r"""Runs the paper's ablations as a sweep and tabulates them as the paper does.
   python -m flamingo_jax.ablate --config experiments/tiny.py:smoke \
       --rows no_m3w,vanilla_xattn --seeds 1 --workdir /tmp/abl \
       --override=--config.total_steps=20
+  python -m flamingo_jax.ablate --config experiments/tiny.py:icl \
+      --rows all_previous_images,xattn_every_4 --seeds 3 --jobs 3 \
+      --workdir /tmp/icl_abl                 # 3 runs side by side
   python -m flamingo_jax.ablate --config experiments/flamingo.py:3B \
       --rows table3 --seeds 3 --workdir gs://B/abl --dry-run   # a cluster
   python -m flamingo_jax.ablate --workdir /tmp/abl --collect
@@ -36,6 +39,10 @@ _OVERRIDES = flags.DEFINE_multi_string(
     'command line, e.g. --override=--config.total_steps=300 (repeatable).')
 _DRY_RUN = flags.DEFINE_bool('dry-run', False, 'Print the runs\' commands '
                              'instead of running them.')
+_JOBS = flags.DEFINE_integer(
+    'jobs', 1, 'Runs side by side on this machine, after the baseline\'s '
+    'seed 0 (which trains the stages the others share). Small runs on a few '
+    'cores get more done 2-3 at a time.')
 _COLLECT = flags.DEFINE_bool('collect', False, 'Only build W/ablations.md, '
                              '.csv, .png from the finished runs.')
 flags.mark_flag_as_required('workdir')
@@ -69,6 +76,8 @@ def main(argv):
                          'experiments/tiny.py')
   if _SEEDS.value < 1:
     raise app.UsageError(f'--seeds must be >= 1; got {_SEEDS.value}.')
+  if _JOBS.value < 1:
+    raise app.UsageError(f'--jobs must be >= 1; got {_JOBS.value}.')
   try:
     rows = plan.expand_rows(_ROWS.value)
   except ValueError as e:
@@ -80,7 +89,7 @@ def main(argv):
     sweep.print_commands(workdir, config_file, rows, seeds, overrides, configs)
     return
   for path in sweep.run_sweep(workdir, config_file, rows, seeds, overrides,
-                              configs):
+                              configs, jobs=_JOBS.value):
     print(f'Wrote {path}')
 
 

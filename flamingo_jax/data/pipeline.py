@@ -31,6 +31,7 @@ Batch (per dataset, numpy, this process's rows):
 from collections.abc import Callable, Mapping, Sequence
 import collections
 import concurrent.futures
+import functools
 import io
 import threading
 from typing import Any, Optional
@@ -172,15 +173,26 @@ class ExampleLoader:
       raise ValueError(f'Dataset {spec.name!r} split {spec.split!r} is empty.')
     self._source, self._spec = source, spec
     self._tokenizer, self._seed, self._index = tokenizer, seed, dataset_index
+    self._size = len(source)
+    # The optional fields, read once: a ConfigDict lookup of a missing key
+    # builds a did-you-mean message (difflib) every time.
+    self._random_window = bool(spec.get('random_window', False))
+    self._random_clip = bool(spec.get('random_clip', False))
+    self._crop_min_area = spec.get('crop_min_area', 1.0)
+    self._flip_p = spec.get('flip_p', 0.0)
+    # The current epoch's order (and the next one's, near the boundary), not
+    # one shuffle of the whole dataset per example.
+    self._epoch_order = functools.lru_cache(maxsize=2)(self._shuffle)
     self._skips = collections.Counter()
     self._lock = threading.Lock()
 
+  def _shuffle(self, epoch: int) -> np.ndarray:  # [size] int
+    return np.random.default_rng([self._seed, self._index, epoch]).permutation(
+        self._size)
+
   def _example_index(self, position: int) -> int:
-    size = len(self._source)
-    epoch, offset = divmod(position, size)
-    order = np.random.default_rng([self._seed, self._index, epoch]).permutation(
-        size)
-    return int(order[offset])
+    epoch, offset = divmod(position, self._size)
+    return int(self._epoch_order(epoch)[offset])
 
   def __call__(self, position: int) -> dict[str, np.ndarray]:
     spec = self._spec
@@ -196,12 +208,12 @@ class ExampleLoader:
       augment_rng = np.random.default_rng([self._seed, self._index, position,
                                            2])
       clip_rng = (np.random.default_rng([self._seed, self._index, position, 4])
-                  if spec.get('random_clip', False) else None)
+                  if self._random_clip else None)
       for slot, source_index in enumerate(example['kept_media']):
         if source_index >= 0:
           augment = augment_lib.make_augment(
-              augment_rng, crop_min_area=spec.get('crop_min_area', 1.0),
-              flip_p=spec.get('flip_p', 0.0))
+              augment_rng, crop_min_area=self._crop_min_area,
+              flip_p=self._flip_p)
           media_out[slot] = media_array(media[source_index], spec.frames,
                                         spec.image_size, augment, clip_rng)
     except MediaError as e:
@@ -216,7 +228,7 @@ class ExampleLoader:
       # App. A.3: a random window of seq_len tokens of the document.
       window_rng = (np.random.default_rng(
           [self._seed, self._index, position, 3])
-                    if spec.get('random_window', False) else None)
+                    if self._random_window else None)
       return formatting.format_document(
           chunks, self._tokenizer, seq_len=spec.seq_len,
           max_media=spec.max_media, p_next=spec.p_next, rng=rng,

@@ -186,3 +186,34 @@ def test_missing_dataset_names_the_command(tmp_path):
                                         name='pairs'))
   with pytest.raises(FileNotFoundError, match='python -m flamingo_jax.data.world'):
     pipeline.open_source(spec, str(tmp_path), 'tiny')
+
+
+class _LoggedPairs:
+  """A pairs source of `size` one-pixel images that logs what is read."""
+
+  def __init__(self, size):
+    self.size, self.read = size, []
+
+  def __len__(self):
+    return self.size
+
+  def __getitem__(self, index):
+    self.read.append(index)
+    return {'image': np.full([1, 1, 3], index, np.uint8), 'caption': b'x.'}
+
+
+def test_each_epoch_reads_every_example_once_in_its_own_order(config):
+  """The order is a pure function of (seed, dataset, epoch): two loaders
+  read the same examples, each epoch a permutation, epochs differ."""
+  spec = pipeline.dataset_specs(config)['pairs']
+  tokenizer = tokenizer_lib.Tokenizer.load(config.data.tokenizer)
+  sources = [_LoggedPairs(50), _LoggedPairs(50)]
+  loaders = [pipeline.ExampleLoader(s, spec, tokenizer, 0, 1) for s in sources]
+  for position in range(100):
+    loaders[0](position)
+  for position in reversed(range(100)):  # Another order of the same calls.
+    loaders[1](position)
+  first, second = sources[0].read[:50], sources[0].read[50:]
+  assert sorted(first) == sorted(second) == list(range(50))
+  assert first != second
+  assert sources[1].read[::-1] == sources[0].read

@@ -5,7 +5,8 @@ experiments/flamingo.py's ABLATIONS, several joined by '+', or `table3` /
 `table10` for all of a table's rows) once per seed, each run in its own
 workdir W/<row>/seed<k> with the existing recipe (`python -m
 flamingo_jax.train`, then `python -m flamingo_jax.evaluate` when the config
-does not evaluate at the end), one after the other. A run already done (its
+does not evaluate at the end), one after the other or `--jobs` at a time
+(the baseline's seed 0 always first). A run already done (its
 training's finished marker and its eval/results.json) is skipped, so the
 same command resumes the sweep. Runs whose pretraining stages equal the
 baseline's reuse W/baseline/seed0's (see plan.py).
@@ -25,6 +26,7 @@ running anything:
                     paper's, relative to its baseline)
 """
 
+import concurrent.futures
 import os
 import re
 import shlex
@@ -117,18 +119,44 @@ def print_commands(workdir, config_file, rows, seeds, overrides,
     print(_shell(run, config_file, overrides, configs, workdir))
 
 
-def run_sweep(workdir, config_file, rows, seeds, overrides,
-              configs) -> list[str]:
-  """Trains and evaluates every run not done yet, one after the other, then
-  collects; returns the paths `collect` wrote."""
+def run_sweep(workdir, config_file, rows, seeds, overrides, configs, *,
+              jobs: int = 1) -> list[str]:
+  """Trains and evaluates every run not done yet, then collects; returns the
+  paths `collect` wrote.
+
+  The baseline's seed 0 runs first and alone (the others link its stages),
+  then the rest, `jobs` at a time: on a few cores, small runs side by side
+  get more done than one after the other (each alone leaves cores idle).
+  """
   runs = plan.runs(workdir, rows, seeds)
   plan.write_sweep(workdir, config_file, overrides, rows, seeds)
+  todo = []
   for i, run in enumerate(runs, 1):
     if plan.is_done(run.workdir, configs[run.row]):
       logging.info('[%d/%d] %s seed %d: done already.', i, len(runs),
                    run.row, run.seed)
-      continue
-    seconds = _run_one(run, config_file, overrides, configs, workdir)
-    logging.info('[%d/%d] %s seed %d: finished in %.0f s.', i, len(runs),
-                 run.row, run.seed, seconds)
+    else:
+      todo.append(run)
+  first = [r for r in todo if r.row == plan.BASELINE and r.seed == 0]
+  _run_all(first, 1, config_file, overrides, configs, workdir)
+  _run_all([r for r in todo if r not in first], jobs, config_file, overrides,
+           configs, workdir)
   return collect(workdir, config_file, rows, seeds, overrides)
+
+
+def _run_all(runs, jobs, config_file, overrides, configs, workdir) -> None:
+  """Runs `runs`, `jobs` at a time; the first failure stops what has not
+  started and is raised once the started runs end."""
+  with concurrent.futures.ThreadPoolExecutor(max(1, jobs)) as pool:
+    futures = {pool.submit(_run_one, run, config_file, overrides, configs,
+                           workdir): run for run in runs}
+    try:
+      for done, future in enumerate(
+          concurrent.futures.as_completed(futures), 1):
+        run = futures[future]
+        seconds = future.result()
+        logging.info('[%d/%d] %s seed %d: finished in %.0f s.', done,
+                     len(runs), run.row, run.seed, seconds)
+    except BaseException:
+      pool.shutdown(wait=True, cancel_futures=True)
+      raise

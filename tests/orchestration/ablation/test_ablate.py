@@ -182,3 +182,35 @@ def test_a_rerun_sweep_runs_only_what_is_not_done(tmp_path, monkeypatch):
   ran.clear()
   sweep_lib.run_sweep(workdir, CONFIG, rows, 2, [], configs)
   assert not ran  # All done: a third call runs nothing.
+
+
+def test_jobs_run_side_by_side_after_the_baselines_first_seed(tmp_path,
+                                                              monkeypatch):
+  """With jobs=2 the baseline's seed 0 runs alone first (the others link its
+  stages), then two runs at once: a barrier of two that one-at-a-time
+  running would never pass."""
+  import threading  # pylint: disable=g-import-not-at-top
+  from flamingo_jax.orchestration.ablation import sweep as sweep_lib  # pylint: disable=g-import-not-at-top
+  workdir, rows = str(tmp_path), ['no_m3w']
+  both = threading.Barrier(2, timeout=20)
+  lock, active, events = threading.Lock(), [0], []
+
+  def fake_run_one(run, config_file, overrides, configs, workdir):
+    del config_file, overrides, configs, workdir
+    with lock:
+      active[0] += 1
+      events.append(('start', run.row, run.seed, active[0]))
+    if run.row == 'no_m3w':
+      both.wait()  # Both no_m3w seeds are running now.
+    _fake_run(run.workdir, SCORES[run.row][run.seed], [2.0])
+    with lock:
+      active[0] -= 1
+      events.append(('end', run.row, run.seed))
+    return 1.0
+
+  monkeypatch.setattr(sweep_lib, '_run_one', fake_run_one)
+  configs = sweep_lib.load_configs(CONFIG, rows, [])
+  sweep_lib.run_sweep(workdir, CONFIG, rows, 2, [], configs, jobs=2)
+  assert events[:2] == [('start', 'baseline', 0, 1), ('end', 'baseline', 0)]
+  assert max(e[3] for e in events if e[0] == 'start') == 2
+  assert len(events) == 8  # 4 runs, each started and ended once.
