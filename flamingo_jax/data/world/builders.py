@@ -25,7 +25,9 @@ when a prepared dataset's fingerprint differs from the code's (e.g. another
 Pillow version).
 """
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+import contextlib
+import fcntl
 import functools
 import hashlib
 import os
@@ -448,14 +450,34 @@ def build_all(data_dir: str | os.PathLike, sizes: str = 'default', *,
     _check_fingerprint(builder, log)
     if fs.is_url(data_dir) and not builder.is_prepared():
       _prepare_and_upload(name, builder, sizes, image_size, num_workers)
-    else:
-      _prepare(builder)
+    elif not fs.is_url(data_dir):
+      with _build_lock(os.fspath(data_dir), builder):
+        if builder.is_prepared():  # Before, or by another process meanwhile.
+          builder = make_builder(name, data_dir, sizes, image_size)
+        else:
+          _prepare(builder)
     log(f'    done in {time.perf_counter() - start:.1f} s: '
         f'{builder.data_dir}')
     builders[name] = builder
   log(f'Built {len(names)} datasets in {time.perf_counter() - start_all:.1f} '
       f's into {os.fspath(data_dir)}.')
   return builders
+
+
+@contextlib.contextmanager
+def _build_lock(data_dir: str, builder: WorldBuilder) -> Iterator[None]:
+  """Holds one dataset's build lock in `data_dir` (flock, released by the
+  kernel if its holder dies): runs that start together (`ablate --jobs`,
+  evaluations at their end) build it once, the others wait, and none finds
+  the dataset renamed into place under it."""
+  os.makedirs(data_dir, exist_ok=True)
+  name = f'{builder.name}-{builder.builder_config.name}-{builder.version}'
+  with open(os.path.join(data_dir, f'.{name}.lock'), 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _prepare(builder: WorldBuilder) -> None:

@@ -227,3 +227,32 @@ def test_command_line(tmp_path):
   assert '[1/1] world_nonce/tiny (query 4)' in result.stdout
   assert (tmp_path / 'world_nonce' / 'tiny' / str(builders.VERSION) /
           'dataset_info.json').exists()
+
+
+def test_a_build_waits_for_another_and_reads_its_dataset(tmp_path):
+  """Runs that start together build a dataset once: a second build_all
+  waits on the build lock while another builds (simulated here: this test
+  holds the lock and builds), then reads that dataset instead of renaming
+  its own onto it (before: FileExistsError)."""
+  import threading  # pylint: disable=g-import-not-at-top
+  other = builders.make_builder('world_nonce', tmp_path, 'tiny')
+  result = {}
+
+  def second():
+    try:
+      result['built'] = builders.build_all(
+          tmp_path, 'tiny', datasets=['world_nonce'], num_workers=1,
+          log=lambda line: None)
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      result['error'] = e
+
+  with builders._build_lock(str(tmp_path), other):  # pylint: disable=protected-access
+    thread = threading.Thread(target=second)
+    thread.start()
+    builders._prepare(other)  # pylint: disable=protected-access
+    thread.join(timeout=3)
+    assert thread.is_alive()  # Waiting for the lock, not building.
+  thread.join(timeout=60)
+  assert 'error' not in result, result.get('error')
+  builder = result['built']['world_nonce']
+  assert builder.info.splits['query'].num_examples == 4
