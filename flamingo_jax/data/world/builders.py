@@ -448,20 +448,30 @@ def build_all(data_dir: str | os.PathLike, sizes: str = 'default', *,
         f'({counts})')
     start = time.perf_counter()
     _check_fingerprint(builder, log)
-    if fs.is_url(data_dir) and not builder.is_prepared():
-      _prepare_and_upload(name, builder, sizes, image_size, num_workers)
-    elif not fs.is_url(data_dir):
-      with _build_lock(os.fspath(data_dir), builder):
-        if builder.is_prepared():  # Before, or by another process meanwhile.
-          builder = make_builder(name, data_dir, sizes, image_size)
-        else:
-          _prepare(builder)
+    if not builder.is_prepared():
+      builder = _build(name, builder, data_dir, sizes, image_size,
+                       num_workers)
     log(f'    done in {time.perf_counter() - start:.1f} s: '
         f'{builder.data_dir}')
     builders[name] = builder
   log(f'Built {len(names)} datasets in {time.perf_counter() - start_all:.1f} '
       f's into {os.fspath(data_dir)}.')
   return builders
+
+
+def _build(name: str, builder: WorldBuilder, data_dir: str | os.PathLike,
+           sizes: str, image_size: int,
+           num_workers: int | None) -> WorldBuilder:
+  """Prepares a missing dataset; returns its builder, reopened if another
+  process built it while this one waited for the lock."""
+  if fs.is_url(data_dir):
+    _prepare_and_upload(name, builder, sizes, image_size, num_workers)
+    return builder
+  with _build_lock(os.fspath(data_dir), builder):
+    if builder.is_prepared():
+      return make_builder(name, data_dir, sizes, image_size)
+    _prepare(builder)
+  return builder
 
 
 @contextlib.contextmanager
