@@ -45,6 +45,9 @@ _JOBS = flags.DEFINE_integer(
     'cores get more done 2-3 at a time.')
 _COLLECT = flags.DEFINE_bool('collect', False, 'Only build W/ablations.md, '
                              '.csv, .png from the finished runs.')
+_OVERALL_TASKS = flags.DEFINE_list(
+    'overall_tasks', [], 'Tasks the overall score averages (default: all). '
+    'Leave out tasks the baseline scores near 0: their ratios are noise.')
 flags.mark_flag_as_required('workdir')
 
 
@@ -60,7 +63,12 @@ def _collect(workdir: str) -> None:
   seeds = done.get('seeds', _SEEDS.value) if not _CONFIG.value else (
       _SEEDS.value)
   overrides = _OVERRIDES.value or done.get('overrides', [])
-  for path in sweep.collect(workdir, config_file, rows, seeds, overrides):
+  try:
+    paths = sweep.collect(workdir, config_file, rows, seeds, overrides,
+                          _OVERALL_TASKS.value or None)
+  except ValueError as e:  # An unknown overall task.
+    sys.exit(f'ablate: {e}')
+  for path in paths:
     print(f'Wrote {path}')
 
 
@@ -89,7 +97,8 @@ def main(argv):
     sweep.print_commands(workdir, config_file, rows, seeds, overrides, configs)
     return
   for path in sweep.run_sweep(workdir, config_file, rows, seeds, overrides,
-                              configs, jobs=_JOBS.value):
+                              configs, jobs=_JOBS.value,
+                              overall_tasks=_OVERALL_TASKS.value or None):
     print(f'Wrote {path}')
 
 

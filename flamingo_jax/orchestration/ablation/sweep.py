@@ -96,10 +96,12 @@ def _run_one(run, config_file, overrides, configs, workdir) -> float:
   return time.time() - started
 
 
-def collect(workdir, config_file, rows, seeds, overrides) -> list[str]:
-  """Builds W/ablations.* from the finished runs; returns their paths."""
+def collect(workdir, config_file, rows, seeds, overrides,
+            overall_tasks=None) -> list[str]:
+  """Builds W/ablations.* from the finished runs (the overall score over
+  `overall_tasks`, None: every task); returns their paths."""
   configs = load_configs(config_file, rows, overrides)
-  data = table.build(workdir, rows, seeds, configs)
+  data = table.build(workdir, rows, seeds, configs, overall_tasks)
   paths = table.write(data, workdir)
   print(table.summary(data))
   return paths
@@ -120,7 +122,7 @@ def print_commands(workdir, config_file, rows, seeds, overrides,
 
 
 def run_sweep(workdir, config_file, rows, seeds, overrides, configs, *,
-              jobs: int = 1) -> list[str]:
+              jobs: int = 1, overall_tasks=None) -> list[str]:
   """Trains and evaluates every run not done yet, then collects; returns the
   paths `collect` wrote.
 
@@ -141,7 +143,7 @@ def run_sweep(workdir, config_file, rows, seeds, overrides, configs, *,
   _run_all(first, 1, config_file, overrides, configs, workdir)
   _run_all([r for r in todo if r not in first], jobs, config_file, overrides,
            configs, workdir)
-  return collect(workdir, config_file, rows, seeds, overrides)
+  return collect(workdir, config_file, rows, seeds, overrides, overall_tasks)
 
 
 def _run_all(runs, jobs, config_file, overrides, configs, workdir) -> None:

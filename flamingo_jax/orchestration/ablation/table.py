@@ -8,7 +8,9 @@ steps). Per row, over its seeds:
 
   overall   the mean over tasks of score / the baseline's mean score, x 100
             (Table 3's overall score, with our baseline as the divisor;
-            tasks where the baseline scores 0 are left out);
+            tasks where the baseline scores 0 are left out, and with
+            `overall_tasks` only those: a task the baseline scores near 0
+            makes its ratio noise);
   spread    the standard deviation over seeds (ddof 1) of every figure;
   paper     the paper's parameter count, step time and overall score, and
             that score relative to its Flamingo-3B row (70.7 = 100);
@@ -80,8 +82,14 @@ def _fmt(mean: float, std: Optional[float], digits: int = 1) -> str:
 
 
 def build(workdir: str, rows: Sequence[str], seeds: int,
-          configs: Mapping[str, Any]) -> dict[str, Any]:
-  """The table's data. `configs`: row -> its config (the baseline too)."""
+          configs: Mapping[str, Any],
+          overall_tasks: Optional[Sequence[str]] = None) -> dict[str, Any]:
+  """The table's data. `configs`: row -> its config (the baseline too);
+  `overall_tasks`: the tasks the overall score averages (None: all).
+
+  Raises:
+    ValueError: naming an overall task that no run scored.
+  """
   per_row = {}
   for row in [plan.BASELINE, *rows]:
     found = [read_run(os.path.join(workdir, row, f'seed{s}'))
@@ -93,6 +101,12 @@ def build(workdir: str, rows: Sequence[str], seeds: int,
   base_mean = {t: _mean_std([r['scores'].get(t, math.nan)
                              for r in base_runs])[0] for t in tasks}
   divisors = {t: m for t, m in base_mean.items() if m and not math.isnan(m)}
+  if overall_tasks:
+    unknown = sorted(set(overall_tasks) - set(tasks))
+    if unknown:
+      raise ValueError(f'Overall task(s) {unknown} are not among the runs\' '
+                       f'tasks {tasks}.')
+    divisors = {t: m for t, m in divisors.items() if t in overall_tasks}
   paper_base = flamingo_config.PAPER_BASELINE
   out_rows = []
   for row, runs in per_row.items():
@@ -132,7 +146,8 @@ def build(workdir: str, rows: Sequence[str], seeds: int,
         None if spread is None or base_spread is None or math.isnan(delta)
         else abs(delta) > spread + base_spread)
     entry['tasks_apart'] = _tasks_apart(entry['scores'], base['scores'])
-  return dict(rows=out_rows, tasks=tasks, seeds=seeds)
+  return dict(rows=out_rows, tasks=tasks, seeds=seeds,
+              overall_tasks=sorted(divisors))
 
 
 def _tasks_apart(scores, base_scores) -> Optional[list[str]]:
@@ -213,8 +228,9 @@ def to_markdown(table: Mapping[str, Any]) -> str:
   return '\n'.join([
       '# Ablations', '',
       f'Scores at {"/".join(map(str, shots))} shots, mean ± standard '
-      f'deviation over seeds; overall = mean over tasks of score / the '
-      f'baseline\'s mean score (x 100). The paper\'s figures are Flamingo-3B\'s'
+      f'deviation over seeds; overall = mean over tasks '
+      f'({", ".join(table.get("overall_tasks") or table["tasks"])}) of '
+      f'score / the baseline\'s mean score (x 100). The paper\'s figures are Flamingo-3B\'s'
       f' (its overall score divides by the fine-tuned state of the art; '
       f'shown also as % of its own baseline, 70.7).', '',
       summary(table), '', *lines, '',

@@ -144,6 +144,19 @@ def test_overall_spread_and_direction(sweep):
   np.testing.assert_allclose(no_m3w['paper_relative'], 100 * 53.4 / 70.7)
 
 
+def test_overall_score_over_named_tasks(sweep):
+  configs = {row: plan.load_config(CONFIG, row) for row in SCORES}
+  data = table.build(sweep, ['no_m3w'], 2, configs, overall_tasks=['vqa'])
+  no_m3w = data['rows'][1]
+  np.testing.assert_allclose(no_m3w['overall'][0],
+                             100 * np.mean([40 / 50, 42 / 50]))
+  assert data['overall_tasks'] == ['vqa']
+  assert 'mean over tasks (vqa)' in table.to_markdown(data)
+  with pytest.raises(ValueError, match=r"\['nonce'\] are not among the "
+                     r"runs' tasks \['captions', 'vqa'\]"):
+    table.build(sweep, ['no_m3w'], 2, configs, overall_tasks=['nonce'])
+
+
 def test_a_rerun_sweep_runs_only_what_is_not_done(tmp_path, monkeypatch):
   """Resuming: finished runs are skipped; a run stopped before its final
   step, or trained but not evaluated, runs again; then the table."""
