@@ -5,7 +5,9 @@ ArrayRecord data source), so that the example in row r of step s is a pure
 function of (seed, dataset, s, r):
 
   global position g = s * B + r                     (B: global batch size)
-  example index      = permutation_e(g mod n)       (e = g // n: the epoch)
+  example index      = permutation_e(g mod n)       (e = g // n: the epoch;
+                       held in memory up to MAX_SHUFFLE_IN_MEMORY examples,
+                       computed per index beyond: index_shuffle.py)
   randomness         = default_rng([seed, dataset, g])  (p_next, space; crop
                        and flip, and a document's random window, when on,
                        from streams of their own)
@@ -45,11 +47,15 @@ from PIL import Image
 from flamingo_jax.data import augment as augment_lib
 from flamingo_jax.data import formatting
 from flamingo_jax.data import images
+from flamingo_jax.data import index_shuffle
 from flamingo_jax.data import tokenizer as tokenizer_lib
 
 BATCH_KEYS = ('tokens', 'targets', 'loss_mask', 'media', 'media_mask',
               'media_index')
 CORRUPT_MEDIA = 'corrupt_media'
+# Above this many examples an epoch's order is not held in memory (8 bytes
+# an example per host) but computed per index (`index_shuffle.py`).
+MAX_SHUFFLE_IN_MEMORY = 1 << 24
 
 
 class MediaError(ValueError):
@@ -186,9 +192,11 @@ class ExampleLoader:
     self._skips = collections.Counter()
     self._lock = threading.Lock()
 
-  def _shuffle(self, epoch: int) -> np.ndarray:  # [size] int
-    return np.random.default_rng([self._seed, self._index, epoch]).permutation(
-        self._size)
+  def _shuffle(self, epoch: int) -> np.ndarray | index_shuffle.IndexShuffle:
+    key = [self._seed, self._index, epoch]
+    if self._size > MAX_SHUFFLE_IN_MEMORY:  # One index at a time instead.
+      return index_shuffle.IndexShuffle(self._size, key)
+    return np.random.default_rng(key).permutation(self._size)  # [size] int
 
   def _example_index(self, position: int) -> int:
     epoch, offset = divmod(position, self._size)

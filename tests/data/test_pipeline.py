@@ -202,9 +202,14 @@ class _LoggedPairs:
     return {'image': np.full([1, 1, 3], index, np.uint8), 'caption': b'x.'}
 
 
-def test_each_epoch_reads_every_example_once_in_its_own_order(config):
+@pytest.mark.parametrize('in_memory', [True, False])
+def test_each_epoch_reads_every_example_once_in_its_own_order(
+    config, in_memory, monkeypatch):
   """The order is a pure function of (seed, dataset, epoch): two loaders
-  read the same examples, each epoch a permutation, epochs differ."""
+  read the same examples, each epoch a permutation, epochs differ; held in
+  memory, or computed per index as for datasets too large for that."""
+  if not in_memory:
+    monkeypatch.setattr(pipeline, 'MAX_SHUFFLE_IN_MEMORY', 10)
   spec = pipeline.dataset_specs(config)['pairs']
   tokenizer = tokenizer_lib.Tokenizer.load(config.data.tokenizer)
   sources = [_LoggedPairs(50), _LoggedPairs(50)]
