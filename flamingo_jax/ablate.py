@@ -93,6 +93,12 @@ def main(argv):
   config_file, seeds, overrides = _CONFIG.value, _SEEDS.value, _OVERRIDES.value
   # Bad rows fail here, before anything runs.
   configs = sweep.load_configs(config_file, rows, overrides)
+  # An overall task the runs will not score fails now, not after training.
+  evaluated = sorted(configs[plan.BASELINE].eval.tasks)
+  unknown = sorted(set(_OVERALL_TASKS.value) - set(evaluated))
+  if unknown:
+    sys.exit(f'ablate: --overall_tasks {unknown} are not among the tasks '
+             f'that {config_file} evaluates {evaluated}.')
   if _DRY_RUN.value:
     sweep.print_commands(workdir, config_file, rows, seeds, overrides, configs)
     return

@@ -98,6 +98,14 @@ def test_bad_rows_are_named(tmp_path, rows, message):
   assert 'Traceback' not in done.stderr
 
 
+def test_an_unknown_overall_task_stops_before_any_run(tmp_path):
+  done = _ablate('--config', CONFIG, '--rows', 'no_m3w', '--overall_tasks',
+                 'captions,bogus', '--workdir', str(tmp_path))
+  assert done.returncode != 0, done.stderr
+  assert "--overall_tasks ['bogus'] are not among the tasks" in done.stderr
+  assert 'Traceback' not in done.stderr and not os.listdir(tmp_path)
+
+
 def test_collect_builds_the_table_from_finished_runs(sweep):
   before = sorted(os.walk(sweep))
   done = _ablate('--config', CONFIG, '--rows', 'no_m3w,vanilla_xattn',
