@@ -28,6 +28,7 @@ from ml_collections import config_flags
 
 from flamingo_jax import cli
 from flamingo_jax.training import memory
+from flamingo_jax.training import mesh_choice
 from flamingo_jax.training import slices
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -102,7 +103,7 @@ def report(config, slice_: slices.Slice, chosen, tried) -> str:
                'batch ' + ', '.join(f'{n} {b}' for n, b in
                                      best.per_device_batch.items()))
   lines += describe(best)
-  overrides = memory.mesh_overrides(config, best.mesh)
+  overrides = mesh_choice.mesh_overrides(config, best.mesh)
   if chosen and overrides:
     lines.append('Train with: ' + ' '.join(overrides))
   if not chosen:
@@ -141,7 +142,7 @@ def main(argv: list[str]) -> None:
       raise app.UsageError(str(e)) from e
     chosen = tried[0] if tried[0].fits else None
   else:
-    chosen, tried = memory.choose_mesh(state, slice_, usable)
+    chosen, tried = mesh_choice.choose_mesh(state, slice_, usable)
   if _JSON.value:
     best = chosen or (min(tried, key=lambda p: p.total) if tried else None)
     out = {'slice': slice_.name, 'devices': slice_.devices,

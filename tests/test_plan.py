@@ -1,4 +1,5 @@
-"""The memory planner and mesh chooser (plan.py, training/memory.py).
+"""The memory planner and mesh chooser (plan.py, training/memory.py and
+mesh_choice.py).
 
 Three checks of the byte counts, from exact to estimated:
 
@@ -39,6 +40,7 @@ from experiments import flamingo as flamingo_config
 from flamingo_jax.models import precision
 from flamingo_jax.training import loop
 from flamingo_jax.training import memory
+from flamingo_jax.training import mesh_choice
 from flamingo_jax.training import sharding
 from flamingo_jax.training import slices
 from flamingo_jax.training import train_step as train_step_lib
@@ -255,10 +257,11 @@ def state_3b():
 
 
 def test_chooser_adds_fsdp_only_when_the_state_does_not_fit(state_3b):
-  roomy, tried = memory.choose_mesh(state_3b, slices.parse_slice('h200:16'))
+  roomy, tried = mesh_choice.choose_mesh(state_3b,
+                                         slices.parse_slice('h200:16'))
   assert roomy.mesh[1] == 1 and len(tried) == 1 and roomy.fits
-  tight, tried = memory.choose_mesh(state_3b,
-                                    slices.parse_slice('v5litepod-16'))
+  tight, tried = mesh_choice.choose_mesh(state_3b,
+                                         slices.parse_slice('v5litepod-16'))
   assert tight.fits and tight.mesh[1] > 1
   # Every mesh with less FSDP (same model degree) was tried and did not fit.
   less = [p for p in tried if p.mesh[2] == tight.mesh[2]
@@ -270,19 +273,19 @@ def test_chooser_adds_fsdp_only_when_the_state_does_not_fit(state_3b):
 
 def test_candidate_meshes_respect_batch_and_heads(state_3b):
   # VTP's batch of 8 allows at most 8 batch-parallel devices of 16.
-  meshes = memory.candidate_meshes(state_3b.config,
-                                   slices.parse_slice('v4-32'))
+  meshes = mesh_choice.candidate_meshes(state_3b.config,
+                                        slices.parse_slice('v4-32'))
   assert meshes and all(d * f <= 8 and m >= 2 for d, f, m in meshes)
   assert all(16 % m == 0 for _, _, m in meshes)  # 16 heads split evenly.
   # Multislice: 'data' must span the slices.
-  meshes = memory.candidate_meshes(state_3b.config,
-                                   slices.parse_slice('2xv4-16'))
+  meshes = mesh_choice.candidate_meshes(state_3b.config,
+                                        slices.parse_slice('2xv4-16'))
   assert all(d % 2 == 0 for d, _, _ in meshes)
 
 
 def test_mesh_overrides():
   config = flamingo_config.get_config('3B')
-  assert memory.mesh_overrides(config, (2, 4, 2)) == [
+  assert mesh_choice.mesh_overrides(config, (2, 4, 2)) == [
       '\'--config.mesh[1]=("fsdp", 4)\'', '\'--config.mesh[2]=("model", 2)\'']
 
 

@@ -299,15 +299,15 @@ def resolve_mesh(config: ml_collections.ConfigDict,
                  ) -> ml_collections.ConfigDict:
   """`config`, or with `config.auto_mesh.enabled` a copy whose `mesh` is the
   one the memory planner chooses for these devices (the least FSDP that
-  fits; training/memory.py), logged with the plans it tried. The resolved
+  fits; training/mesh_choice.py), logged with the plans it tried. The resolved
   mesh is what W/config.json records."""
   if not config.get('auto_mesh', {}).get('enabled', False):
     return config
-  from flamingo_jax.training import memory  # pylint: disable=g-import-not-at-top
-  chosen, tried = memory.auto_mesh(config, devices)
-  for line in memory.reasons(chosen, tried):
+  from flamingo_jax.training import mesh_choice  # pylint: disable=g-import-not-at-top
+  chosen, tried = mesh_choice.auto_mesh(config, devices)
+  for line in mesh_choice.reasons(chosen, tried):
     logging.info('auto_mesh: %s', line)
-  return memory.with_mesh(config, chosen.mesh)
+  return mesh_choice.with_mesh(config, chosen.mesh)
 
 
 def _check_batch_sizes(config, mesh) -> None:

@@ -40,9 +40,9 @@ over the batch: `models/stacking.py` constrains every layer's input to
 BATCH_AXES (left alone, XLA met such weights by splitting the activations
 the same way and all-reducing the products, every device then holding the
 whole batch). `python -m flamingo_jax.plan` picks the size of 'fsdp': the
-least that makes the step fit the chip (`training/memory.py`). The vision
-encoder stays replicated: 0.9 GB in bf16, and its convolutions would pose
-XLA the same choice with no layer input to constrain.
+least that makes the step fit the chip (`training/mesh_choice.py`). The
+vision encoder stays replicated: 0.9 GB in bf16, and its convolutions would
+pose XLA the same choice with no layer input to constrain.
 
 On several TPU slices (multislice), 'data' spans the slices and the other
 axes stay inside one (`device_grid`).
@@ -67,7 +67,7 @@ MeshConfig = Sequence[tuple[str, int]]
 
 DEFAULT_MESH = (('data', -1), ('fsdp', 1), ('model', 1))
 # config.auto_mesh: enabled, the loop replaces `mesh` at startup by the one
-# the memory planner chooses for the devices it has (training/memory.py:
+# the memory planner chooses for the devices it has (mesh_choice.py:
 # the config's model degree, the least FSDP that fits); hbm_gib: memory per
 # device to plan for (0: what the runtime reports; the CPU reports none).
 AUTO_MESH = {'enabled': False, 'hbm_gib': 0.0}
