@@ -55,7 +55,6 @@ from flamingo_jax.models import flamingo
 from flamingo_jax.models import nfnet
 from flamingo_jax.models import vit
 from flamingo_jax.training import loop
-from flamingo_jax.training import slices
 
 AXES = ('data', 'fsdp', 'model')
 F32 = 4

@@ -83,7 +83,7 @@ def choose_mesh(state: memory.StateModel, slice_: slices.Slice,
   tried = []
   for mesh in candidate_meshes(state.config, slice_):
     tried.append(memory.plan(state, mesh, slice_.hbm, usable_fraction,
-                      slice_.platform))
+                             slice_.platform))
     if tried[-1].fits:
       return tried[-1], tried
   return None, tried
