@@ -29,6 +29,7 @@ from flamingo_jax import checkpoint
 from flamingo_jax import fs
 from flamingo_jax.orchestration import plots
 from flamingo_jax.orchestration import report
+from flamingo_jax.training import init_from
 from flamingo_jax.training import loop
 from flamingo_jax.training import validation
 from flamingo_jax.training import workdir as workdir_lib
@@ -161,7 +162,7 @@ def check_stage_parameters(config: ml_collections.ConfigDict,
         if cfg_key not in shapes:
           shapes[cfg_key] = param_shapes(
               run_config if cfg_key == label else stages[name])
-      reads = loop.init_from_reads(source)
+      reads = init_from.reads(source)
       for key, shape in shapes[label].items():
         if not reads(key):
           continue

@@ -29,8 +29,6 @@ N's batches, to test exactly that from outside the process.
 """
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
-import functools
-import re
 from typing import Any, NamedTuple, Optional
 
 from absl import logging
@@ -46,6 +44,7 @@ from flamingo_jax.models import flamingo
 from flamingo_jax.models import precision
 from flamingo_jax.training import contrastive
 from flamingo_jax.training import flops as flops_lib
+from flamingo_jax.training import init_from
 from flamingo_jax.training import metrics as metrics_lib
 from flamingo_jax.training import optim
 from flamingo_jax.training import preemption
@@ -184,62 +183,6 @@ def state_shardings(abstract: TrainState, config, mesh) -> TrainState:
       consecutive_skips=replicated)
 
 
-def init_from_reads(source: Mapping[str, Any]) -> Callable[[str], bool]:
-  """'module/param' -> whether an `init_from` source overwrites it: a full
-  match of one of its `include` regexes (default all) and of no `exclude`."""
-  include = [re.compile(r) for r in source.get('include', ['.*'])]
-  exclude = [re.compile(r) for r in source.get('exclude', [])]
-  return lambda key: (any(r.fullmatch(key) for r in include)
-                      and not any(r.fullmatch(key) for r in exclude))
-
-
-def _init_from(state: TrainState, config, workdir: str) -> TrainState:
-  """Overwrites parameters with those of other runs (`config.init_from`).
-
-  Each source is {'workdir': path (relative to this run's workdir, absolute,
-  or a URL such as gs://...), 'include': [regex], 'exclude': [regex]} over
-  'module/param' paths; e.g. a pretrained LM: include ['lm/.*'], exclude
-  ['lm/eoc_.*'].
-  """
-  trainable, frozen = state.trainable, state.frozen
-  for source in config.get('init_from', None) or []:
-    path = source['workdir']
-    path = fs.join(workdir, path)  # Absolute paths and URLs stay.
-    # A recipe stage's final step (never an older one in its place).
-    loaded = checkpoint_lib.load_params(path, workdir_lib.finished_step(path))
-    reads = init_from_reads(source)
-
-    def replace(params):
-      count = 0
-      out = {}
-      for module, leaves in params.items():
-        out[module] = dict(leaves)
-        for name, old in leaves.items():
-          key = f'{module}/{name}'
-          if not reads(key):
-            continue
-          if name not in loaded.get(module, {}):
-            raise ValueError(f'init_from {path}: it has no parameter {key}.')
-          new = loaded[module][name]
-          if new.shape != old.shape:
-            raise ValueError(f'init_from {path}: {key} has shape {new.shape}, '
-                             f'this model needs {old.shape}.')
-          new = new.astype(old.dtype)
-          out[module][name] = jax.make_array_from_callback(
-              old.shape, old.sharding, lambda index, new=new: new[index])
-          count += 1
-      return out, count
-
-    trainable, count_t = replace(trainable)
-    frozen, count_f = replace(frozen)
-    count = count_t + count_f
-    if not count:
-      raise ValueError(f'init_from {path}: include {source.get("include")} '
-                       'matched no parameter of this model.')
-    logging.info('Initialised %d parameters from %s.', count, path)
-  return state._replace(trainable=trainable, frozen=frozen)
-
-
 def _global_batches(local: Mapping[str, Mapping[str, np.ndarray]],
                     batch_sharding) -> dict[str, dict[str, jax.Array]]:
   """This process's rows -> global arrays sharded over the batch axes."""
@@ -337,7 +280,7 @@ def _restore_or_create(config, workdir, checkpointer, model, optimizer, mesh
   shardings = state_shardings(abstract, config, mesh)
   if not checkpointer.all_steps():
     state = jax.jit(init, out_shardings=shardings)(rng)
-    return _init_from(state, config, workdir), shardings, {}
+    return init_from.apply(state, config, workdir), shardings, {}
   target = jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
       abstract, shardings)
@@ -422,7 +365,7 @@ def _train(config, workdir, mesh, make_data, on_finished) -> TrainState:
                    out_shardings=(shardings, None), donate_argnums=0)
 
   logger = metrics_lib.MetricLogger(workdir, config.total_steps, first_step)
-  probe, probe_every = _make_probe(config, model)
+  probe, probe_every = probe_lib.from_config(config, model)
   if probe is not None and first_step == 0:
     logger.write(0, probe(optim.merge(state.trainable, state.frozen)))
   preempted = preemption.PreemptionFlag().install()
@@ -493,55 +436,6 @@ def _train(config, workdir, mesh, make_data, on_finished) -> TrainState:
   if stopped_at is not None:  # Preempted at the final step: done, but exit.
     raise Preempted(workdir, stopped_at)
   return state
-
-
-def _make_probe(config, model):
-  """(params -> probe scalars, every) for `config.probe`; (None, 0) if off.
-
-  config.probe: every (steps), episodes, seed, ways, shots, seq_len; the
-  episodes are `data.world.probe`'s, in the run's tokenizer and image size:
-  picture episodes for Flamingo (`probe_batch`, plain and keyed), their
-  keyed text for an LM alone (`config.task = 'lm'`, `text_probe_batch`).
-  A contrastive run (the vision stage) probes its encoder's features
-  instead: every, seed and images (per attribute;
-  `attribute_probe_images`). Other tasks: off.
-  """
-  spec = config.get('probe', None)
-  task = config.get('task', 'flamingo')
-  if not spec or task not in ('flamingo', 'lm', 'contrastive'):
-    return None, 0
-  # pylint: disable=g-import-not-at-top
-  from flamingo_jax.data import tokenizer as tokenizer_lib
-  from flamingo_jax.data.world import probe as probe_data
-  # pylint: enable=g-import-not-at-top
-  if task == 'contrastive':
-    return _make_attribute_probe(config, spec, probe_data), spec.every
-  probes = ([(probe_data.text_probe_batch, probe_lib.TEXT)]
-            if task == 'lm' else
-            [(probe_data.probe_batch, probe_lib.BINDING),
-             (functools.partial(probe_data.probe_batch, keyed=True),
-              probe_lib.KEYED)])
-  tokenizer = tokenizer_lib.Tokenizer.load(config.data.tokenizer)
-  apply_fn = precision.with_compute_dtype(
-      model, jnp.dtype(config.compute_dtype)).apply
-  return probe_lib.make_probe_fn(apply_fn, {prefix: make_batch(
-      tokenizer, num_episodes=spec.episodes, seed=spec.seed, ways=spec.ways,
-      shots=spec.shots, image_size=config.model.image_size,
-      seq_len=spec.seq_len) for make_batch, prefix in probes}), spec.every
-
-
-def _make_attribute_probe(config, spec, probe_data):
-  """The vision stage's attribute probe (`probe_lib.make_attribute_probe_fn`)."""
-  # pylint: disable=g-import-not-at-top
-  from flamingo_jax.data.world import nonce
-  from flamingo_jax.models import contrastive as contrastive_model
-  # pylint: enable=g-import-not-at-top
-  pictures = {a: probe_data.attribute_probe_images(
-      a, num_images=spec.get('images', 1024), seed=spec.seed,
-      image_size=config.model.image_size) for a in nonce.ATTRIBUTES}
-  features = contrastive_model.transform_features(config.model)
-  return probe_lib.make_attribute_probe_fn(
-      lambda params, images: features.apply(params, None, images), pictures)
 
 
 def read_metrics(workdir: str) -> list[dict[str, float]]:

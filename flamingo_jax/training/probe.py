@@ -59,11 +59,14 @@ Glossary of shapes:
 """
 
 from collections.abc import Callable, Mapping
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from flamingo_jax.models import precision
 
 MODEL_INPUTS = ('tokens', 'media', 'media_mask', 'media_index')
 # The metrics' name prefixes: '<prefix>_margin', '<prefix>_accuracy'.
@@ -197,3 +200,50 @@ def make_attribute_probe_fn(
             jax.device_get(probe(params, arrays)).items()}
 
   return run
+
+
+def from_config(config, model):
+  """(params -> probe scalars, every) for `config.probe`; (None, 0) if off.
+
+  config.probe: every (steps), episodes, seed, ways, shots, seq_len; the
+  episodes are `data.world.probe`'s, in the run's tokenizer and image size:
+  picture episodes for Flamingo (`probe_batch`, plain and keyed), their
+  keyed text for an LM alone (`config.task = 'lm'`, `text_probe_batch`).
+  A contrastive run (the vision stage) probes its encoder's features
+  instead: every, seed and images (per attribute;
+  `attribute_probe_images`). Other tasks: off.
+  """
+  spec = config.get('probe', None)
+  task = config.get('task', 'flamingo')
+  if not spec or task not in ('flamingo', 'lm', 'contrastive'):
+    return None, 0
+  # pylint: disable=g-import-not-at-top
+  from flamingo_jax.data import tokenizer as tokenizer_lib
+  from flamingo_jax.data.world import probe as probe_data
+  # pylint: enable=g-import-not-at-top
+  if task == 'contrastive':
+    return _attribute_probe(config, spec, probe_data), spec.every
+  probes = ([(probe_data.text_probe_batch, TEXT)] if task == 'lm' else
+            [(probe_data.probe_batch, BINDING),
+             (functools.partial(probe_data.probe_batch, keyed=True), KEYED)])
+  tokenizer = tokenizer_lib.Tokenizer.load(config.data.tokenizer)
+  apply_fn = precision.with_compute_dtype(
+      model, jnp.dtype(config.compute_dtype)).apply
+  return make_probe_fn(apply_fn, {prefix: make_batch(
+      tokenizer, num_episodes=spec.episodes, seed=spec.seed, ways=spec.ways,
+      shots=spec.shots, image_size=config.model.image_size,
+      seq_len=spec.seq_len) for make_batch, prefix in probes}), spec.every
+
+
+def _attribute_probe(config, spec, probe_data):
+  """The vision stage's attribute probe (`make_attribute_probe_fn`)."""
+  # pylint: disable=g-import-not-at-top
+  from flamingo_jax.data.world import nonce
+  from flamingo_jax.models import contrastive as contrastive_model
+  # pylint: enable=g-import-not-at-top
+  pictures = {a: probe_data.attribute_probe_images(
+      a, num_images=spec.get('images', 1024), seed=spec.seed,
+      image_size=config.model.image_size) for a in nonce.ATTRIBUTES}
+  features = contrastive_model.transform_features(config.model)
+  return make_attribute_probe_fn(
+      lambda params, images: features.apply(params, None, images), pictures)

@@ -159,7 +159,7 @@ def test_the_loop_runs_the_text_probe_in_an_lm_run(smoke_workdir):
       json.loads((smoke_workdir / 'config.json').read_text()))
   config.probe = dict(every=10, episodes=1, seed=0, ways=WAYS, shots=SHOTS,
                       seq_len=_TEXT_LEN)
-  make_probe = loop._make_probe  # pylint: disable=protected-access
+  make_probe = probe.from_config
   config.task = 'lm'
   run, every = make_probe(config,
                           loop.task_of(config).transform(config.model))
@@ -181,7 +181,7 @@ def test_the_loop_runs_the_binding_and_keyed_probes_in_a_flamingo_run(
       json.loads((smoke_workdir / 'config.json').read_text()))
   config.probe = dict(every=10, episodes=1, seed=0, ways=WAYS, shots=SHOTS,
                       seq_len=128)
-  run, _ = loop._make_probe(  # pylint: disable=protected-access
+  run, _ = probe.from_config(
       config, loop.task_of(config).transform(config.model))
   params = checkpoint.load_params(str(smoke_workdir))
   out = run(params)
@@ -441,12 +441,11 @@ def test_the_loop_runs_the_attribute_probe_in_a_vision_stage(tmp_path):
   from experiments import tiny
   from flamingo_jax.models import contrastive
   from flamingo_jax.orchestration import plots
-  from flamingo_jax.training import loop
   # pylint: enable=g-import-not-at-top
   stage = tiny.get_config('default').stages.vision
   assert stage.task == 'contrastive' and stage.probe.every == 250
   stage.probe.images = 64
-  run, every = loop._make_probe(stage, None)  # pylint: disable=protected-access
+  run, every = probe.from_config(stage, None)
   # Seeded random values of the encoder's shapes (its init would compile
   # for tens of seconds on 2 cores).
   shapes = jax.eval_shape(contrastive.transform_features(stage.model).init,

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from flamingo_jax import checkpoint as checkpoint_lib
-from flamingo_jax.training import loop
+from flamingo_jax.training import init_from
 from flamingo_jax.training import train_step
 from flamingo_jax.weights import convert
 from flamingo_jax.weights import hf_clip
@@ -78,8 +78,7 @@ def test_workdir_initialises_a_run(workdir):
                                frozen=frozen, opt_state=None, rng=None)
   config = {'init_from': [{'workdir': workdir,
                            'include': ['vision_encoder/.*']}]}
-  # pylint: disable-next=protected-access
-  state = loop._init_from(state, config, '/unused')
+  state = init_from.apply(state, config, '/unused')
   jax.tree.map(np.testing.assert_array_equal,
                {k: v for k, v in state.frozen.items() if k != 'lm'}, loaded)
   np.testing.assert_array_equal(state.frozen['lm']['w'], np.ones(3))
