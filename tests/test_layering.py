@@ -2,8 +2,8 @@
 
 The rooms, lowest first (README "Layout", DESIGN "Layers"):
 
-  base           fs, cli, checkpoint, checkpoint_integrity: files, flags,
-                 orbax; nothing of ours
+  base           fs, cli, checkpoint, checkpoint_integrity, checkpoint_parts:
+                 files, flags, orbax; nothing of ours
   data           tokenizer, builders, formatting, pipeline, phi
   models         Haiku modules and the compute-dtype policy
   weights | training | inference
@@ -32,6 +32,7 @@ ROOMS = {
     'cli': 'base',
     'checkpoint': 'base',
     'checkpoint_integrity': 'base',
+    'checkpoint_parts': 'base',
     'data': 'data',
     'models': 'models',
     'weights': 'weights',

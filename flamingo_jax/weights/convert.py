@@ -26,7 +26,7 @@ load_params` and the other readers take it as it is):
   W/checkpoints/<step>/    the parameters as the frozen part of a train state
                            (`{'step', 'trainable': {}, 'frozen': params}`),
                            in `checkpoint.Checkpointer`'s layout
-                           (`checkpoint.save_in_parts`);
+                           (`checkpoint_parts.save_in_parts`);
   W/tokenizer/             the source's tokenizer, when it has one
                            (`Tokenizer.save_dir`; `config.data.tokenizer`
                            names its flamingo_tokenizer.json, which
@@ -41,7 +41,7 @@ hf_gpt2: the 7B-80B sources) is mapped lazily (`mapping.LazyArray`): each
 parameter is filled from its tensors (each a memory map of its own, across
 the shards) only when the writer reaches it, and written to orbax in parts
 of about PART_BYTES (at least one array; orbax's partial saves,
-`checkpoint.save_in_parts`, which also takes their checksums in host
+`checkpoint_parts.save_in_parts`, which also takes their checksums in host
 memory, slice by slice), each freed once written. The peak is two copies
 of the largest parameter (a stacked [layers, ...] array, e.g. LLaMA-7B's
 FFW, 2.9 GB in bf16: the device array handed to orbax, whose host copy
@@ -79,7 +79,7 @@ from absl import logging
 import ml_dtypes
 import numpy as np
 
-from flamingo_jax import checkpoint as checkpoint_lib
+from flamingo_jax import checkpoint_parts
 from flamingo_jax.data import tokenizer as tokenizer_lib
 from flamingo_jax.weights import hf_clip
 from flamingo_jax.weights import hf_gpt2
@@ -225,10 +225,10 @@ def _save_params(params: mapping.Params, directory: str, step: int) -> None:
   """Writes the parameters part by part, each freed once written.
 
   Parts of about PART_BYTES (at least one array) go to orbax's partial
-  saves (`checkpoint.save_in_parts`, which also takes their checksums in
-  host memory, slice by slice); a `mapping.LazyArray` is filled only when
-  its part is made, so with lazy parameters (the LM sources) the model is
-  never whole in host memory.
+  saves (`checkpoint_parts.save_in_parts`, which also takes their
+  checksums in host memory, slice by slice); a `mapping.LazyArray` is
+  filled only when its part is made, so with lazy parameters (the LM
+  sources) the model is never whole in host memory.
   """
   def parts():
     yield {'step': np.asarray(step, np.int32), 'trainable': {}}
@@ -248,7 +248,7 @@ def _save_params(params: mapping.Params, directory: str, step: int) -> None:
     if part:
       yield {'frozen': part}
 
-  checkpoint_lib.save_in_parts(directory, step, parts(), {'next_step': step})
+  checkpoint_parts.save_in_parts(directory, step, parts(), {'next_step': step})
 
 
 def peak_rss_mb() -> float:

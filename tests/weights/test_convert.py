@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from flamingo_jax import checkpoint as checkpoint_lib
+from flamingo_jax import checkpoint_parts
 from flamingo_jax.training import init_from
 from flamingo_jax.training import train_step
 from flamingo_jax.weights import convert
@@ -236,7 +237,7 @@ def test_orbax_is_handed_each_part_on_the_device_alone(monkeypatch,
 
   save = partial.save
   monkeypatch.setattr(partial, 'save', recording_save)
-  checkpoint_lib.save_in_parts(str(tmp_path / 'c'), 0, parts(),
+  checkpoint_parts.save_in_parts(str(tmp_path / 'c'), 0, parts(),
                                {'next_step': 0})
   assert [on_device for on_device, _ in seen] == [True] * 4
   assert all(all(freed) for _, freed in seen[1:])
