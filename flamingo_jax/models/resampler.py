@@ -15,7 +15,7 @@ OpenFlamingo's resampler can also embed each medium's place in its sample
 `media_time_embeddings` is added to every token of the sample's medium n
 (0-based), after the temporal embeddings; the paper has no such table.
 
-Published variants (`flamingo.VARIANTS`), each a field defaulting to the
+Published variants (`variants.VARIANTS`), each a field defaulting to the
 paper's layout:
   ffw_activation  'squared_relu' (the paper), 'gelu_exact' (OpenFlamingo),
                   'relu' (IDEFICS's `IdeficsPerceiverResampler`: LayerNorm,

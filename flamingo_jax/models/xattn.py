@@ -40,7 +40,7 @@ Ablations of the block (paper Table 3):
       grafting`; `--config.model.xattn.every` changes the count).
 
 IDEFICS's layer (Laurençon et al., 2023, `IdeficsGatedCrossAttentionLayer`;
-`flamingo.VARIANTS['idefics']`), the same block with, as fields:
+`variants.VARIANTS['idefics']`), the same block with, as fields:
   norm='rms_norm'        RMSNorm (eps `norm_eps`) as `query_norm` and
                          `ffw_norm`, where the paper has LayerNorm; no norm
                          on the visual tokens (`visual_norm=False`);
@@ -250,7 +250,7 @@ class GatedXAttnDense(hk.Module):
   ffw_multiplier: int = 4
   xattn_type: str = 'gated_xattn_dense'
   gating: str = 'tanh'
-  # OpenFlamingo's variant (see `flamingo.VARIANTS`): GELU feed-forward and
+  # OpenFlamingo's variant (see `variants.VARIANTS`): GELU feed-forward and
   # no LayerNorm on the visual tokens (its resampler's output is normed).
   ffw_activation: str = 'squared_relu'
   visual_norm: bool = True

@@ -7,7 +7,7 @@ one Flamingo.
 reads the published folder (`config.json`, the safetensors shards with
 `model.safetensors.index.json`, `tokenizer.json`) and writes a workdir that
 `flamingo_jax.load(W)` takes: `config.json` (`task: 'flamingo'`, the
-'idefics' variant of `models/flamingo.py` at the sizes of the files,
+'idefics' variant (`models/variants.py`) at the sizes of the files,
 `eval.max_len`, `data.tokenizer`), the parameters as one orbax checkpoint,
 and the tokenizer with IDEFICS's markers.
 
@@ -68,6 +68,7 @@ from typing import Any
 import numpy as np
 
 from flamingo_jax.models import flamingo
+from flamingo_jax.models import variants
 from flamingo_jax.weights import hf_clip
 from flamingo_jax.weights import hf_lm
 from flamingo_jax.weights import hf_llama
@@ -261,7 +262,7 @@ def tokenizer_for(path: str):
 def model_config(config: dict[str, Any], vision: dict[str, Any],
                  lm: dict[str, Any], own: tensors_lib.TensorStore
                  ) -> dict[str, Any]:
-  """The 'idefics' variant of models/flamingo.py at this checkpoint's
+  """The 'idefics' variant (models/variants.py) at this checkpoint's
   sizes (config.json for heads and switches, the shapes for the rest)."""
   source = own.source
   perceiver = config.get('perceiver_config') or {}
@@ -293,7 +294,7 @@ def model_config(config: dict[str, Any], vision: dict[str, Any],
   heads = perceiver.get('resampler_n_heads', 16)
   depth = len({n.split('.')[3] for n in own
                if n.startswith('model.perceiver_resampler.blocks.')})
-  out = flamingo.with_variant(flamingo.model_config('tiny'), 'idefics')
+  out = variants.with_variant(flamingo.model_config('tiny'), 'idefics')
   out['vision'] = vision
   out['image_size'] = vision['image_size']
   out['lm'] = dict(lm, remat_policy='none')

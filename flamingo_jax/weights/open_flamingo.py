@@ -5,7 +5,7 @@ vision tower and the Hugging Face LM it was trained on, as one Flamingo.
       --vision ~/clip-vit-large-patch14 --lm ~/mpt-7b --workdir W
 
 writes a workdir that `flamingo_jax.load(W)` takes: `config.json`
-(`task: 'flamingo'`, the 'openflamingo' variant of `models/flamingo.py`
+(`task: 'flamingo'`, the 'openflamingo' variant (`models/variants.py`)
 with the sizes read from the files, `eval.max_len`, `data.tokenizer`), the
 parameters as one orbax checkpoint, and the LM's tokenizer with
 OpenFlamingo's markers (`<|endofchunk|>` is `<EOC>`, then `<image>`, then
@@ -79,6 +79,7 @@ from typing import Any, Optional
 import numpy as np
 
 from flamingo_jax.models import flamingo
+from flamingo_jax.models import variants
 from flamingo_jax.weights import hf_clip
 from flamingo_jax.weights import hf_gpt2
 from flamingo_jax.weights import hf_gpt_neox
@@ -307,14 +308,14 @@ def model_config(vision: dict[str, Any], lm: dict[str, Any], *,
                  xattn_inner: int, every: int, resampler_heads: int,
                  xattn_heads: int, attend: str,
                  max_media: Optional[int] = None) -> dict[str, Any]:
-  """The 'openflamingo' variant of models/flamingo.py at these sizes."""
+  """The 'openflamingo' variant (models/variants.py) at these sizes."""
   for what, inner, heads in (('resampler', resampler_inner, resampler_heads),
                              ('cross-attention', xattn_inner, xattn_heads)):
     if inner % heads:
       raise ValueError(f'The {what} projects to {inner} features, not a '
                        f'multiple of {heads} heads.')
   config = flamingo.model_config('tiny')  # Every field; sizes set below.
-  config = flamingo.with_variant(config, 'openflamingo')
+  config = variants.with_variant(config, 'openflamingo')
   config['vision'] = vision
   config['image_size'] = vision['image_size']
   config['lm'] = dict(lm, remat_policy='none')

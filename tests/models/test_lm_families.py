@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from flamingo_jax.models import flamingo
+from flamingo_jax.models import variants
 from flamingo_jax.models import lm
 from flamingo_jax.models import lm_layout
 from flamingo_jax.models import positions
@@ -173,7 +174,7 @@ def test_openflamingo_variant_with_mpt():
   """OpenFlamingo-3B's shape in small: MPT, xattn before every 2nd block
   counting from the 2nd, GELU feed-forwards, no norm on the visual tokens;
   cached decoding still equals the full forward pass."""
-  config = flamingo.with_variant(
+  config = variants.with_variant(
       _flamingo_config(FAMILY_CONFIGS['mpt']), 'openflamingo')
   config['xattn']['every'] = 2
   assert flamingo.xattn_positions(4, 2, 'openflamingo',
@@ -206,7 +207,7 @@ def test_openflamingo_variant_with_mpt():
 
 def test_variant_errors():
   with pytest.raises(ValueError, match="Unknown Flamingo variant 'llava'"):
-    flamingo.with_variant(flamingo.model_config('tiny'), 'llava')
+    variants.with_variant(flamingo.model_config('tiny'), 'llava')
 
 
 def test_vanilla_xattn_needs_a_sequential_block():
