@@ -18,7 +18,7 @@ Modules: `scenes` (sampling and rendering), `language` (captions, parser),
 `questions`, `video`, `nonce` (made-up words), `documents`, `tasks` (one
 example of each dataset), `base` (what every TFDS builder shares: configs,
 features, parallel generation), `builders` (the datasets' builders,
-`build_all`, versioning).
+their registry, versioning), `build` (`build_all`: preparing them on disk).
 
 THE WORLD
   objects  shape: circle square triangle star cross ring diamond hexagon
@@ -132,11 +132,11 @@ VERSIONING
   sample outputs, and a test pins it with the version (see builders.py).
 """
 
-from flamingo_jax.data.world.builders import build_all
+from flamingo_jax.data.world.build import build_all
+from flamingo_jax.data.world.build import make_builder
 from flamingo_jax.data.world.builders import builder_class
 from flamingo_jax.data.world.builders import DATASETS
 from flamingo_jax.data.world.builders import generation_fingerprint
-from flamingo_jax.data.world.builders import make_builder
 from flamingo_jax.data.world.builders import SIZES
 from flamingo_jax.data.world.builders import VERSION
 from flamingo_jax.data.world.builders import WorldConfig

@@ -16,6 +16,7 @@ from absl import app
 from absl import flags
 import tensorflow as tf
 
+from flamingo_jax.data.world import build
 from flamingo_jax.data.world import builders
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
@@ -38,7 +39,7 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   # Building needs no accelerator; keep TensorFlow off the GPUs.
   tf.config.set_visible_devices([], 'GPU')
-  builders.build_all(_DATA_DIR.value, _SIZES.value, datasets=_DATASETS.value,
+  build.build_all(_DATA_DIR.value, _SIZES.value, datasets=_DATASETS.value,
                      image_size=_IMAGE_SIZE.value,
                      num_workers=_NUM_WORKERS.value,
                      log=lambda line: print(line, flush=True))

@@ -12,6 +12,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from flamingo_jax.data import pipeline
+from flamingo_jax.data.world import build
 from flamingo_jax.data.world import builders
 from flamingo_jax.data.world import scenes
 from flamingo_jax.data.world import tasks
@@ -45,7 +46,7 @@ EXPECTED = {
 @pytest.fixture(scope='module')
 def tiny(tmp_path_factory):
   data_dir = tmp_path_factory.mktemp('world')
-  built = builders.build_all(data_dir, 'tiny', num_workers=1,
+  built = build.build_all(data_dir, 'tiny', num_workers=1,
                              log=lambda line: None)
   return data_dir, built
 
@@ -59,7 +60,7 @@ def test_every_dataset_builds_with_its_splits_and_features(tiny):
     assert set(builder.info.splits) == splits == set(sizes)
     for split in splits:
       assert builder.info.splits[split].num_examples == sizes[split]
-      source = builders.make_builder(name, data_dir, 'tiny').as_data_source(
+      source = build.make_builder(name, data_dir, 'tiny').as_data_source(
           split=split)
       examples = [source[i] for i in range(len(source))]
       assert len(examples) == sizes[split]
@@ -144,7 +145,7 @@ def test_metadata_records_the_fingerprint(tiny):
 
 
 def test_other_resolution_and_custom_split_sizes(tmp_path):
-  builder = builders.make_builder('world_classification', tmp_path, 'tiny',
+  builder = build.make_builder('world_classification', tmp_path, 'tiny',
                                   image_size=32, split_sizes={'query': 3})
   builder.download_and_prepare()
   assert builder.info.splits['query'].num_examples == 3
@@ -154,7 +155,7 @@ def test_other_resolution_and_custom_split_sizes(tmp_path):
 
 
 def test_parallel_generation_matches_sequential(tmp_path):
-  builder = builders.make_builder('world_captions', tmp_path, 'tiny')
+  builder = build.make_builder('world_captions', tmp_path, 'tiny')
   generate = builder._generate_examples  # pylint: disable=protected-access
   sequential = list(generate('support', 6))
   builder.num_workers = 2
@@ -195,7 +196,7 @@ def test_fingerprint_sees_generation_constants(monkeypatch):
 ])
 def test_build_all_rejects_bad_arguments(tmp_path, kwargs, match):
   with pytest.raises(ValueError, match=match):
-    builders.build_all(tmp_path, **{'sizes': 'tiny', **kwargs})
+    build.build_all(tmp_path, **{'sizes': 'tiny', **kwargs})
 
 
 @pytest.mark.parametrize('kwargs, match', [
@@ -206,11 +207,11 @@ def test_build_all_rejects_bad_arguments(tmp_path, kwargs, match):
 ])
 def test_config_rejects_bad_values(tmp_path, kwargs, match):
   with pytest.raises(ValueError, match=match):
-    builders.make_builder('world_pairs', tmp_path, 'tiny', **kwargs)
+    build.make_builder('world_pairs', tmp_path, 'tiny', **kwargs)
 
 
 def test_unknown_split_override_raises(tmp_path):
-  builder = builders.make_builder('world_pairs', tmp_path, 'tiny',
+  builder = build.make_builder('world_pairs', tmp_path, 'tiny',
                                   split_sizes={'test': 4})
   with pytest.raises(ValueError, match='Unknown split'):
     builder.download_and_prepare()
@@ -235,21 +236,21 @@ def test_a_build_waits_for_another_and_reads_its_dataset(tmp_path):
   holds the lock and builds), then reads that dataset instead of renaming
   its own onto it (before: FileExistsError)."""
   import threading  # pylint: disable=g-import-not-at-top
-  other = builders.make_builder('world_nonce', tmp_path, 'tiny')
+  other = build.make_builder('world_nonce', tmp_path, 'tiny')
   result = {}
 
   def second():
     try:
-      result['built'] = builders.build_all(
+      result['built'] = build.build_all(
           tmp_path, 'tiny', datasets=['world_nonce'], num_workers=1,
           log=lambda line: None)
     except Exception as e:  # pylint: disable=broad-exception-caught
       result['error'] = e
 
-  with builders._build_lock(str(tmp_path), other):  # pylint: disable=protected-access
+  with build._build_lock(str(tmp_path), other):  # pylint: disable=protected-access
     thread = threading.Thread(target=second)
     thread.start()
-    builders._prepare(other)  # pylint: disable=protected-access
+    build._prepare(other)  # pylint: disable=protected-access
     thread.join(timeout=3)
     assert thread.is_alive()  # Waiting for the lock, not building.
   thread.join(timeout=60)
