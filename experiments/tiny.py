@@ -16,7 +16,7 @@ Each stage leaves checkpoints, `metrics.jsonl`, TensorBoard events and plots
 in its workdir.
 
 `get_config('smoke')` is a seconds-long variant for tests. Any ablation of
-experiments/flamingo.py (its ABLATIONS table; the README lists them) follows
+experiments/ablations.py (its ABLATIONS table; the README lists them) follows
 the variant, comma-separated, and runs at this scale, e.g.
 
   python -m flamingo_jax.train --config experiments/tiny.py:default,no_m3w \
@@ -36,7 +36,7 @@ the rest evaluated at 0/2/4/8 shots on 256 queries:
 
 import ml_collections
 
-from experiments import flamingo as flamingo_config
+from experiments import ablations
 from flamingo_jax.data import prepare
 from flamingo_jax.evaluation import configs as eval_configs
 from flamingo_jax.models import contrastive as contrastive_model
@@ -142,7 +142,7 @@ def parse_arg(arg: str | None) -> tuple[str, list[str]]:
   variant = 'default'
   if parts and parts[0] in VARIANTS:
     variant, parts = parts[0], parts[1:]
-  flamingo_config.check_ablations(
+  ablations.check(
       parts, f'a tiny variant from {VARIANTS}')
   return variant, parts
 
@@ -167,14 +167,14 @@ def _substitutes(variant: str) -> dict[str, tuple[str, dict]]:
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """The tiny recipe for `arg` = '[default|smoke][,ABLATION...]'."""
-  variant, ablations = parse_arg(arg)
+  variant, names = parse_arg(arg)
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.task = 'flamingo'  # Stage 'vision' is 'contrastive', 'lm' 'lm'.
   model = flamingo.model_config('tiny')
   if variant == 'icl':  # Before the ablations, which may change it again.
     model['resampler'].update(ICL_RESAMPLER)
-  model = flamingo_config.apply_model_ablations(model, ablations,
+  model = ablations.apply_to_model(model, names,
                                                 TINY_STANDINS)
   # Per stack: 'full' | 'dots' trade time for memory (stacking.py).
   model['lm']['remat_policy'] = 'none'
@@ -247,8 +247,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.evaluate_at_end = variant != 'smoke'
   # The training ablations change the main (Flamingo) stage only; one that
   # trains a component from scratch also drops the stage that pretrained it.
-  config.ablations = ','.join(ablations)
-  return flamingo_config.apply_training_ablations(config, ablations,
+  config.ablations = ','.join(names)
+  return ablations.apply_to_training(config, names,
                                                   _substitutes(variant))
 
 

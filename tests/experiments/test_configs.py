@@ -21,6 +21,7 @@ from ml_collections import config_flags
 import numpy as np
 import pytest
 
+from experiments import ablations
 from experiments import flamingo as flamingo_config
 from experiments import tiny
 from flamingo_jax.data import pipeline
@@ -36,7 +37,7 @@ EXPERIMENTS = os.path.join(os.path.dirname(__file__), '..', '..',
 DATASET_KEYS = ('builder', 'split', 'kind', 'weight', 'batch_size', 'seq_len',
                 'max_media', 'frames', 'image_size', 'p_next')
 TRAINING_ABLATIONS = sorted(
-    name for name, ablation in flamingo_config.ABLATIONS.items()
+    name for name, ablation in ablations.ABLATIONS.items()
     if ablation.train is not None)
 
 
@@ -184,12 +185,12 @@ def _tiny_abstract_params():
   return flamingo.abstract_params(tiny.get_config('smoke').model)
 
 
-@pytest.mark.parametrize('name', sorted(flamingo_config.ABLATIONS))
+@pytest.mark.parametrize('name', sorted(ablations.ABLATIONS))
 def test_tiny_recipe_takes_every_ablation(name):
   config = tiny.get_config(f'smoke,{name}')
   assert config.ablations == name
   _check_data_section(config)
-  if flamingo_config.ABLATIONS[name].train is not None:
+  if ablations.ABLATIONS[name].train is not None:
     optim.partition(_tiny_abstract_params(), config.freeze)  # Covers all.
   # Every init_from source is a stage of the recipe.
   assert {s['workdir'] for s in config.init_from} == set(config.stages)

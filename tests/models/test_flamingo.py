@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from experiments import ablations
 from experiments import flamingo as flamingo_config
 from flamingo_jax import summarize
 from flamingo_jax.data import media_index as media_index_lib
@@ -166,7 +167,7 @@ def test_9b_counts_as_documented():
   assert abs(counts['lm'] - 8.99e9) / 8.99e9 < 0.01, counts  # See lm.py.
 
 
-@pytest.mark.parametrize('ablation', sorted(flamingo_config.ABLATIONS))
+@pytest.mark.parametrize('ablation', sorted(ablations.ABLATIONS))
 def test_every_ablation_builds_and_runs_shapes(ablation):
   config = flamingo_config.get_config(f'tiny,{ablation}').model
   model = flamingo.transform(config)

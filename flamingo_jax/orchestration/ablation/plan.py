@@ -1,7 +1,7 @@
 """The sweep's plan: which rows, their configs, workdirs and commands.
 
-A sweep of the ablation rows of `experiments/flamingo.py`'s ABLATIONS (which
-experiments/tiny.py takes too) over seeds, in a sweep workdir W:
+A sweep of the ablation rows of `experiments/ablations.py`'s ABLATIONS (which
+experiments/flamingo.py and tiny.py take) over seeds, in a sweep workdir W:
 
   W/sweep.json                   the sweep's config file, overrides, rows, seeds
   W/<row>/seed<k>/               one training run (the recipe: its stages, the
@@ -32,7 +32,7 @@ from absl import flags
 import ml_collections
 from ml_collections import config_flags
 
-from experiments import flamingo as flamingo_config
+from experiments import ablations
 
 BASELINE = 'baseline'
 TABLES = {'table3': 'Table 3 ', 'table10': 'Table 10 '}
@@ -55,11 +55,11 @@ def expand_rows(spec: Sequence[str]) -> list[str]:
       continue
     if entry.lower() in TABLES:
       prefix = TABLES[entry.lower()]
-      rows += [name for name, ablation in flamingo_config.ABLATIONS.items()
+      rows += [name for name, ablation in ablations.ABLATIONS.items()
                if ablation.row.startswith(prefix)]
       continue
     parts = entry.split('+')
-    if entry == BASELINE or any(p not in flamingo_config.ABLATIONS
+    if entry == BASELINE or any(p not in ablations.ABLATIONS
                                 for p in parts):
       unknown.append(entry)
     else:
@@ -67,7 +67,7 @@ def expand_rows(spec: Sequence[str]) -> list[str]:
   if unknown:
     raise ValueError(f'Unknown row(s) {unknown}: expected table3, table10, '
                      f'or names (joined by +) from '
-                     f'{sorted(flamingo_config.ABLATIONS)}.')
+                     f'{sorted(ablations.ABLATIONS)}.')
   return list(dict.fromkeys(rows))  # In order, once each.
 
 

@@ -1,7 +1,7 @@
 """The ablation sweep behind `python -m flamingo_jax.ablate`.
 
 Trains the baseline (the config as given) and every row (a name from
-experiments/flamingo.py's ABLATIONS, several joined by '+', or `table3` /
+experiments/ablations.py's ABLATIONS, several joined by '+', or `table3` /
 `table10` for all of a table's rows) once per seed, each run in its own
 workdir W/<row>/seed<k> with the existing recipe (`python -m
 flamingo_jax.train`, then `python -m flamingo_jax.evaluate` when the config

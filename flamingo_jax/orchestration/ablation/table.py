@@ -27,7 +27,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
-from experiments import flamingo as flamingo_config
+from experiments import ablations
 from flamingo_jax.orchestration.ablation import plan
 
 
@@ -107,7 +107,7 @@ def build(workdir: str, rows: Sequence[str], seeds: int,
       raise ValueError(f'Overall task(s) {unknown} are not among the runs\' '
                        f'tasks {tasks}.')
     divisors = {t: m for t, m in divisors.items() if t in overall_tasks}
-  paper_base = flamingo_config.PAPER_BASELINE
+  paper_base = ablations.PAPER_BASELINE
   out_rows = []
   for row, runs in per_row.items():
     overall_per_seed = [
@@ -126,7 +126,7 @@ def build(workdir: str, rows: Sequence[str], seeds: int,
         overall=_mean_std(overall_per_seed),
         shots=sorted({r['shots'] for r in runs}))
     paper = (paper_base if row == plan.BASELINE else
-             flamingo_config.ABLATIONS[row].paper if '+' not in row else None)
+             ablations.ABLATIONS[row].paper if '+' not in row else None)
     entry['paper'] = paper
     entry['paper_relative'] = (100 * paper.overall / paper_base.overall
                                if paper else None)
@@ -167,7 +167,7 @@ def _tasks_apart(scores, base_scores) -> Optional[list[str]]:
 def _setting(row: str) -> str:
   if row == plan.BASELINE:
     return 'the config as given'
-  return ' + '.join(flamingo_config.ABLATIONS[name].row
+  return ' + '.join(ablations.ABLATIONS[name].row
                     for name in row.split('+'))
 
 

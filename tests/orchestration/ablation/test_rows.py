@@ -4,6 +4,7 @@ import functools
 
 import pytest
 
+from experiments import ablations
 from experiments import flamingo as flamingo_config
 from flamingo_jax.orchestration.ablation import plan
 
@@ -52,7 +53,7 @@ def _config(arg):
 
 
 def test_every_row_has_an_expected_diff():
-  assert set(EXPECTED) == set(flamingo_config.ABLATIONS)
+  assert set(EXPECTED) == set(ablations.ABLATIONS)
 
 
 @pytest.mark.parametrize('name', sorted(EXPECTED))
@@ -67,8 +68,8 @@ def test_changed_values_are_the_papers():
   cotrain = _config('3B,lm_cotrain_text')
   assert cotrain.data.datasets.massivetext.seq_len == 2048  # v1 §4.4.3.
   assert [tuple(r) for r in cotrain.optim.lr_multipliers] == list(
-      flamingo_config.COTRAIN_LM_MULTIPLIERS)
-  assert dict(flamingo_config.COTRAIN_LM_MULTIPLIERS)['lm/.*'] == 0.1
+      ablations.COTRAIN_LM_MULTIPLIERS)
+  assert dict(ablations.COTRAIN_LM_MULTIPLIERS)['lm/.*'] == 0.1
   assert _config('3B,vanilla_xattn').model.xattn.gating == 'tanh'
   assert _config('3B,p_next_1').data.datasets.m3w.p_next == 1.0
   assert base.model.resampler.num_layers == 6  # Medium, Table 4.
@@ -78,7 +79,7 @@ def test_changed_values_are_the_papers():
 
 
 def test_labels_and_paper_figures():
-  rows = flamingo_config.ABLATIONS
+  rows = ablations.ABLATIONS
   for name, ablation in rows.items():
     table = ablation.row.split(' (')[0]
     assert table in ('Table 3', 'Table 10') or ablation.row.startswith(
@@ -91,7 +92,7 @@ def test_labels_and_paper_figures():
   assert rows['grafting'].paper.params == 3.3
   assert [rows[n].paper.params for n in ('resampler_small',
                                          'resampler_large')] == [3.1, 3.4]
-  assert flamingo_config.PAPER_BASELINE.overall == 70.7
+  assert ablations.PAPER_BASELINE.overall == 70.7
 
 
 def test_row_names_expand_and_bad_ones_are_named():
