@@ -5,6 +5,9 @@ r"""Runs the paper's ablations as a sweep and tabulates them as the paper does.
   python -m flamingo_jax.ablate --config experiments/tiny.py:smoke \
       --rows no_m3w,vanilla_xattn --seeds 1 --workdir /tmp/abl \
       --override=--config.total_steps=20
+  python -m flamingo_jax.ablate --config experiments/tiny.py \
+      --rows table3,table10 --seeds 1 --baseline_seeds 3 --jobs 2 \
+      --workdir /tmp/abl    # 28 runs; each row against the baseline's spread
   python -m flamingo_jax.ablate --config experiments/tiny.py:icl \
       --rows all_previous_images,xattn_every_4 --seeds 3 --jobs 3 \
       --workdir /tmp/icl_abl                 # 3 runs side by side
@@ -33,6 +36,10 @@ _ROWS = flags.DEFINE_list(
     '(several joined by +, run together).')
 _SEEDS = flags.DEFINE_integer('seeds', 3, 'Seeds per row (config.seed = 0, '
                               '1, ...).')
+_BASELINE_SEEDS = flags.DEFINE_integer(
+    'baseline_seeds', 0, 'Seeds of the baseline, when more than --seeds '
+    '(0: --seeds). A cheaper sweep: --seeds 1 --baseline_seeds 3 judges '
+    'each row against twice the baseline\'s seed spread.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'The sweep\'s directory.')
 _OVERRIDES = flags.DEFINE_multi_string(
     'override', [], 'A config override for every run, as on the training '
@@ -62,10 +69,12 @@ def _collect(workdir: str) -> None:
       _CONFIG.value or 'rows' not in done) else done['rows']
   seeds = done.get('seeds', _SEEDS.value) if not _CONFIG.value else (
       _SEEDS.value)
+  baseline_seeds = (done.get('baseline_seeds') if not _CONFIG.value
+                    else _BASELINE_SEEDS.value) or None
   overrides = _OVERRIDES.value or done.get('overrides', [])
   try:
     paths = sweep.collect(workdir, config_file, rows, seeds, overrides,
-                          _OVERALL_TASKS.value or None)
+                          _OVERALL_TASKS.value or None, baseline_seeds)
   except ValueError as e:  # An unknown overall task.
     sys.exit(f'ablate: {e}')
   for path in paths:
@@ -84,6 +93,9 @@ def main(argv):
                          'experiments/tiny.py')
   if _SEEDS.value < 1:
     raise app.UsageError(f'--seeds must be >= 1; got {_SEEDS.value}.')
+  if _BASELINE_SEEDS.value < 0:
+    raise app.UsageError('--baseline_seeds must be >= 0; got '
+                         f'{_BASELINE_SEEDS.value}.')
   if _JOBS.value < 1:
     raise app.UsageError(f'--jobs must be >= 1; got {_JOBS.value}.')
   try:
@@ -91,6 +103,7 @@ def main(argv):
   except ValueError as e:
     sys.exit(f'ablate: {e}')
   config_file, seeds, overrides = _CONFIG.value, _SEEDS.value, _OVERRIDES.value
+  baseline_seeds = _BASELINE_SEEDS.value or None
   # Bad rows fail here, before anything runs.
   configs = sweep.load_configs(config_file, rows, overrides)
   # An overall task the runs will not score fails now, not after training.
@@ -100,11 +113,13 @@ def main(argv):
     sys.exit(f'ablate: --overall_tasks {unknown} are not among the tasks '
              f'that {config_file} evaluates {evaluated}.')
   if _DRY_RUN.value:
-    sweep.print_commands(workdir, config_file, rows, seeds, overrides, configs)
+    sweep.print_commands(workdir, config_file, rows, seeds, overrides, configs,
+                         baseline_seeds)
     return
   for path in sweep.run_sweep(workdir, config_file, rows, seeds, overrides,
                               configs, jobs=_JOBS.value,
-                              overall_tasks=_OVERALL_TASKS.value or None):
+                              overall_tasks=_OVERALL_TASKS.value or None,
+                              baseline_seeds=baseline_seeds):
     print(f'Wrote {path}')
 
 

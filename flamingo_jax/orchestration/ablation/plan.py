@@ -138,10 +138,14 @@ class Run(NamedTuple):
   workdir: str
 
 
-def runs(workdir: str, rows: Sequence[str], seeds: int) -> list[Run]:
-  """The baseline's runs then each row's, seed by seed."""
+def runs(workdir: str, rows: Sequence[str], seeds: int,
+         baseline_seeds: Optional[int] = None) -> list[Run]:
+  """The baseline's runs (`baseline_seeds` of them when more than `seeds`)
+  then each row's, seed by seed."""
+  count = lambda row: (max(seeds, baseline_seeds or 0) if row == BASELINE
+                       else seeds)
   return [Run(row, seed, os.path.join(workdir, row, f'seed{seed}'))
-          for row in [BASELINE, *rows] for seed in range(seeds)]
+          for row in [BASELINE, *rows] for seed in range(count(row))]
 
 
 def is_done(run_dir: str, config: ml_collections.ConfigDict) -> bool:
@@ -228,13 +232,15 @@ def link_stages(run: Run, names: Sequence[str], workdir: str) -> list[str]:
 
 
 def write_sweep(workdir: str, config_file: str, overrides: Sequence[str],
-                rows: Sequence[str], seeds: int) -> str:
+                rows: Sequence[str], seeds: int,
+                baseline_seeds: Optional[int] = None) -> str:
   """W/sweep.json, so that `--collect` needs only the workdir."""
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, SWEEP_FILE)
   with open(path, 'w') as f:
     json.dump(dict(config=config_file, overrides=list(overrides),
-                   rows=list(rows), seeds=seeds), f, indent=2)
+                   rows=list(rows), seeds=seeds,
+                   baseline_seeds=baseline_seeds), f, indent=2)
   return path
 
 

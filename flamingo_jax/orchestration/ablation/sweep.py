@@ -97,11 +97,12 @@ def _run_one(run, config_file, overrides, configs, workdir) -> float:
 
 
 def collect(workdir, config_file, rows, seeds, overrides,
-            overall_tasks=None) -> list[str]:
+            overall_tasks=None, baseline_seeds=None) -> list[str]:
   """Builds W/ablations.* from the finished runs (the overall score over
   `overall_tasks`, None: every task); returns their paths."""
   configs = load_configs(config_file, rows, overrides)
-  data = table.build(workdir, rows, seeds, configs, overall_tasks)
+  data = table.build(workdir, rows, seeds, configs, overall_tasks,
+                     baseline_seeds)
   paths = table.write(data, workdir)
   print(table.summary(data))
   return paths
@@ -109,9 +110,9 @@ def collect(workdir, config_file, rows, seeds, overrides,
 
 
 def print_commands(workdir, config_file, rows, seeds, overrides,
-                   configs) -> None:
+                   configs, baseline_seeds=None) -> None:
   """--dry-run: each run's line of shell, the baseline's seed 0 first."""
-  runs = plan.runs(workdir, rows, seeds)
+  runs = plan.runs(workdir, rows, seeds, baseline_seeds)
   print(f'# {len(runs)} runs of {len(rows)} rows + the baseline, '
         f'{seeds} seed(s). Run the first line first (later runs '
         'reuse its pretraining stages), then the others in any order; '
@@ -122,7 +123,8 @@ def print_commands(workdir, config_file, rows, seeds, overrides,
 
 
 def run_sweep(workdir, config_file, rows, seeds, overrides, configs, *,
-              jobs: int = 1, overall_tasks=None) -> list[str]:
+              jobs: int = 1, overall_tasks=None,
+              baseline_seeds=None) -> list[str]:
   """Trains and evaluates every run not done yet, then collects; returns the
   paths `collect` wrote.
 
@@ -130,8 +132,9 @@ def run_sweep(workdir, config_file, rows, seeds, overrides, configs, *,
   then the rest, `jobs` at a time: on a few cores, small runs side by side
   get more done than one after the other (each alone leaves cores idle).
   """
-  runs = plan.runs(workdir, rows, seeds)
-  plan.write_sweep(workdir, config_file, overrides, rows, seeds)
+  runs = plan.runs(workdir, rows, seeds, baseline_seeds)
+  plan.write_sweep(workdir, config_file, overrides, rows, seeds,
+                   baseline_seeds)
   todo = []
   for i, run in enumerate(runs, 1):
     if plan.is_done(run.workdir, configs[run.row]):
@@ -143,7 +146,8 @@ def run_sweep(workdir, config_file, rows, seeds, overrides, configs, *,
   _run_all(first, 1, config_file, overrides, configs, workdir)
   _run_all([r for r in todo if r not in first], jobs, config_file, overrides,
            configs, workdir)
-  return collect(workdir, config_file, rows, seeds, overrides, overall_tasks)
+  return collect(workdir, config_file, rows, seeds, overrides, overall_tasks,
+                 baseline_seeds)
 
 
 def _run_all(runs, jobs, config_file, overrides, configs, workdir) -> None:

@@ -17,6 +17,10 @@ steps). Per row, over its seeds:
   agrees    the row moves the overall score the way the paper's does
             (both below their baseline, or both above);
   > spread  |ours - baseline| exceeds the row's spread plus the baseline's.
+            A row of one seed beside a baseline of several (`ablate
+            --baseline_seeds`) takes the baseline's spread as its own: the
+            same recipe with another seed, so |ours - baseline| is judged
+            against twice the baseline's spread (marked * in the table).
 """
 
 import csv
@@ -83,17 +87,21 @@ def _fmt(mean: float, std: Optional[float], digits: int = 1) -> str:
 
 def build(workdir: str, rows: Sequence[str], seeds: int,
           configs: Mapping[str, Any],
-          overall_tasks: Optional[Sequence[str]] = None) -> dict[str, Any]:
+          overall_tasks: Optional[Sequence[str]] = None,
+          baseline_seeds: Optional[int] = None) -> dict[str, Any]:
   """The table's data. `configs`: row -> its config (the baseline too);
-  `overall_tasks`: the tasks the overall score averages (None: all).
+  `overall_tasks`: the tasks the overall score averages (None: all);
+  `baseline_seeds`: the baseline's seeds when more than `seeds`.
 
   Raises:
     ValueError: naming an overall task that no run scored.
   """
   per_row = {}
   for row in [plan.BASELINE, *rows]:
+    count = (max(seeds, baseline_seeds or 0) if row == plan.BASELINE
+             else seeds)
     found = [read_run(os.path.join(workdir, row, f'seed{s}'))
-             for s in range(seeds)]
+             for s in range(count)]
     per_row[row] = [r for r in found if r is not None]
   base_runs = per_row[plan.BASELINE]
   tasks = sorted({t for runs in per_row.values() for r in runs
@@ -142,21 +150,30 @@ def build(workdir: str, rows: Sequence[str], seeds: int,
                             if paper else None)
     entry['agrees'] = (None if paper is None or math.isnan(delta)
                        else (delta < 0) == (entry['paper_delta'] < 0))
+    entry['spread_from_baseline'] = (spread is None and entry['seeds'] == 1
+                                     and base_spread is not None)
+    if entry['spread_from_baseline']:
+      spread = base_spread
     entry['above_spread'] = (
         None if spread is None or base_spread is None or math.isnan(delta)
         else abs(delta) > spread + base_spread)
-    entry['tasks_apart'] = _tasks_apart(entry['scores'], base['scores'])
+    entry['tasks_apart'] = _tasks_apart(
+        entry['scores'], base['scores'], entry['spread_from_baseline'])
   return dict(rows=out_rows, tasks=tasks, seeds=seeds,
               overall_tasks=sorted(divisors))
 
 
-def _tasks_apart(scores, base_scores) -> Optional[list[str]]:
+def _tasks_apart(scores, base_scores,
+                 spread_from_baseline: bool = False) -> Optional[list[str]]:
   """['captions-', 'vqa+']: the tasks whose mean moves from the baseline's
-  by more than the two seed spreads together (None: under 2 seeds). The
+  by more than the two seed spreads together (None: under 2 seeds; with
+  `spread_from_baseline`, the baseline's spread is the row's too). The
   overall score can hide them: a task near 0 makes its ratio noise."""
   apart = []
   for task, (mean, std) in scores.items():
     base_mean, base_std = base_scores.get(task, (math.nan, None))
+    if spread_from_baseline:
+      std = base_std
     if std is None or base_std is None:
       return None
     if abs(mean - base_mean) > std + base_std:
@@ -187,6 +204,10 @@ def summary(table: Mapping[str, Any]) -> str:
   if spread:
     text += (f'Difference from the baseline above the seed spread: {above} '
              f'of {len(spread)} rows.')
+    one_seed = [r for r in spread if r.get('spread_from_baseline')]
+    if one_seed:
+      text += (f' ({len(one_seed)} of them of one seed, against twice the '
+               'baseline\'s spread.)')
     apart = [r for r in spread if r.get('tasks_apart')]
     text += (f' Rows with a task apart from the baseline by more than the '
              f'seed spread: {len(apart)} of {len(spread)}.')
@@ -220,9 +241,10 @@ def to_markdown(table: Mapping[str, Any]) -> str:
     cells += [_fmt(*r['scores'][t]) for t in tasks]
     direction = ('no (unchanged)' if r.get('delta') == 0 else
                  _yes_no(r.get('agrees')))
+    mark = '*' if r.get('spread_from_baseline') else ''
     cells += [_fmt(*r['overall']), paper_text,
-              direction, _yes_no(r.get('above_spread')),
-              _task_list(r.get('tasks_apart')), str(r['seeds'])]
+              direction, _yes_no(r.get('above_spread')) + mark,
+              _task_list(r.get('tasks_apart')) + mark, str(r['seeds'])]
     lines.append('| ' + ' | '.join(cells) + ' |')
   shots = sorted({s for r in table['rows'] for s in r['shots']})
   return '\n'.join([
@@ -232,7 +254,10 @@ def to_markdown(table: Mapping[str, Any]) -> str:
       f'({", ".join(table.get("overall_tasks") or table["tasks"])}) of '
       f'score / the baseline\'s mean score (x 100). The paper\'s figures are Flamingo-3B\'s'
       f' (its overall score divides by the fine-tuned state of the art; '
-      f'shown also as % of its own baseline, 70.7).', '',
+      f'shown also as % of its own baseline, 70.7).'
+      + (' * One seed: the row\'s spread taken as the baseline\'s.'
+         if any(r.get('spread_from_baseline') for r in table['rows'])
+         else ''), '',
       summary(table), '', *lines, '',
       '![overall score per row](ablations.png)', ''])
 
@@ -244,7 +269,7 @@ def write_csv(table: Mapping[str, Any], path: str) -> None:
             ['overall', 'overall_std', 'delta', 'paper_params_b',
              'paper_step_time_s', 'paper_overall', 'paper_overall_relative',
              'paper_delta', 'direction_agrees', 'above_spread',
-             'tasks_above_spread', 'seeds'])
+             'tasks_above_spread', 'spread_from_baseline', 'seeds'])
   with open(path, 'w', newline='') as f:
     writer = csv.DictWriter(f, fieldnames=fields)
     writer.writeheader()
@@ -263,6 +288,7 @@ def write_csv(table: Mapping[str, Any], path: str) -> None:
           direction_agrees=r.get('agrees'),
           above_spread=r.get('above_spread'),
           tasks_above_spread=';'.join(r.get('tasks_apart') or []),
+          spread_from_baseline=r.get('spread_from_baseline'),
           seeds=r['seeds'])
       for t in tasks:
         record[t], record[f'{t}_std'] = r['scores'][t]

@@ -152,6 +152,48 @@ def test_overall_spread_and_direction(sweep):
   np.testing.assert_allclose(no_m3w['paper_relative'], 100 * 53.4 / 70.7)
 
 
+def test_one_seed_rows_take_the_baselines_spread(sweep):
+  """--seeds 1 --baseline_seeds 2: each row's seed 0 against the baseline's
+  two seeds, its spread taken as the baseline's (marked in the table)."""
+  configs = {row: plan.load_config(CONFIG, row) for row in SCORES}
+  data = table.build(sweep, ['no_m3w', 'vanilla_xattn'], 1, configs,
+                     baseline_seeds=2)
+  base, no_m3w, vanilla = data['rows']
+  assert (base['seeds'], no_m3w['seeds'], vanilla['seeds']) == (2, 1, 1)
+  base_seeds = [100 * np.mean([60 / 61, 1.0]), 100 * np.mean([62 / 61, 1.0])]
+  np.testing.assert_allclose(base['overall'][1], np.std(base_seeds, ddof=1))
+  np.testing.assert_allclose(no_m3w['overall'][0],
+                             100 * np.mean([30 / 61, 40 / 50]))
+  assert no_m3w['overall'][1] is None  # One seed: no spread of its own.
+  # 64.6 is 35 below 100, far beyond 2 x 1.16; vanilla's 101.0 is within.
+  assert no_m3w['spread_from_baseline'] and vanilla['spread_from_baseline']
+  assert (no_m3w['above_spread'], vanilla['above_spread']) == (True, False)
+  # Per task, against twice the baseline's spread (VQA's is 0 here).
+  assert no_m3w['tasks_apart'] == ['captions-', 'vqa-']
+  assert vanilla['tasks_apart'] == ['vqa+']
+  text = table.to_markdown(data)
+  assert '| yes* | captions-, vqa-* | 1 |' in text
+  assert "* One seed: the row's spread taken as the baseline's." in text
+  assert '2 of them of one seed' in table.summary(data)
+  # Without the baseline's extra seed nothing can be judged.
+  alone = table.build(sweep, ['no_m3w'], 1, configs)['rows'][1]
+  assert alone['above_spread'] is None and alone['tasks_apart'] is None
+  assert not alone['spread_from_baseline']
+
+
+def test_dry_run_with_more_baseline_seeds(tmp_path):
+  done = _ablate('--config', CONFIG, '--rows', 'no_m3w,vanilla_xattn',
+                 '--seeds', '1', '--baseline_seeds', '3',
+                 '--workdir', str(tmp_path), '--dry-run')
+  assert done.returncode == 0, done.stderr
+  lines = [l for l in done.stdout.splitlines() if not l.startswith('#')]
+  assert len(lines) == 5
+  for seed in range(3):
+    assert f'/baseline/seed{seed} --config.seed={seed}' in lines[seed]
+  assert '/no_m3w/seed0 --config.seed=0' in lines[3]
+  assert '/vanilla_xattn/seed0 --config.seed=0' in lines[4]
+
+
 def test_overall_score_over_named_tasks(sweep):
   configs = {row: plan.load_config(CONFIG, row) for row in SCORES}
   data = table.build(sweep, ['no_m3w'], 2, configs, overall_tasks=['vqa'])
