@@ -113,11 +113,18 @@ def print_commands(workdir, config_file, rows, seeds, overrides,
                    configs, baseline_seeds=None) -> None:
   """--dry-run: each run's line of shell, the baseline's seed 0 first."""
   runs = plan.runs(workdir, rows, seeds, baseline_seeds)
+  extra = (f' (the baseline {baseline_seeds})'
+           if baseline_seeds and baseline_seeds > seeds else '')
   print(f'# {len(runs)} runs of {len(rows)} rows + the baseline, '
-        f'{seeds} seed(s). Run the first line first (later runs '
+        f'{seeds} seed(s){extra}. Run the first line first (later runs '
         'reuse its pretraining stages), then the others in any order; '
-        'then: python -m flamingo_jax.ablate --collect '
-        f'--workdir {shlex.quote(workdir)}')
+        'then (a dry run writes no W/sweep.json, so name the sweep): '
+        + shlex.join(['python', '-m', 'flamingo_jax.ablate', '--collect',
+                      f'--config={config_file}', f'--rows={",".join(rows)}',
+                      f'--seeds={seeds}',
+                      f'--baseline_seeds={baseline_seeds or 0}',
+                      *[f'--override={o}' for o in overrides],
+                      f'--workdir={workdir}']))
   for run in runs:
     print(_shell(run, config_file, overrides, configs, workdir))
 

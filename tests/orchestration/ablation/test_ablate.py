@@ -192,6 +192,14 @@ def test_dry_run_with_more_baseline_seeds(tmp_path):
     assert f'/baseline/seed{seed} --config.seed={seed}' in lines[seed]
   assert '/no_m3w/seed0 --config.seed=0' in lines[3]
   assert '/vanilla_xattn/seed0 --config.seed=0' in lines[4]
+  # The header's collect command names the sweep (a dry run writes none).
+  head = done.stdout.splitlines()[0]
+  assert head.startswith('# 5 runs of 2 rows + the baseline, 1 seed(s) '
+                         '(the baseline 3).')
+  collect = head[head.index('python -m'):].split()
+  assert collect[3:] == ['--collect', f'--config={CONFIG}',
+                         '--rows=no_m3w,vanilla_xattn', '--seeds=1',
+                         '--baseline_seeds=3', f'--workdir={tmp_path}']
 
 
 def test_overall_score_over_named_tasks(sweep):
