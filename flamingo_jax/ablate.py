@@ -44,6 +44,11 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'The sweep\'s directory.')
 _OVERRIDES = flags.DEFINE_multi_string(
     'override', [], 'A config override for every run, as on the training '
     'command line, e.g. --override=--config.total_steps=300 (repeatable).')
+_EVALUATE_ARGS = flags.DEFINE_multi_string(
+    'evaluate_arg', [], 'A flag for `python -m flamingo_jax.evaluate`, which '
+    'then evaluates each run after training in place of the recipe\'s own '
+    'evaluation, e.g. --evaluate_arg=--num_queries=256 '
+    '--evaluate_arg=--shots=4 (repeatable).')
 _DRY_RUN = flags.DEFINE_bool('dry-run', False, 'Print the runs\' commands '
                              'instead of running them.')
 _JOBS = flags.DEFINE_integer(
@@ -114,12 +119,13 @@ def main(argv):
              f'that {config_file} evaluates {evaluated}.')
   if _DRY_RUN.value:
     sweep.print_commands(workdir, config_file, rows, seeds, overrides, configs,
-                         baseline_seeds)
+                         baseline_seeds, _EVALUATE_ARGS.value)
     return
   for path in sweep.run_sweep(workdir, config_file, rows, seeds, overrides,
                               configs, jobs=_JOBS.value,
                               overall_tasks=_OVERALL_TASKS.value or None,
-                              baseline_seeds=baseline_seeds):
+                              baseline_seeds=baseline_seeds,
+                              evaluate_args=_EVALUATE_ARGS.value):
     print(f'Wrote {path}')
 
 

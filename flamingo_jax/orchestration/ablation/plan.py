@@ -171,16 +171,25 @@ def evaluates_at_end(config: ml_collections.ConfigDict) -> bool:
 
 def commands(run: Run, config_file: str, overrides: Sequence[str],
              config: ml_collections.ConfigDict,
-             python: str = sys.executable) -> list[list[str]]:
-  """The commands that train (resuming) and evaluate one run."""
+             python: str = sys.executable,
+             evaluate_args: Sequence[str] = ()) -> list[list[str]]:
+  """The commands that train (resuming) and evaluate one run.
+
+  `evaluate_args` (e.g. ['--num_queries=256', '--shots=4']) go to `python
+  -m flamingo_jax.evaluate`, which then evaluates the run after training in
+  place of the recipe's own evaluation at the end.
+  """
   train = [python, '-m', 'flamingo_jax.train',
            f'--config={config_arg(config_file, run.row)}',
            f'--workdir={run.workdir}', f'--config.seed={run.seed}',
            *overrides]
+  at_end = evaluates_at_end(config)
+  if at_end and evaluate_args:
+    train.append('--config.evaluate_at_end=False')
   out = [train]
-  if not evaluates_at_end(config):
+  if not at_end or evaluate_args:
     out.append([python, '-m', 'flamingo_jax.evaluate',
-                f'--workdir={run.workdir}'])
+                f'--workdir={run.workdir}', *evaluate_args])
   return out
 
 
@@ -233,14 +242,16 @@ def link_stages(run: Run, names: Sequence[str], workdir: str) -> list[str]:
 
 def write_sweep(workdir: str, config_file: str, overrides: Sequence[str],
                 rows: Sequence[str], seeds: int,
-                baseline_seeds: Optional[int] = None) -> str:
+                baseline_seeds: Optional[int] = None,
+                evaluate_args: Sequence[str] = ()) -> str:
   """W/sweep.json, so that `--collect` needs only the workdir."""
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, SWEEP_FILE)
   with open(path, 'w') as f:
     json.dump(dict(config=config_file, overrides=list(overrides),
                    rows=list(rows), seeds=seeds,
-                   baseline_seeds=baseline_seeds), f, indent=2)
+                   baseline_seeds=baseline_seeds,
+                   evaluate_args=list(evaluate_args)), f, indent=2)
   return path
 
 

@@ -54,7 +54,7 @@ def load_configs(config_file, rows, overrides):
   return configs
 
 
-def _shell(run, config_file, overrides, configs, workdir):
+def _shell(run, config_file, overrides, configs, workdir, evaluate_args=()):
   """One line of shell that sets up and runs `run`."""
   parts = []
   shared = plan.shared_stages(configs[run.row], configs[plan.BASELINE])
@@ -66,11 +66,13 @@ def _shell(run, config_file, overrides, configs, workdir):
               f'{shlex.quote(os.path.join(run.workdir, name))}'
               for name in shared]
   parts += [shlex.join(c) for c in plan.commands(
-      run, config_file, overrides, configs[run.row], python='python')]
+      run, config_file, overrides, configs[run.row], python='python',
+      evaluate_args=evaluate_args)]
   return ' && '.join(parts)
 
 
-def _run_one(run, config_file, overrides, configs, workdir) -> float:
+def _run_one(run, config_file, overrides, configs, workdir,
+             evaluate_args=()) -> float:
   """Trains and evaluates `run`; returns its wall time in seconds."""
   config = configs[run.row]
   linked = plan.link_stages(
@@ -82,7 +84,8 @@ def _run_one(run, config_file, overrides, configs, workdir) -> float:
   log_path = os.path.join(run.workdir, 'ablate.log')
   started = time.time()
   with open(log_path, 'a') as log:
-    for command in plan.commands(run, config_file, overrides, config):
+    for command in plan.commands(run, config_file, overrides, config,
+                                 evaluate_args=evaluate_args):
       logging.info('%s seed %d: %s (log: %s)', run.row, run.seed,
                    shlex.join(command[1:4]), log_path)
       done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT,
@@ -110,7 +113,7 @@ def collect(workdir, config_file, rows, seeds, overrides,
 
 
 def print_commands(workdir, config_file, rows, seeds, overrides,
-                   configs, baseline_seeds=None) -> None:
+                   configs, baseline_seeds=None, evaluate_args=()) -> None:
   """--dry-run: each run's line of shell, the baseline's seed 0 first."""
   runs = plan.runs(workdir, rows, seeds, baseline_seeds)
   extra = (f' (the baseline {baseline_seeds})'
@@ -126,12 +129,13 @@ def print_commands(workdir, config_file, rows, seeds, overrides,
                       *[f'--override={o}' for o in overrides],
                       f'--workdir={workdir}']))
   for run in runs:
-    print(_shell(run, config_file, overrides, configs, workdir))
+    print(_shell(run, config_file, overrides, configs, workdir,
+                 evaluate_args))
 
 
 def run_sweep(workdir, config_file, rows, seeds, overrides, configs, *,
-              jobs: int = 1, overall_tasks=None,
-              baseline_seeds=None) -> list[str]:
+              jobs: int = 1, overall_tasks=None, baseline_seeds=None,
+              evaluate_args=()) -> list[str]:
   """Trains and evaluates every run not done yet, then collects; returns the
   paths `collect` wrote.
 
@@ -141,7 +145,7 @@ def run_sweep(workdir, config_file, rows, seeds, overrides, configs, *,
   """
   runs = plan.runs(workdir, rows, seeds, baseline_seeds)
   plan.write_sweep(workdir, config_file, overrides, rows, seeds,
-                   baseline_seeds)
+                   baseline_seeds, evaluate_args)
   todo = []
   for i, run in enumerate(runs, 1):
     if plan.is_done(run.workdir, configs[run.row]):
@@ -150,19 +154,20 @@ def run_sweep(workdir, config_file, rows, seeds, overrides, configs, *,
     else:
       todo.append(run)
   first = [r for r in todo if r.row == plan.BASELINE and r.seed == 0]
-  _run_all(first, 1, config_file, overrides, configs, workdir)
+  _run_all(first, 1, config_file, overrides, configs, workdir, evaluate_args)
   _run_all([r for r in todo if r not in first], jobs, config_file, overrides,
-           configs, workdir)
+           configs, workdir, evaluate_args)
   return collect(workdir, config_file, rows, seeds, overrides, overall_tasks,
                  baseline_seeds)
 
 
-def _run_all(runs, jobs, config_file, overrides, configs, workdir) -> None:
+def _run_all(runs, jobs, config_file, overrides, configs, workdir,
+             evaluate_args=()) -> None:
   """Runs `runs`, `jobs` at a time; the first failure stops what has not
   started and is raised once the started runs end."""
   with concurrent.futures.ThreadPoolExecutor(max(1, jobs)) as pool:
     futures = {pool.submit(_run_one, run, config_file, overrides, configs,
-                           workdir): run for run in runs}
+                           workdir, evaluate_args): run for run in runs}
     try:
       for done, future in enumerate(
           concurrent.futures.as_completed(futures), 1):

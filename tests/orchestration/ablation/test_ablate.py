@@ -181,10 +181,12 @@ def test_one_seed_rows_take_the_baselines_spread(sweep):
   assert not alone['spread_from_baseline']
 
 
-def test_dry_run_with_more_baseline_seeds(tmp_path):
-  done = _ablate('--config', CONFIG, '--rows', 'no_m3w,vanilla_xattn',
-                 '--seeds', '1', '--baseline_seeds', '3',
-                 '--workdir', str(tmp_path), '--dry-run')
+def test_dry_run_with_more_baseline_seeds_and_evaluate_args(tmp_path):
+  done = _ablate('--config', 'experiments/tiny.py', '--rows',
+                 'no_m3w,vanilla_xattn', '--seeds', '1', '--baseline_seeds',
+                 '3', '--evaluate_arg=--num_queries=256',
+                 '--evaluate_arg=--shots=4', '--workdir', str(tmp_path),
+                 '--dry-run')
   assert done.returncode == 0, done.stderr
   lines = [l for l in done.stdout.splitlines() if not l.startswith('#')]
   assert len(lines) == 5
@@ -192,12 +194,18 @@ def test_dry_run_with_more_baseline_seeds(tmp_path):
     assert f'/baseline/seed{seed} --config.seed={seed}' in lines[seed]
   assert '/no_m3w/seed0 --config.seed=0' in lines[3]
   assert '/vanilla_xattn/seed0 --config.seed=0' in lines[4]
+  # The recipe evaluates at its end; with evaluate flags the sweep does.
+  for line in lines:
+    run_dir = line.split('--workdir=')[1].split()[0]
+    assert line.endswith(
+        '--config.evaluate_at_end=False && python -m flamingo_jax.evaluate '
+        f'--workdir={run_dir} --num_queries=256 --shots=4'), line
   # The header's collect command names the sweep (a dry run writes none).
   head = done.stdout.splitlines()[0]
   assert head.startswith('# 5 runs of 2 rows + the baseline, 1 seed(s) '
                          '(the baseline 3).')
   collect = head[head.index('python -m'):].split()
-  assert collect[3:] == ['--collect', f'--config={CONFIG}',
+  assert collect[3:] == ['--collect', '--config=experiments/tiny.py',
                          '--rows=no_m3w,vanilla_xattn', '--seeds=1',
                          '--baseline_seeds=3', f'--workdir={tmp_path}']
 
