@@ -239,8 +239,9 @@ def test_a_rerun_sweep_runs_only_what_is_not_done(tmp_path, monkeypatch):
   os.remove(os.path.join(unevaluated, 'eval', 'results.json'))
   ran = []
 
-  def fake_run_one(run, config_file, overrides, configs, workdir):
-    del config_file, overrides, configs, workdir
+  def fake_run_one(run, config_file, overrides, configs, workdir,
+                   evaluate_args=()):
+    del config_file, overrides, configs, workdir, evaluate_args
     ran.append((run.row, run.seed))
     row_scores = SCORES[run.row][run.seed]
     with open(os.path.join(run.workdir, 'finished.json'), 'w') as f:
@@ -274,8 +275,9 @@ def test_jobs_run_side_by_side_after_the_baselines_first_seed(tmp_path,
   both = threading.Barrier(2, timeout=20)
   lock, active, events = threading.Lock(), [0], []
 
-  def fake_run_one(run, config_file, overrides, configs, workdir):
-    del config_file, overrides, configs, workdir
+  def fake_run_one(run, config_file, overrides, configs, workdir,
+                   evaluate_args=()):
+    del config_file, overrides, configs, workdir, evaluate_args
     with lock:
       active[0] += 1
       events.append(('start', run.row, run.seed, active[0]))
