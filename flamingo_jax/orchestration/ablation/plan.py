@@ -138,14 +138,18 @@ class Run(NamedTuple):
   workdir: str
 
 
+def seeds_of(row: str, seeds: int, baseline_seeds: Optional[int]) -> int:
+  """How many seeds `row` runs: `seeds`, the baseline `baseline_seeds`
+  when that is more."""
+  return max(seeds, baseline_seeds or 0) if row == BASELINE else seeds
+
+
 def runs(workdir: str, rows: Sequence[str], seeds: int,
          baseline_seeds: Optional[int] = None) -> list[Run]:
-  """The baseline's runs (`baseline_seeds` of them when more than `seeds`)
-  then each row's, seed by seed."""
-  count = lambda row: (max(seeds, baseline_seeds or 0) if row == BASELINE
-                       else seeds)
+  """The baseline's runs then each row's, seed by seed (`seeds_of`)."""
   return [Run(row, seed, os.path.join(workdir, row, f'seed{seed}'))
-          for row in [BASELINE, *rows] for seed in range(count(row))]
+          for row in [BASELINE, *rows]
+          for seed in range(seeds_of(row, seeds, baseline_seeds))]
 
 
 def is_done(run_dir: str, config: ml_collections.ConfigDict) -> bool:

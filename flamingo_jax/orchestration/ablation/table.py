@@ -98,10 +98,8 @@ def build(workdir: str, rows: Sequence[str], seeds: int,
   """
   per_row = {}
   for row in [plan.BASELINE, *rows]:
-    count = (max(seeds, baseline_seeds or 0) if row == plan.BASELINE
-             else seeds)
     found = [read_run(os.path.join(workdir, row, f'seed{s}'))
-             for s in range(count)]
+             for s in range(plan.seeds_of(row, seeds, baseline_seeds))]
     per_row[row] = [r for r in found if r is not None]
   base_runs = per_row[plan.BASELINE]
   tasks = sorted({t for runs in per_row.values() for r in runs
